@@ -1,0 +1,162 @@
+"""The contract every qgraph pass follows, built on ``onnx_ir.passes``.
+
+A qgraph pass is an ``onnx_ir.passes.InPlacePass`` with three additions the
+pass manager relies on:
+
+* a registry ``name`` and typed ``options``, so a pipeline can be written in
+  Python, TOML or on the command line and a wrong option is reported before
+  anything runs;
+* ``prerequisites``: conditions on the model (for example "default-domain
+  opset >= 23") together with the pass that establishes them, so the manager
+  can run that pass first or say exactly what is missing;
+* a ``PassReport`` filled during ``call`` (matches per rule, notes such as
+  patterns that did not match and why), which ends up in ``--report``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from qgraph.errors import BadInputError
+
+__all__ = [
+    "Option",
+    "Pass",
+    "PassReport",
+    "Prerequisite",
+    "default_opset",
+    "parse_option_value",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A typed, documented pass option."""
+
+    type: type
+    default: Any
+    doc: str
+    choices: tuple[Any, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prerequisite:
+    """A condition a pass needs on its input, and the pass that provides it.
+
+    ``check`` returns True when the model already satisfies the condition.
+    When it does not, the manager runs ``satisfied_by`` (with ``options``)
+    before the pass; if ``satisfied_by`` is None or not registered, the
+    manager stops and names the missing condition.
+    """
+
+    description: str
+    check: Callable[[ir.Model], bool]
+    satisfied_by: str | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PassReport:
+    """What one run of a pass did, beyond changing the model."""
+
+    rule_matches: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def count(self, rule_name: str, n: int = 1) -> None:
+        self.rule_matches[rule_name] = self.rule_matches.get(rule_name, 0) + n
+
+
+def default_opset(model: ir.Model) -> int | None:
+    """The model's default-domain (ai.onnx) opset version, if imported."""
+    for domain in ("", "ai.onnx"):
+        if domain in model.opset_imports:
+            return model.opset_imports[domain]
+    return None
+
+
+def parse_option_value(pass_name: str, key: str, option: Option, raw: Any) -> Any:
+    """Convert a raw option value (a CLI string or a TOML value) to its type."""
+    value = raw
+    if isinstance(raw, str) and option.type is not str:
+        text = raw.strip()
+        try:
+            if option.type is bool:
+                lowered = text.lower()
+                if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                    raise ValueError(text)
+                value = lowered in {"1", "true", "yes", "on"}
+            elif option.type is int:
+                value = int(text, 0)
+            else:
+                value = option.type(text)
+        except ValueError:
+            raise BadInputError(
+                f"option '{pass_name}.{key}': cannot read {raw!r} as {option.type.__name__}"
+            ) from None
+    elif option.type is float and isinstance(raw, int) and not isinstance(raw, bool):
+        value = float(raw)
+    elif not isinstance(raw, option.type) or (option.type is int and isinstance(raw, bool)):
+        raise BadInputError(
+            f"option '{pass_name}.{key}': expected {option.type.__name__}, got {raw!r}"
+        )
+    if option.choices is not None and value not in option.choices:
+        choices = ", ".join(str(c) for c in option.choices)
+        raise BadInputError(
+            f"option '{pass_name}.{key}': {value!r} is not one of {choices}"
+        )
+    return value
+
+
+class Pass(ir.passes.InPlacePass):
+    """Base class of qgraph passes; subclasses implement ``call``.
+
+    Subclasses set ``name`` (the registry name, e.g. ``"rmsnorm"``), may
+    declare ``options`` and ``prerequisites``, and record what they did in
+    ``self.report`` during ``call``. The first line of the class docstring is
+    what ``qgraph passes`` shows.
+    """
+
+    name: ClassVar[str] = ""
+    options: ClassVar[Mapping[str, Option]] = {}
+    prerequisites: ClassVar[tuple[Prerequisite, ...]] = ()
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise BadInputError(
+                f"pass '{self.name}' has no option {', '.join(map(repr, unknown))} "
+                f"(its options: {known})"
+            )
+        self.config: dict[str, Any] = {
+            key: parse_option_value(self.name, key, opt, options[key]) if key in options else opt.default
+            for key, opt in self.options.items()
+        }
+        self.report = PassReport()
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the pass's docstring."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def missing_prerequisites(self, model: ir.Model) -> list[Prerequisite]:
+        return [p for p in self.prerequisites if not p.check(model)]
+
+    def requires(self, model: ir.Model) -> None:
+        missing = self.missing_prerequisites(model)
+        if missing:
+            reasons = "; ".join(
+                p.description + (f" (run pass '{p.satisfied_by}' first)" if p.satisfied_by else "")
+                for p in missing
+            )
+            raise ir.passes.PreconditionError(f"pass '{self.name}' requires {reasons}")
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> ir.passes.PassResult:
+        self.report = PassReport()
+        return super().__call__(model_or_result)
