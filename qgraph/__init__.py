@@ -1,10 +1,29 @@
 """qgraph: declarative, verified rewrite passes over exported ONNX graphs."""
 
 from qgraph.errors import BadInputError, PassFailure, QGraphError, RewriteError
+from qgraph.manager import PassManager, PassRecord, RunReport
 from qgraph.pass_base import Option, Pass, PassReport, Prerequisite
+from qgraph.pipeline import Fixpoint, Pipeline
+from qgraph.registry import Registry, default_registry
+from qgraph.rewrite import Match, Rule, RuleSet, apply_rules, explain, find_matches
+from qgraph.rewrite_pass import RewritePass
 
 __all__ = [
     "BadInputError",
+    "Fixpoint",
+    "Match",
+    "PassManager",
+    "PassRecord",
+    "Pipeline",
+    "Registry",
+    "RewritePass",
+    "Rule",
+    "RuleSet",
+    "RunReport",
+    "apply_rules",
+    "default_registry",
+    "explain",
+    "find_matches",
     "Option",
     "Pass",
     "PassFailure",

@@ -1,0 +1,234 @@
+"""Running a pipeline: prerequisites, invariants, verification and the report.
+
+Each pass is an ``onnx_ir`` pass called through its own ``__call__`` (so its
+``requires``/``ensures`` hooks run). Around it the manager
+
+* satisfies declared prerequisites by running the providing pass first (and
+  records that it did), or stops naming what is missing;
+* records wall time, whether the model changed, node counts, the op
+  histogram and the pass's own report (matches per rule, notes);
+* checks graph invariants after every pass that changed the model, and stops
+  naming the pass that broke one;
+* optionally verifies each changed step against the model before it, so a
+  pass that changes the meaning is named, not just the final model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from qgraph.errors import BadInputError, InvariantViolation, PassFailure, QGraphError
+from qgraph.graph_stats import count_nodes, op_histogram
+from qgraph.invariants import find_violations
+from qgraph.pass_base import Pass
+from qgraph.pipeline import FixpointPasses, Pipeline
+from qgraph.registry import Registry, default_registry
+
+__all__ = ["PassManager", "PassRecord", "RunReport"]
+
+# verify(before, after, pass_name) -> None, raising PassFailure on a mismatch.
+Verifier = Callable[[ir.Model, ir.Model, str], None]
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """What one pass run did (one entry of ``--report``)."""
+
+    name: str
+    seconds: float
+    changed: bool
+    nodes_before: int
+    nodes_after: int
+    op_histogram: dict[str, int]
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rule_matches: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    prerequisite_of: str | None = None
+    fixpoint_iteration: int | None = None
+    verified: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["seconds"] = round(self.seconds, 6)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+@dataclasses.dataclass
+class RunReport:
+    """The whole run: one record per executed pass, in order."""
+
+    pipeline: str
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "seconds": round(self.seconds, 6),
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "warnings": self.warnings,
+            "passes": [p.to_dict() for p in self.passes],
+        }
+
+    def write_json(self, path: str | Path) -> None:
+        from qgraph.io import write_text_atomic
+
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def format_table(self) -> str:
+        rows = [("pass", "seconds", "changed", "nodes", "matches")]
+        for rec in self.passes:
+            name = rec.name
+            if rec.prerequisite_of:
+                name += f" (for {rec.prerequisite_of})"
+            if rec.fixpoint_iteration is not None:
+                name += f" [iter {rec.fixpoint_iteration}]"
+            matches = ", ".join(f"{k}={v}" for k, v in rec.rule_matches.items())
+            rows.append((name, f"{rec.seconds:.3f}", "yes" if rec.changed else "no",
+                         f"{rec.nodes_before} -> {rec.nodes_after}", matches))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"total {self.seconds:.3f} s, nodes {self.nodes_before} -> {self.nodes_after}")
+        return "\n".join(lines)
+
+
+class PassManager:
+    """Runs a ``Pipeline`` on an ``ir.Model`` in place."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline | Sequence[Any],
+        *,
+        registry: Registry | None = None,
+        check_invariants: bool = True,
+        run_onnx_checker: bool = True,
+        verifier: Verifier | None = None,
+        before_pass: Callable[[Pass, ir.Model], bool | None] | None = None,
+    ) -> None:
+        self.pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline(pipeline)
+        self.registry = registry or default_registry()
+        self.check_invariants = check_invariants
+        self.run_onnx_checker = run_onnx_checker
+        self.verifier = verifier
+        self.before_pass = before_pass
+        # Validate every pass and option now, before the model is touched.
+        self._instances = self.pipeline.instantiate(self.registry)
+
+    def run(self, model: ir.Model) -> RunReport:
+        report = RunReport(pipeline=self.pipeline.describe() or self.pipeline.name)
+        report.nodes_before = count_nodes(model)
+        start = time.perf_counter()
+        try:
+            for step in self._instances:
+                if isinstance(step, FixpointPasses):
+                    self._run_fixpoint(step, model, report)
+                else:
+                    self._run_one(step, model, report)
+        except _Stop:
+            pass
+        report.seconds = time.perf_counter() - start
+        report.nodes_after = count_nodes(model)
+        return report
+
+    def _run_fixpoint(self, group: FixpointPasses, model: ir.Model, report: RunReport) -> None:
+        passes, bound = group.passes, group.max_iterations
+        for iteration in range(1, bound + 1):
+            changed = False
+            for p in passes:
+                changed |= self._run_one(p, model, report, iteration=iteration)
+            if not changed:
+                return
+        names = ", ".join(p.name for p in passes)
+        report.warnings.append(f"fixpoint({names}) still changed the model after {bound} iterations")
+
+    def _satisfy_prerequisites(self, p: Pass, model: ir.Model, report: RunReport) -> None:
+        for prereq in p.missing_prerequisites(model):
+            provider = prereq.satisfied_by
+            if provider is None or provider not in self.registry:
+                hint = f" (pass '{provider}' would provide it, but it is not registered)" if provider else ""
+                raise BadInputError(f"pass '{p.name}' requires {prereq.description}, which the model lacks{hint}")
+            helper = self.registry.create(provider, prereq.options)
+            self._run_one(helper, model, report, prerequisite_of=p.name)
+            if not prereq.check(model):
+                raise PassFailure(
+                    f"pass '{p.name}' requires {prereq.description}; '{provider}' ran but did not establish it",
+                    pass_name=p.name,
+                )
+
+    def _run_one(
+        self,
+        p: Pass,
+        model: ir.Model,
+        report: RunReport,
+        *,
+        prerequisite_of: str | None = None,
+        iteration: int | None = None,
+    ) -> bool:
+        self._satisfy_prerequisites(p, model, report)
+        if self.before_pass is not None and self.before_pass(p, model) is False:
+            raise _Stop()
+        snapshot = model.clone() if self.verifier is not None else None
+        nodes_before = count_nodes(model)
+        start = time.perf_counter()
+        try:
+            result = p(model)
+        except QGraphError as exc:
+            if isinstance(exc, PassFailure) and exc.pass_name is None:
+                exc.pass_name = p.name
+            raise
+        except ir.passes.PreconditionError as exc:
+            raise PassFailure(f"pass '{p.name}': precondition failed: {_cause(exc)}", pass_name=p.name) from exc
+        except ir.passes.PostconditionError as exc:
+            raise PassFailure(f"pass '{p.name}': postcondition failed: {_cause(exc)}", pass_name=p.name) from exc
+        except Exception as exc:
+            raise PassFailure(f"pass '{p.name}' failed: {type(exc).__name__}: {exc}", pass_name=p.name) from exc
+        seconds = time.perf_counter() - start
+        if result.model is not model:
+            raise PassFailure(f"pass '{p.name}' returned a different model object; qgraph passes work in place", pass_name=p.name)
+        record = PassRecord(
+            name=p.name,
+            seconds=seconds,
+            changed=bool(result.modified),
+            nodes_before=nodes_before,
+            nodes_after=count_nodes(model),
+            op_histogram=op_histogram(model),
+            options=dict(p.config),
+            rule_matches=dict(p.report.rule_matches),
+            notes=list(p.report.notes),
+            prerequisite_of=prerequisite_of,
+            fixpoint_iteration=iteration,
+        )
+        report.passes.append(record)
+        if result.modified and self.check_invariants:
+            problems = find_violations(model, run_onnx_checker=self.run_onnx_checker)
+            if problems:
+                listing = "\n  ".join(problems[:10])
+                more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+                raise InvariantViolation(
+                    f"pass '{p.name}' broke graph invariants:\n  {listing}{more}", pass_name=p.name
+                )
+        if snapshot is not None and result.modified:
+            self.verifier(snapshot, model, p.name)
+            record.verified = True
+        return record.changed
+
+
+class _Stop(Exception):
+    """Raised by a before_pass hook's False to end the run early."""
+
+
+def _cause(exc: BaseException) -> str:
+    cause = exc.__cause__
+    return f"{exc}" + (f" ({cause})" if cause is not None else "")

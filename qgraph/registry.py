@@ -1,0 +1,145 @@
+"""Finding passes and presets by name, through entry points.
+
+The framework never imports a concrete pass: the built-in passes in
+``passes/`` are declared in qgraph's own ``pyproject.toml`` under the
+``qgraph.passes`` entry-point group, exactly as a third-party package
+declares its own. Presets (named pipelines) come through ``qgraph.presets``.
+A broken plug-in is reported when it is used or listed, naming the package,
+and does not take the other passes down with it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from qgraph.errors import BadInputError
+from qgraph.pass_base import Pass
+
+__all__ = ["PASS_GROUP", "PRESET_GROUP", "Registry", "default_registry"]
+
+PASS_GROUP = "qgraph.passes"
+PRESET_GROUP = "qgraph.presets"
+
+
+def _origin(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"package '{dist.name}'" if dist is not None else f"entry point '{ep.value}'"
+
+
+class Registry:
+    """Passes and presets by name; entry points are loaded on first use."""
+
+    def __init__(self, *, load_entry_points: bool = True) -> None:
+        self._load_entry_points = load_entry_points
+        self._loaded = False
+        self._passes: dict[str, type[Pass]] = {}
+        self._presets: dict[str, Any] = {}
+        self._broken: dict[str, str] = {}
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if not self._load_entry_points:
+            return
+        for ep in entry_points(group=PASS_GROUP):
+            if ep.name in self._passes:
+                continue
+            try:
+                cls = ep.load()
+            except Exception as exc:  # noqa: BLE001 - a broken plug-in must not hide the others
+                self._broken[ep.name] = f"{_origin(ep)} failed to import {ep.value}: {exc}"
+                continue
+            problem = _check_pass_class(ep.name, cls)
+            if problem:
+                self._broken[ep.name] = f"{_origin(ep)}: {problem}"
+                continue
+            self._passes[ep.name] = cls
+        for ep in entry_points(group=PRESET_GROUP):
+            self._presets.setdefault(ep.name, ep)
+
+    def register(self, cls: type[Pass], *, replace: bool = False) -> type[Pass]:
+        """Register a pass class in this process (usable as a decorator)."""
+        self._ensure_loaded()
+        problem = _check_pass_class(cls.name, cls)
+        if problem:
+            raise TypeError(problem)
+        if cls.name in self._passes and self._passes[cls.name] is not cls and not replace:
+            raise ValueError(f"a pass named '{cls.name}' is already registered")
+        self._passes[cls.name] = cls
+        self._broken.pop(cls.name, None)
+        return cls
+
+    def register_preset(self, name: str, spec: Mapping[str, Any]) -> None:
+        self._ensure_loaded()
+        self._presets[name] = spec
+
+    def names(self) -> list[str]:
+        self._ensure_loaded()
+        return sorted(self._passes)
+
+    def broken(self) -> dict[str, str]:
+        self._ensure_loaded()
+        return dict(self._broken)
+
+    def __contains__(self, name: str) -> bool:
+        self._ensure_loaded()
+        return name in self._passes
+
+    def get(self, name: str) -> type[Pass]:
+        self._ensure_loaded()
+        if name in self._passes:
+            return self._passes[name]
+        if name in self._broken:
+            raise BadInputError(f"pass '{name}' is registered but cannot be loaded: {self._broken[name]}")
+        close = difflib.get_close_matches(name, self._passes, n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise BadInputError(f"unknown pass '{name}'{hint} (run 'qgraph passes' for the list)")
+
+    def create(self, name: str, options: Mapping[str, Any] | None = None) -> Pass:
+        return self.get(name)(**dict(options or {}))
+
+    def preset_names(self) -> list[str]:
+        self._ensure_loaded()
+        return sorted(self._presets)
+
+    def preset(self, name: str) -> Mapping[str, Any]:
+        """The pipeline spec of a preset (a mapping with a ``steps`` list)."""
+        self._ensure_loaded()
+        if name not in self._presets:
+            close = difflib.get_close_matches(name, self._presets, n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            known = ", ".join(sorted(self._presets)) or "none"
+            raise BadInputError(f"unknown preset '{name}'{hint} (known presets: {known})")
+        spec = self._presets[name]
+        if isinstance(spec, EntryPoint):
+            try:
+                spec = spec.load()
+            except Exception as exc:  # noqa: BLE001
+                raise BadInputError(f"preset '{name}' cannot be loaded from {_origin(spec)}: {exc}") from exc
+            self._presets[name] = spec
+        if not isinstance(spec, Mapping):
+            raise BadInputError(f"preset '{name}' is not a pipeline mapping with 'steps'")
+        return spec
+
+
+def _check_pass_class(name: str, cls: Any) -> str | None:
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        return f"'{name}' does not name a qgraph.Pass subclass (got {cls!r})"
+    if cls.name != name:
+        return f"pass class {cls.__name__} is named '{cls.name}' but registered as '{name}'"
+    return None
+
+
+_DEFAULT: Registry | None = None
+
+
+def default_registry() -> Registry:
+    """The process-wide registry, filled from installed entry points."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = Registry()
+    return _DEFAULT

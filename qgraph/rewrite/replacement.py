@@ -1,0 +1,166 @@
+"""Building a rule's replacement, and checking it against what it replaces.
+
+The replacement function receives a ``ReplacementBuilder`` as ``op``; calls
+like ``op.RMSNormalization(x, scale, epsilon=eps)`` create real ``ir.Node``s
+that are not yet in any graph. Before the engine splices them in, each new
+node's output types are inferred with onnx's per-node inference (no
+whole-graph shape inference), and a replacement that would change the dtype
+or rank of a value it replaces is rejected: a rewrite must never change what
+downstream nodes receive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+__all__ = ["ReplacementBuilder", "infer_output_types"]
+
+
+class ReplacementBuilder:
+    """The ``op`` a replacement function receives.
+
+    Reserved keywords: ``_domain``, ``_outputs`` (an int > 1 returns a tuple).
+    Python numbers and numpy arrays given as inputs become constants
+    (initializers in a main graph, Constant nodes inside functions and
+    subgraphs, where initializers are not allowed).
+    """
+
+    def __init__(self, *, use_initializers: bool, name_prefix: str) -> None:
+        self.nodes: list[ir.Node] = []
+        self.initializers: list[ir.Value] = []
+        self.domains: set[str] = set()
+        self._use_initializers = use_initializers
+        self._prefix = name_prefix
+        self._count = 0
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{self._prefix}/{hint}_{self._count}"
+
+    def __getattr__(self, op_type: str) -> Any:
+        if op_type.startswith("_") or not op_type[:1].isupper():
+            raise AttributeError(op_type)
+
+        def make(*inputs: Any, **kwargs: Any) -> Any:
+            domain = kwargs.pop("_domain", "")
+            num_outputs = kwargs.pop("_outputs", 1)
+            attributes = {k: v for k, v in kwargs.items() if v is not None}
+            node = ir.Node(
+                domain,
+                op_type,
+                [self._as_value(x) for x in inputs],
+                attributes=ir.convenience.convert_attributes(attributes),
+                num_outputs=num_outputs,
+                name=self._fresh(op_type),
+            )
+            self.nodes.append(node)
+            self.domains.add(domain)
+            return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
+
+        return make
+
+    def const(self, value: Any, dtype: ir.DataType | np.dtype | None = None, name: str | None = None) -> ir.Value:
+        """A constant value; numpy dtype rules apply unless ``dtype`` is given."""
+        if isinstance(value, ir.TensorProtocol):
+            tensor = value
+        else:
+            array = np.asarray(value)
+            if dtype is not None:
+                np_dtype = dtype.numpy() if isinstance(dtype, ir.DataType) else np.dtype(dtype)
+                array = array.astype(np_dtype)
+            elif array.dtype == np.float64:
+                array = array.astype(np.float32)
+            tensor = ir.tensor(array)
+        name = name or self._fresh("const")
+        tensor.name = name
+        if self._use_initializers:
+            value_ = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+            self.initializers.append(value_)
+            return value_
+        node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", tensor)], name=self._fresh("Constant"))
+        out = node.outputs[0]
+        out.name = name
+        out.shape = ir.Shape(tensor.shape)
+        out.type = ir.TensorType(tensor.dtype)
+        out.const_value = tensor
+        self.nodes.append(node)
+        return out
+
+    def _as_value(self, x: Any) -> ir.Value | None:
+        if x is None or isinstance(x, ir.Value):
+            return x
+        if isinstance(x, (int, float, bool, np.ndarray, np.number, list, tuple, ir.TensorProtocol)):
+            return self.const(x)
+        raise TypeError(f"cannot use {x!r} as an op input in a replacement")
+
+
+def _type_proto(value: ir.Value) -> onnx.TypeProto | None:
+    if value.type is None:
+        return None
+    proto = ir.serde.serialize_type(value.type)
+    if value.shape is not None:
+        ir.serde.serialize_shape_into(proto, value.shape)
+    return proto
+
+
+def infer_output_types(node: ir.Node, opset_imports: dict[str, int]) -> None:
+    """Fill in missing output types/shapes of a new node from its schema.
+
+    Nodes of domains without an onnx schema (custom ops) are left untyped;
+    the engine then carries the replaced value's type over.
+    """
+    domain = node.domain or ""
+    if domain not in ("", "ai.onnx", "com.microsoft") and not onnx.defs.has(node.op_type, domain):
+        return
+    inputs = [x for x in node.inputs if x is not None]
+    if any(x.type is None for x in inputs):
+        return
+    # New values have no names until they are inserted into a graph; give the
+    # serialized node temporary ones.
+    unnamed = [v for v in [*inputs, *node.outputs] if not v.name]
+    for i, v in enumerate(unnamed):
+        v.name = f"__qgraph_tmp{i}"
+    try:
+        types = {x.name: _type_proto(x) for x in inputs}
+        data = {
+            x.name: ir.serde.serialize_tensor(x.const_value)
+            for x in inputs
+            if x.const_value is not None and x.const_value.size <= 64
+        }
+        proto = ir.serde.serialize_node(node)
+        out_names = [v.name for v in node.outputs]
+    finally:
+        for v in unnamed:
+            v.name = None
+    version = opset_imports.get(domain, opset_imports.get("", None))
+    try:
+        schema = onnx.defs.get_schema(node.op_type, version or onnx.defs.onnx_opset_version(), domain)
+        inferred = onnx.shape_inference.infer_node_outputs(schema, proto, types, data)
+    except Exception:  # noqa: BLE001 - inference is best-effort; unknown types stay unknown
+        return
+    for name, value in zip(out_names, node.outputs):
+        if name not in inferred:
+            continue
+        t = inferred[name]
+        if value.type is None:
+            value.type = ir.serde.deserialize_type_proto_for_type(t)
+        if value.shape is None:
+            value.shape = ir.serde.deserialize_type_proto_for_shape(t)
+
+
+def type_change(old: ir.Value, new: ir.Value) -> str | None:
+    """Describe a dtype or rank change from ``old`` to ``new``, if any."""
+    if old.dtype is not None and new.dtype is not None and old.dtype != new.dtype:
+        return f"dtype of '{old.name}' would change from {old.dtype} to {new.dtype}"
+    if old.shape is not None and new.shape is not None and len(old.shape) != len(new.shape):
+        return f"rank of '{old.name}' would change from {len(old.shape)} to {len(new.shape)}"
+    return None
+
+
+def new_values_in_order(nodes: Sequence[ir.Node]) -> list[ir.Value]:
+    return [v for n in nodes for v in n.outputs]
