@@ -82,7 +82,7 @@ class RunReport:
         }
 
     def write_json(self, path: str | Path) -> None:
-        from qgraph.io import write_text_atomic
+        from qgraph.atomic import write_text_atomic
 
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -1,0 +1,196 @@
+"""The ``qgraph`` command line; its commands and exit codes are a contract.
+
+Exit codes (DESIGN.md): 0 success, 1 a pass or check failed, 2 bad input or
+usage. Nothing is written unless the whole pipeline succeeded, and the input
+file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from qgraph.errors import BadInputError, QGraphError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors already; keep its message format."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qgraph", description="Verified graph-rewrite pipelines for exported ONNX transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    opt = sub.add_parser("optimize", help="run a pipeline of passes on a model")
+    opt.add_argument("input", metavar="IN.onnx")
+    opt.add_argument("-o", "--output", metavar="OUT.onnx")
+    which = opt.add_mutually_exclusive_group()
+    which.add_argument("--preset", metavar="NAME", help="a named pipeline (default: cleanup)")
+    which.add_argument("--passes", nargs="+", metavar="P", help="passes to run, in order")
+    which.add_argument("--pipeline", metavar="FILE.toml", help="a pipeline file (steps, options, fixpoint groups)")
+    opt.add_argument("--option", action="append", default=[], metavar="PASS.KEY=VALUE", help="set a pass option (repeatable)")
+    opt.add_argument("--verify", action="store_true", help="check equivalence after every pass that changed the model")
+    opt.add_argument("--verify-examples", type=int, default=5, metavar="N", help="examples per --verify check (default 5)")
+    opt.add_argument("--report", metavar="R.json", help="write the per-pass report as JSON")
+    opt.add_argument("--explain", metavar="RULE", help="list every candidate of RULE and why it did or did not match")
+    opt.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                     help="weights in OUT.onnx.data: auto (if the input had external data or >2 GB), yes, no")
+    opt.add_argument("--no-check", action="store_true", help="skip the invariant checks between passes")
+
+    sub.add_parser("passes", help="list the registered passes, one a line, with docs and options")
+
+    ins = sub.add_parser("inspect", help="inputs, outputs, opsets, op histogram and parameters of a model")
+    ins.add_argument("input", metavar="IN.onnx")
+    ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    chk = sub.add_parser("check", help="are two models equivalent? exit 0 equal, 1 differ, 2 bad input")
+    chk.add_argument("reference", metavar="A.onnx")
+    chk.add_argument("candidate", metavar="B.onnx")
+    chk.add_argument("--examples", type=int, default=20, metavar="N")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "optimize":
+            return _optimize(args, out)
+        if args.command == "passes":
+            return _passes(out)
+        if args.command == "inspect":
+            return _inspect(args, out)
+        if args.command == "check":
+            return _check(args, out)
+    except QGraphError as exc:
+        print(f"qgraph {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qgraph: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - an internal bug still gets exit 1 and a trace
+        traceback.print_exc()
+        print(f"qgraph {args.command}: internal error (a bug in qgraph or a pass); nothing written", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _optimize(args: argparse.Namespace, out: TextIO) -> int:
+    from qgraph import io
+    from qgraph.explain_rule import ExplainHook
+    from qgraph.manager import PassManager
+    from qgraph.pipeline import Pipeline, parse_option_assignments
+    from qgraph.registry import default_registry
+
+    if args.output is None and args.explain is None:
+        raise BadInputError("optimize needs -o OUT.onnx (or --explain RULE to only explain)")
+    source = Path(args.input)
+    if args.output is not None:
+        _refuse_same_path(source, Path(args.output))
+    if args.verify_examples < 1:
+        raise BadInputError("--verify-examples must be at least 1")
+
+    registry = default_registry()
+    if args.passes:
+        pipeline = Pipeline(args.passes, name="command line")
+    elif args.pipeline:
+        pipeline = Pipeline.from_toml(args.pipeline)
+    else:
+        pipeline = Pipeline.from_preset(args.preset or "cleanup", registry)
+    pipeline.set_options(parse_option_assignments(args.option))
+
+    explain_hook = ExplainHook(args.explain, out, stop_after=args.output is None) if args.explain else None
+    verifier = None
+    if args.verify:
+        from qgraph.verify_pipeline import make_step_verifier
+
+        verifier = make_step_verifier(examples=args.verify_examples)
+    manager = PassManager(
+        pipeline,
+        registry=registry,
+        check_invariants=not args.no_check,
+        verifier=verifier,
+        before_pass=explain_hook,
+    )
+    if explain_hook is not None:
+        explain_hook.validate(manager)
+
+    model = io.load(source)
+    had_external_data = bool(io.files_read_by(model) - {source.resolve()})
+    report = manager.run(model)
+    if explain_hook is not None:
+        explain_hook.finish()
+    if args.output is None:
+        return 0
+
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    if external is None and had_external_data:
+        external = True
+    io.save(model, args.output, external_data=external, protect=[source])
+    if args.report:
+        report.write_json(args.report)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(report.format_table(), file=out)
+    print(f"wrote {args.output}", file=out)
+    return 0
+
+
+def _refuse_same_path(source: Path, output: Path) -> None:
+    try:
+        same = output.exists() and source.exists() and output.samefile(source)
+    except OSError:
+        same = False
+    if same or output.resolve() == source.resolve():
+        raise BadInputError(f"-o {output} is the input file; qgraph never overwrites its input")
+
+
+def _passes(out: TextIO) -> int:
+    from qgraph.registry import default_registry
+
+    registry = default_registry()
+    names = registry.names()
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        cls = registry.get(name)
+        line = f"{name.ljust(width)}  {cls.summary()}"
+        if cls.options:
+            opts = ", ".join(f"{k}={opt.default!r}" for k, opt in cls.options.items())
+            line += f"  [options: {opts}]"
+        print(line, file=out)
+    for name, problem in sorted(registry.broken().items()):
+        print(f"{name.ljust(width)}  (cannot be loaded: {problem})", file=out)
+    return 0
+
+
+def _inspect(args: argparse.Namespace, out: TextIO) -> int:
+    from qgraph import io
+    from qgraph.inspect_model import format_summary, summarize
+
+    summary = summarize(io.load(args.input))
+    if args.json:
+        print(json.dumps(summary, indent=2), file=out)
+    else:
+        print(format_summary(summary), file=out)
+    return 0
+
+
+def _check(args: argparse.Namespace, out: TextIO) -> int:
+    from qgraph.verify import check_files
+
+    if args.examples < 1:
+        raise BadInputError("--examples must be at least 1")
+    return check_files(args.reference, args.candidate, examples=args.examples, out=out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Pass manager: report, prerequisites, invariants, fixpoints and failures."""
+
+from __future__ import annotations
+
+import json
+
+import onnx_ir as ir
+import pytest
+
+from framework_passes import relu_neg_model, registry_with_test_passes
+from qgraph.errors import BadInputError, InvariantViolation, PassFailure
+from qgraph.manager import PassManager
+from qgraph.pass_base import default_opset
+from qgraph.pipeline import Fixpoint
+
+
+@pytest.fixture
+def registry():
+    return registry_with_test_passes()
+
+
+def model(opset=17):
+    return ir.from_proto(relu_neg_model(opset))
+
+
+def test_report_records_each_pass_with_the_design_fields(registry, tmp_path):
+    m = model(23)
+    report = PassManager(["double-neg", "identity-elimination"], registry=registry).run(m)
+    first, second = report.passes
+    assert (first.name, first.changed, first.nodes_before, first.nodes_after) == ("double-neg", True, 4, 3)
+    assert first.rule_matches == {"double-neg": 1}
+    assert first.op_histogram == {"Identity": 2, "Relu": 1}
+    assert second.name == "identity-elimination" and second.nodes_after == 1
+    assert all(p.seconds >= 0 for p in report.passes)
+    path = tmp_path / "r.json"
+    report.write_json(path)
+    data = json.loads(path.read_text())
+    for entry in data["passes"]:
+        assert {"name", "seconds", "changed", "nodes_before", "nodes_after", "op_histogram"} <= set(entry)
+
+
+def test_prerequisite_is_satisfied_by_running_its_provider_first(registry):
+    m = model(17)
+    report = PassManager(["needs-23"], registry=registry).run(m)
+    assert default_opset(m) == 23
+    assert [(p.name, p.prerequisite_of) for p in report.passes] == [("opset-upgrade", "needs-23"), ("needs-23", None)]
+
+
+def test_prerequisite_already_met_runs_nothing_extra(registry):
+    report = PassManager(["needs-23"], registry=registry).run(model(23))
+    assert [p.name for p in report.passes] == ["needs-23"]
+
+
+def test_missing_prerequisite_without_provider_names_it(registry):
+    with pytest.raises(BadInputError, match="needs-magic.*magic marker"):
+        PassManager(["needs-magic"], registry=registry).run(model())
+
+
+@pytest.mark.parametrize(
+    ("pass_name", "message"),
+    [
+        ("break-dangling", "dangling value"),
+        ("break-order", "not in topological order"),
+        ("break-names", "used twice"),
+    ],
+)
+def test_invariant_violation_names_the_pass(registry, pass_name, message):
+    with pytest.raises(InvariantViolation, match=message) as err:
+        PassManager(["double-neg", pass_name], registry=registry).run(model(23))
+    assert err.value.pass_name == pass_name
+    assert f"pass '{pass_name}'" in str(err.value)
+
+
+def test_invariants_can_be_switched_off(registry):
+    PassManager(["break-order"], registry=registry, check_invariants=False).run(model(23))
+
+
+def test_exception_inside_a_pass_becomes_a_failure_naming_it(registry):
+    with pytest.raises(PassFailure, match="pass 'crash' failed: ZeroDivisionError: boom") as err:
+        PassManager(["crash"], registry=registry).run(model())
+    assert err.value.exit_code == 1
+
+
+def test_fixpoint_repeats_until_nothing_changes(registry):
+    pipeline = [Fixpoint([("countdown", {"times": 2})], max_iterations=5)]
+    report = PassManager(pipeline, registry=registry).run(model())
+    assert [p.fixpoint_iteration for p in report.passes] == [1, 2, 3]
+    assert [p.changed for p in report.passes] == [True, True, False]
+    assert report.warnings == []
+
+
+def test_fixpoint_bound_is_respected_and_reported(registry):
+    pipeline = [Fixpoint([("countdown", {"times": 10})], max_iterations=3)]
+    report = PassManager(pipeline, registry=registry).run(model())
+    assert len(report.passes) == 3
+    assert "after 3 iterations" in report.warnings[0]
+
+
+def test_bad_names_and_options_fail_before_the_model_is_touched(registry):
+    with pytest.raises(BadInputError, match="unknown pass 'double-nag'.*did you mean 'double-neg'"):
+        PassManager(["double-nag"], registry=registry)
+    with pytest.raises(BadInputError, match="pass 'countdown' has no option 'tims'"):
+        PassManager([("countdown", {"tims": 1})], registry=registry)
+    with pytest.raises(BadInputError, match="countdown.times.*int"):
+        PassManager([("countdown", {"times": "many"})], registry=registry)
+
+
+def test_verifier_is_called_only_for_changed_steps_with_the_model_before(registry):
+    calls = []
+
+    def verifier(before, after, pass_name):
+        calls.append((pass_name, [n.op_type for n in before.graph], [n.op_type for n in after.graph]))
+
+    PassManager(["needs-23", "double-neg"], registry=registry, verifier=verifier).run(model(23))
+    assert calls == [("double-neg", ["Neg", "Neg", "Relu", "Identity"], ["Identity", "Relu", "Identity"])]
+
+
+def test_rewrite_pass_stamps_created_nodes_with_pass_and_rule(registry):
+    m = model(23)
+    PassManager(["double-neg"], registry=registry).run(m)
+    (identity,) = [n for n in m.graph if n.op_type == "Identity" and n.metadata_props]
+    assert identity.metadata_props == {"qgraph.rule": "double-neg", "qgraph.pass": "double-neg"}
