@@ -1,5 +1,6 @@
 """qgraph: declarative, verified rewrite passes over exported ONNX graphs."""
 
+from qgraph.api import optimize, optimize_with_report
 from qgraph.errors import BadInputError, PassFailure, QGraphError, RewriteError
 from qgraph.manager import PassManager, PassRecord, RunReport
 from qgraph.pass_base import Option, Pass, PassReport, Prerequisite
@@ -24,6 +25,8 @@ __all__ = [
     "default_registry",
     "explain",
     "find_matches",
+    "optimize",
+    "optimize_with_report",
     "Option",
     "Pass",
     "PassFailure",

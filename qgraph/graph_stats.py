@@ -1,4 +1,12 @@
-"""Node counts and op histograms, as the report and ``inspect`` show them."""
+"""Node counts and op histograms, shared by pass reports and ``inspect``.
+
+Counting convention: a graph's count includes the subgraphs of its
+control-flow nodes (If/Loop/Scan bodies run as part of it); a call to a
+model-local function counts once, under the function's op name, because
+that is the op the device compiler sees. Keys are ``op`` for ai.onnx and
+``domain::op[:overload]`` otherwise; histograms are sorted by count, then
+key, so equal inputs give identical JSON.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +14,26 @@ from collections import Counter
 
 import onnx_ir as ir
 
-__all__ = ["op_key", "count_nodes", "op_histogram"]
+__all__ = ["count_nodes", "op_histogram", "op_key"]
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def op_key(node: ir.Node) -> str:
-    """``Op`` for ai.onnx ops, ``domain::Op`` for every other domain."""
-    domain = node.domain or ""
-    return node.op_type if domain in ("", "ai.onnx") else f"{domain}::{node.op_type}"
+def op_key(domain: str, op_type: str, overload: str = "") -> str:
+    """Histogram key of an op: ``op`` for ai.onnx, else ``domain::op[:overload]``."""
+    key = op_type if domain in _DEFAULT_DOMAINS else f"{domain}::{op_type}"
+    return f"{key}:{overload}" if overload else key
 
 
-def count_nodes(model: ir.Model) -> int:
-    """Nodes of the main graph, its subgraphs included (not model functions)."""
-    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+def op_histogram(graph: ir.Graph | ir.Function) -> dict[str, int]:
+    """Op counts of a graph or function body, nested subgraphs included."""
+    counts = Counter(
+        op_key(node.domain, node.op_type, node.overload)
+        for node in ir.traversal.RecursiveGraphIterator(graph)
+    )
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
-def op_histogram(model: ir.Model) -> dict[str, int]:
-    """Op counts over the main graph and its subgraphs, most frequent first."""
-    counts = Counter(op_key(n) for n in ir.traversal.RecursiveGraphIterator(model.graph))
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+def count_nodes(graph: ir.Graph | ir.Function) -> int:
+    """Number of nodes in a graph or function body, nested subgraphs included."""
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(graph))

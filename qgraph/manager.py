@@ -128,7 +128,7 @@ class PassManager:
 
     def run(self, model: ir.Model) -> RunReport:
         report = RunReport(pipeline=self.pipeline.describe() or self.pipeline.name)
-        report.nodes_before = count_nodes(model)
+        report.nodes_before = count_nodes(model.graph)
         start = time.perf_counter()
         try:
             for step in self._instances:
@@ -139,7 +139,7 @@ class PassManager:
         except _Stop:
             pass
         report.seconds = time.perf_counter() - start
-        report.nodes_after = count_nodes(model)
+        report.nodes_after = count_nodes(model.graph)
         return report
 
     def _run_fixpoint(self, group: FixpointPasses, model: ir.Model, report: RunReport) -> None:
@@ -180,7 +180,7 @@ class PassManager:
         if self.before_pass is not None and self.before_pass(p, model) is False:
             raise _Stop()
         snapshot = model.clone() if self.verifier is not None else None
-        nodes_before = count_nodes(model)
+        nodes_before = count_nodes(model.graph)
         start = time.perf_counter()
         try:
             result = p(model)
@@ -202,8 +202,8 @@ class PassManager:
             seconds=seconds,
             changed=bool(result.modified),
             nodes_before=nodes_before,
-            nodes_after=count_nodes(model),
-            op_histogram=op_histogram(model),
+            nodes_after=count_nodes(model.graph),
+            op_histogram=op_histogram(model.graph),
             options=dict(p.config),
             rule_matches=dict(p.report.rule_matches),
             notes=list(p.report.notes),

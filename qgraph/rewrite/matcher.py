@@ -16,6 +16,7 @@ got and the first check that failed".
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,14 +71,19 @@ _MISSING = object()
 
 def _attr_default(node: ir.Node, name: str, opset: int | None) -> Any:
     """The schema default of an omitted attribute, or _MISSING."""
+    return _schema_default(node.op_type, node.domain or "", name, opset)
+
+
+@functools.lru_cache(maxsize=4096)
+def _schema_default(op_type: str, domain: str, name: str, opset: int | None) -> Any:
     try:
-        schema = onnx.defs.get_schema(node.op_type, opset or onnx.defs.onnx_opset_version(), node.domain)
-    except Exception:
+        schema = onnx.defs.get_schema(op_type, opset or onnx.defs.onnx_opset_version(), domain)
+    except Exception:  # noqa: BLE001 - no schema (custom op): no default
         return _MISSING
     attr = schema.attributes.get(name)
     if attr is None or not attr.default_value.name:
         return _MISSING
-    return onnx.helper.get_attribute_value(attr.default_value)
+    return _normalize(onnx.helper.get_attribute_value(attr.default_value))
 
 
 def _normalize(value: Any) -> Any:
@@ -116,7 +122,7 @@ def const_array(value: ir.Value, max_elements: int) -> np.ndarray | None | str:
     tensor = ir.convenience.get_const_tensor(value)
     if tensor is None:
         return None
-    size = int(np.prod(tensor.shape.numpy())) if tensor.shape is not None else 0
+    size = tensor.size
     if size > max_elements:
         return f"constant '{value.name}' has {size} elements (limit {max_elements}); not read"
     return tensor.numpy()

@@ -1,0 +1,242 @@
+"""Tests of opset-upgrade: conversions keep meaning, failures raise and leave the model alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from builders import assert_equivalent, op_types, parse, proto_of
+from onnxscript.version_converter import _version_converter
+
+from qgraph.errors import BadInputError
+from qgraph.pass_base import default_opset
+from qgraph_passes.opset_upgrade import OpsetUpgradePass, opset_at_least
+
+REDUCE_MEAN_17 = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4, 6] X) => (float[N, 4, 1] Y, float[N, 6] Z) {
+  Y = ReduceMean<axes = [-1], keepdims = 1>(X)
+  Z = ReduceMax<axes = [1], keepdims = 0>(X)
+}
+"""
+
+SPLIT_SQUEEZE_11 = """
+<ir_version: 6, opset_import: ["" : 11]>
+g (float[N, 4, 6] X) => (float[N, 6] A, float[N, 3, 6] B, float[N, 1, 4, 6] C) {
+  a, B = Split<axis = 1, split = [1, 3]>(X)
+  A = Squeeze<axes = [1]>(a)
+  C = Unsqueeze<axes = [1]>(X)
+}
+"""
+
+
+def _signature(model: ir.Model) -> tuple:
+    """What the caller can observe: opset, IR version, nodes (by identity) and their attributes."""
+    return (
+        dict(model.opset_imports),
+        model.ir_version,
+        [(node, node.op_type, len(node.inputs), sorted(node.attributes)) for node in model.graph],
+        list(model.functions),
+    )
+
+
+def test_reduce_mean_axes_attribute_becomes_an_input_from_17_to_23():
+    model = parse(REDUCE_MEAN_17)
+    before = proto_of(model)
+    upgrade = OpsetUpgradePass()  # target 23 by default
+
+    assert upgrade(model).modified
+    assert default_opset(model) == 23
+    reduce_mean = next(n for n in model.graph if n.op_type == "ReduceMean")
+    assert "axes" not in reduce_mean.attributes
+    assert len(reduce_mean.inputs) == 2
+    np.testing.assert_array_equal(ir.convenience.get_const_tensor(reduce_mean.inputs[1]).numpy(), [-1])
+    assert model.ir_version >= onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", 23)])
+    assert "default-domain opset 17 -> 23" in upgrade.report.notes
+    onnx.checker.check_model(proto_of(model), full_check=True)
+    assert_equivalent(before, model)
+
+
+def test_split_and_squeeze_attributes_become_inputs_from_11_to_23():
+    model = parse(SPLIT_SQUEEZE_11)
+    before = proto_of(model)
+    assert OpsetUpgradePass(target=23)(model).modified
+    by_op = {n.op_type: n for n in model.graph}
+    assert "split" not in by_op["Split"].attributes and len(by_op["Split"].inputs) == 2
+    assert "axes" not in by_op["Squeeze"].attributes and len(by_op["Squeeze"].inputs) == 2
+    assert "axes" not in by_op["Unsqueeze"].attributes and len(by_op["Unsqueeze"].inputs) == 2
+    onnx.checker.check_model(proto_of(model), full_check=True)
+    assert_equivalent(before, model)
+
+
+def test_already_at_target_is_a_no_op():
+    model = parse(REDUCE_MEAN_17)
+    signature = _signature(model)
+    assert not OpsetUpgradePass(target=17)(model).modified
+    assert _signature(model) == signature
+    assert OpsetUpgradePass(target=23)(model).modified
+    assert not OpsetUpgradePass(target=23)(model).modified
+
+
+def test_onnxscript_path_from_18_upwards_keeps_meaning():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, 4] X) => (float[N, 1] Y) <int64[1] axes = {1}> {
+          r = ReduceMax<keepdims = 1>(X, axes)
+          Y = Relu(r)
+        }
+        """
+    )
+    before = proto_of(model)
+    assert OpsetUpgradePass(target=23)(model).modified
+    assert default_opset(model) == 23
+    assert all(n.version in (None, 23) for n in model.graph)
+    assert_equivalent(before, model)
+
+
+def test_downgrade_works_where_onnx_has_the_adapter():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, 4] X) => (float[N] Y) <int64[1] axes = {1}> { Y = ReduceMean<keepdims = 0>(X, axes) }
+        """
+    )
+    before = proto_of(model)
+    assert OpsetUpgradePass(target=17)(model).modified
+    (reduce_mean,) = model.graph
+    assert list(reduce_mean.attributes["axes"].as_ints()) == [1]
+    assert_equivalent(before, model)
+
+
+def test_unknown_target_raises_bad_input_and_leaves_the_model():
+    model = parse(REDUCE_MEAN_17)
+    signature = _signature(model)
+    with pytest.raises(BadInputError, match=r"pass 'opset-upgrade'.* from 17 to 99"):
+        OpsetUpgradePass(target=99)(model)
+    assert _signature(model) == signature
+
+
+def test_op_without_adapter_raises_naming_the_op_and_leaves_the_model():
+    model = parse(
+        """
+        <ir_version: 10, opset_import: ["" : 23]>
+        g (float[N, 6] X) => (float[N, 6] Y) <float[6] s = {1, 1, 1, 1, 1, 1}> {
+          r = Relu(X)
+          Y = RMSNormalization<axis = -1>(r, s)
+        }
+        """
+    )
+    signature = _signature(model)
+    with pytest.raises(BadInputError) as error:
+        OpsetUpgradePass(target=17)(model)
+    message = str(error.value)
+    assert "opset-upgrade" in message and "from 23 to 17" in message
+    assert "at op RMSNormalization" in message
+    assert _signature(model) == signature
+
+
+def test_adapter_failure_inside_onnxscript_is_not_silently_skipped(monkeypatch):
+    # onnxscript logs a failing adapter and carries on, leaving the node with
+    # its old meaning under the new opset; the pass must refuse that.
+    def failing_adapter(node, op):
+        raise _version_converter.VersionConverterError("cannot convert this Relu")
+
+    monkeypatch.setitem(_version_converter.registry.op_adapters, ("", "Relu", 19, True), failing_adapter)
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, 4] X) => (float[N, 4] Y) { a = Neg(X)  Y = Relu(a) }
+        """
+    )
+    signature = _signature(model)
+    with pytest.raises(BadInputError, match=r"from 18 to 23 at op Relu.*cannot convert this Relu"):
+        OpsetUpgradePass(target=23)(model)
+    assert _signature(model) == signature
+
+
+def test_group_norm_with_dynamic_channels_is_refused():
+    # onnxscript would keep the node unchanged, reading per-group scales as per-channel.
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, C, 6] X) => (float[N, C, 6] Y) <float[2] s = {1, 2}, float[2] b = {0, 1}> {
+          Y = GroupNormalization<num_groups = 2>(X, s, b)
+        }
+        """
+    )
+    with pytest.raises(BadInputError, match="at op GroupNormalization"):
+        OpsetUpgradePass(target=23)(model)
+    assert default_opset(model) == 18
+
+
+def test_group_norm_with_static_channels_converts():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, 4, 6] X) => (float[N, 4, 6] Y) <float[2] s = {1, 2}, float[2] b = {0, 1}> {
+          Y = GroupNormalization<num_groups = 2>(X, s, b)
+        }
+        """
+    )
+    before = proto_of(model)
+    assert OpsetUpgradePass(target=21)(model).modified
+    assert op_types(model).count("GroupNormalization") == 1
+    assert_equivalent(before, model, rtol=1e-4, atol=1e-4)
+
+
+def test_local_functions_are_inlined_and_custom_domains_kept():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1, "local" : 1]>
+        g (float[N, 4] X) => (float[N, 1] Y) {
+          a = com.microsoft.Gelu(X)
+          b = local.MeanLast(a)
+          Y = Relu(b)
+        }
+
+        <domain: "local", opset_import: ["" : 17]>
+        MeanLast (x) => (y) { y = ReduceMean<axes = [-1]>(x) }
+        """
+    )
+    before = proto_of(model)
+    upgrade = OpsetUpgradePass(target=23)
+    assert upgrade(model).modified
+    assert op_types(model) == ["Gelu", "Constant", "ReduceMean", "Relu"]
+    assert not model.functions
+    assert model.opset_imports == {"": 23, "com.microsoft": 1}
+    assert "inlined 1 model-local function(s)" in upgrade.report.notes
+    assert_equivalent(before, model)
+
+
+def test_external_weights_stay_on_disk(tmp_path):
+    big = ", ".join(["0.25"] * 600)
+    model = parse(
+        REDUCE_MEAN_17.replace("=> (", f"=> (float[N, 4, 100] M, ").replace(
+            "{\n", f"<float[6, 100] W = {{{big}}}>\n{{\n  M = MatMul(X, W)\n"
+        )
+    )
+    ir.save(model, tmp_path / "m.onnx", external_data="m.data")
+    model = ir.load(tmp_path / "m.onnx")
+    weight = model.graph.initializers["W"].const_value
+    assert isinstance(weight, ir.ExternalTensor)
+
+    assert OpsetUpgradePass(target=23)(model).modified
+    assert model.graph.initializers["W"].const_value is weight
+    assert weight._array is None and weight.raw is None
+    ir.save(model, tmp_path / "up.onnx", external_data="up.data")
+    assert_equivalent(str(tmp_path / "m.onnx"), str(tmp_path / "up.onnx"), examples=5, rtol=1e-4, atol=1e-4)
+
+
+def test_opset_at_least_prerequisite():
+    requirement = opset_at_least(23)
+    assert requirement.description == "default-domain opset >= 23"
+    assert requirement.satisfied_by == "opset-upgrade"
+    assert dict(requirement.options) == {"target": 23}
+    model = parse(REDUCE_MEAN_17)
+    assert not requirement.check(model)
+    OpsetUpgradePass(**requirement.options)(model)
+    assert requirement.check(model)
+    model.opset_imports[""] = 25
+    assert requirement.check(model)
