@@ -34,6 +34,8 @@ def optimize_with_report(
 ) -> tuple[Any, RunReport]:
     """Like :func:`optimize`, and also return the per-pass ``RunReport``."""
     registry = registry or default_registry()
+    if isinstance(model, (str, os.PathLike)) and output is None:
+        raise ValueError("a model given as a path is given back as a file: pass output=")
     if pipeline is not None and preset is not None:
         raise ValueError("give either a pipeline or a preset, not both")
     if pipeline is None:
@@ -44,9 +46,9 @@ def optimize_with_report(
         pipeline.set_options(options)
     verifier = None
     if verify:
-        from qgraph.verify_pipeline import make_step_verifier
+        from qgraph.verify import step_verifier
 
-        verifier = make_step_verifier(examples=verify_examples)
+        verifier = step_verifier(examples=verify_examples)
     manager = PassManager(pipeline, registry=registry, verifier=verifier)
     ir_model = io.load(model)
     report = manager.run(ir_model)

@@ -54,6 +54,10 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("reference", metavar="A.onnx")
     chk.add_argument("candidate", metavar="B.onnx")
     chk.add_argument("--examples", type=int, default=20, metavar="N")
+
+    vr = sub.add_parser("verify-rules", help="self-check every registered rule: exit 0 all hold, 1 naming those that don't")
+    vr.add_argument("--examples", type=int, default=8, metavar="N", help="inputs per pattern variant (default 8)")
+    vr.add_argument("--rule", action="append", default=[], metavar="NAME", help="only these rules (repeatable)")
     return parser
 
 
@@ -70,6 +74,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return _inspect(args, out)
         if args.command == "check":
             return _check(args, out)
+        if args.command == "verify-rules":
+            return _verify_rules(args, out)
     except QGraphError as exc:
         print(f"qgraph {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -111,9 +117,9 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     explain_hook = ExplainHook(args.explain, out, stop_after=args.output is None) if args.explain else None
     verifier = None
     if args.verify:
-        from qgraph.verify_pipeline import make_step_verifier
+        from qgraph.verify import step_verifier
 
-        verifier = make_step_verifier(examples=args.verify_examples)
+        verifier = step_verifier(examples=args.verify_examples)
     manager = PassManager(
         pipeline,
         registry=registry,
@@ -190,6 +196,34 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
     if args.examples < 1:
         raise BadInputError("--examples must be at least 1")
     return check_files(args.reference, args.candidate, examples=args.examples, out=out)
+
+
+def _verify_rules(args: argparse.Namespace, out: TextIO) -> int:
+    from qgraph.registry import default_registry
+    from qgraph.rewrite_pass import RewritePass
+    from qgraph.verify.rule_check import check_rule
+
+    registry = default_registry()
+    wanted = set(args.rule)
+    failed: list[str] = []
+    seen: set[str] = set()
+    for name in registry.names():
+        cls = registry.get(name)
+        if not issubclass(cls, RewritePass):
+            continue
+        for rule in cls().rule_set():
+            if (wanted and rule.name not in wanted) or rule.name in seen:
+                continue
+            seen.add(rule.name)
+            result = check_rule(rule, examples=args.examples)
+            print(f"{result} [pass {name}]", file=out)
+            if not result.ok:
+                failed.append(rule.name)
+    missing = sorted(wanted - seen)
+    if missing:
+        raise BadInputError(f"no registered rule named {', '.join(map(repr, missing))}")
+    print(f"{len(seen) - len(failed)} of {len(seen)} rule(s) hold" + (f"; failing: {', '.join(failed)}" if failed else ""), file=out)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -147,3 +147,19 @@ def test_console_script_exit_codes(model_path, tmp_path):
     assert usage.returncode == 2
     missing = subprocess.run([exe, "inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True)
     assert missing.returncode == 2 and "missing.onnx" in missing.stderr
+
+
+def test_verify_names_the_pass_that_changed_the_meaning(model_path, tmp_path, capsys):
+    out_path = tmp_path / "out.onnx"
+    code, _ = run("optimize", model_path, "-o", out_path, "--passes", "double-neg", "wrong-scale", "--verify")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "pass 'wrong-scale' changed the model's meaning" in err
+    assert "double-neg" not in err.split("changed")[0]  # the correct pass is not blamed
+    assert not out_path.exists()
+
+
+def test_verify_accepts_equivalent_rewrites(model_path, tmp_path, capsys):
+    code, _ = run("optimize", model_path, "-o", tmp_path / "out.onnx", "--passes", "double-neg", "identity-elimination", "--verify", "--report", tmp_path / "r.json")
+    assert code == 0, capsys.readouterr().err
+    assert all(p["verified"] for p in json.loads((tmp_path / "r.json").read_text())["passes"] if p["changed"])

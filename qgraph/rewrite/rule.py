@@ -123,6 +123,10 @@ class Rule:
             the rewrite; the nodes that produce them stay in the graph.
         opsets: domains (and versions) the replacement needs imported.
         doc: one line on what the rule does (the algebra, e.g. ``x*1 -> x``).
+        example_inputs: for the rule self-check, ``{var: (dtype, shape)}`` of
+            variables that need a particular dtype or shape.
+        example_values: for the rule self-check, values of constants,
+            captured attributes, or variables that must be constants.
     """
 
     name: str
@@ -133,6 +137,8 @@ class Rule:
     keep_shared: bool = False
     opsets: Mapping[str, int] = dataclasses.field(default_factory=dict)
     doc: str = ""
+    example_inputs: Mapping[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    example_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     _graph: PatternGraph | None = dataclasses.field(default=None, repr=False)
 
     @property

@@ -1,0 +1,64 @@
+"""The body of ``qgraph check A.onnx B.onnx``: files in, exit code out.
+
+Exit codes are the CLI contract (DESIGN.md): 0 the models are equivalent,
+1 they are not (the report and a reproduction command are printed), 2 bad
+input (a missing file, not an ONNX model, a reference onnxruntime cannot
+load, inputs/outputs that do not correspond) -- the message names the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+from qgraph.errors import BadInputError
+from qgraph.verify.equivalence import DEFAULT_EXAMPLES, EquivalenceResult, check_equivalent, replay
+
+__all__ = ["check_files", "replay_files"]
+
+
+def _finish(result: EquivalenceResult, out: TextIO) -> int:
+    print(result, file=out)
+    return 0 if result.equivalent else 1
+
+
+def check_files(
+    path_a: str | os.PathLike[str],
+    path_b: str | os.PathLike[str],
+    examples: int = DEFAULT_EXAMPLES,
+    out: TextIO | None = None,
+    *,
+    seed: int | None = 0,
+    err: TextIO | None = None,
+) -> int:
+    """Check that model B computes what model A computes; return the exit code.
+
+    Bad input is printed to ``err`` (stderr by default) as
+    ``qgraph check: <message>`` and returns 2.
+    """
+    out = out if out is not None else sys.stdout
+    try:
+        result = check_equivalent(path_a, path_b, examples=examples, seed=seed)
+    except BadInputError as exc:
+        print(f"qgraph check: {exc}", file=err if err is not None else sys.stderr)
+        return BadInputError.exit_code
+    return _finish(result, out)
+
+
+def replay_files(
+    path_a: str | os.PathLike[str],
+    path_b: str | os.PathLike[str],
+    inputs: str | os.PathLike[str],
+    out: TextIO | None = None,
+    *,
+    err: TextIO | None = None,
+) -> int:
+    """Compare A and B on saved inputs (a failure's ``inputs.npz``); same exit codes."""
+    out = out if out is not None else sys.stdout
+    try:
+        result = replay(path_a, path_b, inputs)
+    except BadInputError as exc:
+        print(f"qgraph check: {exc}", file=err if err is not None else sys.stderr)
+        return BadInputError.exit_code
+    return _finish(result, out)

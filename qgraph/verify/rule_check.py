@@ -1,0 +1,315 @@
+"""Rule self-check: build the graph a rule's pattern describes, rewrite it, compare.
+
+A declarative rule claims "wherever this pattern occurs, the replacement
+computes the same thing". That claim can be checked without any model: the
+pattern itself is a small graph. For every combination of its alternatives
+(each ``a | b``, each optional node present or absent) this module builds
+that graph — variables become graph inputs, constants initializers holding a
+value that satisfies the pattern, attributes the values the pattern asks for
+— then checks that the rule matches it (a pattern that cannot match its own
+instance is a bug too) and that the rewritten graph is equivalent in
+onnxruntime on hypothesis-drawn inputs and shapes.
+
+Rules whose variables need particular dtypes or shapes (a MatMul weight, a
+1-D scale) say so with ``Rule(example_inputs={"w": (FLOAT, ("H", "H"))})``;
+constants and attributes tested only by a predicate get a value from
+``example_values``. Everything else defaults to float32 ``[B, S, H]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from qgraph.invariants import find_violations
+from qgraph.rewrite import Rule, RuleSet, apply_rules, explain, find_matches
+from qgraph.rewrite.matcher import _MISSING, _schema_default
+from qgraph.rewrite.pattern import (
+    AnyOf,
+    AttrCapture,
+    AttrPredicate,
+    ConstPattern,
+    NodeOutput,
+    NodePattern,
+    ValuePattern,
+    Var,
+)
+
+__all__ = ["RuleCheck", "VariantCheck", "check_rule", "pattern_variants"]
+
+DEFAULT_SHAPE = ("B", "S", "H")
+_OPSETS = (23, 18, 17, 13)  # tried in order until the variant is a valid model
+_CANDIDATE_CONSTANTS = (1e-6, 1e-5, 1.0, 0.5, 2.0, -1.0, 0.0, [-1], [1], 1, -1, 0, 2)
+
+
+class CannotBuild(Exception):
+    """The pattern variant cannot be turned into a concrete graph."""
+
+
+@dataclasses.dataclass
+class VariantCheck:
+    """The outcome for one combination of alternatives."""
+
+    description: str
+    status: str  # "ok", "no-match", "not-equivalent", "cannot-build"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.status:<14} {self.description}"
+        return text + (f": {self.detail}" if self.detail else "")
+
+
+@dataclasses.dataclass
+class RuleCheck:
+    rule: str
+    variants: list[VariantCheck]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.variants) and all(v.status == "ok" for v in self.variants)
+
+    def __str__(self) -> str:
+        head = f"{'PASS' if self.ok else 'FAIL'} {self.rule} ({len(self.variants)} variant(s))"
+        lines = [head]
+        lines.extend(f"    {v}" for v in self.variants if v.status != "ok" or not self.ok)
+        return "\n".join(lines)
+
+
+def _walk_choice_points(outputs: Sequence[ValuePattern], choices: dict[int, int]) -> AnyOf | None:
+    """The first alternative point reachable under ``choices`` that is not decided."""
+    seen: set[int] = set()
+    stack = list(reversed(outputs))
+    while stack:
+        vp = stack.pop()
+        if vp.id in seen:
+            continue
+        seen.add(vp.id)
+        if isinstance(vp, AnyOf):
+            if vp.id not in choices:
+                return vp
+            stack.append(vp.alternatives[choices[vp.id]])
+        elif isinstance(vp, NodeOutput):
+            stack.extend(reversed([x for x in vp.node.inputs if x is not None]))
+    return None
+
+
+def pattern_variants(rule: Rule, limit: int = 64) -> list[dict[int, int]]:
+    """Every combination of alternatives (``AnyOf.id -> index``), at most ``limit``."""
+    outputs = rule.pattern_graph.outputs
+    done: list[dict[int, int]] = []
+    pending = [dict[int, int]()]
+    while pending and len(done) < limit:
+        choices = pending.pop(0)
+        point = _walk_choice_points(outputs, choices)
+        if point is None:
+            done.append(choices)
+            continue
+        pending.extend({**choices, point.id: i} for i in range(len(point.alternatives)))
+    return done
+
+
+def _describe(rule: Rule, choices: dict[int, int]) -> str:
+    parts = []
+    for vp in _all_any_of(rule.pattern_graph.outputs):
+        if vp.id in choices:
+            alt = vp.alternatives[choices[vp.id]]
+            parts.append(alt.describe())
+    return "variant [" + "; ".join(parts) + "]" if parts else "the pattern"
+
+
+def _all_any_of(outputs: Sequence[ValuePattern]) -> Iterator[AnyOf]:
+    seen: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        vp = stack.pop()
+        if vp.id in seen:
+            continue
+        seen.add(vp.id)
+        if isinstance(vp, AnyOf):
+            yield vp
+            stack.extend(vp.alternatives)
+        elif isinstance(vp, NodeOutput):
+            stack.extend(x for x in vp.node.inputs if x is not None)
+
+
+class _Builder:
+    """Turns one variant of a pattern into an onnx_ir graph."""
+
+    def __init__(self, rule: Rule, choices: dict[int, int], opset: int) -> None:
+        self.rule = rule
+        self.choices = choices
+        self.opset = opset
+        self.inputs: dict[str, ir.Value] = {}
+        self.initializers: list[ir.Value] = []
+        self.nodes: list[ir.Node] = []
+        self.node_values: dict[int, Sequence[ir.Value]] = {}
+        self.const_values: dict[str, ir.Value] = {}
+        self.var_const: dict[str, ir.Value] = {}
+
+    def value(self, vp: ValuePattern) -> ir.Value:
+        if isinstance(vp, AnyOf):
+            return self.value(vp.alternatives[self.choices[vp.id]])
+        if isinstance(vp, Var):
+            return self._var(vp)
+        if isinstance(vp, ConstPattern):
+            return self._const(vp)
+        if isinstance(vp, NodeOutput):
+            return self._node(vp.node)[vp.index]
+        raise CannotBuild(f"unsupported pattern element {vp!r}")
+
+    def _var(self, vp: Var) -> ir.Value:
+        if vp.name in self.inputs:
+            return self.inputs[vp.name]
+        spec = self.rule.example_inputs.get(vp.name)
+        if vp.name in self.rule.example_values:
+            # A variable the rule wants to be a constant (e.g. a weight whose
+            # values its condition reads).
+            if vp.name not in self.var_const:
+                self.var_const[vp.name] = self._initializer(vp.name, np.asarray(self.rule.example_values[vp.name]))
+            return self.var_const[vp.name]
+        constraint = vp.constraint
+        if spec is not None:
+            dtype, shape = spec
+        else:
+            dtype = ir.DataType.FLOAT
+            if constraint is not None and constraint.dtype is not None:
+                dtype = constraint.dtype if isinstance(constraint.dtype, ir.DataType) else constraint.dtype[0]
+            shape = DEFAULT_SHAPE
+            if constraint is not None and constraint.shape is not None:
+                shape = tuple(d if d not in (None, Ellipsis) else f"{vp.name}_d{i}" for i, d in enumerate(constraint.shape))
+            elif constraint is not None and constraint.rank is not None:
+                shape = DEFAULT_SHAPE[-constraint.rank:] if constraint.rank <= 3 else tuple(f"d{i}" for i in range(constraint.rank))
+        value = ir.val(vp.name, ir.DataType(dtype), ir.Shape(list(shape)))
+        self.inputs[vp.name] = value
+        return value
+
+    def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
+        self.initializers.append(value)
+        return value
+
+    def _const(self, vp: ConstPattern) -> ir.Value:
+        if vp.name is not None and vp.name in self.const_values:
+            return self.const_values[vp.name]
+        array = self._const_array(vp)
+        name = vp.name or f"const_{len(self.initializers)}"
+        value = self._initializer(name, array)
+        if vp.name is not None:
+            self.const_values[vp.name] = value
+        return value
+
+    def _const_array(self, vp: ConstPattern) -> np.ndarray:
+        if vp.name is not None and vp.name in self.rule.example_values:
+            return np.asarray(self.rule.example_values[vp.name])
+        if vp.value is not None:
+            return vp.value.copy()
+        if vp.pred is None:
+            return np.asarray(1.0, dtype=np.float32)
+        for candidate in _CANDIDATE_CONSTANTS:
+            arr = np.asarray(candidate)
+            arr = arr.astype(np.float32) if arr.dtype == np.float64 else arr
+            try:
+                if vp.pred(arr):
+                    return arr
+            except Exception:  # noqa: BLE001 - a predicate may not accept every shape
+                continue
+        raise CannotBuild(f"no value found for {vp.describe()}; give it in Rule(example_values=...)")
+
+    def _attributes(self, pn: NodePattern) -> dict[str, Any]:
+        attrs: dict[str, Any] = {}
+        for name, expected in pn.attributes.items():
+            if isinstance(expected, (AttrCapture, AttrPredicate)):
+                key = expected.name
+                if key is not None and key in self.rule.example_values:
+                    attrs[name] = self.rule.example_values[key]
+                    continue
+                default = _schema_default(pn.op_type, pn.domain, name, self.opset)
+                if isinstance(expected, AttrPredicate) and not expected.pred(None if default is _MISSING else default):
+                    raise CannotBuild(
+                        f"attribute {name} of {pn.describe()} is tested by a predicate the schema default "
+                        "does not satisfy; give it in Rule(example_values=...)"
+                    )
+                continue  # omitted: the schema default applies
+            attrs[name] = list(expected) if isinstance(expected, tuple) else expected
+        return attrs
+
+    def _node(self, pn: NodePattern) -> Sequence[ir.Value]:
+        if pn.id in self.node_values:
+            return self.node_values[pn.id]
+        inputs = [None if x is None else self.value(x) for x in pn.inputs]
+        node = ir.node(pn.op_type, inputs, attributes=self._attributes(pn), domain=pn.domain, num_outputs=len(pn.outputs))
+        self.nodes.append(node)
+        self.node_values[pn.id] = node.outputs
+        return node.outputs
+
+    def model(self) -> ir.Model:
+        outputs = [self.value(o) for o in self.rule.pattern_graph.outputs]
+        for i, out in enumerate(outputs):
+            out.name = f"out{i}"
+        domains = {"": self.opset}
+        for node in self.nodes:
+            if node.domain not in ("", "ai.onnx"):
+                domains.setdefault(node.domain, self.rule.opsets.get(node.domain, 1))
+        graph = ir.Graph(list(self.inputs.values()), outputs, nodes=self.nodes, initializers=self.initializers,
+                         opset_imports=domains, name=f"selfcheck_{self.rule.name}")
+        model = ir.Model(graph, ir_version=10)
+        ir.passes.common.ShapeInferencePass()(model)
+        return model
+
+
+def _build(rule: Rule, choices: dict[int, int]) -> ir.Model:
+    last_problem = "no opset accepted it"
+    for opset in _OPSETS:
+        try:
+            model = _Builder(rule, choices, opset).model()
+        except CannotBuild:
+            raise
+        except Exception as exc:  # noqa: BLE001 - try the next opset
+            last_problem = f"{type(exc).__name__}: {exc}"
+            continue
+        problems = find_violations(model)
+        if not problems:
+            return model
+        last_problem = problems[0]
+    raise CannotBuild(last_problem)
+
+
+def check_rule(rule: Rule, *, examples: int = 8, max_variants: int = 64, seed: int = 0) -> RuleCheck:
+    """Check every variant of ``rule`` (see the module docstring)."""
+    from qgraph.verify.equivalence import check_equivalent
+
+    results: list[VariantCheck] = []
+    single = RuleSet([rule])
+    for choices in pattern_variants(rule, max_variants):
+        description = _describe(rule, choices)
+        try:
+            model = _build(rule, choices)
+        except CannotBuild as exc:
+            results.append(VariantCheck(description, "cannot-build", str(exc)))
+            continue
+        roots = {o.producer() for o in model.graph.outputs}
+        if not any(m.root in roots for m in find_matches(model, single)):
+            reasons = [str(c) for c in explain(model, single) if c.node in {r.name for r in roots}]
+            results.append(VariantCheck(description, "no-match", "; ".join(reasons) or "no candidate root"))
+            continue
+        candidate = model.clone()
+        try:
+            apply_rules(candidate, single)
+        except Exception as exc:  # noqa: BLE001 - report it as this variant's failure
+            results.append(VariantCheck(description, "not-equivalent", f"rewrite failed: {exc}"))
+            continue
+        verdict = check_equivalent(model, candidate, examples=examples, seed=seed, localize_divergence=False, save_models=False, save_artifacts=False)
+        if verdict.equivalent:
+            results.append(VariantCheck(description, "ok"))
+        else:
+            detail = verdict.error or (str(verdict.report) if verdict.report is not None else "outputs differ")
+            results.append(VariantCheck(description, "not-equivalent", detail.splitlines()[0] if detail else ""))
+    return RuleCheck(rule.name, results)

@@ -1,0 +1,1 @@
+"""Shared pytest set-up: tests/ is importable (framework_passes, model_builders)."""
