@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
 from collections.abc import Iterator
 
@@ -13,6 +11,7 @@ from onnxscript.version_converter import ConvertVersionPass
 
 from qgraph.errors import BadInputError
 from qgraph.pass_base import Option, Pass, Prerequisite, default_opset
+from qgraph_passes._library_logs import captured_warnings
 
 __all__ = ["OpsetUpgradePass", "opset_at_least"]
 
@@ -35,29 +34,6 @@ def opset_at_least(version: int) -> Prerequisite:
     )
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def _captured_warnings(logger_name: str) -> Iterator[list[logging.LogRecord]]:
-    """Collect (and keep off the console) a library logger's warnings."""
-    logger = logging.getLogger(logger_name)
-    handler = _Collect()
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.level, logger.propagate = saved
 
 
 def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
@@ -169,7 +145,7 @@ class OpsetUpgradePass(Pass):
             return named[0] if named else None
 
         converted = model.clone()
-        with _captured_warnings(_CONVERTER_LOGGER) as records:
+        with captured_warnings(_CONVERTER_LOGGER) as records:
             try:
                 ConvertVersionPass(target_version=target, fallback=True)(converted)
             except (ValueError, RuntimeError) as e:  # incl. VersionConverterError

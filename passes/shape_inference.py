@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass as _IrShapeInferencePass
 
 from qgraph.errors import PassFailure
 from qgraph.pass_base import Option, Pass
+from qgraph_passes._library_logs import captured_warnings
 
 __all__ = ["ShapeInferencePass"]
 
@@ -19,29 +18,6 @@ __all__ = ["ShapeInferencePass"]
 _IR_LOGGER = "onnx_ir.passes.common.shape_inference"
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def _captured_warnings(logger_name: str) -> Iterator[list[logging.LogRecord]]:
-    """Collect (and keep off the console) a library logger's warnings."""
-    logger = logging.getLogger(logger_name)
-    handler = _Collect()
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.level, logger.propagate = saved
 
 
 def _failure_reason(record: logging.LogRecord) -> str:
@@ -94,7 +70,7 @@ class ShapeInferencePass(Pass):
             strict_mode=self.config["strict"],
             data_prop=self.config["data_prop"],
         )
-        with _captured_warnings(_IR_LOGGER) as records:
+        with captured_warnings(_IR_LOGGER) as records:
             result = ir_pass(model)
         failures = [r for r in records if r.exc_info]
         if failures:

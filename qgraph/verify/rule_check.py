@@ -80,8 +80,8 @@ class RuleCheck:
         return "\n".join(lines)
 
 
-def _walk_choice_points(outputs: Sequence[ValuePattern], choices: dict[int, int]) -> AnyOf | None:
-    """The first alternative point reachable under ``choices`` that is not decided."""
+def _reachable_alternatives(outputs: Sequence[ValuePattern], choices: dict[int, int]) -> Iterator[AnyOf]:
+    """Alternative points reachable from the outputs, following the branches chosen so far."""
     seen: set[int] = set()
     stack = list(reversed(outputs))
     while stack:
@@ -90,12 +90,11 @@ def _walk_choice_points(outputs: Sequence[ValuePattern], choices: dict[int, int]
             continue
         seen.add(vp.id)
         if isinstance(vp, AnyOf):
-            if vp.id not in choices:
-                return vp
-            stack.append(vp.alternatives[choices[vp.id]])
+            yield vp
+            if vp.id in choices:
+                stack.append(vp.alternatives[choices[vp.id]])
         elif isinstance(vp, NodeOutput):
             stack.extend(reversed([x for x in vp.node.inputs if x is not None]))
-    return None
 
 
 def pattern_variants(rule: Rule, limit: int = 64) -> list[dict[int, int]]:
@@ -105,7 +104,7 @@ def pattern_variants(rule: Rule, limit: int = 64) -> list[dict[int, int]]:
     pending = [dict[int, int]()]
     while pending and len(done) < limit:
         choices = pending.pop(0)
-        point = _walk_choice_points(outputs, choices)
+        point = next((p for p in _reachable_alternatives(outputs, choices) if p.id not in choices), None)
         if point is None:
             done.append(choices)
             continue
@@ -114,27 +113,8 @@ def pattern_variants(rule: Rule, limit: int = 64) -> list[dict[int, int]]:
 
 
 def _describe(rule: Rule, choices: dict[int, int]) -> str:
-    parts = []
-    for vp in _all_any_of(rule.pattern_graph.outputs):
-        if vp.id in choices:
-            alt = vp.alternatives[choices[vp.id]]
-            parts.append(alt.describe())
+    parts = [p.alternatives[choices[p.id]].describe() for p in _reachable_alternatives(rule.pattern_graph.outputs, choices)]
     return "variant [" + "; ".join(parts) + "]" if parts else "the pattern"
-
-
-def _all_any_of(outputs: Sequence[ValuePattern]) -> Iterator[AnyOf]:
-    seen: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        vp = stack.pop()
-        if vp.id in seen:
-            continue
-        seen.add(vp.id)
-        if isinstance(vp, AnyOf):
-            yield vp
-            stack.extend(vp.alternatives)
-        elif isinstance(vp, NodeOutput):
-            stack.extend(x for x in vp.node.inputs if x is not None)
 
 
 class _Builder:

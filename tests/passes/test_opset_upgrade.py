@@ -213,7 +213,7 @@ def test_local_functions_are_inlined_and_custom_domains_kept():
 def test_external_weights_stay_on_disk(tmp_path):
     big = ", ".join(["0.25"] * 600)
     model = parse(
-        REDUCE_MEAN_17.replace("=> (", f"=> (float[N, 4, 100] M, ").replace(
+        REDUCE_MEAN_17.replace("=> (", "=> (float[N, 4, 100] M, ").replace(
             "{\n", f"<float[6, 100] W = {{{big}}}>\n{{\n  M = MatMul(X, W)\n"
         )
     )
