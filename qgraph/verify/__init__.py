@@ -35,6 +35,15 @@ from qgraph.verify.localize import Divergence, NodeRef, localize, shared_tensors
 from qgraph.verify.roles import InputSpec, Role, describe_inputs
 from qgraph.verify.rule_check import RuleCheck, VariantCheck, check_rule
 from qgraph.verify.runner import OrtRunner, RunError
+from qgraph.verify.kv_contract import KVLayout, KVLayoutError, detect_kv_layout
+from qgraph.verify.sequence import (
+    ReplayCase,
+    ReplayResult,
+    SequenceCheckResult,
+    check_sequence_equivalence,
+    replay_cases,
+    replay_sequence,
+)
 from qgraph.verify.strategies import (
     Example,
     InputOptions,
@@ -47,6 +56,15 @@ from qgraph.verify.strategies import (
 )
 
 __all__ = [
+    "KVLayout",
+    "KVLayoutError",
+    "ReplayCase",
+    "ReplayResult",
+    "SequenceCheckResult",
+    "check_sequence_equivalence",
+    "detect_kv_layout",
+    "replay_cases",
+    "replay_sequence",
     "ComparisonReport",
     "Correspondence",
     "Divergence",
