@@ -82,6 +82,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         print("qgraph: interrupted; nothing written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`qgraph inspect X | head`): not an error of ours.
+        sys.stderr.close()
+        return 0
     except Exception:  # noqa: BLE001 - an internal bug still gets exit 1 and a trace
         traceback.print_exc()
         print(f"qgraph {args.command}: internal error (a bug in qgraph or a pass); nothing written", file=sys.stderr)

@@ -2,9 +2,12 @@
 
 One sweep visits every node of every graph (main graph, subgraphs, model
 functions) once, and at each node tries only the rules indexed under its op.
-A match is accepted after three checks, in order: no matched intermediate is
-used outside the match (unless the rule keeps shared nodes), the rule's
-condition, and the replacement's types. Sweeps repeat until nothing matches,
+A match is accepted after two checks, in order: no matched intermediate is
+used outside the match (unless the rule keeps shared nodes), and the rule's
+condition; a rejected match is skipped and shows in ``explain``. The
+replacement is then built and its types checked: one that would change a
+replaced value's dtype or rank is a bug in the rule, so it raises
+``RewriteError`` naming the rule before the graph is touched. Sweeps repeat until nothing matches,
 bounded; a rule that matches a subgraph made entirely of nodes it created
 itself is re-creating its own pattern and is stopped with an error instead of
 looping.

@@ -87,18 +87,24 @@ def _schema_default(op_type: str, domain: str, name: str, opset: int | None) -> 
 
 
 def _normalize(value: Any) -> Any:
+    """Attribute values in one comparable form (tuples, ints, str, arrays).
+
+    Plain scalars return before the ``TensorProtocol`` check: isinstance
+    against a runtime-checkable Protocol costs tens of microseconds, and
+    this runs for every attribute the matcher compares.
+    """
     if isinstance(value, ir.Attr):
         value = value.value
+    if isinstance(value, ir.DataType):
+        return int(value)
+    if value is None or isinstance(value, (int, float, str, np.ndarray)):
+        return value
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, (list, tuple)):
         return tuple(_normalize(v) for v in value)
     if isinstance(value, ir.TensorProtocol):
         return value.numpy()
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, ir.DataType):
-        return int(value)
     return value
 
 
