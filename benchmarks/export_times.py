@@ -29,15 +29,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from results_file import RESULTS, write_section
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "Export times"
 MODELS = ("smollm2-135m", "all-minilm-l6-v2")
 EXPORTERS = ("torchscript", "dynamo")
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     report = format_report(rows, dequant, repeats, args.note)
     print(report)
     if args.write:
-        write_section(report)
+        write_section(SECTION, report)
         print(f"updated section '{SECTION}' of {RESULTS}", file=sys.stderr)
     return 0
 
@@ -205,20 +204,6 @@ def format_report(rows: list[dict], dequant: dict | None, repeats: list[dict], n
     if note:
         lines += ["", note]
     return "\n".join(lines)
-
-
-def write_section(report: str) -> None:
-    """Replace (or append) this benchmark's section only; the file is read right before writing."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    body = f"## {SECTION}\n\n{report}\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: body + "\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + body
-    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
 
 
 if __name__ == "__main__":

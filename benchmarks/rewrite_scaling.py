@@ -61,8 +61,8 @@ from onnxscript.rewriter import pattern as osp
 
 from qgraph.rewrite import Rule, RuleSet, apply_rules
 from qgraph.synthetic import synthetic_decoder
+from results_file import RESULTS, write_section
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "Rewrite engine scaling"
 FLAT_BUDGET = 20.0
 OPSET = 23
@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report)
     if args.write:
-        write_section(report)
+        write_section(SECTION, report)
         print(f"updated section '{SECTION}' of {RESULTS}")
     return 0 if rows[-1]["q_time"] <= FLAT_BUDGET * rows[0]["q_time"] else 1
 
@@ -813,17 +813,6 @@ def render(rows: list[dict], os_rules: osp.RewriteRuleSet, checks: list[str], ar
                 ),
             ]
     return "\n".join(out)
-
-
-def write_section(report: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    body = f"## {SECTION}\n\n{report}\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: body + "\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + body
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from qgraph.export.exporters import EXPORTERS
+from qgraph.export.exporters import EXPORTERS, sample_inputs
 from qgraph.export.zoo import TINY_ARCHS, VOCAB
 
 ZOO_CASES = [(arch, exporter) for arch in TINY_ARCHS for exporter in EXPORTERS]
@@ -26,15 +26,7 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def _feeds(batch: int, seq: int, pad: int, side: str, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, VOCAB, size=(batch, seq), dtype=np.int64)
-    mask = np.ones((batch, seq), dtype=np.int64)
-    if pad:
-        if side == "left":
-            mask[0, :pad] = 0
-        else:
-            mask[0, seq - pad:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return sample_inputs(VOCAB, batch, seq, pad=pad, side=side, seed=seed)
 
 
 def _session(path) -> ort.InferenceSession:
