@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -84,22 +83,7 @@ def run_export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    """``python -m qgraph.export``: the same command and exit codes as ``qgraph export``."""
-    from qgraph.errors import QGraphError
+    """``python -m qgraph.export``: exactly ``qgraph export`` (same parser, errors and exit codes)."""
+    from qgraph.cli import main as cli_main
 
-    out = out or sys.stdout
-    parser = argparse.ArgumentParser(prog="qgraph")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return run_export(args, out)
-    except QGraphError as exc:
-        print(f"qgraph export: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("qgraph: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception:  # noqa: BLE001 - a bug still gets exit 1 and a trace
-        traceback.print_exc()
-        print("qgraph export: internal error (a bug in qgraph); nothing written", file=sys.stderr)
-        return 1
+    return cli_main(["export", *(sys.argv[1:] if argv is None else argv)], out=out)
