@@ -18,19 +18,25 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job. Until `qgraph demo` exists: optimize a decoder-shaped model
-# that the repo builds itself, and show what changed.
+# The main job: export the packaged SmolLM2-135M, run the ort and qaic
+# presets, check each result against the export by sequence replay, and
+# generate with the no-cache and both cached graphs (tables on stdout).
 demo: $(STAMP)
-	mkdir -p $(OUT)
-	$(BIN)/python -m qgraph.synthetic $(OUT)/decoder.onnx --layers 4
-	$(BIN)/qgraph inspect $(OUT)/decoder.onnx
-	$(BIN)/qgraph optimize $(OUT)/decoder.onnx -o $(OUT)/decoder.opt.onnx --preset cleanup --verify --report $(OUT)/report.json
-	$(BIN)/qgraph check $(OUT)/decoder.onnx $(OUT)/decoder.opt.onnx --examples 10
+	$(BIN)/qgraph demo --out $(OUT)/demo
 
 # pytest exits 5 when it collects no test; that is not a failure of the code.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
+# Every benchmark, one after the other (they time things: never in parallel);
+# each replaces its own section of benchmarks/RESULTS.md.
 bench: $(STAMP)
+	$(BIN)/python benchmarks/pipeline.py --write
+	$(BIN)/python benchmarks/pass_scaling.py --write
+	$(BIN)/python benchmarks/generation.py --write
+	$(BIN)/python benchmarks/kv_cache_decode.py --write
+	$(BIN)/python benchmarks/rmsnorm_fusion.py --write
+	$(BIN)/python benchmarks/attention_fusion.py --write
+	$(BIN)/python benchmarks/fp16_clip_memory.py --write
 	$(BIN)/python benchmarks/rewrite_scaling.py --write
 	$(BIN)/python benchmarks/export_times.py --write

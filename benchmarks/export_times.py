@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from results_file import RESULTS, write_section
+
+from harness import in_child
+from results_file import RESULTS, machine_description, write_section
 
 SECTION = "Export times"
 MODELS = ("smollm2-135m", "all-minilm-l6-v2")
@@ -83,15 +83,6 @@ def child(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _in_child(task: dict[str, Any]) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(task)], stdout=subprocess.PIPE, text=True, check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"child failed ({done.returncode}) on {task}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def _cli_seconds(model: str, out: Path, exporter: str, cache: Path) -> tuple[float, str]:
     start = time.perf_counter()
     done = subprocess.run(
@@ -105,23 +96,6 @@ def _cli_seconds(model: str, out: Path, exporter: str, cache: Path) -> tuple[flo
 
 
 # ------------------------------------------------------------------- parent
-
-
-def _machine() -> str:
-    import importlib.metadata as md
-
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    except OSError:
-        mem = float("nan")
-    names = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "gguf")
-    versions = ", ".join(f"{name} {md.version(name)}" for name in names)
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.1f} GiB RAM; Python {platform.python_version()}, {versions}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             if model == "smollm2-135m":
                 print(f"{model}: dequantizing the GGUF ...", file=sys.stderr)
-                dequant = _in_child({"kind": "dequantize", "model": model, "cache": str(cache)})
+                dequant = in_child(__file__, {"kind": "dequantize", "model": model, "cache": str(cache)})
             for exporter in args.exporters:
                 out = Path(scratch) / f"{model}-{exporter}"
                 print(f"{model}: exporting with {exporter} ...", file=sys.stderr)
-                row = _in_child({"kind": "export", "model": model, "exporter": exporter, "cache": str(cache), "out": str(out)})
+                row = in_child(__file__, {"kind": "export", "model": model, "exporter": exporter, "cache": str(cache), "out": str(out)})
                 row.update(model=model, exporter=exporter)
                 rows.append(row)
                 copy_s, _ = _cli_seconds(model, Path(scratch) / f"{model}-{exporter}-again", exporter, cache)
@@ -166,7 +140,7 @@ def format_report(rows: list[dict], dequant: dict | None, repeats: list[dict], n
     lines = [
         "Command: `.venv/bin/python benchmarks/export_times.py --write [--note TEXT]`",
         "",
-        f"Machine: {_machine()}.",
+        f"Machine: {machine_description(('torch', 'transformers', 'onnx', 'onnxscript', 'onnxruntime', 'gguf'))}.",
         "",
         (
             "Each export runs in a fresh process against a fresh cache (`qgraph.export.export_model`, the code "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -20,3 +22,20 @@ def write_section(section: str, report: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + body
     write_text_atomic(RESULTS, text)
+
+
+def machine_description(packages: tuple[str, ...] = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")) -> str:
+    """Cores, CPU model, RAM, Python and the versions of ``packages``: the line every section starts with."""
+    import importlib.metadata as md
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except OSError:
+        mem = float("nan")
+    versions = ", ".join(f"{name} {md.version(name)}" for name in packages)
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.1f} GiB RAM; Python {platform.python_version()}, {versions}"

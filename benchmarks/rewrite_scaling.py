@@ -58,10 +58,10 @@ import onnxruntime as ort
 import onnxscript.optimizer
 import onnxscript.rewriter
 from onnxscript.rewriter import pattern as osp
+from results_file import RESULTS, write_section
 
 from qgraph.rewrite import Rule, RuleSet, apply_rules
 from qgraph.synthetic import synthetic_decoder
-from results_file import RESULTS, write_section
 
 SECTION = "Rewrite engine scaling"
 FLAT_BUDGET = 20.0

@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnxscript.version_converter import ConvertVersionPass
+from qgraph_passes._library_logs import captured_warnings
 
+from qgraph.custom_ops import op_signature, retarget_error, retarget_function
 from qgraph.errors import BadInputError
 from qgraph.pass_base import Option, Pass, Prerequisite, default_opset
-from qgraph_passes._library_logs import captured_warnings
 
 __all__ = ["OpsetUpgradePass", "opset_at_least"]
 
@@ -71,6 +73,88 @@ def _unconvertible_group_norm(model: ir.Model, source: int | None, target: int) 
     return None
 
 
+_UNCHANGED_DOMAIN = "qgraph.opset-upgrade.unchanged"
+_NO_ADAPTER = re.compile(r"No Adapter (?:To|From) Version \$?\d+ for (\w+)")
+
+
+def _written_the_same(node: ir.Node, low: int, high: int) -> bool:
+    """The node reads the same at every opset in [low, high]: same input names, its attributes exist.
+
+    Used only for ops onnx's converter has no adapter for (revisions that
+    widened types, or added an attribute the node does not use, as Split 18's
+    num_outputs); ops whose meaning changed under the same spelling
+    (Softmax 13) have adapters and never get here.
+    """
+    if low > high:
+        low, high = high, low
+    signatures = [op_signature(node.op_type, v) for v in range(low, high + 1)]
+    if any(sig is None for sig in signatures):
+        return False
+    used = set(node.attributes)
+    return all(
+        sig[0] == signatures[0][0] and sig[1] == signatures[0][1] and used <= set(sig[2]) for sig in signatures
+    )
+
+
+def _any_written_the_same(model: ir.Model, op_type: str, low: int, high: int) -> bool:
+    return any(n.op_type == op_type and _written_the_same(n, low, high) for n in _all_nodes(model)
+               if n.domain in ("", "ai.onnx"))
+
+
+def _split_sizes_explicit(model: ir.Model) -> None:
+    """Split 18's ``num_outputs`` as an explicit ``split`` input, where the axis length is static.
+
+    Opset 17 has no num_outputs; a Split with explicit sizes reads the same
+    at both, so the conversion can keep it. Sizes follow opset 18's rule:
+    ceil(length / n) each, the last one what remains.
+    """
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        attr = node.attributes.get("num_outputs")
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or attr is None:
+            continue
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            continue
+        shape = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+        if shape is None or not -len(shape) <= axis < len(shape) or not isinstance(shape[axis], int):
+            continue
+        n, length = attr.as_int(), shape[axis]
+        chunk = -(-length // n)
+        sizes = [min(chunk, length - i * chunk) for i in range(n)]
+        if any(size <= 0 for size in sizes):
+            continue
+        graph = node.graph
+        sizes_value = ir.Value(name=f"{node.name or 'split'}.sizes", const_value=ir.tensor(np.array(sizes, np.int64)))
+        sizes_value.name = _fresh_name(graph, sizes_value.name)
+        graph.register_initializer(sizes_value)
+        node.resize_inputs(2)
+        node.replace_input_with(1, sizes_value)
+        del node.attributes["num_outputs"]
+
+
+def _fresh_name(graph: ir.Graph, name: str) -> str:
+    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
+    candidate, i = name, 0
+    while candidate in taken:
+        i += 1
+        candidate = f"{name}.{i}"
+    return candidate
+
+
+def _drop_default_noop_with_empty_axes(model: ir.Model) -> None:
+    """Remove ``noop_with_empty_axes=0`` from reductions before a downgrade below 18.
+
+    The dynamo exporter writes the attribute out even at its default, and
+    onnx's 18 -> 17 reduction adapters move the axes input to an attribute
+    but keep it, which opset 17 rejects ("Unrecognized attribute"). At 0 it
+    means what opset 17 does anyway; a 1 is left for the converter to refuse.
+    """
+    for node in _all_nodes(model):
+        attr = node.attributes.get("noop_with_empty_axes")
+        if node.op_type.startswith("Reduce") and attr is not None and attr.as_int() == 0:
+            del node.attributes["noop_with_empty_axes"]
+
+
 def _readable(message: str) -> str:
     """onnx's C++ assertion text without its source-file prefix."""
     return message.split("failed: ", 1)[-1].strip()
@@ -83,6 +167,20 @@ def _min_ir_version(opset: int) -> int:
         return 0
 
 
+def _failure(converted: ir.Model, records: list, target: int) -> tuple[str, str | None] | None:
+    """(reason, op) when a conversion did not reach ``target`` cleanly, from the converter's log."""
+    skipped = [r for r in records if r.getMessage().startswith(_SKIPPED_NODE)]
+    if skipped:
+        return skipped[0].getMessage(), str(skipped[0].args[0]) if skipped[0].args else None
+    reached = default_opset(converted)
+    if reached != target:
+        errors = [r for r in records if r.exc_info and r.exc_info[1] is not None]
+        if errors:
+            return _readable(str(errors[-1].exc_info[1])), None
+        return f"the converter left the opset at {reached}", None
+    return None
+
+
 class OpsetUpgradePass(Pass):
     """Convert the default-domain (ai.onnx) opset to `target` with onnxscript's converter.
 
@@ -92,8 +190,9 @@ class OpsetUpgradePass(Pass):
     unchanged); anything else (sources below 18, or downgrades) goes through
     ``onnx.version_converter`` with the large initializers stripped, e.g.
     ReduceMean/Split/Squeeze attributes becoming inputs from 17 to 18.
-    Model-local functions are inlined first (onnxscript's converter needs
-    that) and unused nodes, functions and opset imports are dropped after
+    Model-local functions whose bodies are written the same way at the target
+    (custom ops' bodies, see ``qgraph.custom_ops``) are kept and re-targeted;
+    the others are inlined first (onnxscript's converter needs that) and unused nodes, functions and opset imports are dropped after
     (onnxscript's cleanup). The model's IR version is raised when the new
     opset needs it.
 
@@ -125,6 +224,53 @@ class OpsetUpgradePass(Pass):
             f"{source} to {target}{where}: {reason}"
         )
 
+    def _attempt(
+        self, model: ir.Model, source: int | None, target: int, unchanged: set[str]
+    ) -> tuple[ir.Model, tuple[str, str | None] | None]:
+        """Convert a clone of ``model`` (tensors shared), ops in ``unchanged`` left as written.
+
+        Returns the clone and, when it did not reach ``target`` cleanly, (reason, op).
+        """
+        converted = model.clone()
+        # Custom ops' functions (CustomRMSNorm, CtxScatter...) must survive a
+        # conversion: the device compiler knows them by name. A body written
+        # the same way at the target is set aside and re-targeted, not inlined.
+        kept = {
+            key: f for key, f in converted.functions.items() if retarget_error(f, target) is None
+        }
+        for key in kept:
+            del converted.functions[key]
+        if target < 18 <= (source or 0):
+            _drop_default_noop_with_empty_axes(converted)
+        if target < 18 <= (source or 0):
+            _split_sizes_explicit(converted)
+        hidden = [
+            n for n in _all_nodes(converted)
+            if n.domain in ("", "ai.onnx") and n.op_type in unchanged and _written_the_same(n, target, source or target)
+        ]
+        for node in hidden:
+            node.domain = _UNCHANGED_DOMAIN
+        if hidden:
+            converted.opset_imports[_UNCHANGED_DOMAIN] = 1
+        error: Exception | None = None
+        with captured_warnings(_CONVERTER_LOGGER) as records:
+            try:
+                ConvertVersionPass(target_version=target, fallback=True)(converted)
+            except (ValueError, RuntimeError) as e:  # incl. VersionConverterError
+                error = e
+        # The C-API path rebuilds the nodes: find the moved ones again.
+        for node in _all_nodes(converted):
+            if node.domain == _UNCHANGED_DOMAIN:
+                node.domain = ""
+        converted.opset_imports.pop(_UNCHANGED_DOMAIN, None)
+        for key, function in kept.items():
+            retarget_function(function, target)
+            converted.functions[key] = function
+        if error is not None:
+            return converted, (_readable(str(error)), None)
+        return converted, _failure(converted, records, target)
+
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         target = self.config["target"]
         source = default_opset(model)
@@ -144,26 +290,30 @@ class OpsetUpgradePass(Pass):
             named = sorted(op for op in ops if re.search(rf"\b{re.escape(op)}\b", message))
             return named[0] if named else None
 
-        converted = model.clone()
-        with captured_warnings(_CONVERTER_LOGGER) as records:
-            try:
-                ConvertVersionPass(target_version=target, fallback=True)(converted)
-            except (ValueError, RuntimeError) as e:  # incl. VersionConverterError
-                raise self._fail(source, target, _readable(str(e)), failing_op(str(e))) from e
-
-        skipped = [r for r in records if r.getMessage().startswith(_SKIPPED_NODE)]
-        if skipped:
-            op = str(skipped[0].args[0]) if skipped[0].args else None
-            raise self._fail(source, target, skipped[0].getMessage(), op)
-        reached = default_opset(converted)
-        if reached != target:
-            errors = [r for r in records if r.exc_info and r.exc_info[1] is not None]
-            reason = (
-                _readable(str(errors[-1].exc_info[1]))
-                if errors
-                else f"the converter left the opset at {reached}"
+        # onnx's converter has no downgrade adapter for some revisions that
+        # only widened an op's types (ConstantOfShape 20 -> 19). Such an op is
+        # written the same way at every version in between, so its nodes are
+        # moved to a private domain for the conversion and moved back after.
+        unchanged: set[str] = set()
+        while True:
+            converted, failure = self._attempt(model, source, target, unchanged)
+            if failure is None:
+                break
+            reason, op = failure
+            adapterless = _NO_ADAPTER.search(reason)
+            if (
+                adapterless
+                and adapterless.group(1) not in unchanged
+                and _any_written_the_same(converted, adapterless.group(1), target, source)
+            ):
+                unchanged.add(adapterless.group(1))
+                continue
+            raise self._fail(source, target, reason, op or failing_op(reason))
+        if unchanged:
+            self.report.notes.append(
+                "kept as written (no converter adapter, same inputs and attributes at both "
+                f"opsets): {', '.join(sorted(unchanged))}"
             )
-            raise self._fail(source, target, reason, failing_op(reason))
         stale = sorted(
             {
                 n.op_type

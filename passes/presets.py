@@ -3,23 +3,58 @@
 A step is either ``{"pass": NAME}`` (optionally with ``"options": {...}``) or
 ``{"fixpoint": [NAME, ...], "max_iterations": N}``: the listed passes run in
 order, again and again, until a whole round changes nothing or N rounds ran.
+
+A preset is the pipeline for one target (DESIGN.md, "canonicalize ->
+transform -> lower"): every preset first canonicalizes (RMSNorm and
+attention to the ONNX-standard ops), then transforms on the canonical form
+(the KV cache), then lowers to what the target's compiler accepts.
 """
 
 from __future__ import annotations
 
-__all__ = ["CLEANUP"]
+__all__ = ["CLEANUP", "ORT", "QAIC"]
 
 # Folding exposes Identity chains and duplicates, merging duplicates leaves
 # dead nodes, and removing dead nodes can make more nodes foldable (fewer
 # users), so the four run to a fixpoint. Sorting and shape inference are
 # needed once, on the cleaned graph.
-CLEANUP: dict = {
+_FOLD = {
+    "fixpoint": ["constant-folding", "identity-elimination", "cse", "dce"],
+    "max_iterations": 8,
+}
+_FINISH = [_FOLD, {"pass": "topological-sort"}, {"pass": "shape-inference"}]
+
+CLEANUP: dict = {"steps": list(_FINISH)}
+
+# Cleaning first matters for the TorchScript exporter, whose raw graph has
+# ~3.5x the dynamo exporter's nodes (shape arithmetic that folds away); the
+# fusions then see the same shapes whichever exporter made the graph.
+_CANONICALIZE = [_FOLD, {"pass": "rmsnorm"}, {"pass": "attention"}]
+
+# onnxruntime: canonical ops kept (it runs RMSNormalization and Attention
+# natively), the KV cache in the concat form onnxruntime-genai and optimum
+# use, fp32.
+ORT: dict = {
     "steps": [
-        {
-            "fixpoint": ["constant-folding", "identity-elimination", "cse", "dce"],
-            "max_iterations": 8,
-        },
-        {"pass": "topological-sort"},
-        {"pass": "shape-inference"},
+        *_CANONICALIZE,
+        {"pass": "kv-cache", "options": {"style": "concat"}},
+        *_FINISH,
+    ]
+}
+
+# Cloud AI 100 style: fixed-shape retained-state cache written by the
+# device's CtxScatter, CustomRMSNorm, attention back in primitive ops (the
+# compiler has no Attention op), constants clipped to the fp16 range, and a
+# default-domain opset the compiler accepts (<= 17). The custom ops carry
+# function bodies, so the result still runs in onnxruntime.
+QAIC: dict = {
+    "steps": [
+        *_CANONICALIZE,
+        {"pass": "kv-cache", "options": {"style": "retained", "scatter": "ctx-scatter"}},
+        {"pass": "lower-rmsnorm", "options": {"to": "custom-rmsnorm"}},
+        {"pass": "lower-attention", "options": {"to": "primitive"}},
+        {"pass": "fp16-clip"},
+        {"pass": "opset-upgrade", "options": {"target": 17}},
+        *_FINISH,
     ]
 }

@@ -6,10 +6,10 @@ import logging
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass as _IrShapeInferencePass
+from qgraph_passes._library_logs import captured_warnings
 
 from qgraph.errors import PassFailure
 from qgraph.pass_base import Option, Pass
-from qgraph_passes._library_logs import captured_warnings
 
 __all__ = ["ShapeInferencePass"]
 

@@ -59,6 +59,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
 
+    from qgraph.runtime.command import add_runtime_parsers  # argparse only: cheap
+
+    add_runtime_parsers(sub)
+
+    from qgraph.demo import add_demo_parser  # argparse only: cheap
+
+    add_demo_parser(sub)
+
     vr = sub.add_parser("verify-rules", help="self-check every registered rule: exit 0 all hold, 1 naming those that don't")
     vr.add_argument("--examples", type=int, default=8, metavar="N", help="inputs per pattern variant (default 8)")
     vr.add_argument("--rule", action="append", default=[], metavar="NAME", help="only these rules (repeatable)")
@@ -84,6 +92,18 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             from qgraph.export.command import run_export
 
             return run_export(args, out)
+        if args.command == "generate":
+            from qgraph.runtime.command import run_generate
+
+            return run_generate(args, out)
+        if args.command == "embed":
+            from qgraph.runtime.command import run_embed
+
+            return run_embed(args, out)
+        if args.command == "demo":
+            from qgraph.demo import run_demo_command
+
+            return run_demo_command(args, out)
     except QGraphError as exc:
         print(f"qgraph {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

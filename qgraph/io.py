@@ -27,6 +27,15 @@ Three promises shape this module:
   destination is unchanged. Writing over a file the model still reads (its
   source file or an external-data file it maps lazily) is refused before
   anything is written.
+
+A pass only sees a model, yet some targets want files beside it (a device
+compiler's ``specializations.json``). A pass leaves such a file's text in
+``model.metadata_props`` under ``qgraph.sidecar:<file name>`` (see
+:data:`SIDECAR_PREFIX`); :func:`save` writes each one beside the model, in
+the same atomic commit, and leaves those entries out of the saved model (the
+files are the record; the in-memory model keeps them). Only a saved path gets
+sidecar files: bytes and protos handed back in memory keep the entries as
+metadata.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ __all__ = [
     "AUTO_EXTERNAL_DATA_BYTES",
     "DATA_SUFFIX",
     "EXTERNAL_TENSOR_THRESHOLD_BYTES",
+    "SIDECAR_PREFIX",
     "SOURCE_PATH_KEY",
     "ModelSource",
     "data_path_for",
@@ -64,6 +74,7 @@ __all__ = [
     "initializer_bytes",
     "load",
     "save",
+    "sidecar_files",
     "to_bytes",
     "to_kind_of",
     "to_model_proto",
@@ -96,6 +107,10 @@ _PROTOBUF_LIMIT_BYTES = 2**31 - 1
 #: absolute path a model was loaded from, so :func:`save` can refuse to
 #: overwrite it even when the caller forgets to pass ``protect``.
 SOURCE_PATH_KEY = "qgraph.io.source_path"
+
+#: ``model.metadata_props[SIDECAR_PREFIX + "name.json"] = text`` asks
+#: :func:`save` to write ``name.json`` beside the model.
+SIDECAR_PREFIX = "qgraph.sidecar:"
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -659,11 +674,16 @@ def save(
     pointing at the files they were loaded from, which is why those cannot be
     overwritten.
 
+    Sidecar files (:data:`SIDECAR_PREFIX` entries of ``metadata_props``)
+    are written beside the model in the same commit and left out of the
+    saved model's metadata.
+
     Raises:
         BadInputError: the folder does not exist, the destination is a
-            folder, it would overwrite a protected file, or the model is too
-            large for one file with ``external_data=False``. Nothing is
-            written in any of these cases.
+            folder, it would overwrite a protected file, a sidecar's name is
+            not a plain file name, or the model is too large for one file
+            with ``external_data=False``. Nothing is written in any of these
+            cases.
     """
     destination = Path(os.path.abspath(path))
     folder = destination.parent
@@ -680,7 +700,11 @@ def save(
             "(2 GiB limit); save with external data"
         )
     data_path = data_path_for(destination)
-    _refuse_overwriting_inputs(model, destination, data_path if use_external else None, protect)
+    sidecars = sidecar_files(model)
+    _check_sidecar_names(sidecars, destination, data_path)
+    _refuse_overwriting_inputs(
+        model, destination, data_path if use_external else None, protect, [folder / n for n in sidecars]
+    )
 
     # A temporary folder in the destination folder: same filesystem, so the
     # final os.replace is atomic, and the files inside already carry their
@@ -690,21 +714,8 @@ def save(
         staged_model = staging / destination.name
         staged_data = staging / data_path.name
         try:
-            if use_external:
-                # ir.save externalizes initializers (and restores the model's
-                # own tensors afterwards) but leaves external tensor
-                # *attributes* as references to their old location.
-                with _external_tensors_inlined(model, initializers=False):
-                    ir.save(
-                        model,
-                        staged_model,
-                        format="protobuf",
-                        external_data=data_path.name,
-                        size_threshold_bytes=EXTERNAL_TENSOR_THRESHOLD_BYTES,
-                    )
-            else:
-                with _external_tensors_inlined(model):
-                    ir.save(model, staged_model, format="protobuf")
+            with _sidecars_left_out(model):
+                _write_model_file(model, staged_model, data_path, use_external)
         except ValueError as error:
             if "protobuf" in str(error) or "2GB" in str(error):
                 raise BadInputError(
@@ -718,10 +729,71 @@ def save(
         has_data = use_external and staged_data.exists() and staged_data.stat().st_size > 0
         if has_data:
             _fsync(staged_data)
-        _commit(staging, staged_model, destination, staged_data if has_data else None, data_path)
+        companions = [(staged_data, data_path)] if has_data else []
+        sidecar_staging = staging / ".sidecars"
+        if sidecars:
+            sidecar_staging.mkdir()
+        for name, text in sidecars.items():
+            staged = sidecar_staging / name
+            staged.write_text(text, encoding="utf-8")
+            _fsync(staged)
+            companions.append((staged, folder / name))
+        _commit(staging, staged_model, destination, companions)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination
+
+
+def sidecar_files(model: ir.Model) -> dict[str, str]:
+    """The files a pass asked :func:`save` to write beside the model: {file name: text}."""
+    return {
+        key[len(SIDECAR_PREFIX) :]: text
+        for key, text in model.metadata_props.items()
+        if key.startswith(SIDECAR_PREFIX)
+    }
+
+
+def _check_sidecar_names(sidecars: dict[str, str], destination: Path, data_path: Path) -> None:
+    for name in sidecars:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).name != name:
+            raise BadInputError(
+                f"sidecar file {name!r} (metadata key {SIDECAR_PREFIX + name!r}): "
+                "not a plain file name; a sidecar is written beside the model"
+            )
+        if name in (destination.name, data_path.name):
+            raise BadInputError(
+                f"sidecar file {name!r} would overwrite the model or its data file {destination.parent / name}"
+            )
+
+
+@contextlib.contextmanager
+def _sidecars_left_out(model: ir.Model) -> Iterator[None]:
+    """Serialize without the sidecar entries; the in-memory model keeps them."""
+    kept = {k: v for k, v in model.metadata_props.items() if k.startswith(SIDECAR_PREFIX)}
+    for key in kept:
+        del model.metadata_props[key]
+    try:
+        yield
+    finally:
+        model.metadata_props.update(kept)
+
+
+def _write_model_file(model: ir.Model, staged_model: Path, data_path: Path, use_external: bool) -> None:
+    if use_external:
+        # ir.save externalizes initializers (and restores the model's own
+        # tensors afterwards) but leaves external tensor *attributes* as
+        # references to their old location.
+        with _external_tensors_inlined(model, initializers=False):
+            ir.save(
+                model,
+                staged_model,
+                format="protobuf",
+                external_data=data_path.name,
+                size_threshold_bytes=EXTERNAL_TENSOR_THRESHOLD_BYTES,
+            )
+    else:
+        with _external_tensors_inlined(model):
+            ir.save(model, staged_model, format="protobuf")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -736,14 +808,19 @@ def _refuse_overwriting_inputs(
     destination: Path,
     data_path: Path | None,
     protect: Iterable[str | os.PathLike[str]],
+    sidecars: Iterable[Path] = (),
 ) -> None:
     guarded = [(Path(p), "an input of this run") for p in protect]
     guarded += [(p, "a file the model reads") for p in sorted(files_read_by(model))]
-    targets = [destination] + ([data_path] if data_path is not None else [])
+    targets = [destination] + ([data_path] if data_path is not None else []) + list(sidecars)
     for target in targets:
         for guarded_path, why in guarded:
             if _same_file(target, guarded_path):
-                role = "output" if target == destination else "output's external data file"
+                role = (
+                    "output" if target == destination
+                    else "output's external data file" if target == data_path
+                    else "output's sidecar file"
+                )
                 raise BadInputError(
                     f"refusing to write {target}: the {role} is the same file as {guarded_path}, "
                     f"{why}; write to another path"
@@ -754,33 +831,34 @@ def _commit(
     staging: Path,
     staged_model: Path,
     destination: Path,
-    staged_data: Path | None,
-    data_path: Path,
+    companions: list[tuple[Path, Path]],
 ) -> None:
-    """Move the staged files into place: data first, model last.
+    """Move the staged files into place: companions (data, sidecars) first, model last.
 
     The model file is what readers open, so it changes last; if replacing it
-    fails after the data was replaced, the previous data file is put back.
+    fails after companions were replaced, the previous files are put back
+    (or removed where there were none).
     """
-    backup: Path | None = None
-    data_existed = data_path.exists()
-    if staged_data is not None:
-        if data_existed:
-            backup = staging / ".previous-data"
-            try:
-                os.link(data_path, backup)
-            except OSError:  # filesystem without hard links: no rollback possible
-                backup = None
-        os.replace(staged_data, data_path)
+    restore: list[tuple[Path | None, Path]] = []  # (backup or None if it did not exist, final path)
     try:
+        for index, (staged, final) in enumerate(companions):
+            backup: Path | None = None
+            if final.exists():
+                backup = staging / f".previous-{index}"
+                try:
+                    os.link(final, backup)
+                except OSError:  # filesystem without hard links: no rollback possible
+                    backup = staging / ".no-backup"
+            os.replace(staged, final)
+            restore.append((backup, final))
         os.replace(staged_model, destination)
     except BaseException:
-        if staged_data is not None:
-            if backup is not None:
-                os.replace(backup, data_path)
-            elif not data_existed:
+        for backup, final in reversed(restore):
+            if backup is None:
                 with contextlib.suppress(OSError):
-                    os.remove(data_path)
+                    os.remove(final)
+            elif backup.exists():
+                os.replace(backup, final)
         raise
     _fsync(destination.parent)
 

@@ -34,7 +34,11 @@ from qgraph.registry import Registry, default_registry
 __all__ = ["PassManager", "PassRecord", "RunReport"]
 
 # verify(before, after, pass_name) -> None, raising PassFailure on a mismatch.
-Verifier = Callable[[ir.Model, ir.Model, str], None]
+# verify(before, after, pass_name) raises when the step changed the meaning.
+# For a pass whose ``meaning`` is not "outputs" (fp16-clip, kv-cache), the
+# manager also passes ``meaning=`` so the verifier checks the right property;
+# ``qgraph.verify.step_verifier`` knows every meaning a built-in pass declares.
+Verifier = Callable[..., None]
 
 
 @dataclasses.dataclass
@@ -220,7 +224,10 @@ class PassManager:
                     f"pass '{p.name}' broke graph invariants:\n  {listing}{more}", pass_name=p.name
                 )
         if snapshot is not None and result.modified:
-            self.verifier(snapshot, model, p.name)
+            if p.meaning == "outputs":
+                self.verifier(snapshot, model, p.name)
+            else:
+                self.verifier(snapshot, model, p.name, meaning=p.meaning)
             record.verified = True
         return record.changed
 

@@ -123,6 +123,12 @@ class Pass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     options: ClassVar[Mapping[str, Option]] = {}
     prerequisites: ClassVar[tuple[Prerequisite, ...]] = ()
+    # What "this pass kept the meaning" means, for --verify: "outputs" (same
+    # inputs give the same outputs), "fp16" (the output, run as an fp16
+    # device runs it, gives the input's fp32 outputs: clipping -3.4e38 to
+    # -65504 changes fp32 results where fp16 could not represent them anyway)
+    # or "sequence" (a KV-cached graph replays the no-cache graph's logits).
+    meaning: ClassVar[str] = "outputs"
 
     def __init__(self, **options: Any) -> None:
         super().__init__()

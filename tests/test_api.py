@@ -6,9 +6,9 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnx_ir as ir
 import pytest
+from framework_passes import relu_neg_model
 
 import qgraph
-from framework_passes import relu_neg_model
 
 PIPELINE = ["identity-elimination", "dce"]
 

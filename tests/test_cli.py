@@ -11,9 +11,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+from framework_passes import registry_with_test_passes, relu_neg_model
 
 import qgraph.registry
-from framework_passes import registry_with_test_passes, relu_neg_model
 from qgraph.cli import main
 
 

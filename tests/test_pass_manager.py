@@ -6,8 +6,8 @@ import json
 
 import onnx_ir as ir
 import pytest
+from framework_passes import registry_with_test_passes, relu_neg_model
 
-from framework_passes import relu_neg_model, registry_with_test_passes
 from qgraph.errors import BadInputError, InvariantViolation, PassFailure
 from qgraph.manager import PassManager
 from qgraph.pass_base import default_opset
@@ -113,6 +113,25 @@ def test_verifier_is_called_only_for_changed_steps_with_the_model_before(registr
 
     PassManager(["needs-23", "double-neg"], registry=registry, verifier=verifier).run(model(23))
     assert calls == [("double-neg", ["Neg", "Neg", "Relu", "Identity"], ["Identity", "Relu", "Identity"])]
+
+
+def test_verifier_is_told_a_pass_s_declared_meaning(registry):
+    """A pass whose meaning is not "outputs" (fp16-clip, kv-cache) is verified by that meaning."""
+    from framework_passes import DoubleNegPass
+
+    class DoubleNegFp16(DoubleNegPass):
+        name = "double-neg-fp16"
+        meaning = "fp16"
+
+    registry.register(DoubleNegFp16)
+    calls = []
+
+    def verifier(before, after, pass_name, meaning="outputs"):
+        calls.append((pass_name, meaning))
+
+    PassManager(["double-neg-fp16"], registry=registry, verifier=verifier).run(model(23))
+    PassManager(["double-neg"], registry=registry, verifier=verifier).run(model(23))
+    assert calls == [("double-neg-fp16", "fp16"), ("double-neg", "outputs")]
 
 
 def test_rewrite_pass_stamps_created_nodes_with_pass_and_rule(registry):

@@ -6,8 +6,8 @@ import sys
 import textwrap
 
 import pytest
-
 from framework_passes import registry_with_test_passes
+
 from qgraph.errors import BadInputError
 from qgraph.pipeline import Fixpoint, FixpointPasses, Pipeline, parse_option_assignments
 from qgraph.registry import Registry

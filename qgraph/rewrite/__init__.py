@@ -14,7 +14,13 @@ Then ``apply_rules(model, RULES)`` rewrites, ``find_matches`` only matches,
 and ``explain`` lists every candidate root with the first check that failed.
 """
 
-from qgraph.rewrite.engine import Candidate, RewriteStats, apply_rules, explain, find_matches
+from qgraph.rewrite.engine import (
+    Candidate,
+    RewriteStats,
+    apply_rules,
+    explain,
+    find_matches,
+)
 from qgraph.rewrite.matcher import Failure
 from qgraph.rewrite.pattern import PatternBuilder, PatternGraph, build_pattern
 from qgraph.rewrite.rule import Match, Rule, RuleSet

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+
 import onnx_ir as ir
 
+from qgraph.custom_ops import attach_function
 from qgraph.errors import RewriteError
 from qgraph.rewrite.matcher import Failure, PatternMatcher
-from qgraph.rewrite.replacement import ReplacementBuilder, infer_output_types, type_change
+from qgraph.rewrite.replacement import (
+    ReplacementBuilder,
+    infer_output_types,
+    type_change,
+)
 from qgraph.rewrite.rule import Match, Rule, RuleSet, call_with_bindings
 
 __all__ = ["Candidate", "RewriteStats", "apply_rules", "explain", "find_matches"]
@@ -168,6 +174,10 @@ def _replace(
             model.opset_imports[domain] = rule.opsets.get(domain, 1)
     for domain, version in rule.opsets.items():
         model.opset_imports.setdefault(domain, version)
+    for make_function in rule.functions:
+        function = make_function()
+        if function.identifier() not in model.functions:
+            attach_function(model, function)
     if graph is not model.graph:
         # Function bodies import their own opsets; subgraphs share the model's.
         for domain in builder.domains:

@@ -199,9 +199,14 @@ class PatternMatcher:
             self.fail(f"{vp.describe()} expected, but the input is empty")
             return
         if isinstance(vp, AnyOf):
+            # A named alternative reached again (one optional node on two
+            # paths) must take the branch it took the first time.
+            chosen = self.alternatives.get(vp.name) if vp.name is not None else None
             for i, alt in enumerate(vp.alternatives):
+                if chosen is not None and i != chosen:
+                    continue
                 mark = len(self._trail)
-                if vp.name is not None:
+                if vp.name is not None and chosen is None:
                     self._bind(self.alternatives, vp.name, i)
                 for _ in self._match_value(alt, value, require_producer):
                     yield
@@ -358,14 +363,15 @@ class PatternMatcher:
                 if actual is _MISSING:
                     self.fail(f"node '{node.name}': attribute '{name}' is absent and has no default")
                     return False
-                self._bind(self.attrs, expected.name, _normalize(actual))
+                if not self._bind_attr(expected.name, _normalize(actual), node, name):
+                    return False
             elif isinstance(expected, AttrPredicate):
                 value = None if actual is _MISSING else _normalize(actual)
                 if not expected.pred(value):
                     self.fail(f"node '{node.name}': attribute {name}={value!r} fails the predicate")
                     return False
-                if expected.name is not None:
-                    self._bind(self.attrs, expected.name, value)
+                if expected.name is not None and not self._bind_attr(expected.name, value, node, name):
+                    return False
             elif actual is _MISSING:
                 self.fail(f"node '{node.name}': attribute '{name}' is absent ({expected!r} expected)")
                 return False
@@ -378,6 +384,17 @@ class PatternMatcher:
                 self.fail(f"node '{node.name}' has attributes {extra} the pattern does not allow")
                 return False
         return True
+
+    def _bind_attr(self, key: str, value: Any, node: ir.Node, attr_name: str) -> bool:
+        """Bind a captured attribute; one captured by two nodes must agree."""
+        bound = self.attrs.get(key, _MISSING)
+        if bound is _MISSING:
+            self._bind(self.attrs, key, value)
+            return True
+        if _values_equal(bound, value):
+            return True
+        self.fail(f"node '{node.name}': attribute {attr_name}={value!r}, but '{key}' is {bound!r} elsewhere")
+        return False
 
     def _match_inputs(self, pn: NodePattern, node: ir.Node) -> Iterator[None]:
         actual = list(node.inputs)

@@ -126,7 +126,15 @@ class Rule:
         example_inputs: for the rule self-check, ``{var: (dtype, shape)}`` of
             variables that need a particular dtype or shape.
         example_values: for the rule self-check, values of constants,
-            captured attributes, or variables that must be constants.
+            captured attributes, or variables that must be constants; a
+            variable's entry may also be a pattern-style function
+            (``lambda op, k: op.Transpose(k, perm=[0, 1, 3, 2])``) that
+            builds what a condition expects to find behind the variable.
+        functions: factories of the function bodies of the custom ops the
+            replacement emits; each is attached to the model
+            (``qgraph.custom_ops.attach_function``) when the rule fires, so
+            the rewritten model -- and the rule self-check -- still runs in
+            onnxruntime.
     """
 
     name: str
@@ -139,6 +147,7 @@ class Rule:
     doc: str = ""
     example_inputs: Mapping[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     example_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    functions: tuple[Callable[[], ir.Function], ...] = ()
     _graph: PatternGraph | None = dataclasses.field(default=None, repr=False)
 
     @property

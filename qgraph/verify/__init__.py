@@ -31,11 +31,11 @@ from qgraph.verify.equivalence import (
     verify_step,
 )
 from qgraph.verify.files import check_files, replay_files
+from qgraph.verify.kv_contract import KVLayout, KVLayoutError, detect_kv_layout
 from qgraph.verify.localize import Divergence, NodeRef, localize, shared_tensors
 from qgraph.verify.roles import InputSpec, Role, describe_inputs
 from qgraph.verify.rule_check import RuleCheck, VariantCheck, check_rule
 from qgraph.verify.runner import OrtRunner, RunError
-from qgraph.verify.kv_contract import KVLayout, KVLayoutError, detect_kv_layout
 from qgraph.verify.sequence import (
     ReplayCase,
     ReplayResult,

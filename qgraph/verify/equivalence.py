@@ -585,15 +585,43 @@ def verify_step(
 
 def step_verifier(
     *, examples: int = 10, seed: int | None = 0, **kwargs: Any
-) -> Callable[[ir.Model, ir.Model, str], None]:
-    """A ``verify(before, after, pass_name)`` callable that raises :class:`NotEquivalentError`.
+) -> Callable[..., None]:
+    """A ``verify(before, after, pass_name, meaning="outputs")`` callable that raises on a change of meaning.
 
-    This is the shape ``qgraph.manager`` takes for ``--verify``.
+    This is the shape ``qgraph.manager`` takes for ``--verify``. ``meaning``
+    is the pass's declared ``Pass.meaning``: "outputs" compares outputs on
+    drawn inputs (:func:`verify_step`); "fp16" runs ``after`` emulated in fp16
+    against ``before`` in fp32 (:func:`qgraph.verify.fp16.check_fp16`);
+    "sequence" replays token sequences through the cached ``after`` against
+    the no-cache ``before`` (DESIGN.md, KV-cache I/O contracts), because a
+    step that adds a KV cache changes the graph's signature.
     """
 
-    def verify(before: ir.Model, after: ir.Model, pass_name: str) -> None:
-        result = verify_step(before, after, examples=examples, pass_name=pass_name, seed=seed, **kwargs)
+    def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "outputs") -> None:
+        if meaning == "sequence":
+            _verify_cache_step(before, after, pass_name)
+        elif meaning == "fp16":
+            from qgraph.verify.fp16 import fp16_step_verifier
+
+            fp16_step_verifier(examples=examples, seed=seed, **kwargs)(before, after, pass_name)
+        elif meaning == "outputs":
+            result = verify_step(before, after, examples=examples, pass_name=pass_name, seed=seed, **kwargs)
+            if not result.equivalent:
+                raise NotEquivalentError(result)
+        else:
+            raise PassFailure(f"pass '{pass_name}' declares meaning {meaning!r}, which --verify cannot check",
+                              pass_name=pass_name)
+
+    def _verify_cache_step(before: ir.Model, after: ir.Model, pass_name: str) -> None:
+        from qgraph.verify.sequence import check_sequence_equivalence
+
+        result = check_sequence_equivalence(
+            after, before, examples=examples, seed=seed,
+            cached_label=f"the model after pass {pass_name!r}", reference_label=f"the model before pass {pass_name!r}",
+        )
         if not result.equivalent:
-            raise NotEquivalentError(result)
+            raise PassFailure(str(result), pass_name=pass_name)
 
     return verify
+
+

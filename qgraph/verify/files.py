@@ -13,7 +13,12 @@ import sys
 from typing import TextIO
 
 from qgraph.errors import BadInputError
-from qgraph.verify.equivalence import DEFAULT_EXAMPLES, EquivalenceResult, check_equivalent, replay
+from qgraph.verify.equivalence import (
+    DEFAULT_EXAMPLES,
+    EquivalenceResult,
+    check_equivalent,
+    replay,
+)
 
 __all__ = ["check_files", "replay_files"]
 

@@ -45,7 +45,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qgraph.verify.compare import OutputReport, Tolerance, compare_arrays, default_tolerance
+from qgraph.verify.compare import (
+    OutputReport,
+    Tolerance,
+    compare_arrays,
+    default_tolerance,
+)
 from qgraph.verify.runner import OrtRunner
 
 __all__ = ["Divergence", "NodeRef", "PASS_KEY", "RULE_KEY", "localize", "shared_tensors"]

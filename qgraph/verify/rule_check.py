@@ -3,7 +3,9 @@
 A declarative rule claims "wherever this pattern occurs, the replacement
 computes the same thing". That claim can be checked without any model: the
 pattern itself is a small graph. For every combination of its alternatives
-(each ``a | b``, each optional node present or absent) this module builds
+(each ``a | b``, each optional node present or absent; a pattern with more
+combinations than the budget gets a set covering every pair of
+alternatives, and says so) this module builds
 that graph — variables become graph inputs, constants initializers holding a
 value that satisfies the pattern, attributes the values the pattern asks for
 — then checks that the rule matches it (a pattern that cannot match its own
@@ -12,8 +14,17 @@ onnxruntime on hypothesis-drawn inputs and shapes.
 
 Rules whose variables need particular dtypes or shapes (a MatMul weight, a
 1-D scale) say so with ``Rule(example_inputs={"w": (FLOAT, ("H", "H"))})``;
-constants and attributes tested only by a predicate get a value from
-``example_values``. Everything else defaults to float32 ``[B, S, H]``.
+constants and attributes tested only by a predicate, and attributes the
+pattern captures that have no schema default (a Cast's ``to``), get a value
+from ``example_values``. Everything else defaults to float32 ``[B, S, H]``.
+
+A condition may look behind a variable (a key that must come out of a
+Transpose, a repeat_kv in front of an operand). Such a variable's entry in
+``example_values`` is then a function written like a pattern --
+``lambda op, k: op.Transpose(k, perm=[0, 1, 3, 2])`` -- and the check builds
+that subgraph in front of the pattern; its parameters are further graph
+inputs (shaped by ``example_inputs``), alternatives in it take their first
+branch.
 """
 
 from __future__ import annotations
@@ -36,14 +47,17 @@ from qgraph.rewrite.pattern import (
     ConstPattern,
     NodeOutput,
     NodePattern,
+    PatternGraph,
     ValuePattern,
     Var,
+    build_pattern,
 )
 
 __all__ = ["RuleCheck", "VariantCheck", "check_rule", "pattern_variants"]
 
 DEFAULT_SHAPE = ("B", "S", "H")
 _OPSETS = (23, 18, 17, 13)  # tried in order until the variant is a valid model
+_ENUMERATION_LIMIT = 4096  # combinations of alternatives enumerated (and pairs covered among)
 _CANDIDATE_CONSTANTS = (1e-6, 1e-5, 1.0, 0.5, 2.0, -1.0, 0.0, [-1], [1], 1, -1, 0, 2)
 
 
@@ -66,15 +80,35 @@ class VariantCheck:
 
 @dataclasses.dataclass
 class RuleCheck:
+    """The outcome for one rule.
+
+    ``total_variants`` is how many combinations of alternatives the pattern
+    has; when they were more than the check's budget, ``variants`` holds a
+    pairwise cover of them and ``pairs`` says how many of the pairs of
+    alternatives it covers, out of how many.
+    """
+
     rule: str
     variants: list[VariantCheck]
+    total_variants: int = 0
+    pairs: tuple[int, int] | None = None
+    truncated: bool = False  # the pattern has more combinations than were enumerated
 
     @property
     def ok(self) -> bool:
         return bool(self.variants) and all(v.status == "ok" for v in self.variants)
 
+    def _coverage(self) -> str:
+        checked = len(self.variants)
+        of = f"more than {self.total_variants}" if self.truncated else str(self.total_variants)
+        if self.pairs is None:
+            return f"{checked} of {of} variants" if self.truncated else f"{checked} variant(s)"
+        covered, total = self.pairs
+        how = "covering every pair of alternatives" if covered == total else f"covering {covered} of {total} pairs of alternatives"
+        return f"{checked} of {of} variants, {how}" + (" among those enumerated" if self.truncated else "")
+
     def __str__(self) -> str:
-        head = f"{'PASS' if self.ok else 'FAIL'} {self.rule} ({len(self.variants)} variant(s))"
+        head = f"{'PASS' if self.ok else 'FAIL'} {self.rule} ({self._coverage()})"
         lines = [head]
         lines.extend(f"    {v}" for v in self.variants if v.status != "ok" or not self.ok)
         return "\n".join(lines)
@@ -97,7 +131,7 @@ def _reachable_alternatives(outputs: Sequence[ValuePattern], choices: dict[int, 
             stack.extend(reversed([x for x in vp.node.inputs if x is not None]))
 
 
-def pattern_variants(rule: Rule, limit: int = 64) -> list[dict[int, int]]:
+def pattern_variants(rule: Rule, limit: int = 4096) -> list[dict[int, int]]:
     """Every combination of alternatives (``AnyOf.id -> index``), at most ``limit``."""
     outputs = rule.pattern_graph.outputs
     done: list[dict[int, int]] = []
@@ -112,8 +146,46 @@ def pattern_variants(rule: Rule, limit: int = 64) -> list[dict[int, int]]:
     return done
 
 
+def _pairs(choices: dict[int, int]) -> set[tuple[tuple[int, int], ...]]:
+    """The choices of a variant, alone and two by two."""
+    items = sorted(choices.items())
+    singles = {(item,) for item in items}
+    return singles | {(a, b) for i, a in enumerate(items) for b in items[i + 1:]}
+
+
+def pairwise_cover(variants: list[dict[int, int]], limit: int) -> tuple[list[dict[int, int]], int, int]:
+    """Variants in which every two alternatives that can occur together do (greedy).
+
+    Bugs in a rule almost always need at most two of its alternatives to
+    show (a cast here *and* a mask there), so covering every pair checks a
+    pattern with hundreds of combinations in a few dozen. Returns the chosen
+    variants (at most ``limit``), the pairs they cover and the pairs there are.
+    """
+    covers = [_pairs(v) for v in variants]
+    wanted = set().union(*covers) if covers else set()
+    missing = set(wanted)
+    chosen: list[dict[int, int]] = []
+    while missing and len(chosen) < limit:
+        best = max(range(len(variants)), key=lambda i: len(covers[i] & missing))
+        chosen.append(variants[best])
+        missing -= covers[best]
+    return chosen, len(wanted) - len(missing), len(wanted)
+
+
+def _choice_text(point: AnyOf, index: int) -> str:
+    alt, first = point.alternatives[index], point.alternatives[0]
+    if index == 1 and len(point.alternatives) == 2 and isinstance(first, NodeOutput) and alt in first.node.inputs:
+        text = f"no {first.node.describe()}"  # the bypass of op.optional()
+    elif isinstance(alt, AnyOf):
+        text = f"skip to {alt.name}" if alt.name else "a nested choice"
+    else:
+        text = alt.describe()
+    return f"{point.name}={text}" if point.name else text
+
+
 def _describe(rule: Rule, choices: dict[int, int]) -> str:
-    parts = [p.alternatives[choices[p.id]].describe() for p in _reachable_alternatives(rule.pattern_graph.outputs, choices)]
+    points = _reachable_alternatives(rule.pattern_graph.outputs, choices)
+    parts = [_choice_text(p, choices[p.id]) for p in points]
     return "variant [" + "; ".join(parts) + "]" if parts else "the pattern"
 
 
@@ -129,11 +201,13 @@ class _Builder:
         self.nodes: list[ir.Node] = []
         self.node_values: dict[int, Sequence[ir.Value]] = {}
         self.const_values: dict[str, ir.Value] = {}
-        self.var_const: dict[str, ir.Value] = {}
+        self.var_values: dict[str, ir.Value] = {}
+        self.computing: set[str] = set()
 
     def value(self, vp: ValuePattern) -> ir.Value:
         if isinstance(vp, AnyOf):
-            return self.value(vp.alternatives[self.choices[vp.id]])
+            # Alternatives of an example subgraph are not variants: first branch.
+            return self.value(vp.alternatives[self.choices.get(vp.id, 0)])
         if isinstance(vp, Var):
             return self._var(vp)
         if isinstance(vp, ConstPattern):
@@ -145,13 +219,19 @@ class _Builder:
     def _var(self, vp: Var) -> ir.Value:
         if vp.name in self.inputs:
             return self.inputs[vp.name]
+        if vp.name in self.var_values:
+            return self.var_values[vp.name]
         spec = self.rule.example_inputs.get(vp.name)
         if vp.name in self.rule.example_values:
-            # A variable the rule wants to be a constant (e.g. a weight whose
-            # values its condition reads).
-            if vp.name not in self.var_const:
-                self.var_const[vp.name] = self._initializer(vp.name, np.asarray(self.rule.example_values[vp.name]))
-            return self.var_const[vp.name]
+            example = self.rule.example_values[vp.name]
+            if callable(example):
+                value = self._computed(vp.name, example)
+            else:
+                # A variable the rule wants to be a constant (e.g. a weight
+                # whose values its condition reads).
+                value = self._initializer(vp.name, np.asarray(example))
+            self.var_values[vp.name] = value
+            return value
         constraint = vp.constraint
         if spec is not None:
             dtype, shape = spec
@@ -166,6 +246,21 @@ class _Builder:
                 shape = DEFAULT_SHAPE[-constraint.rank:] if constraint.rank <= 3 else tuple(f"d{i}" for i in range(constraint.rank))
         value = ir.val(vp.name, ir.DataType(dtype), ir.Shape(list(shape)))
         self.inputs[vp.name] = value
+        return value
+
+    def _computed(self, name: str, fn: Any) -> ir.Value:
+        """The value of variable ``name`` computed by its example subgraph."""
+        if name in self.computing:
+            raise CannotBuild(f"the example subgraph of '{name}' depends on '{name}' itself")
+        self.computing.add(name)
+        try:
+            sub: PatternGraph = build_pattern(fn)
+        except Exception as exc:  # noqa: BLE001 - an authoring error in the example
+            raise CannotBuild(f"example_values['{name}'] is not a pattern-style function: {exc}") from None
+        if len(sub.outputs) != 1:
+            raise CannotBuild(f"the example subgraph of '{name}' returns {len(sub.outputs)} values, not one")
+        value = self.value(sub.outputs[0])
+        self.computing.discard(name)
         return value
 
     def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
@@ -212,6 +307,11 @@ class _Builder:
                     attrs[name] = self.rule.example_values[key]
                     continue
                 default = _schema_default(pn.op_type, pn.domain, name, self.opset)
+                if default is _MISSING and isinstance(expected, AttrCapture):
+                    raise CannotBuild(
+                        f"attribute {name} of {pn.describe()} is captured as '{key}' and has no schema "
+                        "default; give its value in Rule(example_values=...)"
+                    )
                 if isinstance(expected, AttrPredicate) and not expected.pred(None if default is _MISSING else default):
                     raise CannotBuild(
                         f"attribute {name} of {pn.describe()} is tested by a predicate the schema default "
@@ -263,12 +363,24 @@ def _build(rule: Rule, choices: dict[int, int]) -> ir.Model:
 
 
 def check_rule(rule: Rule, *, examples: int = 8, max_variants: int = 64, seed: int = 0) -> RuleCheck:
-    """Check every variant of ``rule`` (see the module docstring)."""
+    """Check every variant of ``rule`` (see the module docstring).
+
+    A pattern with more than ``max_variants`` combinations of alternatives is
+    checked on a pairwise cover of them (``pairwise_cover``), at most
+    ``max_variants``; the result says which.
+    """
     from qgraph.verify.equivalence import check_equivalent
 
     results: list[VariantCheck] = []
     single = RuleSet([rule])
-    for choices in pattern_variants(rule, max_variants):
+    variants = pattern_variants(rule, _ENUMERATION_LIMIT + 1)
+    truncated = len(variants) > _ENUMERATION_LIMIT
+    variants = variants[:_ENUMERATION_LIMIT]
+    selected, pairs = variants, None
+    if len(variants) > max_variants:
+        selected, covered, total = pairwise_cover(variants, max_variants)
+        pairs = (covered, total)
+    for choices in selected:
         description = _describe(rule, choices)
         try:
             model = _build(rule, choices)
@@ -292,4 +404,4 @@ def check_rule(rule: Rule, *, examples: int = 8, max_variants: int = 64, seed: i
         else:
             detail = verdict.error or (str(verdict.report) if verdict.report is not None else "outputs differ")
             results.append(VariantCheck(description, "not-equivalent", detail.splitlines()[0] if detail else ""))
-    return RuleCheck(rule.name, results)
+    return RuleCheck(rule.name, results, total_variants=len(variants), pairs=pairs, truncated=truncated)

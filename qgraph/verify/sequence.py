@@ -80,7 +80,13 @@ from hypothesis.extra import numpy as hnp
 from qgraph import io as qio
 from qgraph.errors import BadInputError
 from qgraph.verify.compare import Tolerance, compare_arrays, default_tolerance
-from qgraph.verify.kv_contract import KVLayout, KVLayoutError, ReferenceLayout, detect_kv_layout, reference_layout
+from qgraph.verify.kv_contract import (
+    KVLayout,
+    KVLayoutError,
+    ReferenceLayout,
+    detect_kv_layout,
+    reference_layout,
+)
 from qgraph.verify.roles import describe_inputs
 from qgraph.verify.runner import OrtRunner, RunError
 

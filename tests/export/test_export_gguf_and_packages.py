@@ -23,7 +23,6 @@ from qgraph.export.wrappers import wrap
 from qgraph.export.zoo import build_tiny, write_tiny_gguf
 
 
-
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.Q.gguf")

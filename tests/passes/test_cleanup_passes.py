@@ -20,9 +20,6 @@ from builders import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from qgraph.errors import BadInputError, PassFailure
-from qgraph.pass_base import Pass
 from qgraph_passes.common_subexpressions import CommonSubexpressionPass
 from qgraph_passes.constant_folding import ConstantFoldingPass
 from qgraph_passes.dead_code import DeadCodeEliminationPass
@@ -30,6 +27,9 @@ from qgraph_passes.identity_elimination import IdentityEliminationPass
 from qgraph_passes.presets import CLEANUP
 from qgraph_passes.shape_inference import ShapeInferencePass
 from qgraph_passes.topological_sort import TopologicalSortPass
+
+from qgraph.errors import BadInputError, PassFailure
+from qgraph.pass_base import Pass
 
 # ---------------------------------------------------------------- registry
 

@@ -8,10 +8,10 @@ import onnx_ir as ir
 import pytest
 from builders import assert_equivalent, op_types, parse, proto_of
 from onnxscript.version_converter import _version_converter
+from qgraph_passes.opset_upgrade import OpsetUpgradePass, opset_at_least
 
 from qgraph.errors import BadInputError
 from qgraph.pass_base import default_opset
-from qgraph_passes.opset_upgrade import OpsetUpgradePass, opset_at_least
 
 REDUCE_MEAN_17 = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -207,6 +207,97 @@ def test_local_functions_are_inlined_and_custom_domains_kept():
     assert not model.functions
     assert model.opset_imports == {"": 23, "com.microsoft": 1}
     assert "inlined 1 model-local function(s)" in upgrade.report.notes
+    assert_equivalent(before, model)
+
+
+def test_custom_op_functions_written_the_same_at_the_target_are_kept():
+    """A device custom op (a function whose body reads the same at 17 and 23) survives a downgrade."""
+    model = parse(
+        """
+        <ir_version: 9, opset_import: ["" : 23, "com.qti.test" : 1]>
+        g (float[N, 4] X) => (float[N, 1] Y, float[N, 1] Z) <int64[1] axes = {-1}> {
+          Y = com.qti.test.SumSquares(X)
+          Z = ReduceMean(X, axes)
+        }
+
+        <domain: "com.qti.test", opset_import: ["" : 23]>
+        SumSquares (x) => (y) {
+          sq = Mul(x, x)
+          axes = Constant<value_ints = [-1]>()
+          y = ReduceSum<keepdims = 1>(sq, axes)
+        }
+        """
+    )
+    before = proto_of(model)
+    assert OpsetUpgradePass(target=17)(model).modified
+    (function,) = model.functions.values()
+    assert function.name == "SumSquares"
+    assert function.opset_imports[""] == 17
+    assert model.opset_imports == {"": 17, "com.qti.test": 1}
+    assert [n.op_type for n in model.graph if n.op_type == "SumSquares"] == ["SumSquares"]
+    onnx.checker.check_model(proto_of(model), full_check=True)
+    assert_equivalent(before, model)
+
+
+def test_downgrade_below_18_drops_a_default_noop_with_empty_axes():
+    """The dynamo exporter spells out noop_with_empty_axes=0; opset 17 has no such attribute."""
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, 4, 6] X) => (float[N, 4, 1] Y) <int64[1] axes = {-1}> {
+          Y = ReduceMean<keepdims = 1, noop_with_empty_axes = 0>(X, axes)
+        }
+        """
+    )
+    before = proto_of(model)
+    assert OpsetUpgradePass(target=17)(model).modified
+    (node,) = [n for n in model.graph if n.op_type == "ReduceMean"]
+    assert "noop_with_empty_axes" not in node.attributes
+    assert list(node.attributes["axes"].as_ints()) == [-1]
+    onnx.checker.check_model(proto_of(model), full_check=True)
+    assert_equivalent(before, model)
+
+
+def test_downgrade_keeps_ops_the_converter_has_no_adapter_for_when_written_the_same():
+    """ConstantOfShape 20 only added types: onnx has no 20 -> 19 adapter, the node stays as written."""
+    model = parse(
+        """
+        <ir_version: 9, opset_import: ["" : 23]>
+        g (float[N, 4] X) => (float[N, 4] Y, float[N, 1] Z) <int64[1] axes = {-1}> {
+          shape = Shape(X)
+          fill = ConstantOfShape<value = float[1] {2.0}>(shape)
+          Y = Mul(X, fill)
+          Z = ReduceMean(X, axes)
+        }
+        """
+    )
+    before = proto_of(model)
+    upgrade = OpsetUpgradePass(target=17)
+    assert upgrade(model).modified
+    assert default_opset(model) == 17
+    assert any("ConstantOfShape" in note for note in upgrade.report.notes)
+    assert "axes" in next(n for n in model.graph if n.op_type == "ReduceMean").attributes
+    onnx.checker.check_model(proto_of(model), full_check=True)
+    assert_equivalent(before, model)
+
+
+def test_downgrade_below_18_spells_split_num_outputs_as_sizes():
+    """Split 18's num_outputs (GPT-2's fused c_attn, uneven here) has no opset-17 form but explicit sizes."""
+    model = parse(
+        """
+        <ir_version: 9, opset_import: ["" : 23]>
+        g (float[N, 7] X) => (float[N, 3] A, float[N, 3] B, float[N, 1] C) {
+          A, B, C = Split<axis = 1, num_outputs = 3>(X)
+        }
+        """
+    )
+    before = proto_of(model)
+    upgrade = OpsetUpgradePass(target=17)
+    assert upgrade(model).modified
+    (split,) = [n for n in model.graph if n.op_type == "Split"]
+    assert "num_outputs" not in split.attributes
+    assert split.inputs[1].const_value.numpy().tolist() == [3, 3, 1]
+    onnx.checker.check_model(proto_of(model), full_check=True)
     assert_equivalent(before, model)
 
 

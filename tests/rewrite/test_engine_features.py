@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from graphs import FLOAT, const, make_model, ops, run
+
 from qgraph.errors import RewriteError
 from qgraph.rewrite import Rule, RuleSet, apply_rules, explain, find_matches
 
@@ -199,6 +199,56 @@ def test_optional_cast():
     # to the Cast's output, which is a legitimate (smaller) match.
     (m3,) = find_matches(other_cast, rules)
     assert len(m3.nodes) == 1 and m3["x"].producer().op_type == "Cast"
+
+
+def _shared_optional_cast(op, x):
+    # One named optional Cast reached along two paths: directly and through the Sqrt.
+    xc = op.optional(op.Cast(x, to=1), name="upcast")
+    return op.Mul(xc, op.Sqrt(xc))
+
+
+SHARED_CAST = RuleSet([Rule("shared-cast", _shared_optional_cast, lambda op, x: op.Identity(x))])
+
+
+@pytest.mark.parametrize(("build", "dtype", "branch"), [
+    (lambda op, x: (c := op.Cast(x, to=1), op.Mul(c, op.Sqrt(c)))[1], ir.DataType.FLOAT16, 0),
+    (lambda op, x: op.Mul(x, op.Sqrt(x)), FLOAT, 1),
+])
+def test_named_alternative_reached_twice_matches_once_per_branch(build, dtype, branch):
+    model = make_model(build, {"x": (dtype, (4,))})
+    (m,) = find_matches(model, SHARED_CAST)
+    assert m["upcast"] == branch
+    assert len(m.nodes) == (3 if branch == 0 else 2)
+    # A rejecting condition makes the matcher backtrack through both visits.
+    rejecting = RuleSet([Rule("shared-cast", _shared_optional_cast, lambda op, x: op.Identity(x),
+                              condition=lambda upcast: f"rejected branch {upcast}")])
+    assert find_matches(model, rejecting) == []
+    (cand,) = explain(model, rejecting)
+    assert "rejected branch" in cand.reason
+
+
+def test_named_alternative_reached_twice_takes_the_same_branch_both_times():
+    # Direct path without the Cast, Sqrt path with it: the pattern says one
+    # Cast on both paths, so this is not a match (neither branch fits both).
+    model = make_model(lambda op, x: op.Mul(x, op.Sqrt(op.Cast(x, to=1))), X)
+    assert find_matches(model, SHARED_CAST) == []
+
+
+def test_attribute_captured_by_two_nodes_must_agree():
+    def pattern(op, x, y):
+        return op.Concat(op.Shape(op.Cast(x, to=op.capture("t"))), op.Shape(op.Cast(y, to=op.capture("t"))), axis=0)
+
+    rules = RuleSet([Rule("same-cast", pattern, lambda op, x, y: op.Concat(op.Shape(x), op.Shape(y), axis=0),
+                          condition=lambda t: f"rejected t={t}")])
+    inputs = {"x": (FLOAT, (4,)), "y": (FLOAT, (4,))}
+
+    def shapes_of_casts(to_x, to_y):
+        return lambda op, x, y: op.Concat(op.Shape(op.Cast(x, to=to_x)), op.Shape(op.Cast(y, to=to_y)), axis=0)
+
+    same = make_model(shapes_of_casts(10, 10), inputs)
+    mixed = make_model(shapes_of_casts(10, 1), inputs)
+    assert "rejected t=10" in explain(same, rules)[0].reason  # bound once, undone cleanly
+    assert "'t' is 10 elsewhere" in explain(mixed, rules)[0].reason
 
 
 def test_constant_by_value_with_tolerance():

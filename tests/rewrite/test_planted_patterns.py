@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from graphs import FLOAT, GraphBuilder, const, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from graphs import FLOAT, GraphBuilder, const, run
 from qgraph.rewrite import Rule, RuleSet, apply_rules
 
 

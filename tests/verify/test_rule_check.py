@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import itertools
 
 import numpy as np
 import onnx_ir as ir
 import pytest
+from framework_passes import registry_with_test_passes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from qgraph_passes import attention
 
 import qgraph.registry
-from framework_passes import registry_with_test_passes
 from qgraph.cli import main
 from qgraph.rewrite import Rule, RuleSet
 from qgraph.rewrite_pass import RewritePass
-from qgraph.verify.rule_check import check_rule, pattern_variants
+from qgraph.verify.rule_check import check_rule, pairwise_cover, pattern_variants
 
 
 def neg_neg_or_mul_one(op, x):
@@ -113,3 +118,113 @@ def test_verify_rules_command(monkeypatch, extra, code):
     assert "PASS drop-noop" in text and "PASS double-neg" in text
     if code:
         assert "failing: wrong-noop" in text
+
+
+# -- examples a rule gives for its self-check ----------------------------------------
+
+
+def matmul_transposed(op, a, bt):
+    return op.MatMul(a, bt)
+
+
+def bt_is_transposed(match, bt):
+    node = bt.producer()
+    if node is None or node.op_type != "Transpose":
+        return f"'{bt.name}' is not a Transpose"
+    match["b"] = node.inputs[0]
+    return None
+
+
+def to_gemm(op, a, b):
+    return op.Gemm(a, b, transB=1)
+
+
+GEMM_EXAMPLE_INPUTS = {"a": (ir.DataType.FLOAT, ("M", "K")), "b": (ir.DataType.FLOAT, ("N", "K"))}
+
+
+def test_a_variable_the_condition_looks_behind_is_built_by_its_example_subgraph():
+    bare = Rule("gemm", matmul_transposed, to_gemm, bt_is_transposed, example_inputs=GEMM_EXAMPLE_INPUTS)
+    (variant,) = check_rule(bare, examples=2).variants
+    assert variant.status == "no-match" and "is not a Transpose" in variant.detail
+    with_example = Rule("gemm", matmul_transposed, to_gemm, bt_is_transposed, example_inputs=GEMM_EXAMPLE_INPUTS,
+                        example_values={"bt": lambda op, b: op.Transpose(b, perm=[1, 0])})
+    result = check_rule(with_example, examples=2)
+    assert result.ok, str(result)
+
+
+def test_an_example_subgraph_that_needs_itself_is_reported():
+    looping = Rule("gemm", matmul_transposed, to_gemm, bt_is_transposed,
+                   example_values={"bt": lambda op, bt: op.Transpose(bt, perm=[1, 0])})
+    (variant,) = check_rule(looping, examples=2).variants
+    assert variant.status == "cannot-build" and "depends on 'bt' itself" in variant.detail
+
+
+def cast_through(op, x):
+    return op.Cast(op.Cast(x, to=op.capture("mid")), to=1)
+
+
+def test_a_captured_attribute_without_default_takes_its_example_value():
+    drop = lambda op, x: op.Identity(x)  # right only when the middle type loses nothing
+    (variant,) = check_rule(Rule("cast-through", cast_through, drop)).variants
+    assert variant.status == "cannot-build"
+    assert "captured as 'mid'" in variant.detail and "example_values" in variant.detail
+    assert check_rule(Rule("cast-through", cast_through, drop, example_values={"mid": int(ir.DataType.DOUBLE)})).ok
+    lossy = check_rule(Rule("cast-through", cast_through, drop, example_values={"mid": int(ir.DataType.FLOAT16)}))
+    assert [v.status for v in lossy.variants] == ["not-equivalent"]
+
+
+# -- patterns with many combinations of alternatives ---------------------------------
+
+
+@given(st.lists(st.integers(2, 3), min_size=1, max_size=6))
+@settings(max_examples=25, deadline=None, derandomize=True)
+def test_pairwise_cover_holds_every_pair_of_alternatives(sizes):
+    variants = [dict(enumerate(combo)) for combo in itertools.product(*(range(n) for n in sizes))]
+    chosen, covered, total = pairwise_cover(variants, limit=len(variants))
+    assert covered == total
+    assert all(c in variants for c in chosen)
+    for (p, i), (q, j) in itertools.combinations([(p, i) for p, n in enumerate(sizes) for i in range(n)], 2):
+        if p != q:
+            assert any(c[p] == i and c[q] == j for c in chosen), (p, i, q, j)
+    assert len(chosen) <= max(1, len(variants))
+
+
+def three_optional_identities(op, x):
+    y = op.optional(op.Identity(op.optional(op.Identity(op.optional(op.Identity(x))))))
+    return op.Relu(y)
+
+
+def test_a_rule_with_more_variants_than_the_budget_is_checked_on_a_pairwise_cover():
+    rule = Rule("relu-of-identities", three_optional_identities, lambda op, x: op.Max(x, np.zeros((), np.float32)))
+    result = check_rule(rule, examples=2, max_variants=5)
+    assert result.ok, str(result)
+    assert result.total_variants == 8 and 4 <= len(result.variants) <= 5
+    assert "of 8 variants, covering every pair of alternatives" in str(result)
+    wrong = Rule("relu-wrong", three_optional_identities, lambda op, x: op.Neg(x))
+    assert {v.status for v in check_rule(wrong, examples=2, max_variants=5).variants} == {"not-equivalent"}
+
+
+# -- the attention rules (their examples are a GQA layer) -----------------------------
+
+
+@pytest.mark.parametrize("rule", list(attention.RULES), ids=lambda r: r.name)
+def test_attention_rules_hold(rule):
+    result = check_rule(rule, examples=2)
+    assert result.ok, str(result)
+
+
+def test_attention_rule_with_a_wrong_scale_is_caught():
+    core = attention.RULES.get("attention-core")
+
+    def doubled_scale(op, match, query, key, value_, key_format, scale, softcap, heads, mask_plan, mask_dims_ok,
+                      layer, scope):
+        return attention.to_attention(op, match, query, key, value_, key_format, 2 * scale, softcap, heads,
+                                      mask_plan, mask_dims_ok, layer, scope)
+
+    wrong = dataclasses.replace(core, name="attention-core-wrong-scale", replacement=doubled_scale, _graph=None)
+    # A doubled scale only shows when the scores are not tiny and T > 1, so a
+    # single variant's few draws may miss it; the rule as a whole must fail.
+    result = check_rule(wrong, examples=4)
+    assert not result.ok
+    failing = [v for v in result.variants if v.status != "ok"]
+    assert all(v.status == "not-equivalent" and "comparison FAILED" in v.detail for v in failing), str(result)

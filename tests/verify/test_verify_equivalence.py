@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import ml_dtypes
+import mutants
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -14,7 +15,6 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as oh
 
-import mutants
 from qgraph.errors import BadInputError, PassFailure
 from qgraph.verify import (
     NotEquivalentError,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 
+import mutants
 import onnx
 import pytest
 
-import mutants
 from qgraph.verify import check_files, replay_files
 from qgraph.verify.__main__ import main
 

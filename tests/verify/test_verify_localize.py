@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mutants
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -9,7 +10,6 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as oh
 
-import mutants
 from qgraph.verify import localize, shared_tensors
 
 

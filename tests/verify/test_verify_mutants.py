@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import mutants
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 import pytest
 
-import mutants
 from qgraph.verify import InputOptions, check_equivalent, load_inputs
 
 EXAMPLES = 30

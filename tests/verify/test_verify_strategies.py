@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mutants
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -11,7 +12,6 @@ from hypothesis import strategies as st
 from onnx import TensorProto as T
 from onnx import helper as oh
 
-import mutants
 from qgraph.verify import InputOptions, Role, describe_inputs, input_strategy
 
 FAST = settings(max_examples=60, database=None, deadline=None, suppress_health_check=list(HealthCheck))

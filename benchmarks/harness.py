@@ -1,0 +1,52 @@
+"""What every benchmark script shares: a fresh process per measurement, and the exports it measures.
+
+A measurement runs in a child process (``python SCRIPT --child JSON``, the
+result as JSON on the last line of stdout), so its peak RSS is that job's
+alone and no import or cache of an earlier job helps it.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["exported", "in_child", "peak_rss_mib"]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(script: str, task: dict[str, Any]) -> dict[str, Any]:
+    """Run ``script --child TASK`` in a fresh interpreter; its last stdout line, parsed."""
+    done = subprocess.run([sys.executable, script, "--child", json.dumps(task)],
+                          stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"child failed ({done.returncode}) on {task}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def exported(model: str, exporter: str, exports: Path | None, folder: str) -> Path:
+    """``exports/<folder>/model.onnx`` when given, else a fresh export through qgraph's default cache.
+
+    The cache makes every export after the first a copy, so a fresh machine
+    pays the export once (DESIGN.md: several minutes for SmolLM2 with dynamo).
+    """
+    if exports is not None:
+        path = exports / folder / "model.onnx"
+        if not path.exists():
+            raise SystemExit(f"{path}: not found (make it with `qgraph export {model} -o {path.parent} "
+                             f"--exporter {exporter}`)")
+        return path
+    from qgraph.export.frontend import export_model
+    from qgraph.export.progress import Progress
+
+    print(f"exporting {model} with {exporter} (cached after the first time) ...", file=sys.stderr)
+    out = Path(tempfile.mkdtemp(prefix="qgraph-bench-")) / folder
+    return Path(export_model(model, out, exporter=exporter, progress=Progress()).model_path)

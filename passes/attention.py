@@ -1,0 +1,443 @@
+"""Attention cores -> one ``Attention`` (ai.onnx, opset 23) per layer.
+
+Canonical form (DESIGN.md; the kv-cache pass builds on exactly this):
+``Attention(Q, K, V[, mask])`` with Q [B, Hq, S, D] and K, V [B, Hkv, T, D]
+taken *before* the exporter's repeat_kv (GQA/MQA is Hkv < Hq), the product
+of every scale as the ``scale`` attribute, ``softcap`` for soft-capped
+logits, and the exporter's own mask subgraph as the 4th input (float
+additive, or the boolean of a ``Where(mask, scores, -inf)``). A K given in
+[B, T, H, D] (``Transpose(0,2,3,1)`` before the MatMul) gets a Transpose to
+BHSD in front. ``q_num_heads``/``kv_num_heads`` are set when the head
+counts are static (onnxruntime 1.32 accepts them beside 4-D inputs and
+reads the counts from the shapes either way). Every fused node carries
+``qgraph.layer`` (the layer index read from the exporter's scope names,
+when there is one) and ``qgraph.scope`` in its metadata.
+
+What is matched (``attention_core``): MatMul(q, kt) -> optional scalar
+Mul/Div -> optional soft-cap ``Tanh(x / c) * c`` -> optional additive mask
+(Add) or boolean mask (Where) -> Softmax over the last axis -> optional
+IsNaN/Where guard -> MatMul with v. The condition walks from q, kt and v
+to Q, K, V (``attention_operands``), proving every Reshape/Expand it
+crosses (``attention_dims``); rotary embeddings and q/k norms before that
+are left as they are. What onnxruntime needs of the mask, and how padding
+keeps its meaning, is in ``attention_masks``.
+
+Opset-23 graphs where the exporter already emitted ``Attention`` behind a
+repeat_kv get the repeat absorbed (``absorb-repeat-kv``).
+
+A core that does not fuse is reported per layer with the first failed
+check; nothing is silently skipped.
+
+Not done yet: ``is_causal`` is never set -- causal masks (Range/compare or
+Trilu) stay the mask input, which is exact but not the shortest form, and
+no exporter of the zoo emits a pure causal mask anyway; a scale that is
+not a constant (computed from a Shape) or applied after the mask is
+reported, not fused; the property tests draw float32 only.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_ir as ir
+from qgraph_passes.attention_dims import dim_of
+from qgraph_passes.attention_masks import fill_needs_clamp, reuse, safe_fill, stamp
+from qgraph_passes.attention_operands import (
+    peel_key_transpose,
+    peel_repeat_kv,
+    peel_scale,
+    scalar_constant,
+)
+from qgraph_passes.opset_upgrade import opset_at_least
+
+from qgraph.rewrite import Match, Rule, RuleSet, apply_rules, explain
+from qgraph.rewrite_pass import RewritePass
+
+__all__ = ["AttentionFusionPass", "layer_of"]
+
+LAYER_KEY = "qgraph.layer"
+SCOPE_KEY = "qgraph.scope"
+_LAYER = re.compile(r"(?:^|[./_ ])(?:layers|layer|h|blocks|block)[._](\d+)(?=[./_ ]|$)")
+
+
+def layer_of(node: ir.Node) -> str | None:
+    """The layer index named by the exporter's scopes (TorchScript names, dynamo metadata)."""
+    for text in (node.metadata_props.get("pkg.torch.onnx.name_scopes", ""), node.name or ""):
+        found = _LAYER.findall(text)
+        if found:
+            return found[-1]
+    return None
+
+
+def _is_float(value: ir.Value) -> bool:
+    return value.dtype is not None and value.dtype.is_floating_point()
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+# -- the pattern --------------------------------------------------------------
+
+
+def attention_core(op, q, kt, v, mask, keep):
+    scores = op.MatMul(q, kt)
+    scaled = op.any_of(
+        op.Mul(scores, op.const(name="qk_scale")),
+        op.Div(scores, op.const(name="qk_divisor")),
+        scores,
+        name="qk_scaling",
+    )
+    cap = op.const(name="cap")
+    capped = op.any_of(op.Mul(op.Tanh(op.Div(scaled, cap)), cap), scaled, name="softcapping")
+    masked = op.any_of(
+        op.Add(capped, mask),
+        op.Where(keep, capped, op.const(name="fill")),
+        capped,
+        name="masking",
+    )
+    masked = op.optional(op.Cast(masked, to=op.capture("cast_in")), name="cast_before_softmax")
+    probs = op.Softmax(masked, axis=op.attr(lambda a: a in (-1, 3), name="softmax_axis"))
+    guarded = op.any_of(op.Where(op.IsNaN(probs), op.const(0.0), probs), probs, name="nan_guard")
+    # Eager attention: softmax(..., dtype=float32).to(q.dtype) exports as one or two Casts.
+    cast = op.optional(op.Cast(guarded, to=op.capture("cast_out")), name="cast_after_softmax")
+    cast = op.optional(op.Cast(cast, to=op.capture("cast_out2")), name="cast_after_softmax2")
+    return op.MatMul(cast, v)
+
+
+def _scalar(name: str, array) -> float | str:
+    if array is None:
+        return 1.0
+    if array.size != 1:
+        return f"{name} has {array.size} elements, not one"
+    return float(array.reshape(-1)[0])
+
+
+def check_core(match: Match, q, kt, v, mask=None, keep=None, qk_scaling=2, softcapping=1, masking=2,
+               nan_guard=1, softmax_axis=-1, qk_scale=None, qk_divisor=None, cap=None, fill=None,
+               cast_in=None, cast_out=None, cast_out2=None):
+    """Prove the operands and collect the attributes; a string says which check failed."""
+    dtypes = {int(x.dtype) for x in (q, v) if x.dtype is not None}
+    casts = {c for c in (cast_in, cast_out, cast_out2) if c is not None}
+    if casts and (len(dtypes) != 1 or casts != dtypes):
+        return f"Casts around the Softmax change the dtype (to {sorted(casts)}, operands {sorted(dtypes)})"
+    scale = 1.0
+    if qk_scaling == 0:
+        scale = _scalar("the scores' scale", qk_scale)
+    elif qk_scaling == 1:
+        divisor = _scalar("the scores' divisor", qk_divisor)
+        scale = divisor if isinstance(divisor, str) else (1.0 / divisor if divisor else "the scores are divided by 0")
+    if isinstance(scale, str):
+        return scale
+    softcap = 0.0
+    if softcapping == 0:
+        softcap = _scalar("the soft-cap", cap)
+        if isinstance(softcap, str):
+            return softcap
+        if softcap <= 0:
+            return f"soft-cap {softcap} is not positive"
+
+    query, q_scale = peel_scale(q)
+    kt_inner, kt_scale = peel_scale(kt)
+    key = peel_key_transpose(kt_inner)
+    if isinstance(key, str):
+        return key
+    k_rep, k_scale = peel_scale(key.value)
+    repeated = peel_repeat_kv(k_rep)
+    if isinstance(repeated, str):
+        return repeated
+    k, n_rep = (k_rep, 1) if repeated is None else repeated
+    k, k_scale2 = peel_scale(k) if repeated is not None else (k, 1.0)
+    repeated_v = peel_repeat_kv(v)
+    if isinstance(repeated_v, str):
+        return repeated_v
+    value, v_rep = (v, 1) if repeated_v is None else repeated_v
+    if v_rep != n_rep:
+        return f"K is repeated {n_rep}x but V {v_rep}x"
+    if key.key_format == "BSHD" and n_rep != 1:
+        return "a [B, T, H, D] key with repeat_kv is not supported"
+
+    for name, x in (("Q", query), ("K", k), ("V", value)):
+        rank = _rank(x)
+        if rank is None:
+            return f"rank of {name} ('{x.name}') is unknown"
+        if rank != 4:
+            return f"{name} ('{x.name}') is {rank}-D, not 4-D"
+        if not _is_float(x):
+            return f"{name} ('{x.name}') is not a float tensor"
+
+    match["query"], match["key"], match["value_"] = query, k, value
+    match["key_format"] = key.key_format
+    match["scale"] = float(scale * q_scale * kt_scale * k_scale * k_scale2)
+    match["softcap"] = softcap or None
+
+    heads_q = dim_of(query, 1)
+    heads_kv = dim_of(k, 2 if key.key_format == "BSHD" else 1)
+    if isinstance(heads_q, int) and isinstance(heads_kv, int):
+        if heads_q % heads_kv:
+            return f"{heads_q} query heads are not a multiple of {heads_kv} kv heads"
+        match["heads"] = (heads_q, heads_kv)
+    else:
+        match["heads"] = None
+
+    dtype = query.dtype.numpy()
+    if masking == 0:
+        if mask.dtype is not None and not mask.dtype.is_floating_point():
+            return f"additive mask '{mask.name}' is {mask.dtype}"
+        match["mask_plan"] = ("additive", mask, _mask_fill_plan(mask, dtype))
+    elif masking == 1:
+        fill_value = _scalar("the masked fill", fill)
+        if isinstance(fill_value, str):
+            return fill_value
+        if not np.isneginf(fill_value) and fill_value > -1e4:
+            return f"Where fills masked scores with {fill_value}, not a large negative value"
+        match["mask_plan"] = ("where", keep, fill_value)
+    else:
+        match["mask_plan"] = None
+    match["mask_dims_ok"] = mask is None or _mask_spans(mask, query, k, key.key_format)
+    root = match.root
+    softmax = next(n for n in match.nodes if n.op_type == "Softmax")
+    match["layer"] = layer_of(softmax) or layer_of(root)
+    match["scope"] = softmax.metadata_props.get("namespace") or softmax.name or root.name or ""
+    return None
+
+
+def _mask_spans(mask: ir.Value, query: ir.Value, key: ir.Value, key_format: str) -> bool:
+    """The mask's last two dims are provably Q's and K's sequence lengths."""
+    if _rank(mask) is None or _rank(mask) < 2:
+        return False
+    t_axis = 1 if key_format == "BSHD" else 2
+    return dim_of(mask, -2) == dim_of(query, 2) and dim_of(mask, -1) == dim_of(key, t_axis)
+
+
+def _mask_fill_plan(mask: ir.Value, dtype: np.dtype):
+    """How an additive mask must be adjusted for onnxruntime (see attention_masks)."""
+    node = mask.producer()
+    if node is not None and node.op_type == "Where":
+        a, b = scalar_constant(node.inputs[1]), scalar_constant(node.inputs[2])
+        if a is not None and b is not None:
+            if not (fill_needs_clamp(a, dtype) or fill_needs_clamp(b, dtype)):
+                return None
+            return ("rewhere", node.inputs[0], safe_fill(a, dtype), safe_fill(b, dtype))
+    return ("clamp",)
+
+
+# -- the replacement ------------------------------------------------------------
+
+
+def _mask_input(op, plan, dtype: np.dtype) -> ir.Value | None:
+    if plan is None:
+        return None
+    kind, source, extra = plan
+    if kind == "where":
+        if np.isneginf(extra):
+            return source  # boolean: True attends, as in the Where
+        made = reuse(source, f"additive:{extra}")
+        if made is None:
+            made = stamp(op.Where(source, np.zeros((), dtype), np.asarray(safe_fill(extra, dtype), dtype)),
+                         f"additive:{extra}")
+        return made
+    if extra is None:
+        return source
+    if extra[0] == "rewhere":
+        _, cond, a, b = extra
+        kind = f"safe-fill:{a}:{b}"
+        made = reuse(cond, kind)
+        return made or stamp(op.Where(cond, np.asarray(a, dtype), np.asarray(b, dtype)), kind)
+    made = reuse(source, "safe-fill")
+    if made is not None:
+        return made
+    lowest_half = np.asarray(float(np.finfo(dtype).min) / 2, dtype)
+    clamped = op.Max(source, lowest_half)
+    return stamp(op.Where(op.IsInf(source, detect_positive=0), source, clamped), "safe-fill")
+
+
+def _spanning(op, mask: ir.Value, query: ir.Value, key: ir.Value, t_axis: int) -> ir.Value:
+    """Expand a broadcastable mask to [.., S, T], the only form onnxruntime takes."""
+    seq = op.Shape(query, start=2, end=3)
+    total = op.Shape(key, start=t_axis, end=t_axis + 1)
+    return op.Expand(mask, op.Concat(np.ones(2, np.int64), seq, total, axis=0))
+
+
+def to_attention(op, match: Match, query, key, value_, key_format, scale, softcap, heads, mask_plan,
+                 mask_dims_ok, layer, scope):
+    dtype = query.dtype.numpy()
+    if key_format == "BSHD":
+        key = op.Transpose(key, perm=[0, 2, 1, 3])
+    mask = _mask_input(op, mask_plan, dtype)
+    if mask is not None and not mask_dims_ok:
+        mask = _spanning(op, mask, query, match["key"], 1 if key_format == "BSHD" else 2)
+    inputs = [query, key, value_] + ([mask] if mask is not None else [])
+    q_heads, kv_heads = heads if heads is not None else (None, None)
+    out = op.Attention(*inputs, scale=scale, softcap=softcap, q_num_heads=q_heads, kv_num_heads=kv_heads)
+    node = out.producer()
+    if layer is not None:
+        node.metadata_props[LAYER_KEY] = layer
+    node.metadata_props[SCOPE_KEY] = scope
+    return out
+
+
+# -- opset-23 Attention behind a repeat_kv --------------------------------------
+
+
+def existing_attention(op, q, k, v):
+    return op.Attention(q, k, v, _name="attention")
+
+
+def existing_attention_masked(op, q, k, v, mask):
+    return op.Attention(q, k, v, mask, _name="attention")
+
+
+def check_absorb(match: Match, attention: ir.Node, k, v):
+    if any(out.uses() or out.is_graph_output() for out in attention.outputs[1:]):
+        return "the Attention's present-key/value or qk outputs are used"
+    if "q_num_heads" in attention.attributes and _rank(k) == 3:
+        return "3-D Attention inputs"
+    rk, rv = peel_repeat_kv(k), peel_repeat_kv(v)
+    for name, r in (("K", rk), ("V", rv)):
+        if isinstance(r, str):
+            return r
+    if rk is None and rv is None:
+        return "no repeat_kv in front of the Attention"
+    nk = 1 if rk is None else rk[1]
+    nv = 1 if rv is None else rv[1]
+    if nk != nv:
+        return f"K is repeated {nk}x but V {nv}x"
+    match["key"] = k if rk is None else rk[0]
+    match["value_"] = v if rv is None else rv[0]
+    return None
+
+
+def _absorbed(op, match: Match, q, key, value_, attention: ir.Node, mask=None):
+    attrs = {name: attr.value for name, attr in attention.attributes.items()
+             if name not in ("q_num_heads", "kv_num_heads")}
+    inputs = [q, key, value_] + ([mask] if mask is not None else [])
+    out = op.Attention(*inputs, **attrs)
+    out.producer().metadata_props.update(
+        {k: v for k, v in attention.metadata_props.items() if k in (LAYER_KEY, SCOPE_KEY)}
+    )
+    return out
+
+
+def absorb(op, match: Match, q, key, value_, attention):
+    return _absorbed(op, match, q, key, value_, attention)
+
+
+def absorb_masked(op, match: Match, q, key, value_, attention, mask):
+    return _absorbed(op, match, q, key, value_, attention, mask)
+
+
+# -- examples for the rule self-check (``qgraph verify-rules``) ------------------
+# A Llama-like GQA layer: 4 query heads, 2 kv heads repeated twice, head dim 8.
+
+_FLOAT, _BOOL = ir.DataType.FLOAT, ir.DataType.BOOL
+
+
+def _example_repeat_kv(op, x):
+    """HF's repeat_kv(x, 2) as exported: [B, 2, T, 8] -> [B, 4, T, 8]."""
+    expanded = op.Expand(op.Unsqueeze(x, np.array([2], np.int64)), np.array([1, 1, 2, 1, 1], np.int64))
+    return op.Reshape(expanded, np.array([0, 4, -1, 8], np.int64))
+
+
+_EXAMPLE_INPUTS = {
+    "q": (_FLOAT, ("B", 4, "S", 8)),
+    "k_heads": (_FLOAT, ("B", 2, "T", 8)),
+    "v_heads": (_FLOAT, ("B", 2, "T", 8)),
+    "mask": (_FLOAT, ("B", 1, "S", "T")),
+    "keep": (_BOOL, ("B", 1, "S", "T")),
+}
+_EXAMPLE_OPERANDS = {
+    "k": lambda op, k_heads: _example_repeat_kv(op, k_heads),
+    "v": lambda op, v_heads: _example_repeat_kv(op, v_heads),
+}
+_EXAMPLE_CORE = {
+    "kt": lambda op, k_heads: op.Transpose(_example_repeat_kv(op, k_heads), perm=[0, 1, 3, 2]),
+    "v": _EXAMPLE_OPERANDS["v"],
+    "qk_scale": np.float32(8 ** -0.5),
+    "qk_divisor": np.float32(8 ** 0.5),
+    "cap": np.float32(30.0),
+    "fill": np.float32(np.finfo(np.float32).min),
+    "cast_in": int(_FLOAT),
+    "cast_out": int(_FLOAT),
+    "cast_out2": int(_FLOAT),
+}
+
+RULES = RuleSet(
+    [
+        Rule("attention-core", attention_core, to_attention, check_core, commute=True,
+             doc="MatMul/scale/softcap/mask/Softmax/MatMul -> Attention(Q, K, V, mask)",
+             example_inputs=_EXAMPLE_INPUTS, example_values=_EXAMPLE_CORE),
+        Rule("absorb-repeat-kv", existing_attention, absorb, check_absorb,
+             doc="Attention(q, repeat_kv(k), repeat_kv(v)) -> Attention(q, k, v)",
+             example_inputs=_EXAMPLE_INPUTS, example_values=_EXAMPLE_OPERANDS),
+        Rule("absorb-repeat-kv-masked", existing_attention_masked, absorb_masked, check_absorb,
+             doc="Attention(q, repeat_kv(k), repeat_kv(v), mask) -> Attention(q, k, v, mask)",
+             example_inputs=_EXAMPLE_INPUTS, example_values=_EXAMPLE_OPERANDS),
+    ],
+    name="attention",
+)
+
+
+def _softmax_feeds(node: ir.Node) -> ir.Node | None:
+    """The Softmax behind a MatMul's first input (through a NaN guard or Casts), if any."""
+    value = node.inputs[0] if node.inputs else None
+    for _ in range(4):
+        producer = value.producer() if value is not None else None
+        if producer is None:
+            return None
+        if producer.op_type == "Softmax":
+            return producer
+        if producer.op_type == "Where" and len(producer.inputs) == 3:
+            value = producer.inputs[2]
+        elif producer.op_type in ("Cast", "Identity"):
+            value = producer.inputs[0]
+        else:
+            return None
+    return None
+
+
+class AttentionFusionPass(RewritePass):
+    """Fuse every exporter's attention core into the canonical Attention (opset 23), per layer.
+
+    Runs onnx shape inference first (ranks and static head counts come from
+    it); removes the repeat_kv, transposes and scales the fused cores no
+    longer read. Reports, per layer, each core that did not fuse and the
+    first check it failed.
+    """
+
+    name = "attention"
+    prerequisites = (opset_at_least(23),)
+    rules = RULES
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ir.passes.common.ShapeInferencePass(data_prop=True)(model)
+        stats = apply_rules(model, self.rules, pass_name=self.name, max_sweeps=self.max_sweeps)
+        for rule_name, n in stats.matches.items():
+            self.report.count(rule_name, n)
+        if stats.total:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+            layers = sorted({n.metadata_props[LAYER_KEY] for n in model.graph
+                             if n.op_type == "Attention" and LAYER_KEY in n.metadata_props}, key=int)
+            self.report.notes.append(
+                f"fused {stats.total} attention core(s)" + (f" (layers {', '.join(layers)})" if layers else "")
+            )
+        self.report.notes.extend(self.unfused_notes(model))
+        return ir.passes.PassResult(model, stats.total > 0)
+
+    def unfused_notes(self, model: ir.Model) -> list[str]:
+        """One note per Softmax-fed MatMul the core rule did not rewrite."""
+        notes = []
+        core = RuleSet([self.rules.get("attention-core")])
+        nodes = {n.name: n for n in model.graph}
+        for cand in explain(model, core):
+            node = nodes.get(cand.node)
+            if cand.matched or node is None or node.graph is not model.graph:
+                continue
+            softmax = _softmax_feeds(node)
+            if softmax is None:
+                continue
+            layer = layer_of(softmax) or layer_of(node)
+            where = f"layer {layer}" if layer is not None else "unknown layer"
+            notes.append(f"not fused: {where}: attention core at MatMul '{node.name}': {cand.reason}")
+        return notes

@@ -1,0 +1,239 @@
+"""Reading what an exporter's mask and position subgraphs mean, by running them.
+
+Exporters spell the causal mask, the padding mask and a sliding window in a
+dozen ways (bool or additive float, Trilu or position comparisons, vmap'd
+index arithmetic). The KV-cache pass does not need to match each spelling:
+it needs to know *which* function of the attention mask the subgraph
+computes, so it can rebuild the same function from positions. It therefore
+cuts the subgraph that computes a value out of the graph, runs it in
+onnxruntime on a few probe masks (no padding, left padding, right padding)
+and compares the result with the candidate meaning:
+
+* attention masks: key j visible to query i iff mask[j] and j <= i and
+  i - j < window (window None = unbounded), checked on every valid query;
+* positions: cumsum(mask) - 1 on every valid token (what the export wrapper
+  and Hugging Face's generate compute), non-negative on padding.
+
+Anything else (a bidirectional mask, a mask that reads other inputs, ALiBi
+biases folded into the mask) is reported, never guessed at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "mask_meaning", "position_candidates_matching", "probe_length", "run_slice"]
+
+#: Integer constants above this are sentinels (INT64_MAX ends of Slice), not window sizes.
+_LARGEST_WINDOW_CONSTANT = 1 << 20
+
+
+class ProbeError(ValueError):
+    """A subgraph could not be probed or does not compute what the pass needs."""
+
+
+def backward_slice(graph: ir.Graph, outputs: Sequence[ir.Value]) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
+    """Nodes (graph order), graph inputs and initializers that ``outputs`` depend on."""
+    graph_inputs = set(graph.inputs)
+    needed_nodes: set[ir.Node] = set()
+    inputs: set[ir.Value] = set()
+    initializers: set[ir.Value] = set()
+    stack = list(outputs)
+    seen: set[ir.Value] = set()
+    while stack:
+        value = stack.pop()
+        if value is None or value in seen:
+            continue
+        seen.add(value)
+        if value in graph_inputs:
+            inputs.add(value)
+            continue
+        if value.is_initializer():
+            initializers.add(value)
+            continue
+        node = value.producer()
+        if node is None:
+            raise ProbeError(f"value {value.name!r} has no producer and is not an input")
+        if node in needed_nodes:
+            continue
+        for attr in node.attributes.values():
+            if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                raise ProbeError(f"node {node.name!r} ({node.op_type}) has a subgraph; it cannot be probed")
+        needed_nodes.add(node)
+        stack.extend(v for v in node.inputs if v is not None)
+    ordered = [n for n in graph if n in needed_nodes]
+    by_order = [v for v in graph.inputs if v in inputs]
+    return ordered, by_order, sorted(initializers, key=lambda v: v.name or "")
+
+
+def _value_info(value: ir.Value, *, with_shape: bool) -> onnx.ValueInfoProto:
+    if value.dtype is None:  # onnxruntime infers an output's type; an undefined one it rejects
+        return onnx.ValueInfoProto(name=value.name)
+    dtype = value.dtype.value
+    shape = None
+    if with_shape and value.shape is not None:
+        shape = [d if isinstance(d, int) else (str(d) if d.value is not None else None) for d in value.shape]
+    return onnx.helper.make_tensor_value_info(value.name, dtype, shape)
+
+
+def run_slice(model: ir.Model, outputs: Sequence[ir.Value], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run only the part of ``model`` that computes ``outputs``, in onnxruntime.
+
+    Feeds for graph inputs the slice does not read are ignored; a graph
+    input it reads without a feed is an error.
+    """
+    nodes, inputs, initializers = backward_slice(model.graph, outputs)
+    missing = [v.name for v in inputs if v.name not in feeds]
+    if missing:
+        raise ProbeError(f"the subgraph reads inputs {missing}, which the probe does not know how to feed")
+    tensors = []
+    weight_dir: str | None = None
+    for value in initializers:
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            # onnxruntime reads it from its file: the model comes as bytes, so
+            # it is told the one folder relative locations are in (weights
+            # from any other folder are read here).
+            weight_dir = weight_dir or str(tensor.base_dir)
+            if str(tensor.base_dir) != weight_dir:
+                tensor = ir.Tensor(tensor.numpy())
+        proto = ir.serde.serialize_tensor(tensor)
+        proto.name = value.name
+        tensors.append(proto)
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(n) for n in nodes],
+        "kv_cache_probe",
+        [_value_info(v, with_shape=True) for v in inputs],
+        [_value_info(v, with_shape=False) for v in outputs],
+        tensors,
+    )
+    domains = {n.domain for n in nodes}
+    functions = [ir.serde.serialize_function(f) for f in model.functions.values() if f.domain in domains]
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets, functions=functions)
+    proto.ir_version = max(model.ir_version or 0, 8)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4  # a failed probe is reported by the pass, not logged
+    options.intra_op_num_threads = 1
+    if weight_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", weight_dir)
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        wanted = {v.name for v in inputs}
+        return session.run([v.name for v in outputs], {k: a for k, a in feeds.items() if k in wanted}, run_options)
+    except Exception as exc:  # onnxruntime raises several types for a graph it cannot run
+        raise ProbeError(f"onnxruntime cannot run the subgraph: {exc}") from exc
+
+
+def probe_length(model: ir.Model, values: Iterable[ir.Value], floor: int = 16, ceiling: int = 8192) -> int:
+    """A probe sequence length long enough to expose any window the subgraphs encode.
+
+    A subgraph can only encode a window of w tokens through a constant of
+    about that size, so probing with the largest integer constant + 2
+    tokens reveals every window it can express (capped at ``ceiling``).
+    """
+    nodes, _, initializers = backward_slice(model.graph, list(values))
+    largest = 0
+    tensors = [v.const_value for v in initializers]
+    for node in nodes:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                tensors.append(attr.value)
+            elif attr.type == ir.AttributeType.INT:
+                tensors.append(ir.tensor(np.asarray(attr.value, np.int64)))
+    for tensor in tensors:
+        if tensor is None or tensor.size > 64:
+            continue
+        array = tensor.numpy()
+        if not np.issubdtype(array.dtype, np.integer):
+            continue
+        small = np.abs(array[np.abs(array) < _LARGEST_WINDOW_CONSTANT].astype(np.int64))
+        if small.size:
+            largest = max(largest, int(small.max()))
+    return int(min(max(floor, largest + 2), ceiling))
+
+
+def probe_masks(length: int) -> np.ndarray:
+    """bool [3, length]: no padding, left padding, right padding (a third of the row each)."""
+    pad = max(1, length // 3)
+    cols = np.arange(length)
+    return np.stack([np.ones(length, bool), cols >= pad, cols < length - pad])
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskMeaning:
+    """A causal padding mask, with a sliding window of ``window`` keys (None: unbounded within the probe)."""
+
+    window: int | None
+
+    def describe(self) -> str:
+        return "causal" if self.window is None else f"causal, sliding window {self.window}"
+
+
+def _visible(mask: np.ndarray, dtype_name: str) -> np.ndarray:
+    if mask.dtype == np.bool_:
+        return mask
+    if np.issubdtype(mask.dtype, np.floating):
+        lowest = np.finfo(mask.dtype).min
+        visible = mask > lowest / 2
+        if np.any(visible & (mask != 0)):
+            raise ProbeError(f"the {dtype_name} mask adds values other than 0 to visible scores (a position bias?)")
+        return visible
+    raise ProbeError(f"a mask of dtype {mask.dtype} is neither bool nor an additive float mask")
+
+
+def mask_meaning(mask: np.ndarray, valid: np.ndarray, *, is_causal: bool) -> MaskMeaning:
+    """What the probed mask [rows or 1, heads or 1, S, S] means for the probe rows ``valid`` [rows, S].
+
+    Raises ProbeError naming the first (row, query, key) that no causal
+    padding mask with a sliding window explains.
+    """
+    rows, length = valid.shape
+    if mask.ndim != 4 or mask.shape[-2:] != (length, length):
+        raise ProbeError(f"the mask has shape {mask.shape}; expected [batch, heads, {length}, {length}]")
+    visible = _visible(mask, str(mask.dtype))
+    if visible.shape[1] > 1 and not (visible == visible[:, :1]).all():
+        raise ProbeError("the mask differs between heads")
+    visible = np.broadcast_to(visible[:, 0], (rows, length, length))
+    if is_causal:
+        visible = visible & np.tril(np.ones((length, length), bool))
+    counts = visible[0].sum(axis=1)  # the unpadded row: query i sees min(i + 1, window) keys
+    window = int(counts.max())
+    window_or_none = None if window >= length else window
+    i = np.arange(length)[:, None]
+    j = np.arange(length)[None, :]
+    allowed = (j <= i) & ((i - j) < (window_or_none or length + 1))
+    expected = allowed[None] & valid[:, None, :]
+    wrong = (expected != visible) & valid[:, :, None]
+    if wrong.any():
+        row, query, key = (int(x) for x in np.argwhere(wrong)[0])
+        side = ("no padding", "left padding", "right padding")[row] if rows == 3 else f"row {row}"
+        meaning = MaskMeaning(window_or_none).describe()
+        raise ProbeError(
+            f"not a causal padding mask: with {side} (probe length {length}), query {query} "
+            f"{'sees' if visible[row, query, key] else 'does not see'} key {key}, which a {meaning} mask "
+            f"{'hides' if visible[row, query, key] else 'shows'}"
+        )
+    return MaskMeaning(window_or_none)
+
+
+def position_candidates_matching(values: Sequence[np.ndarray], valid: np.ndarray) -> list[bool]:
+    """Which probed values equal cumsum(mask) - 1 on valid tokens and index a table on padding (>= 0)."""
+    expected = np.cumsum(valid, axis=1) - 1
+    out = []
+    for array in values:
+        ok = array.shape == valid.shape
+        if ok:
+            a = array.astype(np.float64)
+            ok = bool(np.all(a[valid] == expected[valid]) and np.all(a >= 0))
+        out.append(ok)
+    return out

@@ -1,0 +1,149 @@
+"""Where a runnable model lives, and the onnxruntime session that runs it fast.
+
+A model folder is what ``qgraph export`` writes (``model.onnx`` [+ ``.data``],
+the tokenizer files, ``config.json``, ``generation_config.json``,
+``export.json``) or what a KV-cache pipeline writes beside its output
+(``specializations.json``). :class:`ModelFolder` finds each piece and names
+the missing file when one is needed and absent (exit 2).
+
+Sessions here are for speed, unlike verification's (which turns
+onnxruntime's optimizations off to see the graph as written): all graph
+optimizations on, two intra-op threads (the target machines have two cores),
+sequential execution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from qgraph.errors import BadInputError
+
+__all__ = ["DEFAULT_THREADS", "ModelFolder", "open_session"]
+
+DEFAULT_THREADS = 2
+MODEL_FILE = "model.onnx"
+SPECIALIZATIONS_FILE = "specializations.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFolder:
+    """A model file and the folder(s) its tokenizer and side files come from."""
+
+    model_path: Path
+    folder: Path
+    tokenizer_folder: Path
+
+    @classmethod
+    def find(cls, spec: str | os.PathLike[str], *, tokenizer: str | os.PathLike[str] | None = None) -> ModelFolder:
+        """``spec`` is a folder holding ``model.onnx`` or an ``.onnx`` file; ``tokenizer`` overrides its folder."""
+        path = Path(spec)
+        if path.is_dir():
+            model = path / MODEL_FILE
+            if not model.is_file():
+                onnx_files = sorted(p.name for p in path.glob("*.onnx"))
+                hint = f" (it has {', '.join(onnx_files)}: give the file itself)" if onnx_files else ""
+                raise BadInputError(f"{model}: no such file; {path} is not a model folder{hint}")
+        elif path.is_file():
+            model = path
+        else:
+            raise BadInputError(f"{path}: no such file or folder (give an export folder or an .onnx file)")
+        tok = Path(tokenizer) if tokenizer is not None else model.parent
+        if tokenizer is not None and not tok.is_dir():
+            raise BadInputError(f"--tokenizer {tok}: no such folder")
+        return cls(model_path=model, folder=model.parent, tokenizer_folder=tok)
+
+    # -- side files ---------------------------------------------------------------
+
+    def _json(self, name: str, folder: Path | None = None) -> dict[str, Any] | None:
+        path = (folder or self.folder) / name
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise BadInputError(f"{path}: cannot read it as JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise BadInputError(f"{path}: expected a JSON object")
+        return data
+
+    def config(self) -> dict[str, Any] | None:
+        """``config.json`` beside the model, else beside the tokenizer."""
+        return self._json("config.json") or self._json("config.json", self.tokenizer_folder)
+
+    def manifest(self) -> dict[str, Any] | None:
+        return self._json("export.json")
+
+    def specializations(self) -> list[dict[str, int]]:
+        """The shapes of ``specializations.json`` (QEfficient's layout), values as ints; [] if absent."""
+        data = self._json(SPECIALIZATIONS_FILE)
+        if data is None:
+            return []
+        path = self.folder / SPECIALIZATIONS_FILE
+        entries = data.get("specializations")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise BadInputError(f"{path}: expected {{\"specializations\": [{{...}}, ...]}}")
+        out = []
+        for entry in entries:
+            try:
+                out.append({str(k): int(v) for k, v in entry.items()})
+            except (TypeError, ValueError):
+                raise BadInputError(f"{path}: every value must be an integer, got {entry}") from None
+        return out
+
+    def eos_token_ids(self, tokenizer: Any = None) -> set[int]:
+        """End-of-sequence ids: ``generation_config.json`` first, then the config, then the tokenizer."""
+        for source in (self._json("generation_config.json") or self._json("generation_config.json",
+                                                                           self.tokenizer_folder),
+                       self.config()):
+            if source and source.get("eos_token_id") is not None:
+                value = source["eos_token_id"]
+                return {int(v) for v in (value if isinstance(value, list) else [value])}
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            return {int(tokenizer.eos_token_id)}
+        return set()
+
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer of the folder (transformers' AutoTokenizer)."""
+        folder = self.tokenizer_folder
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            raise BadInputError(
+                f"{folder / 'tokenizer.json'}: no such file; {folder} has no tokenizer "
+                "(give a qgraph export folder, or --tokenizer DIR)"
+            )
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as error:  # pragma: no cover - the export extra is missing
+            raise BadInputError(f"reading the tokenizer needs transformers (pip install 'qgraph[export]'): {error}")
+        try:
+            return AutoTokenizer.from_pretrained(os.fspath(folder))
+        except Exception as error:  # noqa: BLE001 - transformers raises many kinds for broken folders
+            raise BadInputError(f"{folder}: cannot load its tokenizer: {error}") from None
+
+
+def session_options(threads: int = DEFAULT_THREADS) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return so
+
+
+def open_session(model: str | os.PathLike[str] | bytes, *, threads: int = DEFAULT_THREADS,
+                 label: str | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a model path (external data found beside it) or serialized bytes."""
+    shown = label or (os.fspath(model) if not isinstance(model, bytes) else "the model")
+    try:
+        source = model if isinstance(model, bytes) else os.fspath(model)
+        return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BadInputError(f"{shown}: onnxruntime cannot load it: {message}") from None
