@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import in_child
+from harness import in_child, peak_rss_mib
 from results_file import RESULTS, machine_description, write_section
 
 SECTION = "Export times"
@@ -43,12 +43,6 @@ EXPORTERS = ("torchscript", "dynamo")
 
 
 # ------------------------------------------------------------ child process
-
-
-def _peak_rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def child(task: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +55,7 @@ def child(task: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         folder = dequantized_folder(resolve(task["model"]), cache, Progress())
         return {"seconds": time.perf_counter() - start, "folder": str(folder),
-                "bytes": sum(p.stat().st_size for p in folder.iterdir()), "peak_rss_gib": _peak_rss_gib()}
+                "bytes": sum(p.stat().st_size for p in folder.iterdir()), "peak_rss_gib": peak_rss_mib() / 1024}
     from qgraph.export.frontend import export_model
 
     start = time.perf_counter()
@@ -79,7 +73,7 @@ def child(task: dict[str, Any]) -> dict[str, Any]:
         "onnx_bytes": (out / "model.onnx").stat().st_size,
         "data_bytes": data.stat().st_size if data.exists() else 0,
         "from_cache": result.from_cache,
-        "peak_rss_gib": _peak_rss_gib(),
+        "peak_rss_gib": peak_rss_mib() / 1024,
     }
 
 

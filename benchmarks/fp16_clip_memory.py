@@ -10,7 +10,7 @@ The export keeps its weights in ``model.onnx.data``; a folder without one is
 re-saved with external data first, because external data is what is measured.
 
 Every measurement runs in a fresh Python process, so peak RSS
-(``ru_maxrss``) is the run's own:
+(VmHWM, see ``harness.peak_rss_mib``) is the run's own:
 
 * *load + save*: ``qgraph.io.load``, then ``qgraph.io.save(external_data=True)``
   into a new folder — the floor any pass pays to read and write the model;
@@ -173,7 +173,7 @@ def format_report(rows: list[dict[str, Any]], note: str = "") -> str:
         (
             "Each row is a fresh process: `qgraph.io.load` (weights stay in external data), optionally the "
             "`fp16-clip` pass (constants only, the default), then `qgraph.io.save(external_data=True)` into a "
-            "new folder. *peak RSS* is the process's maximum resident set (`ru_maxrss`), interpreter and "
+            "new folder. *peak RSS* is the process's maximum resident set (VmHWM), interpreter and "
             "imports included; *load + save* is the floor every pass pays. The pass reads each float32 "
             "weight from the data file in 1 MiB chunks (never mapping it whole); a weight that needs clipping "
             "is replaced by a tensor that clips when the writer asks for it, so one clipped copy exists at a "

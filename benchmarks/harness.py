@@ -19,7 +19,18 @@ __all__ = ["exported", "in_child", "peak_rss_mib"]
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size (ru_maxrss is in KiB on Linux)."""
+    """This process's peak resident set size, from /proc/self/status (VmHWM).
+
+    Not ``getrusage``'s ru_maxrss: Linux carries it over from the parent at
+    fork, so a child started by a parent that once held a model would report
+    the parent's peak. VmHWM belongs to the address space, which exec renews.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

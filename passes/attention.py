@@ -379,6 +379,10 @@ RULES = RuleSet(
 )
 
 
+def _every_value_shaped(graph: ir.Graph) -> bool:
+    return all(v.shape is not None and v.dtype is not None for node in graph for v in node.outputs)
+
+
 def _softmax_feeds(node: ir.Node) -> ir.Node | None:
     """The Softmax behind a MatMul's first input (through a NaN guard or Casts), if any."""
     value = node.inputs[0] if node.inputs else None
@@ -400,8 +404,8 @@ def _softmax_feeds(node: ir.Node) -> ir.Node | None:
 class AttentionFusionPass(RewritePass):
     """Fuse every exporter's attention core into the canonical Attention (opset 23), per layer.
 
-    Runs onnx shape inference first (ranks and static head counts come from
-    it); removes the repeat_kv, transposes and scales the fused cores no
+    Runs onnx shape inference first unless every value already has a type and
+    shape (ranks and static head counts come from them); removes the repeat_kv, transposes and scales the fused cores no
     longer read. Reports, per layer, each core that did not fuse and the
     first check it failed.
     """
@@ -411,7 +415,11 @@ class AttentionFusionPass(RewritePass):
     rules = RULES
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ir.passes.common.ShapeInferencePass(data_prop=True)(model)
+        # onnx shape inference costs a serialization round trip of the whole
+        # model (most of this pass's time on a dynamo export, and worse than
+        # linear); it only runs when some value still lacks a type or shape.
+        if not _every_value_shaped(model.graph):
+            ir.passes.common.ShapeInferencePass(data_prop=True)(model)
         stats = apply_rules(model, self.rules, pass_name=self.name, max_sweeps=self.max_sweeps)
         for rule_name, n in stats.matches.items():
             self.report.count(rule_name, n)
