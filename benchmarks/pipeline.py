@@ -70,12 +70,18 @@ def child(task: dict[str, Any]) -> dict[str, Any]:
         io.save(model, Path(out) / "model.onnx", external_data=True)
     save_s = time.perf_counter() - start
     ops = report.passes[-1].op_histogram if report.passes else {}
+    rss = peak_rss_mib()
+    # The same preset without the invariant checks between passes (`--no-check`).
+    from qgraph.manager import PassManager
+    from qgraph.pipeline import Pipeline
+
+    unchecked = PassManager(Pipeline.from_preset(task["preset"]), check_invariants=False).run(io.load(path))
     return {
-        "load": load_s, "seconds": pipeline_s, "save": save_s,
+        "load": load_s, "seconds": pipeline_s, "save": save_s, "unchecked": unchecked.seconds,
         "nodes_before": report.nodes_before, "nodes_after": report.nodes_after,
         "passes": [(p.name, p.seconds, p.nodes_before, p.nodes_after) for p in report.passes],
         "canonical": {k: v for k, v in ops.items() if k.split("::")[-1] in _CANONICAL},
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": rss,
     }
 
 
@@ -121,12 +127,13 @@ def format_report(rows: list[dict], note: str = "") -> str:
         f"Machine: {machine_description()}.",
         "",
         "SmolLM2-135M, fp32 weights in external data. Each cell is a fresh process. *pipeline s* = the pass "
-        "manager's run of the preset (invariant checks included), load and save apart; onnxscript = "
+        "manager's run of the preset (invariant checks included, as the CLI runs it), load and save apart; "
+        "*unchecked s* = the same with `--no-check` (no invariant checks between passes); onnxscript = "
         "`optimize_for_ort` on the same file in the same run; *ratio* = onnxscript s / qgraph pipeline s.",
         "",
-        "| export | preset | model MiB | nodes before → after | canonical ops | load s | pipeline s | save s "
+        "| export | preset | model MiB | nodes before → after | canonical ops | load s | pipeline s | unchecked s | save s "
         "| peak RSS MiB | onnxscript s | onnxscript fusions | onnxscript RSS MiB | ratio |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         o, p = r["ours"], r["peer"]
@@ -134,7 +141,7 @@ def format_report(rows: list[dict], note: str = "") -> str:
         fusions = ", ".join(f"{k} {v}" for k, v in sorted(p["fusions"].items())) or "none"
         lines.append(
             f"| {r['exporter']} | {r['preset']} | {r['size'] / mib:.0f} | {o['nodes_before']} → {o['nodes_after']} "
-            f"| {canon} | {o['load']:.2f} | {o['seconds']:.2f} | {o['save']:.2f} | {o['peak_rss_mib']:.0f} "
+            f"| {canon} | {o['load']:.2f} | {o['seconds']:.2f} | {o['unchecked']:.2f} | {o['save']:.2f} | {o['peak_rss_mib']:.0f} "
             f"| {p['seconds']:.1f} | {fusions} | {p['peak_rss_mib']:.0f} | {p['seconds'] / o['seconds']:.0f}× |"
         )
     lines += ["", "Slowest passes (name: seconds) per row:", ""]

@@ -23,6 +23,10 @@ def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
         yield from ir.traversal.RecursiveGraphIterator(function)
 
 
+def _every_value_shaped(graph: ir.Graph) -> bool:
+    return all(v.shape is not None and v.dtype is not None for node in graph for v in node.outputs)
+
+
 class ConstantFoldingPass(Pass):
     """Fold nodes whose inputs are all constants into initializers (onnxscript's folder).
 
@@ -68,7 +72,8 @@ class ConstantFoldingPass(Pass):
             bool,
             True,
             "infer each node's output shape while folding (onnx node-level "
-            "inference), so Shape/Size of statically known dims fold too",
+            "inference), so Shape/Size of statically known dims fold too; "
+            "skipped when every value already has a type and shape",
         ),
     }
 
@@ -81,9 +86,13 @@ class ConstantFoldingPass(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes_before = set(_all_nodes(model))
+        # Node-level inference costs ten times the folding itself on a typed
+        # export (dynamo's, or any graph after shape-inference) and would only
+        # re-derive the shapes the values carry already.
+        infer = self.config["shape_inference"] and not _every_value_shaped(model.graph)
         result = onnxscript.optimizer.fold_constants(
             model,
-            onnx_shape_inference=self.config["shape_inference"],
+            onnx_shape_inference=infer,
             input_size_limit=self.config["input_size_limit"],
             output_size_limit=self.config["output_size_limit"],
             should_fold=self._should_fold,

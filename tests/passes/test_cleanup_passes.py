@@ -105,6 +105,26 @@ def test_folding_turns_constant_arithmetic_into_one_initializer():
     assert_equivalent(before, model)
 
 
+@pytest.mark.parametrize("annotated", [True, False], ids=["typed-export", "untyped-export"])
+def test_folding_reads_static_dims_whether_the_export_typed_its_values_or_not(annotated):
+    """Shape of a static dim folds both ways: from the values' own shapes, or by inferring them."""
+    value_info = "<float[2, 3] a>" if annotated else ""
+    model = parse(
+        f"""
+        <ir_version: 9, opset_import: ["" : 18]>
+        g (float[2, 3] X) => (int64[2] S, float[2, 3] Y) {value_info} {{
+          a = Relu(X)
+          S = Shape(a)
+          Y = Neg(a)
+        }}
+        """
+    )
+    before = proto_of(model)
+    assert ConstantFoldingPass()(model).modified
+    assert "Shape" not in op_types(model)
+    assert_equivalent(before, model)
+
+
 def test_folding_respects_the_input_size_limit():
     model = parse(FOLDABLE)
     assert not ConstantFoldingPass(input_size_limit=3, shape_inference=False)(model).modified
