@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.write:
         write_section(SECTION, report)
-        print(f"updated section '{SECTION}' of {RESULTS}", file=sys.stderr)
     return 0
 
 

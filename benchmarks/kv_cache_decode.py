@@ -227,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.write:
         write_section(SECTION, report)
-        print(f"updated section '{SECTION}' of {RESULTS}", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 from qgraph.atomic import write_text_atomic
@@ -22,6 +23,7 @@ def write_section(section: str, report: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + body
     write_text_atomic(RESULTS, text)
+    print(f"updated section '{section}' of {RESULTS}", file=sys.stderr)
 
 
 def machine_description(packages: tuple[str, ...] = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")) -> str:

@@ -723,7 +723,6 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.write:
         write_section(SECTION, report)
-        print(f"updated section '{SECTION}' of {RESULTS}")
     return 0 if rows[-1]["q_time"] <= FLAT_BUDGET * rows[0]["q_time"] else 1
 
 

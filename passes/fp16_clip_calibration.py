@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 from hypothesis import HealthCheck, Phase, Verbosity
 from hypothesis.errors import NoSuchExample, Unsatisfiable
+from qgraph_passes.fp16_emulation import take_output_name, unique_name
 
 from qgraph.errors import BadInputError, PassFailure
 from qgraph.pass_base import default_opset
@@ -146,15 +147,15 @@ def clip_activation(model: ir.Model, value: ir.Value, limit: float, *, pass_name
     if opset >= 11:
         low = _bound(graph, "fp16_clip.min", -limit, taken)
         high = _bound(graph, "fp16_clip.max", limit, taken)
-        clip = ir.node("Clip", [value, low, high], name=_unique(f"{value.name}.fp16_clip", taken))
+        clip = ir.node("Clip", [value, low, high], name=unique_name(f"{value.name}.fp16_clip", taken))
     else:  # Clip took its bounds as attributes before opset 11
         clip = ir.node(
             "Clip", [value], attributes={"min": -limit, "max": limit},
-            name=_unique(f"{value.name}.fp16_clip", taken),
+            name=unique_name(f"{value.name}.fp16_clip", taken),
         )
     clipped = clip.outputs[0]
     clipped.dtype, clipped.shape = ir.DataType.FLOAT, value.shape
-    clipped.name = _unique(f"{value.name}.fp16_clipped", taken)
+    clipped.name = unique_name(f"{value.name}.fp16_clipped", taken)
     clip.metadata_props["qgraph.pass"] = pass_name
     clip.metadata_props["qgraph.rule"] = "clip-activation"
     for use in list(value.uses()):
@@ -163,12 +164,7 @@ def clip_activation(model: ir.Model, value: ir.Value, limit: float, *, pass_name
     graph.insert_after(producer, clip)
     if value.is_graph_output():
         # The output keeps its name and now carries the clipped tensor.
-        name = value.name
-        value.name = _unique(f"{name}.unclipped", taken)
-        clipped.name = name
-        for i, output in enumerate(graph.outputs):
-            if output is value:
-                graph.outputs[i] = clipped
+        take_output_name(graph, value, clipped, ".unclipped", taken)
     return clip
 
 
@@ -189,20 +185,11 @@ def _bound(graph: ir.Graph, base: str, limit: float, taken: set[str]) -> ir.Valu
         and float(existing.const_value.numpy()) == np.float32(limit)
     ):
         return existing
-    name = _unique(base, taken)
+    name = unique_name(base, taken)
     value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]),
                      const_value=ir.tensor(np.array(limit, dtype=np.float32), name=name))
     graph.register_initializer(value)
     return value
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        candidate = f"{name}_{i}"
-        i += 1
-    taken.add(candidate)
-    return candidate
 
 
 def all_value_names(model: ir.Model) -> set[str]:

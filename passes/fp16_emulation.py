@@ -119,17 +119,17 @@ class FP16EmulationPass(Pass):
         base = value.name or "value"
         half = ir.node(
             "Cast", [value], attributes={"to": ir.DataType.FLOAT16},
-            name=_unique(f"{base}.to_fp16", taken),
+            name=unique_name(f"{base}.to_fp16", taken),
         )
         back = ir.node(
             "Cast", half.outputs, attributes={"to": ir.DataType.FLOAT},
-            name=_unique(f"{base}.from_fp16", taken),
+            name=unique_name(f"{base}.from_fp16", taken),
         )
-        half.outputs[0].name = _unique(f"{base}.half", taken)
+        half.outputs[0].name = unique_name(f"{base}.half", taken)
         half.outputs[0].dtype = ir.DataType.FLOAT16
         half.outputs[0].shape = value.shape
         rounded = back.outputs[0]
-        rounded.name = _unique(f"{base}{ROUNDED_SUFFIX}", taken)
+        rounded.name = unique_name(f"{base}{ROUNDED_SUFFIX}", taken)
         rounded.dtype, rounded.shape = ir.DataType.FLOAT, value.shape
         for node in (half, back):
             node.metadata_props[_PASS_KEY] = self.name
@@ -142,13 +142,7 @@ class FP16EmulationPass(Pass):
         if producer is not None and producer.graph is graph:
             graph.insert_after(producer, [half, back])
             if value.is_graph_output():
-                # The graph's output keeps its name and now carries the rounded tensor.
-                output_name = value.name
-                value.name = _unique(f"{output_name}{UNROUNDED_SUFFIX}", taken)
-                rounded.name = output_name
-                for i, output in enumerate(graph.outputs):
-                    if output is value:
-                        graph.outputs[i] = rounded
+                take_output_name(graph, value, rounded, UNROUNDED_SUFFIX, taken)
         elif len(graph) > 0:
             graph.insert_before(next(iter(graph)), [half, back])
         else:
@@ -165,10 +159,21 @@ def _already_rounded(value: ir.Value) -> bool:
     return bool(uses) and all(_is_ours(u.node) for u in uses)
 
 
-def _unique(name: str, taken: set[str]) -> str:
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``... the first not in ``taken`` (which it joins)."""
     candidate, i = name, 1
     while candidate in taken:
         candidate = f"{name}_{i}"
         i += 1
     taken.add(candidate)
     return candidate
+
+
+def take_output_name(graph: ir.Graph, value: ir.Value, new: ir.Value, suffix: str, taken: set[str]) -> None:
+    """``new`` replaces graph output ``value`` under its name (callers script against output names)."""
+    name = value.name
+    value.name = unique_name(f"{name}{suffix}", taken)
+    new.name = name
+    for i, output in enumerate(graph.outputs):
+        if output is value:
+            graph.outputs[i] = new
