@@ -25,8 +25,6 @@ RSS) against a fresh, temporary qgraph cache:
 
 from __future__ import annotations
 
-import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -34,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import in_child, peak_rss_mib
-from results_file import RESULTS, machine_description, write_section
+from harness import benchmark_parser, in_child, peak_rss_mib, ran_as_child
+from results_file import machine_description, write_section
 
 SECTION = "Export times"
 MODELS = ("smollm2-135m", "all-minilm-l6-v2")
@@ -93,15 +91,11 @@ def _cli_seconds(model: str, out: Path, exporter: str, cache: Path) -> tuple[flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, SECTION)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--exporters", nargs="+", default=list(EXPORTERS), choices=EXPORTERS)
-    parser.add_argument("--write", action="store_true", help=f"update the '{SECTION}' section of {RESULTS.name}")
-    parser.add_argument("--note", default="", help="a remark appended to the section (e.g. other load on the machine)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    if ran_as_child(args, child):
         return 0
 
     rows, dequant, repeats = [], None, []

@@ -25,8 +25,6 @@ Every measurement runs in a fresh Python process, so peak RSS
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -34,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import exported, in_child, peak_rss_mib
-from results_file import RESULTS, machine_description, write_section
+from harness import benchmark_parser, exported, in_child, peak_rss_mib, ran_as_child
+from results_file import machine_description, write_section
 
 SECTION = "fp16 clipping"
 MIB = 2**20
@@ -125,16 +123,12 @@ def _with_external_data(model_path: Path, scratch: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, SECTION)
     parser.add_argument("--model-dir", type=Path, help="an existing SmolLM2 dynamo export folder (skips the export)")
     parser.add_argument("--synthetic-tensors", type=int, default=16)
     parser.add_argument("--synthetic-mib", type=int, default=32, help="size of each synthetic tensor")
-    parser.add_argument("--write", action="store_true", help=f"update the '{SECTION}' section of {RESULTS.name}")
-    parser.add_argument("--note", default="", help="a remark appended to the section (e.g. other load on the machine)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    if ran_as_child(args, child):
         return 0
 
     with tempfile.TemporaryDirectory(prefix="qgraph-fp16-bench-") as tmp:

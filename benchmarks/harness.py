@@ -7,15 +7,17 @@ alone and no import or cache of an earlier job helps it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["exported", "in_child", "peak_rss_mib"]
+__all__ = ["benchmark_parser", "exported", "in_child", "peak_rss_mib", "ran_as_child"]
 
 
 def peak_rss_mib() -> float:
@@ -61,3 +63,20 @@ def exported(model: str, exporter: str, exports: Path | None, folder: str) -> Pa
     print(f"exporting {model} with {exporter} (cached after the first time) ...", file=sys.stderr)
     out = Path(tempfile.mkdtemp(prefix="qgraph-bench-")) / folder
     return Path(export_model(model, out, exporter=exporter, progress=Progress()).model_path)
+
+
+def benchmark_parser(doc: str, section: str) -> argparse.ArgumentParser:
+    """The options every child-process benchmark takes: --write, --note and the hidden --child."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help=f"update the '{section}' section of RESULTS.md")
+    parser.add_argument("--note", default="", help="a remark appended to the section (e.g. other load on the machine)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def ran_as_child(args: argparse.Namespace, child: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """When started by :func:`in_child`, run ``child`` on the task and print its result; True then."""
+    if not args.child:
+        return False
+    print(json.dumps(child(json.loads(args.child))))
+    return True

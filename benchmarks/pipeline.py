@@ -22,16 +22,14 @@ the model's size on disk (model.onnx + external data).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from harness import exported, in_child, peak_rss_mib
-from results_file import RESULTS, machine_description, write_section
+from harness import benchmark_parser, exported, in_child, peak_rss_mib, ran_as_child
+from results_file import machine_description, write_section
 
 SECTION = "Preset pipelines"
 MODEL = "smollm2-135m"
@@ -89,16 +87,12 @@ _CANONICAL = ("RMSNormalization", "Attention", "CustomRMSNorm", "CtxScatter", "S
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, SECTION)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
     parser.add_argument("--exporters", nargs="+", default=list(EXPORTERS), choices=EXPORTERS)
     parser.add_argument("--exports", type=Path, help="folder holding smollm2-<exporter>/model.onnx (else export)")
-    parser.add_argument("--write", action="store_true", help=f"update the '{SECTION}' section of {RESULTS.name}")
-    parser.add_argument("--note", default="", help="a remark appended to the section")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    if ran_as_child(args, child):
         return 0
 
     rows = []

@@ -26,15 +26,13 @@ file apart):
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from harness import exported, in_child
-from results_file import RESULTS, machine_description, write_section
+from harness import benchmark_parser, exported, in_child, ran_as_child
+from results_file import machine_description, write_section
 
 SECTION = "RMSNorm fusion"
 MODEL = "smollm2-135m"
@@ -111,15 +109,11 @@ def format_report(rows: list[dict], note: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, SECTION)
     parser.add_argument("--exporters", nargs="+", default=list(EXPORTERS), choices=EXPORTERS)
     parser.add_argument("--exports", type=Path, help="use DIR/smollm2-<exporter>/model.onnx instead of exporting")
-    parser.add_argument("--write", action="store_true", help=f"update the '{SECTION}' section of {RESULTS.name}")
-    parser.add_argument("--note", default="", help="a remark appended to the section")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    if ran_as_child(args, child):
         return 0
 
     rows = []
