@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import onnx_ir as ir
 import onnxscript.optimizer
 
+from qgraph.graph_stats import all_nodes
+from qgraph.node_types import every_value_typed
 from qgraph.pass_base import Option, Pass
 
 __all__ = ["ConstantFoldingPass"]
@@ -15,16 +15,6 @@ __all__ = ["ConstantFoldingPass"]
 # here because they are qgraph options with their own documentation.
 _INPUT_SIZE_LIMIT = 8192
 _OUTPUT_SIZE_LIMIT = 512 * 512
-
-
-def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
-    yield from ir.traversal.RecursiveGraphIterator(model.graph)
-    for function in model.functions.values():
-        yield from ir.traversal.RecursiveGraphIterator(function)
-
-
-def _every_value_shaped(graph: ir.Graph) -> bool:
-    return all(v.shape is not None and v.dtype is not None for node in graph for v in node.outputs)
 
 
 class ConstantFoldingPass(Pass):
@@ -85,11 +75,11 @@ class ConstantFoldingPass(Pass):
         return None  # onnxscript's default rules decide
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        nodes_before = set(_all_nodes(model))
+        nodes_before = set(all_nodes(model))
         # Node-level inference costs ten times the folding itself on a typed
         # export (dynamo's, or any graph after shape-inference) and would only
         # re-derive the shapes the values carry already.
-        infer = self.config["shape_inference"] and not _every_value_shaped(model.graph)
+        infer = self.config["shape_inference"] and not every_value_typed(model.graph)
         result = onnxscript.optimizer.fold_constants(
             model,
             onnx_shape_inference=infer,
@@ -97,7 +87,7 @@ class ConstantFoldingPass(Pass):
             output_size_limit=self.config["output_size_limit"],
             should_fold=self._should_fold,
         )
-        removed = len(nodes_before - set(_all_nodes(model)))
+        removed = len(nodes_before - set(all_nodes(model)))
         if removed:
             self.report.count("nodes-folded", removed)
             self.report.notes.append(f"folded {removed} node(s) into constants")

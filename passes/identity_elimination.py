@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import onnx_ir as ir
 from onnx_ir.passes.common import IdentityEliminationPass as _IrIdentityEliminationPass
 
+from qgraph.graph_stats import all_nodes
 from qgraph.pass_base import Pass
 
 __all__ = ["IdentityEliminationPass"]
@@ -47,12 +46,6 @@ class _GuardedIdentityElimination(_IrIdentityEliminationPass):
         return super()._try_eliminate_identity_node(node)
 
 
-def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
-    yield from ir.traversal.RecursiveGraphIterator(model.graph)
-    for function in model.functions.values():
-        yield from ir.traversal.RecursiveGraphIterator(function)
-
-
 class IdentityEliminationPass(Pass):
     """Remove Identity nodes, rewiring their users (graph output names are kept).
 
@@ -73,9 +66,9 @@ class IdentityEliminationPass(Pass):
     name = "identity-elimination"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        nodes_before = set(_all_nodes(model))
+        nodes_before = set(all_nodes(model))
         result = _GuardedIdentityElimination()(model)
-        removed = len(nodes_before - set(_all_nodes(model)))
+        removed = len(nodes_before - set(all_nodes(model)))
         if removed:
             self.report.count("identities-removed", removed)
             self.report.notes.append(f"removed {removed} Identity node(s)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.node_types import infer_output_types
+
 __all__ = ["GraphBuilder"]
 
 _PASS = "kv-cache"
@@ -74,6 +76,7 @@ class GraphBuilder:
         out.name = name if name is not None else node.name
         if name is not None:
             self._taken.add(name)
+        infer_output_types(node, self.graph.opset_imports)
         return out
 
     def const(self, value, dtype=np.int64, hint: str = "const") -> ir.Value:
@@ -90,7 +93,19 @@ class GraphBuilder:
     # --- shapes -----------------------------------------------------------------
 
     def dim(self, value: ir.Value, axis: int) -> ir.Value:
-        """Shape(value)[axis] as a 1-element int64 tensor."""
+        """Shape(value)[axis] as a 1-element int64 tensor (an existing such Shape node is reused).
+
+        Reusing matters beyond tidiness: a duplicate costs the cleanup
+        fixpoint after the pass a whole extra round just to merge it.
+        """
+        for user, _ in value.uses():
+            attrs = user.attributes
+            if (
+                user.op_type == "Shape" and user.domain == "" and user.graph is self.graph
+                and set(attrs) == {"start", "end"}
+                and attrs["start"].value == axis and attrs["end"].value == axis + 1
+            ):
+                return user.outputs[0]
         return self.op("Shape", value, start=axis, end=axis + 1)
 
     def scalar_dim(self, value: ir.Value, axis: int) -> ir.Value:

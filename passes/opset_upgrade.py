@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnxscript.version_converter import ConvertVersionPass
+from onnxscript.version_converter._version_converter import (
+    SUPPORTED_MAX_ONNX_OPSET,
+    SUPPORTED_MIN_ONNX_OPSET,
+    registry,
+)
 from qgraph_passes._library_logs import captured_warnings
 
 from qgraph.custom_ops import op_signature, retarget_error, retarget_function
 from qgraph.errors import BadInputError
+from qgraph.graph_stats import all_nodes, iter_nodes
 from qgraph.pass_base import Option, Pass, Prerequisite, default_opset
 
 __all__ = ["OpsetUpgradePass", "opset_at_least"]
@@ -36,16 +41,39 @@ def opset_at_least(version: int) -> Prerequisite:
     )
 
 
-
-
-def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
-    yield from ir.traversal.RecursiveGraphIterator(model.graph)
-    for function in model.functions.values():
-        yield from ir.traversal.RecursiveGraphIterator(function)
-
-
 def _default_domain_ops(model: ir.Model) -> set[str]:
-    return {n.op_type for n in _all_nodes(model) if n.domain in ("", "ai.onnx")}
+    return {n.op_type for n in all_nodes(model) if n.domain in ("", "ai.onnx")}
+
+
+def _only_renumbers(model: ir.Model, source: int | None, target: int) -> bool:
+    """Whether onnxscript's converter would only renumber versions: no adapter applies to any node.
+
+    Then the conversion cannot fail half-way, so it can be done on the model
+    itself by renumbering; cloning a 2000-node export cost more than the
+    conversion (an 18 -> 23 upgrade of SmolLM2 touches no node).
+    """
+    if source is None or not SUPPORTED_MIN_ONNX_OPSET <= source < target <= SUPPORTED_MAX_ONNX_OPSET:
+        return False
+    for node in all_nodes(model):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        version = node.version or source
+        if version > target or any(attr.is_ref() for attr in node.attributes.values()):
+            return False
+        if any(registry.lookup_adapters("", node.op_type, v, True) for v in range(version, target)):
+            return False
+    return True
+
+
+def _renumber(model: ir.Model, target: int) -> None:
+    """What the converter does when no adapter applies, without its clone, inlining and cleanup."""
+    for node in iter_nodes(model.graph):
+        if node.domain in ("", "ai.onnx") and node.version is not None:
+            node.version = target
+    model.opset_imports.pop("ai.onnx", None)
+    model.opset_imports[""] = target
+    for function in model.functions.values():
+        retarget_function(function, target)
 
 
 def _unconvertible_group_norm(model: ir.Model, source: int | None, target: int) -> str | None:
@@ -58,7 +86,7 @@ def _unconvertible_group_norm(model: ir.Model, source: int | None, target: int) 
     """
     if source is None or not (18 <= source < 21 <= target):
         return None
-    for node in _all_nodes(model):
+    for node in all_nodes(model):
         if node.op_type != "GroupNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         shapes = [v.shape if v is not None else None for v in node.inputs[:3]]
@@ -97,7 +125,7 @@ def _written_the_same(node: ir.Node, low: int, high: int) -> bool:
 
 
 def _any_written_the_same(model: ir.Model, op_type: str, low: int, high: int) -> bool:
-    return any(n.op_type == op_type and _written_the_same(n, low, high) for n in _all_nodes(model)
+    return any(n.op_type == op_type and _written_the_same(n, low, high) for n in all_nodes(model)
                if n.domain in ("", "ai.onnx"))
 
 
@@ -108,7 +136,7 @@ def _split_sizes_explicit(model: ir.Model) -> None:
     at both, so the conversion can keep it. Sizes follow opset 18's rule:
     ceil(length / n) each, the last one what remains.
     """
-    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+    for node in list(iter_nodes(model.graph)):
         attr = node.attributes.get("num_outputs")
         if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or attr is None:
             continue
@@ -149,7 +177,7 @@ def _drop_default_noop_with_empty_axes(model: ir.Model) -> None:
     but keep it, which opset 17 rejects ("Unrecognized attribute"). At 0 it
     means what opset 17 does anyway; a 1 is left for the converter to refuse.
     """
-    for node in _all_nodes(model):
+    for node in all_nodes(model):
         attr = node.attributes.get("noop_with_empty_axes")
         if node.op_type.startswith("Reduce") and attr is not None and attr.as_int() == 0:
             del node.attributes["noop_with_empty_axes"]
@@ -195,6 +223,13 @@ class OpsetUpgradePass(Pass):
     the others are inlined first (onnxscript's converter needs that) and unused nodes, functions and opset imports are dropped after
     (onnxscript's cleanup). The model's IR version is raised when the new
     opset needs it.
+
+    When no onnxscript adapter applies to any node on the way (an upgrade
+    from 18 or later of a graph without DFT, GridSample or
+    GroupNormalization, such as SmolLM2's 18 -> 23), the conversion is a
+    renumbering of versions and opset imports, done on the model itself:
+    the same result as the converter's, without its clone, inlining and
+    cleanup.
 
     All or nothing: the conversion runs on a clone (tensors shared, so no
     weight is copied or read) and is checked — opset import reached, no node
@@ -245,7 +280,7 @@ class OpsetUpgradePass(Pass):
         if target < 18 <= (source or 0):
             _split_sizes_explicit(converted)
         hidden = [
-            n for n in _all_nodes(converted)
+            n for n in all_nodes(converted)
             if n.domain in ("", "ai.onnx") and n.op_type in unchanged and _written_the_same(n, target, source or target)
         ]
         for node in hidden:
@@ -259,7 +294,7 @@ class OpsetUpgradePass(Pass):
             except (ValueError, RuntimeError) as e:  # incl. VersionConverterError
                 error = e
         # The C-API path rebuilds the nodes: find the moved ones again.
-        for node in _all_nodes(converted):
+        for node in all_nodes(converted):
             if node.domain == _UNCHANGED_DOMAIN:
                 node.domain = ""
         converted.opset_imports.pop(_UNCHANGED_DOMAIN, None)
@@ -269,7 +304,6 @@ class OpsetUpgradePass(Pass):
         if error is not None:
             return converted, (_readable(str(error)), None)
         return converted, _failure(converted, records, target)
-
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         target = self.config["target"]
@@ -295,7 +329,11 @@ class OpsetUpgradePass(Pass):
         # written the same way at every version in between, so its nodes are
         # moved to a private domain for the conversion and moved back after.
         unchanged: set[str] = set()
-        while True:
+        functions_before = len(model.functions)
+        renumber = _only_renumbers(model, source, target) and all(
+            retarget_error(f, target) is None for f in model.functions.values()
+        )
+        while not renumber:
             converted, failure = self._attempt(model, source, target, unchanged)
             if failure is None:
                 break
@@ -309,6 +347,9 @@ class OpsetUpgradePass(Pass):
                 unchanged.add(adapterless.group(1))
                 continue
             raise self._fail(source, target, reason, op or failing_op(reason))
+        if renumber:
+            converted = model
+            _renumber(model, target)
         if unchanged:
             self.report.notes.append(
                 "kept as written (no converter adapter, same inputs and attributes at both "
@@ -317,7 +358,7 @@ class OpsetUpgradePass(Pass):
         stale = sorted(
             {
                 n.op_type
-                for n in _all_nodes(converted)
+                for n in all_nodes(converted)
                 if n.domain in ("", "ai.onnx") and n.version not in (None, target)
             }
         )
@@ -325,10 +366,11 @@ class OpsetUpgradePass(Pass):
             raise self._fail(source, target, "nodes left at another version", stale[0])
 
         # Commit: the caller's model takes the converted graph and functions.
-        functions_gone = len(model.functions) - len(converted.functions)
-        model.graph = converted.graph
-        model.functions.clear()
-        model.functions.update(converted.functions)
+        functions_gone = functions_before - len(converted.functions)
+        if converted is not model:
+            model.graph = converted.graph
+            model.functions.clear()
+            model.functions.update(converted.functions)
         if model.ir_version < (min_ir := _min_ir_version(target)):
             self.report.notes.append(f"raised IR version {model.ir_version} -> {min_ir}")
             model.ir_version = min_ir

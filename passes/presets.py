@@ -17,12 +17,14 @@ __all__ = ["CLEANUP", "ORT", "QAIC"]
 # Folding exposes Identity chains and duplicates, merging duplicates leaves
 # dead nodes, and removing dead nodes can make more nodes foldable (fewer
 # users), so the four run to a fixpoint. Sorting and shape inference are
-# needed once, on the cleaned graph.
+# needed once, on the cleaned graph; the passes type the values they create,
+# so shape inference runs only if some value is still untyped (a TorchScript
+# export that no typing pass touched).
 _FOLD = {
     "fixpoint": ["constant-folding", "identity-elimination", "cse", "dce"],
     "max_iterations": 8,
 }
-_FINISH = [_FOLD, {"pass": "topological-sort"}, {"pass": "shape-inference"}]
+_FINISH = [_FOLD, {"pass": "topological-sort"}, {"pass": "shape-inference", "options": {"only_missing": True}}]
 
 CLEANUP: dict = {"steps": list(_FINISH)}
 

@@ -9,6 +9,7 @@ from onnx_ir.passes.common import ShapeInferencePass as _IrShapeInferencePass
 from qgraph_passes._library_logs import captured_warnings
 
 from qgraph.errors import PassFailure
+from qgraph.node_types import every_value_typed
 from qgraph.pass_base import Option, Pass
 
 __all__ = ["ShapeInferencePass"]
@@ -56,6 +57,13 @@ class ShapeInferencePass(Pass):
             True,
             "propagate small constant shape tensors through shape arithmetic",
         ),
+        "only_missing": Option(
+            bool,
+            False,
+            "do nothing when every value of the main graph and its subgraphs "
+            "already has a dtype and a shape (the presets end this way: on a "
+            "typed graph onnx would only name the unknown dims)",
+        ),
         "strict": Option(
             bool,
             False,
@@ -65,6 +73,9 @@ class ShapeInferencePass(Pass):
     }
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.config["only_missing"] and every_value_typed(model.graph):
+            self.report.notes.append("every value already has a type and shape; inference not run")
+            return ir.passes.PassResult(model, modified=False)
         ir_pass = _IrShapeInferencePass(
             check_type=self.config["strict"],
             strict_mode=self.config["strict"],

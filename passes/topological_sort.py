@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass as _IrTopologicalSortPass
 
 from qgraph.errors import BadInputError
+from qgraph.graph_stats import all_nodes
 from qgraph.pass_base import Pass
 
 __all__ = ["TopologicalSortPass"]
-
-
-def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
-    yield from ir.traversal.RecursiveGraphIterator(model.graph)
-    for function in model.functions.values():
-        yield from ir.traversal.RecursiveGraphIterator(function)
 
 
 class TopologicalSortPass(Pass):
@@ -35,12 +28,12 @@ class TopologicalSortPass(Pass):
     name = "topological-sort"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        order_before = list(_all_nodes(model))
+        order_before = list(all_nodes(model))
         try:
             _IrTopologicalSortPass()(model)
         except ValueError as e:
             raise BadInputError(f"pass '{self.name}': {e}") from e
-        order_after = list(_all_nodes(model))
+        order_after = list(all_nodes(model))
         moved = sum(1 for a, b in zip(order_before, order_after) if a is not b)
         if moved:
             self.report.count("nodes-moved", moved)

@@ -3,17 +3,29 @@
 A pass that leaves a dangling value or an out-of-order node usually produces
 a model that fails much later, in the device compiler, far from the cause.
 The manager runs these checks after every pass so the failure names the pass
-that broke the graph. The structural checks walk the IR once (O(nodes));
-the onnx checker runs on a serialization with large initializers left out,
-so weights are not read.
+that broke the graph. The structural checks walk the IR once (O(nodes)).
+
+The onnx checker is the expensive part: serializing a 2000-node export for
+it took longer than most passes. ``find_violations`` runs it on the whole
+model (large initializers left out, so weights are not read);
+``InvariantChecker``, which the manager keeps for one run, hands onnx only
+the nodes that are new or changed since its last check (every node again
+when the opset imports or IR version change), the graph's inputs and
+outputs, and the model-local functions. Together with the structural checks
+that covers what ``onnx.checker.check_model`` checks of a graph, except the
+value_info of intermediate values and the contents of initializers, which
+no pass writes by hand.
 """
 
 from __future__ import annotations
 
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-__all__ = ["find_violations"]
+from qgraph.graph_stats import iter_nodes
+
+__all__ = ["InvariantChecker", "find_violations"]
 
 
 def _check_graph(
@@ -67,8 +79,7 @@ def _check_graph(
             problems.append(f"{where}: graph output {i} '{value.name}' is no longer produced (by {origin})")
 
 
-def find_violations(model: ir.Model, *, run_onnx_checker: bool = True) -> list[str]:
-    """Every invariant violation in ``model``, as readable sentences."""
+def _structural_violations(model: ir.Model) -> list[str]:
     problems: list[str] = []
     _check_graph(model.graph, set(), {}, "main graph", problems)
     for function in model.functions.values():
@@ -86,6 +97,12 @@ def find_violations(model: ir.Model, *, run_onnx_checker: bool = True) -> list[s
             if value not in defined:
                 fgraph_problems.append(f"function {function.domain}::{function.name}: output '{value.name}' is not produced")
         problems.extend(fgraph_problems)
+    return problems
+
+
+def find_violations(model: ir.Model, *, run_onnx_checker: bool = True) -> list[str]:
+    """Every invariant violation in ``model``, as readable sentences (the whole onnx checker included)."""
+    problems = _structural_violations(model)
     if run_onnx_checker and not problems:
         try:
             ir.passes.common.CheckerPass(full_check=False)(model)
@@ -93,3 +110,90 @@ def find_violations(model: ir.Model, *, run_onnx_checker: bool = True) -> list[s
             cause = exc.__cause__ or exc
             problems.append(f"onnx checker: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}")
     return problems
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(
+        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) and not attr.is_ref()
+        for attr in node.attributes.values()
+    )
+
+
+def _fingerprint(node: ir.Node) -> tuple:
+    """What the onnx checker reads of a node: op, version, attributes, which inputs and outputs exist.
+
+    Attributes are compared by identity: onnx_ir attributes are replaced,
+    not edited, when a pass changes one.
+    """
+    return (
+        node.domain,
+        node.op_type,
+        node.overload,
+        node.version,
+        tuple((name, id(attr)) for name, attr in node.attributes.items()),
+        tuple(v is not None for v in node.inputs),
+        len(node.outputs),
+    )
+
+
+class InvariantChecker:
+    """The invariant checks of one pipeline run, onnx-checking only the nodes each pass changed.
+
+    Call it after every pass that changed the model; it returns the same
+    kind of sentences as ``find_violations``. A node with a subgraph (If,
+    Loop, Scan) is checked against its outer scope by the whole-model onnx
+    checker, so a change to one makes that call run the full check.
+    """
+
+    def __init__(self, *, run_onnx_checker: bool = True) -> None:
+        self.run_onnx_checker = run_onnx_checker
+        self._checked: dict[ir.Node, tuple] = {}
+        self._context_key: tuple | None = None
+        self._context = onnx.checker.C.CheckerContext()
+
+    def __call__(self, model: ir.Model) -> list[str]:
+        problems = _structural_violations(model)
+        if problems or not self.run_onnx_checker:
+            return problems
+        key = (model.ir_version, tuple(sorted(model.opset_imports.items())))
+        if key != self._context_key:
+            self._checked.clear()
+            self._context_key = key
+            self._context.ir_version = model.ir_version
+            self._context.opset_imports = dict(model.opset_imports)
+        changed = [
+            (node, fingerprint)
+            for node in iter_nodes(model.graph)
+            if self._checked.get(node) != (fingerprint := _fingerprint(node))
+        ]
+        if any(_has_subgraph(node) for node, _ in changed):
+            problems = find_violations(model)
+            if not problems:
+                self._checked.update(changed)
+            return problems
+        for node, fingerprint in changed:
+            try:
+                onnx.checker.check_node(ir.serde.serialize_node(node), self._context)
+            except (onnx.checker.ValidationError, ValueError, TypeError) as error:
+                problems.append(f"onnx checker: {node.op_type} '{node.name}': {_first_line(error)}")
+            else:
+                self._checked[node] = fingerprint
+        for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
+            for value in values:
+                try:
+                    onnx.checker.check_value_info(ir.serde.serialize_value(value), self._context)
+                except (onnx.checker.ValidationError, ValueError, TypeError) as error:
+                    problems.append(f"onnx checker: graph {kind} '{value.name}': {_first_line(error)}")
+        for function in model.functions.values():
+            try:
+                onnx.checker.check_function(ir.serde.serialize_function(function), self._context)
+            except (onnx.checker.ValidationError, ValueError, TypeError) as error:
+                problems.append(
+                    f"onnx checker: function {function.domain}::{function.name}: {_first_line(error)}"
+                )
+        return problems

@@ -8,7 +8,8 @@ Each pass is an ``onnx_ir`` pass called through its own ``__call__`` (so its
 * records wall time, whether the model changed, node counts, the op
   histogram and the pass's own report (matches per rule, notes);
 * checks graph invariants after every pass that changed the model, and stops
-  naming the pass that broke one;
+  naming the pass that broke one (``InvariantChecker``: the onnx checker sees
+  only the nodes changed since its last call);
 * optionally verifies each changed step against the model before it, so a
   pass that changes the meaning is named, not just the final model.
 """
@@ -25,8 +26,8 @@ from typing import Any
 import onnx_ir as ir
 
 from qgraph.errors import BadInputError, InvariantViolation, PassFailure, QGraphError
-from qgraph.graph_stats import count_nodes, op_histogram
-from qgraph.invariants import find_violations
+from qgraph.graph_stats import op_histogram
+from qgraph.invariants import InvariantChecker
 from qgraph.pass_base import Pass
 from qgraph.pipeline import FixpointPasses, Pipeline
 from qgraph.registry import Registry, default_registry
@@ -129,10 +130,25 @@ class PassManager:
         self.before_pass = before_pass
         # Validate every pass and option now, before the model is touched.
         self._instances = self.pipeline.instantiate(self.registry)
+        self._histogram: dict[str, int] | None = None
+        self._checker = InvariantChecker(run_onnx_checker=run_onnx_checker)
+
+    def _op_histogram(self, model: ir.Model) -> dict[str, int]:
+        # Kept from one pass to the next until a pass reports a change: in a
+        # fixpoint most runs change nothing, and walking the graph twice per
+        # pass was a measurable share of a whole preset's time.
+        if self._histogram is None:
+            self._histogram = op_histogram(model.graph)
+        return self._histogram
+
+    def _node_count(self, model: ir.Model) -> int:
+        return sum(self._op_histogram(model).values())
 
     def run(self, model: ir.Model) -> RunReport:
         report = RunReport(pipeline=self.pipeline.describe() or self.pipeline.name)
-        report.nodes_before = count_nodes(model.graph)
+        self._histogram = None
+        self._checker = InvariantChecker(run_onnx_checker=self.run_onnx_checker)
+        report.nodes_before = self._node_count(model)
         start = time.perf_counter()
         try:
             for step in self._instances:
@@ -143,7 +159,7 @@ class PassManager:
         except _Stop:
             pass
         report.seconds = time.perf_counter() - start
-        report.nodes_after = count_nodes(model.graph)
+        report.nodes_after = self._node_count(model)
         return report
 
     def _run_fixpoint(self, group: FixpointPasses, model: ir.Model, report: RunReport) -> None:
@@ -181,10 +197,12 @@ class PassManager:
         iteration: int | None = None,
     ) -> bool:
         self._satisfy_prerequisites(p, model, report)
-        if self.before_pass is not None and self.before_pass(p, model) is False:
-            raise _Stop()
+        if self.before_pass is not None:
+            self._histogram = None  # the hook may edit the model
+            if self.before_pass(p, model) is False:
+                raise _Stop()
         snapshot = model.clone() if self.verifier is not None else None
-        nodes_before = count_nodes(model.graph)
+        nodes_before = self._node_count(model)
         start = time.perf_counter()
         try:
             result = p(model)
@@ -201,13 +219,16 @@ class PassManager:
         seconds = time.perf_counter() - start
         if result.model is not model:
             raise PassFailure(f"pass '{p.name}' returned a different model object; qgraph passes work in place", pass_name=p.name)
+        if result.modified:
+            self._histogram = None
+        histogram = self._op_histogram(model)
         record = PassRecord(
             name=p.name,
             seconds=seconds,
             changed=bool(result.modified),
             nodes_before=nodes_before,
-            nodes_after=count_nodes(model.graph),
-            op_histogram=op_histogram(model.graph),
+            nodes_after=sum(histogram.values()),
+            op_histogram=dict(histogram),
             options=dict(p.config),
             rule_matches=dict(p.report.rule_matches),
             notes=list(p.report.notes),
@@ -216,7 +237,7 @@ class PassManager:
         )
         report.passes.append(record)
         if result.modified and self.check_invariants:
-            problems = find_violations(model, run_onnx_checker=self.run_onnx_checker)
+            problems = self._checker(model)
             if problems:
                 listing = "\n  ".join(problems[:10])
                 more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""

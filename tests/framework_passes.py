@@ -153,7 +153,57 @@ class ScaleOutputPass(Pass):
         return ir.passes.PassResult(model, True)
 
 
-TEST_PASSES = [DoubleNegPass, NeedsOpset23, NeedsUnprovided, Countdown, DanglingPass, ShufflePass, DuplicateNamePass, CrashPass, ScaleOutputPass]
+class BadAttributePass(Pass):
+    """Gives the Relu an attribute its schema lacks (a broken test pass, caught by the onnx checker)."""
+
+    name = "break-attribute"
+
+    def call(self, model):
+        node = next(n for n in model.graph if n.op_type == "Relu")
+        node.attributes["alpha"] = ir.AttrFloat32("alpha", 0.5)
+        return ir.passes.PassResult(model, True)
+
+
+class AddCustomOpPass(Pass):
+    """Puts a custom-domain op (with its opset import) after the Relu; valid (test pass)."""
+
+    name = "add-custom-op"
+
+    def call(self, model):
+        relu = next(n for n in model.graph if n.op_type == "Relu")
+        users = list(relu.outputs[0].uses())
+        custom = ir.node("Twist", [relu.outputs[0]], domain="test.custom", name="twist")
+        custom.outputs[0].name = "twisted"
+        custom.outputs[0].type, custom.outputs[0].shape = relu.outputs[0].type, relu.outputs[0].shape
+        model.graph.insert_after(relu, custom)
+        for user, index in users:
+            user.replace_input_with(index, custom.outputs[0])
+        model.opset_imports["test.custom"] = 1
+        return ir.passes.PassResult(model, True)
+
+
+class DropCustomImportPass(Pass):
+    """Removes the custom domain's opset import, leaving its (unchanged) nodes without one (broken test pass)."""
+
+    name = "break-imports"
+
+    def call(self, model):
+        del model.opset_imports["test.custom"]
+        return ir.passes.PassResult(model, True)
+
+
+class UntypedOutputPass(Pass):
+    """Takes the graph output's type away (a broken test pass)."""
+
+    name = "break-output-type"
+
+    def call(self, model):
+        model.graph.outputs[0].type = None
+        return ir.passes.PassResult(model, True)
+
+
+TEST_PASSES = [DoubleNegPass, NeedsOpset23, NeedsUnprovided, Countdown, DanglingPass, ShufflePass, DuplicateNamePass,
+               CrashPass, ScaleOutputPass, BadAttributePass, AddCustomOpPass, DropCustomImportPass, UntypedOutputPass]
 
 
 def registry_with_test_passes() -> Registry:

@@ -19,7 +19,7 @@ from model_builders import (
 from onnx import TensorProto, helper
 
 from qgraph import io as qio
-from qgraph.graph_stats import count_nodes, op_histogram, op_key
+from qgraph.graph_stats import all_nodes, count_nodes, iter_nodes, op_histogram, op_key
 from qgraph.inspect_model import format_summary, summarize
 
 
@@ -85,6 +85,18 @@ def test_histogram_helpers_work_on_graphs_and_functions() -> None:
     assert count_nodes(function) == 3
     assert op_histogram(function) == {"Add": 1, "Constant": 1, "Mul": 1}
     assert count_nodes(model.graph) == 1
+
+
+def test_node_walk_visits_what_onnx_ir_traversal_visits_in_the_same_order() -> None:
+    import onnx_ir as ir
+
+    for proto in (mlp_model(), model_with_function(), model_with_subgraph()):
+        model = qio.load(proto)
+        expected = list(ir.traversal.RecursiveGraphIterator(model.graph))
+        for function in model.functions.values():
+            expected += list(ir.traversal.RecursiveGraphIterator(function))
+        assert list(all_nodes(model)) == expected
+        assert list(iter_nodes(model.graph)) == expected[: count_nodes(model.graph)]
 
 
 def test_unknown_dims_rank_and_other_dtypes() -> None:

@@ -9,6 +9,7 @@ import pytest
 from framework_passes import registry_with_test_passes, relu_neg_model
 
 from qgraph.errors import BadInputError, InvariantViolation, PassFailure
+from qgraph.invariants import InvariantChecker, find_violations
 from qgraph.manager import PassManager
 from qgraph.pass_base import default_opset
 from qgraph.pipeline import Fixpoint
@@ -69,6 +70,35 @@ def test_invariant_violation_names_the_pass(registry, pass_name, message):
         PassManager(["double-neg", pass_name], registry=registry).run(model(23))
     assert err.value.pass_name == pass_name
     assert f"pass '{pass_name}'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        # A node's attribute replaced after the node was checked once.
+        (["double-neg", "add-custom-op", "break-attribute"], "onnx checker: Relu 'relu': Unrecognized attribute: alpha"),
+        # Unchanged nodes whose opset import went away.
+        (["add-custom-op", "break-imports"], "onnx checker: Twist 'twist': No opset import for domain 'test.custom'"),
+        (["double-neg", "break-output-type"], "onnx checker: graph output 'y'"),
+    ],
+)
+def test_onnx_checker_runs_again_on_what_a_later_pass_changed(registry, steps, message):
+    """The manager onnx-checks only changed nodes; a change made after a node's first check is still caught."""
+    with pytest.raises(InvariantViolation, match=message) as err:
+        PassManager(steps, registry=registry).run(model(23))
+    assert err.value.pass_name == steps[-1]
+
+
+@pytest.mark.parametrize("broken", ["break-attribute", "break-imports", "break-output-type", "break-dangling",
+                                    "break-order", "break-names"])
+def test_incremental_checks_agree_with_the_whole_model_checker(registry, broken):
+    m = model(23)
+    checker = InvariantChecker()
+    for name in ("double-neg", "add-custom-op"):
+        registry.create(name, {})(m)
+        assert checker(m) == [] and find_violations(m) == []
+    registry.create(broken, {})(m)
+    assert checker(m) and find_violations(m)
 
 
 def test_invariants_can_be_switched_off(registry):

@@ -279,7 +279,14 @@ def apply_rules(
     stats = RewriteStats()
     finder = _Matcher(model)
     created_by: dict[ir.Node, str] = {}
+    required = {id(rule): rule.pattern_graph.required_ops() for rule in rules}
     for _ in range(max_sweeps):
+        # A rule needing an op the model no longer has cannot match: after a
+        # pass fused every instance, the sweep that confirms it is skipped.
+        present = {(n.domain or "", n.op_type) for g in _graphs(model) for n in g}
+        viable = {id(rule) for rule in rules if required[id(rule)] <= present}
+        if not viable:
+            return stats
         stats.sweeps += 1
         changed = False
         for graph in list(_graphs(model)):
@@ -290,6 +297,8 @@ def apply_rules(
                 if node.graph is not graph:
                     continue  # removed by an earlier rewrite in this sweep
                 for rule in rules.rules_for(node):
+                    if id(rule) not in viable:
+                        continue
                     match, _ = finder.try_rule(rule, node)
                     if match is None:
                         continue

@@ -349,6 +349,26 @@ class PatternGraph:
     def count_nodes(self) -> int:
         return len(self.nodes)
 
+    def required_ops(self) -> frozenset[tuple[str, str]]:
+        """The (domain, op) keys every match contains, whichever alternatives it takes.
+
+        A graph without one of them cannot match, which lets the engine skip
+        the rule (and the confirming sweep after a pass fused every instance).
+        """
+        memo: dict[int, frozenset[tuple[str, str]]] = {}
+
+        def needed(value: ValuePattern | None) -> frozenset[tuple[str, str]]:
+            if isinstance(value, NodeOutput):
+                node = value.node
+                if node.id not in memo:
+                    memo[node.id] = frozenset({node.op_key}).union(*(needed(v) for v in node.inputs))
+                return memo[node.id]
+            if isinstance(value, AnyOf):
+                return frozenset.intersection(*(needed(alt) for alt in value.alternatives))
+            return frozenset()  # a variable, a constant or an absent input: no node needed
+
+        return frozenset().union(*(needed(v) for v in self.outputs))
+
 
 def _producer_ops(value: ValuePattern) -> set[tuple[str, str]]:
     if isinstance(value, NodeOutput):

@@ -387,6 +387,11 @@ def check_rule(rule: Rule, *, examples: int = 8, max_variants: int = 64, seed: i
         except CannotBuild as exc:
             results.append(VariantCheck(description, "cannot-build", str(exc)))
             continue
+        missing = rule.pattern_graph.required_ops() - {(n.domain or "", n.op_type) for n in model.graph}
+        if missing:  # the engine would skip the rule on this graph
+            names = ", ".join(f"{d}::{o}" if d else o for d, o in sorted(missing))
+            results.append(VariantCheck(description, "no-match", f"required ops {names} are not in its instance"))
+            continue
         roots = {o.producer() for o in model.graph.outputs}
         if not any(m.root in roots for m in find_matches(model, single)):
             reasons = [str(c) for c in explain(model, single) if c.node in {r.name for r in roots}]

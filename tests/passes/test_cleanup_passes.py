@@ -217,6 +217,21 @@ def test_dce_removes_dead_branch_unused_initializer_function_and_opset():
     assert_equivalent(before, model)
 
 
+def test_dce_drops_the_import_of_a_domain_whose_last_node_was_dead():
+    model = parse("""
+        <ir_version: 10, opset_import: ["" : 18, "test.custom" : 1]>
+        g (float[N, 4] X) => (float[N, 4] Y) { dead = test.custom.Twist(X)  Y = Relu(X) }
+    """)
+    dce = DeadCodeEliminationPass()
+    assert dce(model).modified
+    assert model.opset_imports == {"": 18}
+    assert dce.report.rule_matches == {"removed-nodes": 1, "removed-opset-imports": 1}
+    # Nothing dead left; an unused import alone is still found.
+    model.opset_imports["test.unused"] = 1
+    assert dce(model).modified and model.opset_imports == {"": 18}
+    assert not dce(model).modified
+
+
 def test_dce_cleans_subgraphs_and_functions_but_keeps_used_functions():
     model = parse(
         """
@@ -524,6 +539,57 @@ def test_shape_inference_fills_value_shapes_and_types():
     assert shapes["Y"] == ir.Shape([3, "N"])
     assert all(v.dtype == ir.DataType.FLOAT for n in model.graph for v in n.outputs)
     assert not ShapeInferencePass()(model).modified
+
+
+def test_shape_inference_only_missing_runs_only_while_some_value_is_untyped():
+    model = parse(SHAPES)
+    assert ShapeInferencePass(only_missing=True)(model).modified
+    assert _shapes(model)["m"] == ir.Shape(["N", 3])
+    # Typed now: a stored dim that onnx would overwrite shows whether inference ran.
+    next(n for n in model.graph if n.op_type == "Relu").outputs[0].shape = ir.Shape(["N", "K"])
+    skip = ShapeInferencePass(only_missing=True)
+    assert not skip(model).modified
+    assert _shapes(model)["r"] == ir.Shape(["N", "K"])
+    assert any("inference not run" in note for note in skip.report.notes)
+    assert ShapeInferencePass()(model).modified
+    assert _shapes(model)["r"] == ir.Shape(["N", 3])
+
+
+@pytest.mark.parametrize("text", [SHAPES, RESHAPE_BY_SHAPE])
+def test_node_by_node_types_equal_whole_graph_inference(text):
+    """qgraph.node_types, used by passes on the nodes they add, infers what onnx infers for the graph.
+
+    Constants are handed over as data, but no data is propagated through
+    computed shapes: hence the comparison with ``data_prop`` off.
+    """
+    from qgraph.node_types import infer_output_types
+
+    whole = parse(text)
+    ShapeInferencePass(data_prop=False)(whole)
+    one_by_one = parse(text)
+    for node in one_by_one.graph:
+        for value in node.outputs:
+            value.shape, value.type = None, None
+        assert infer_output_types(node, one_by_one.opset_imports)
+
+    def dims(model):  # onnx names the dims it cannot know unk__N; node-level inference leaves them unnamed
+        return {name: [None if str(d).startswith("unk__") else d for d in shape] for name, shape in _shapes(model).items()}
+
+    assert dims(one_by_one) == dims(whole)
+    assert [v.dtype for n in one_by_one.graph for v in n.outputs] == [v.dtype for n in whole.graph for v in n.outputs]
+
+
+def test_node_types_give_up_on_custom_ops_and_untyped_inputs():
+    from qgraph.node_types import infer_output_types
+
+    model = parse("""
+        <ir_version: 10, opset_import: ["" : 18, "test.custom" : 1]>
+        g (float[N, 4] X) => (float[?, ?] Y) { a = test.custom.Twist(X)  b = Relu(a)  Y = Relu(b) }
+    """)
+    twist, relu, _ = model.graph
+    assert not infer_output_types(twist, model.opset_imports)
+    assert twist.outputs[0].shape is None and not infer_output_types(relu, model.opset_imports)
+    assert relu.outputs[0].shape is None
 
 
 @pytest.mark.parametrize("data_prop, expected", [(True, ir.Shape([2, 12])), (False, None)])

@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -100,6 +101,26 @@ def test_device_form_last_token_logits_with_ctx_scatter(cached_zoo: CachedZoo, a
     assert ("com.qualcomm.cloud", "CtxScatter", "") in cached.model.functions
     logits = next(o for o in graph.outputs if o.name == "logits")
     assert list(logits.shape)[1] == 1
+
+
+@pytest.mark.parametrize("options", [{"style": "concat"}, {"style": "retained", "ctx_len": CTX_LEN, "logits": "all"}])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_every_value_the_pass_adds_is_typed_as_onnx_infers_it(cached_zoo: CachedZoo, arch: str, options: dict) -> None:
+    """Typed values keep later passes cheap (no re-inference); the types must be the ones onnx infers."""
+    from qgraph.node_types import every_value_typed
+
+    model = cached_zoo.get(arch, "dynamo", **options).model
+    assert every_value_typed(model.graph)
+    added = {v.name: v for n in model.graph for v in n.outputs if n.metadata_props.get("qgraph.pass") == "kv-cache"}
+    assert added
+    inferred = ir.from_proto(onnx.shape_inference.infer_shapes(ir.to_proto(model), data_prop=True))
+    by_name = {v.name: v for n in inferred.graph for v in n.outputs}
+    for name, value in added.items():
+        other = by_name[name]
+        assert value.dtype == other.dtype, name
+        assert len(value.shape) == len(other.shape), name
+        for mine, theirs in zip(value.shape, other.shape):
+            assert not (isinstance(mine, int) and isinstance(theirs, int) and mine != theirs), name
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

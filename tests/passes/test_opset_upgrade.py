@@ -96,6 +96,58 @@ def test_onnxscript_path_from_18_upwards_keeps_meaning():
     assert_equivalent(before, model)
 
 
+RENUMBERED_ONLY = [
+    # No onnxscript adapter between 18 and 23 for any of these ops.
+    """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[N, 4] X) => (float[N, 1] Y) <int64[1] axes = {1}> {
+      r = ReduceMax<keepdims = 1>(X, axes)
+      Y = Relu(r)
+    }
+    """,
+    # A custom op whose body reads the same at both opsets is kept, not inlined.
+    """
+    <ir_version: 8, opset_import: ["" : 18, "com.qti.test" : 1]>
+    g (float[N, 4] X) => (float[N, 4] Y) { s = com.qti.test.Square(X)  Y = Softmax<axis = -1>(s) }
+
+    <domain: "com.qti.test", opset_import: ["" : 18]>
+    Square (x) => (y) { y = Mul(x, x) }
+    """,
+]
+
+
+@pytest.mark.parametrize("text", RENUMBERED_ONLY)
+def test_renumbering_in_place_gives_what_the_converter_gives(text, monkeypatch):
+    """When no adapter applies the pass only renumbers (no clone); the result must equal the converter's."""
+    import qgraph_passes.opset_upgrade as module
+
+    assert module._only_renumbers(parse(text), 18, 23)
+    fast = parse(text)
+    graph = fast.graph
+    assert OpsetUpgradePass(target=23)(fast).modified
+    assert fast.graph is graph  # converted in place
+    monkeypatch.setattr(module, "_only_renumbers", lambda *args: False)
+    slow = parse(text)
+    assert OpsetUpgradePass(target=23)(slow).modified
+    assert slow.graph is not graph
+    assert proto_of(fast) == proto_of(slow)
+    onnx.checker.check_model(proto_of(fast), full_check=True)
+    assert_equivalent(proto_of(parse(text)), fast)
+
+
+def test_an_op_with_an_adapter_on_the_way_is_not_just_renumbered():
+    group_norm = """
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[1, 4, 3] X) => (float[1, 4, 3] Y) <float[2] s = {1, 1}, float[2] b = {0, 0}> {
+          Y = GroupNormalization<num_groups = 2>(X, s, b)
+        }
+    """
+    import qgraph_passes.opset_upgrade as module
+
+    assert not module._only_renumbers(parse(group_norm), 18, 23)
+    assert module._only_renumbers(parse(group_norm), 18, 20)
+
+
 def test_downgrade_works_where_onnx_has_the_adapter():
     model = parse(
         """

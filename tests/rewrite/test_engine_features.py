@@ -379,6 +379,34 @@ def test_dispatch_only_tries_rules_at_their_root_op(monkeypatch):
     assert tried == ["Relu", "Relu"]
 
 
+def test_required_ops_are_those_in_every_alternative():
+    def pattern(op, x, y):
+        root = op.Sqrt(y) | op.Pow(y, 0.5)
+        return op.Div(x, root) | op.Mul(x, op.Reciprocal(root))
+
+    (rule,) = RuleSet([Rule("div-sqrt", pattern, lambda op, x, y: op.Div(x, op.Sqrt(y)))])
+    assert rule.pattern_graph.required_ops() == frozenset()
+    (rule,) = RMS
+    assert rule.pattern_graph.required_ops() == {("", op) for op in ("Mul", "ReduceMean", "Div", "Sqrt", "Add")}
+
+
+def test_no_sweep_runs_once_an_op_the_rule_needs_is_gone(monkeypatch):
+    """After the RMS pattern is fused no ReduceMean is left: the sweep that would confirm it is skipped."""
+    import qgraph.rewrite.engine as engine
+
+    tried: list[str] = []
+    original = engine._Matcher.try_rule
+    monkeypatch.setattr(engine._Matcher, "try_rule", lambda self, rule, root: tried.append(root.op_type) or original(self, rule, root))
+    model = make_model(lambda op, x: op.Relu(op.Mul(rms_graph(op, x), op.Neg(x))), X)
+    stats = apply_rules(model, RMS)
+    assert stats.matches == {"rms": 1} and stats.sweeps == 1
+    assert ops(model) == ["RMSNormalization", "Neg", "Mul", "Relu"]
+    # A graph with Mul roots but no ReduceMean is not searched at all.
+    tried.clear()
+    assert apply_rules(make_model(lambda op, x: op.Mul(x, x), X), RMS).sweeps == 0
+    assert tried == []
+
+
 def test_explain_lists_every_candidate_not_only_the_best():
     def build(op, x):
         a = op.Softmax(x, axis=0)

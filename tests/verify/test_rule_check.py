@@ -228,3 +228,33 @@ def test_attention_rule_with_a_wrong_scale_is_caught():
     assert not result.ok
     failing = [v for v in result.variants if v.status != "ok"]
     assert all(v.status == "not-equivalent" and "comparison FAILED" in v.detail for v in failing), str(result)
+
+
+def test_every_builtin_rule_instance_holds_the_ops_the_engine_requires():
+    """The engine skips a rule when the graph lacks one of its required ops; no instance of it may lack one."""
+    from qgraph.rewrite_pass import RewritePass
+    from qgraph.verify.rule_check import (
+        CannotBuild,
+        _build,
+        pairwise_cover,
+        pattern_variants,
+    )
+
+    registry = qgraph.registry.default_registry()
+    rules = {rule.name: rule for name in registry.names() if issubclass(cls := registry.get(name), RewritePass)
+             for rule in cls().rule_set()}
+    assert {"rmsnorm", "attention-core", "rmsnorm-to-custom-rmsnorm"} <= set(rules)
+    for rule in rules.values():
+        variants = pattern_variants(rule)
+        if len(variants) > 64:
+            variants = pairwise_cover(variants, 64)[0]
+        built = 0
+        for choices in variants:
+            try:
+                model = _build(rule, choices)
+            except CannotBuild:
+                continue
+            built += 1
+            present = {(n.domain or "", n.op_type) for n in model.graph}
+            assert rule.pattern_graph.required_ops() <= present, (rule.name, choices)
+        assert built, rule.name

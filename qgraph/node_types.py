@@ -1,0 +1,77 @@
+"""Types for the values a pass creates, from onnx's inference of that one node.
+
+A pass that appends nodes without typing their outputs leaves work for
+every later pass: onnxscript's constant folder then runs node-level
+inference over the whole graph (ten times the cost of folding a typed one),
+and the preset's final shape inference has to run at all. Inferring the few
+new nodes as they are made costs a fraction of a millisecond each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import onnx
+import onnx_ir as ir
+
+from qgraph.graph_stats import iter_nodes
+
+__all__ = ["every_value_typed", "infer_output_types"]
+
+# Constant inputs up to this many elements are handed to onnx as data, so
+# shape arithmetic (a Reshape's target, a Range's bounds) gives concrete dims.
+_DATA_LIMIT = 64
+
+
+def _type_proto(value: ir.Value) -> onnx.TypeProto:
+    proto = ir.serde.serialize_type(value.type)
+    if value.shape is not None:
+        ir.serde.serialize_shape_into(proto, value.shape)
+    return proto
+
+
+def infer_output_types(node: ir.Node, opset_imports: Mapping[str, int]) -> bool:
+    """Fill in the dtype and shape onnx infers for ``node``'s outputs where they have none.
+
+    Constant inputs are given to onnx as data; values computed from other
+    shapes are not (no data propagation), so a Reshape to a computed shape
+    gets its rank but not its dims. Best effort, and says so: returns False (and leaves the outputs as they
+    are) when an input is untyped, the op has no schema at that opset (a
+    custom op), or onnx's inference rejects the node; later shape inference
+    is then still the place that types them.
+    """
+    if all(v.dtype is not None and v.shape is not None for v in node.outputs):
+        return True
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    version = node.version if node.version is not None else opset_imports.get(domain)
+    if version is None or not onnx.defs.has(node.op_type, domain):
+        return False
+    inputs = [v for v in node.inputs if v is not None]
+    if any(v.type is None or not v.name for v in inputs):
+        return False
+    types = {v.name: _type_proto(v) for v in inputs}
+    data = {
+        v.name: ir.serde.serialize_tensor(v.const_value)
+        for v in inputs
+        if v.const_value is not None and v.const_value.size <= _DATA_LIMIT
+    }
+    try:
+        schema = onnx.defs.get_schema(node.op_type, version, domain)
+        inferred = onnx.shape_inference.infer_node_outputs(schema, ir.serde.serialize_node(node), types, data)
+    except (onnx.defs.SchemaError, onnx.shape_inference.InferenceError, RuntimeError, ValueError):
+        return False
+    for value in node.outputs:
+        proto = inferred.get(value.name)
+        if proto is None:
+            continue
+        if value.dtype is None:
+            value.type = ir.serde.deserialize_type_proto_for_type(proto)
+        if value.shape is None:
+            value.shape = ir.serde.deserialize_type_proto_for_shape(proto)
+    return all(v.dtype is not None and v.shape is not None for v in node.outputs)
+
+
+def every_value_typed(graph: ir.Graph) -> bool:
+    """Whether every input and node output of ``graph`` and its subgraphs has a dtype and a shape."""
+    values = [*graph.inputs, *(v for node in iter_nodes(graph) for v in node.outputs)]
+    return all(v.dtype is not None and v.shape is not None for v in values)
