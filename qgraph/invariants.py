@@ -9,15 +9,17 @@ The onnx checker is the expensive part: serializing a 2000-node export for
 it took longer than most passes. ``find_violations`` runs it on the whole
 model (large initializers left out, so weights are not read);
 ``InvariantChecker``, which the manager keeps for one run, hands onnx only
-the nodes that are new or changed since its last check (every node again
-when the opset imports or IR version change), the graph's inputs and
-outputs, and the model-local functions. Together with the structural checks
+the nodes the passes made or changed (and those an opset change makes read
+as another schema), the graph's inputs and outputs, and the model-local
+functions. Together with the structural checks
 that covers what ``onnx.checker.check_model`` checks of a graph, except the
 value_info of intermediate values and the contents of initializers, which
 no pass writes by hand.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import onnx
 import onnx_ir as ir
@@ -141,48 +143,91 @@ def _fingerprint(node: ir.Node) -> tuple:
     )
 
 
-class InvariantChecker:
-    """The invariant checks of one pipeline run, onnx-checking only the nodes each pass changed.
+def _schema_version(domain: str, op_type: str, opset: int | None) -> int | None:
+    """The since_version of the schema ``op_type`` resolves to at ``opset``, None without one."""
+    if opset is None:
+        return None
+    try:
+        return onnx.defs.get_schema(op_type, opset, domain).since_version
+    except onnx.defs.SchemaError:
+        return None
 
-    Call it after every pass that changed the model; it returns the same
-    kind of sentences as ``find_violations``. A node with a subgraph (If,
-    Loop, Scan) is checked against its outer scope by the whole-model onnx
-    checker, so a change to one makes that call run the full check.
+
+class InvariantChecker:
+    """The invariant checks of one pipeline run, onnx-checking only what the passes changed.
+
+    ``baseline`` takes the model as given; after every pass that changed it,
+    calling the checker returns the same kind of sentences as
+    ``find_violations``. The structural checks cover the whole graph each
+    time; the onnx checker sees the nodes that are new or changed since the
+    baseline or the last check, plus the unchanged nodes whose op now
+    resolves to another schema because an opset import changed, and the
+    graph's inputs and outputs and model-local functions. Nodes as the input
+    model had them are the input's, not a pass's, and are not onnx-checked
+    (``find_violations`` checks a whole model). A changed node with a
+    subgraph (If, Loop, Scan) is checked against its outer scope by the
+    whole-model checker. Raising the IR version (the only direction passes
+    take it) invalidates no node.
     """
 
     def __init__(self, *, run_onnx_checker: bool = True) -> None:
         self.run_onnx_checker = run_onnx_checker
-        self._checked: dict[ir.Node, tuple] = {}
-        self._context_key: tuple | None = None
+        self._known: dict[ir.Node, tuple] = {}
+        self._imports: dict[str, int] | None = None
         self._context = onnx.checker.C.CheckerContext()
+
+    def baseline(self, model: ir.Model) -> None:
+        """Take ``model`` as the input of the run: its nodes count as checked."""
+        self._known = {node: _fingerprint(node) for node in iter_nodes(model.graph)}
+        self._imports = dict(model.opset_imports)
+
+    def _reread(self, imports: dict[str, int]) -> Callable[[ir.Node], bool]:
+        """Whether an unchanged node reads differently under ``imports`` than under the last ones."""
+        old = self._imports
+        if old is None:
+            return lambda node: True
+        moved = {d for d in set(old) | set(imports) if old.get(d) != imports.get(d)}
+        cache: dict[tuple[str, str], bool] = {}
+
+        def reread(node: ir.Node) -> bool:
+            domain = "" if node.domain == "ai.onnx" else node.domain
+            if domain not in moved or node.version is not None:
+                return False
+            key = (domain, node.op_type)
+            if key not in cache:
+                before = _schema_version(domain, node.op_type, old.get(domain))
+                cache[key] = before is None or before != _schema_version(domain, node.op_type, imports.get(domain))
+            return cache[key]
+
+        return reread
 
     def __call__(self, model: ir.Model) -> list[str]:
         problems = _structural_violations(model)
         if problems or not self.run_onnx_checker:
             return problems
-        key = (model.ir_version, tuple(sorted(model.opset_imports.items())))
-        if key != self._context_key:
-            self._checked.clear()
-            self._context_key = key
-            self._context.ir_version = model.ir_version
-            self._context.opset_imports = dict(model.opset_imports)
+        imports = dict(model.opset_imports)
+        reread = self._reread(imports)
+        self._imports = imports
+        self._context.ir_version = model.ir_version
+        self._context.opset_imports = imports
         changed = [
             (node, fingerprint)
             for node in iter_nodes(model.graph)
-            if self._checked.get(node) != (fingerprint := _fingerprint(node))
+            if self._known.get(node) != (fingerprint := _fingerprint(node)) or reread(node)
         ]
         if any(_has_subgraph(node) for node, _ in changed):
             problems = find_violations(model)
             if not problems:
-                self._checked.update(changed)
+                self._known.update(changed)
             return problems
         for node, fingerprint in changed:
             try:
                 onnx.checker.check_node(ir.serde.serialize_node(node), self._context)
             except (onnx.checker.ValidationError, ValueError, TypeError) as error:
                 problems.append(f"onnx checker: {node.op_type} '{node.name}': {_first_line(error)}")
+                self._known.pop(node, None)
             else:
-                self._checked[node] = fingerprint
+                self._known[node] = fingerprint
         for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
             for value in values:
                 try:

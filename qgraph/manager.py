@@ -148,6 +148,8 @@ class PassManager:
         report = RunReport(pipeline=self.pipeline.describe() or self.pipeline.name)
         self._histogram = None
         self._checker = InvariantChecker(run_onnx_checker=self.run_onnx_checker)
+        if self.check_invariants:
+            self._checker.baseline(model)
         report.nodes_before = self._node_count(model)
         start = time.perf_counter()
         try:

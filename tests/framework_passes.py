@@ -192,6 +192,16 @@ class DropCustomImportPass(Pass):
         return ir.passes.PassResult(model, True)
 
 
+class LowerOpsetImportPass(Pass):
+    """Sets the default opset import to 17 without touching a node (broken for ops newer than 17)."""
+
+    name = "break-opset"
+
+    def call(self, model):
+        model.opset_imports[""] = 17
+        return ir.passes.PassResult(model, True)
+
+
 class UntypedOutputPass(Pass):
     """Takes the graph output's type away (a broken test pass)."""
 
@@ -203,7 +213,8 @@ class UntypedOutputPass(Pass):
 
 
 TEST_PASSES = [DoubleNegPass, NeedsOpset23, NeedsUnprovided, Countdown, DanglingPass, ShufflePass, DuplicateNamePass,
-               CrashPass, ScaleOutputPass, BadAttributePass, AddCustomOpPass, DropCustomImportPass, UntypedOutputPass]
+               CrashPass, ScaleOutputPass, BadAttributePass, AddCustomOpPass, DropCustomImportPass, UntypedOutputPass,
+               LowerOpsetImportPass]
 
 
 def registry_with_test_passes() -> Registry:

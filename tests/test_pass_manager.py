@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import onnx_ir as ir
 import pytest
 from framework_passes import registry_with_test_passes, relu_neg_model
@@ -87,6 +88,30 @@ def test_onnx_checker_runs_again_on_what_a_later_pass_changed(registry, steps, m
     with pytest.raises(InvariantViolation, match=message) as err:
         PassManager(steps, registry=registry).run(model(23))
     assert err.value.pass_name == steps[-1]
+
+
+def test_an_opset_change_rechecks_the_unchanged_nodes_it_affects(registry):
+    m = ir.from_proto(onnx.parser.parse_model("""
+        <ir_version: 10, opset_import: ["" : 23]>
+        g (float[N, 4] x) => (float[N, 4] y) <float[4] s = {1, 1, 1, 1}> {
+          n1 = Neg(x)
+          n2 = Neg(n1)
+          r = Relu(n2)
+          y = RMSNormalization<axis = -1>(r, s)
+        }
+    """))
+    with pytest.raises(InvariantViolation, match="RMSNormalization.*No Op registered for RMSNormalization") as err:
+        PassManager(["double-neg", "break-opset"], registry=registry).run(m)
+    assert err.value.pass_name == "break-opset"
+
+
+def test_what_the_input_had_is_not_blamed_on_a_pass_but_a_pass_touching_it_is(registry):
+    proto = relu_neg_model(23)
+    proto.graph.node[2].attribute.append(onnx.helper.make_attribute("beta", 2.0))  # Relu has no 'beta'
+    assert find_violations(ir.from_proto(proto))  # the whole-model checker sees it
+    PassManager(["double-neg"], registry=registry).run(ir.from_proto(proto))
+    with pytest.raises(InvariantViolation, match="Relu 'relu'.*Unrecognized attribute"):
+        PassManager(["break-attribute"], registry=registry).run(ir.from_proto(proto))
 
 
 @pytest.mark.parametrize("broken", ["break-attribute", "break-imports", "break-output-type", "break-dangling",
