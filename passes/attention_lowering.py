@@ -30,9 +30,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.node_types import infer_output_types
 from qgraph.pass_base import Option, Pass
 from qgraph.rewrite.engine import PASS_KEY, RULE_KEY
-from qgraph.rewrite.replacement import ReplacementBuilder, infer_output_types
+from qgraph.rewrite.replacement import ReplacementBuilder
 
 __all__ = ["LowerAttentionPass"]
 

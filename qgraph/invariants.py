@@ -11,8 +11,8 @@ model (large initializers left out, so weights are not read);
 ``InvariantChecker``, which the manager keeps for one run, hands onnx only
 the nodes the passes made or changed (and those an opset change makes read
 as another schema), the graph's inputs and outputs, and the model-local
-functions. Together with the structural checks
-that covers what ``onnx.checker.check_model`` checks of a graph, except the
+functions. With the structural checks, that covers what
+``onnx.checker.check_model`` checks of what a pass wrote, except the
 value_info of intermediate values and the contents of initializers, which
 no pass writes by hand.
 """

@@ -1,6 +1,8 @@
 """Types for the values a pass creates, from onnx's inference of that one node.
 
-A pass that appends nodes without typing their outputs leaves work for
+The rewrite engine types every replacement node this way, and so do passes
+that build nodes themselves. A pass that appends nodes without typing their
+outputs leaves work for
 every later pass: onnxscript's constant folder then runs node-level
 inference over the whole graph (ten times the cost of folding a typed one),
 and the preset's final shape inference has to run at all. Inferring the few
@@ -30,44 +32,65 @@ def _type_proto(value: ir.Value) -> onnx.TypeProto:
     return proto
 
 
+def _opset_of(node: ir.Node, domain: str, opset_imports: Mapping[str, int]) -> int | None:
+    if node.version is not None:
+        return node.version
+    if domain in opset_imports:
+        return opset_imports[domain]
+    # A node built before its graph imports the default domain (a rewrite's replacement).
+    return onnx.defs.onnx_opset_version() if domain == "" else None
+
+
 def infer_output_types(node: ir.Node, opset_imports: Mapping[str, int]) -> bool:
     """Fill in the dtype and shape onnx infers for ``node``'s outputs where they have none.
 
     Constant inputs are given to onnx as data; values computed from other
     shapes are not (no data propagation), so a Reshape to a computed shape
-    gets its rank but not its dims. Best effort, and says so: returns False (and leaves the outputs as they
-    are) when an input is untyped, the op has no schema at that opset (a
-    custom op), or onnx's inference rejects the node; later shape inference
-    is then still the place that types them.
+    gets its rank but not its dims. Values not yet in a graph may be
+    unnamed (a rewrite's replacement): they get temporary names for the
+    call. Best effort, and says so: returns False (and leaves the outputs
+    as they are) when an input is untyped, the op has no onnx schema (a
+    custom op; the rewrite engine then carries the replaced value's type
+    over), or onnx's inference rejects the node; later shape inference is
+    then still the place that types them.
     """
     if all(v.dtype is not None and v.shape is not None for v in node.outputs):
         return True
     domain = "" if node.domain == "ai.onnx" else node.domain
-    version = node.version if node.version is not None else opset_imports.get(domain)
+    version = _opset_of(node, domain, opset_imports)
     if version is None or not onnx.defs.has(node.op_type, domain):
         return False
     inputs = [v for v in node.inputs if v is not None]
-    if any(v.type is None or not v.name for v in inputs):
+    if any(v.type is None for v in inputs):
         return False
-    types = {v.name: _type_proto(v) for v in inputs}
-    data = {
-        v.name: ir.serde.serialize_tensor(v.const_value)
-        for v in inputs
-        if v.const_value is not None and v.const_value.size <= _DATA_LIMIT
-    }
+    unnamed = [v for v in [*inputs, *node.outputs] if not v.name]
+    for i, value in enumerate(unnamed):
+        value.name = f"__qgraph_tmp{i}"
+    try:
+        types = {v.name: _type_proto(v) for v in inputs}
+        data = {
+            v.name: ir.serde.serialize_tensor(v.const_value)
+            for v in inputs
+            if v.const_value is not None and v.const_value.size <= _DATA_LIMIT
+        }
+        proto = ir.serde.serialize_node(node)
+        names = [v.name for v in node.outputs]
+    finally:
+        for value in unnamed:
+            value.name = None
     try:
         schema = onnx.defs.get_schema(node.op_type, version, domain)
-        inferred = onnx.shape_inference.infer_node_outputs(schema, ir.serde.serialize_node(node), types, data)
-    except (onnx.defs.SchemaError, onnx.shape_inference.InferenceError, RuntimeError, ValueError):
+        inferred = onnx.shape_inference.infer_node_outputs(schema, proto, types, data)
+    except Exception:  # noqa: BLE001 - best effort: onnx raises several kinds, and unknown stays unknown
         return False
-    for value in node.outputs:
-        proto = inferred.get(value.name)
-        if proto is None:
+    for name, value in zip(names, node.outputs):
+        proto_type = inferred.get(name)
+        if proto_type is None:
             continue
         if value.dtype is None:
-            value.type = ir.serde.deserialize_type_proto_for_type(proto)
+            value.type = ir.serde.deserialize_type_proto_for_type(proto_type)
         if value.shape is None:
-            value.shape = ir.serde.deserialize_type_proto_for_shape(proto)
+            value.shape = ir.serde.deserialize_type_proto_for_shape(proto_type)
     return all(v.dtype is not None and v.shape is not None for v in node.outputs)
 
 

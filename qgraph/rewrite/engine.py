@@ -22,12 +22,9 @@ import onnx_ir as ir
 
 from qgraph.custom_ops import attach_function
 from qgraph.errors import RewriteError
+from qgraph.node_types import infer_output_types
 from qgraph.rewrite.matcher import Failure, PatternMatcher
-from qgraph.rewrite.replacement import (
-    ReplacementBuilder,
-    infer_output_types,
-    type_change,
-)
+from qgraph.rewrite.replacement import ReplacementBuilder, type_change
 from qgraph.rewrite.rule import Match, Rule, RuleSet, call_with_bindings
 
 __all__ = ["Candidate", "RewriteStats", "apply_rules", "explain", "find_matches"]

@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-__all__ = ["ReplacementBuilder", "infer_output_types"]
+__all__ = ["ReplacementBuilder"]
 
 
 class ReplacementBuilder:
@@ -97,60 +96,6 @@ class ReplacementBuilder:
         if isinstance(x, (int, float, bool, np.ndarray, np.number, list, tuple, ir.TensorProtocol)):
             return self.const(x)
         raise TypeError(f"cannot use {x!r} as an op input in a replacement")
-
-
-def _type_proto(value: ir.Value) -> onnx.TypeProto | None:
-    if value.type is None:
-        return None
-    proto = ir.serde.serialize_type(value.type)
-    if value.shape is not None:
-        ir.serde.serialize_shape_into(proto, value.shape)
-    return proto
-
-
-def infer_output_types(node: ir.Node, opset_imports: dict[str, int]) -> None:
-    """Fill in missing output types/shapes of a new node from its schema.
-
-    Nodes of domains without an onnx schema (custom ops) are left untyped;
-    the engine then carries the replaced value's type over.
-    """
-    domain = node.domain or ""
-    if domain not in ("", "ai.onnx", "com.microsoft") and not onnx.defs.has(node.op_type, domain):
-        return
-    inputs = [x for x in node.inputs if x is not None]
-    if any(x.type is None for x in inputs):
-        return
-    # New values have no names until they are inserted into a graph; give the
-    # serialized node temporary ones.
-    unnamed = [v for v in [*inputs, *node.outputs] if not v.name]
-    for i, v in enumerate(unnamed):
-        v.name = f"__qgraph_tmp{i}"
-    try:
-        types = {x.name: _type_proto(x) for x in inputs}
-        data = {
-            x.name: ir.serde.serialize_tensor(x.const_value)
-            for x in inputs
-            if x.const_value is not None and x.const_value.size <= 64
-        }
-        proto = ir.serde.serialize_node(node)
-        out_names = [v.name for v in node.outputs]
-    finally:
-        for v in unnamed:
-            v.name = None
-    version = opset_imports.get(domain, opset_imports.get("", None))
-    try:
-        schema = onnx.defs.get_schema(node.op_type, version or onnx.defs.onnx_opset_version(), domain)
-        inferred = onnx.shape_inference.infer_node_outputs(schema, proto, types, data)
-    except Exception:  # noqa: BLE001 - inference is best-effort; unknown types stay unknown
-        return
-    for name, value in zip(out_names, node.outputs):
-        if name not in inferred:
-            continue
-        t = inferred[name]
-        if value.type is None:
-            value.type = ir.serde.deserialize_type_proto_for_type(t)
-        if value.shape is None:
-            value.shape = ir.serde.deserialize_type_proto_for_shape(t)
 
 
 def type_change(old: ir.Value, new: ir.Value) -> str | None:
