@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_file import machine_description, write_section
+from results_file import machine_description, publish
 
 SECTION = "Attention fusion"
 MODELS = {"smollm2": ("smollm2-135m", 30), "minilm": ("all-minilm-l6-v2", 6)}
@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(row, flush=True)
                 rows.append(row)
     report = format_report(rows, args.runs)
-    print(report)
-    if args.write:
-        write_section(SECTION, report)
+    publish(SECTION, report, args.write)
     return 0 if all(r["ours_n"] == r["layers"] for r in rows) else 1
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import benchmark_parser, in_child, peak_rss_mib, ran_as_child
-from results_file import machine_description, write_section
+from results_file import machine_description, publish
 
 SECTION = "Export times"
 MODELS = ("smollm2-135m", "all-minilm-l6-v2")
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 assert "up to date" in text, text
                 repeats.append({"model": model, "exporter": exporter, "copy": copy_s, "same": same_s})
     report = format_report(rows, dequant, repeats, args.note)
-    print(report)
-    if args.write:
-        write_section(SECTION, report)
+    publish(SECTION, report, args.write)
     return 0
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import benchmark_parser, exported, in_child, peak_rss_mib, ran_as_child
-from results_file import machine_description, write_section
+from results_file import machine_description, publish
 
 SECTION = "fp16 clipping"
 MIB = 2**20
@@ -151,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                          "run": label, **row})
             shutil.rmtree(scratch / f"syn-{kind}", ignore_errors=True)
     report = format_report(rows, args.note)
-    print(report)
-    if args.write:
-        write_section(SECTION, report)
+    publish(SECTION, report, args.write)
     return 0
 
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from results_file import RESULTS, machine_description, write_section
+from results_file import RESULTS, machine_description, publish
 
 SECTION = "Generation"
 MODEL = "smollm2-135m"
@@ -254,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print("generating with transformers ...", file=sys.stderr)
         rows.append(bench_transformers(args.prompt, args.max_new_tokens, args.repeats))
     report = format_report(rows, args, pipelines, embeddings)
-    print(report)
-    if args.write:
-        write_section(SECTION, report)
+    publish(SECTION, report, args.write)
     return 0
 
 

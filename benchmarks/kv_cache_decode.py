@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_file import RESULTS, machine_description, write_section
+from results_file import RESULTS, machine_description, publish
 
 SECTION = "KV cache decode"
 MODEL = "smollm2-135m"
@@ -224,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(t != onnx_tokens[0] for t in onnx_tokens):
         raise SystemExit(f"greedy tokens differ between the ONNX graphs: {onnx_tokens}")
     report = format_report(args, passes, runs)
-    print(report)
-    if args.write:
-        write_section(SECTION, report)
+    publish(SECTION, report, args.write)
     return 0
 
 

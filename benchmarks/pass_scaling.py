@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from results_file import RESULTS, machine_description, write_section
+from results_file import RESULTS, machine_description, publish
 
 SECTION = "Pass scaling"
 PIPELINE = (
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.note:
         lines += ["", args.note]
     report = "\n".join(lines)
-    print(report)
-    if args.write:
-        write_section(SECTION, report)
+    publish(SECTION, report, args.write)
     return 1 if over else 0
 
 

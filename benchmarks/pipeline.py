@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import benchmark_parser, exported, in_child, peak_rss_mib, ran_as_child
-from results_file import machine_description, write_section
+from results_file import machine_description, publish
 
 SECTION = "Preset pipelines"
 MODEL = "smollm2-135m"
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             ours = _repeated({"kind": "qgraph", "model": str(path), "preset": preset}, args.repeat)
             rows.append({"exporter": exporter, "preset": preset, "size": size, "ours": ours, "peer": peer})
     report = format_report(rows, args.note)
-    print(report)
-    if args.write:
-        write_section(SECTION, report)
+    publish(SECTION, report, args.write)
     return 0
 
 

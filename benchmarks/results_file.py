@@ -26,6 +26,13 @@ def write_section(section: str, report: str) -> None:
     print(f"updated section '{section}' of {RESULTS}", file=sys.stderr)
 
 
+def publish(section: str, report: str, write: bool) -> None:
+    """Print ``report``; with ``write`` (the benchmarks' --write), also replace its section of RESULTS.md."""
+    print(report)
+    if write:
+        write_section(section, report)
+
+
 def machine_description(packages: tuple[str, ...] = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")) -> str:
     """Cores, CPU model, RAM, Python and the versions of ``packages``: the line every section starts with."""
     import importlib.metadata as md

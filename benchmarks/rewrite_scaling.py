@@ -58,7 +58,7 @@ import onnxruntime as ort
 import onnxscript.optimizer
 import onnxscript.rewriter
 from onnxscript.rewriter import pattern as osp
-from results_file import RESULTS, write_section
+from results_file import RESULTS, publish
 
 from qgraph.rewrite import Rule, RuleSet, apply_rules
 from qgraph.synthetic import synthetic_decoder
@@ -720,9 +720,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = render(rows, os_rules, checks, argv)
     print()
-    print(report)
-    if args.write:
-        write_section(SECTION, report)
+    publish(SECTION, report, args.write)
     return 0 if rows[-1]["q_time"] <= FLAT_BUDGET * rows[0]["q_time"] else 1
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import benchmark_parser, exported, in_child, ran_as_child
-from results_file import machine_description, write_section
+from results_file import machine_description, publish
 
 SECTION = "RMSNorm fusion"
 MODEL = "smollm2-135m"
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(exporter=exporter, job=job)
             rows.append(row)
     report = format_report(rows, args.note)
-    print(report)
-    if args.write:
-        write_section(SECTION, report)
+    publish(SECTION, report, args.write)
     return 0
 
 

@@ -20,8 +20,7 @@ imported when a model is actually loaded.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qgraph.lazy_exports import lazy_attributes
 
 __all__ = [
     "EXPORTERS",
@@ -52,14 +51,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'qgraph.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"qgraph.export.{home}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _HOMES, globals())

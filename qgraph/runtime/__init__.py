@@ -19,8 +19,7 @@ cheap for the CLI.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qgraph.lazy_exports import lazy_attributes
 
 __all__ = [
     "EmbeddingModel",
@@ -43,14 +42,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'qgraph.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"qgraph.runtime.{home}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _HOMES, globals())
