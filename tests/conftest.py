@@ -45,26 +45,32 @@ class TinyZoo:
     def __init__(self, folder: Path, cache_dir: Path) -> None:
         self.folder = folder
         self.cache_dir = cache_dir
-        self._exports: dict[tuple[str, str], ExportResult] = {}
-        self._modules: dict[str, object] = {}
+        self._exports: dict[tuple[str, str, str], ExportResult] = {}
+        self._modules: dict[tuple[str, str], object] = {}
 
-    def export(self, arch: str, exporter: str) -> ExportResult:
-        """The export of ``arch`` with ``exporter`` (model.onnx, tokenizer, export.json)."""
+    def export(self, arch: str, exporter: str, wrapper: str = "qgraph") -> ExportResult:
+        """The export of ``arch`` with ``exporter`` (model.onnx, tokenizer, export.json).
+
+        ``wrapper="plain"`` gives what a user's plain ``torch.onnx.export(model,
+        (input_ids, attention_mask))`` traces (the model counts positions itself);
+        the default "qgraph" passes positions from the mask.
+        """
         from qgraph.export.zoo import export_tiny
 
-        key = (arch, exporter)
+        key = (arch, exporter, wrapper)
         if key not in self._exports:
-            self._exports[key] = export_tiny(arch, exporter, self.folder, cache_dir=self.cache_dir)
+            self._exports[key] = export_tiny(arch, exporter, self.folder, cache_dir=self.cache_dir, wrapper=wrapper)
         return self._exports[key]
 
-    def torch_module(self, arch: str):
+    def torch_module(self, arch: str, wrapper: str = "qgraph"):
         """The traced torch module (the zoo model wrapped as the export wraps it), for references."""
         from qgraph.export.wrappers import wrap
         from qgraph.export.zoo import TINY_ARCHS, build_tiny
 
-        if arch not in self._modules:
-            self._modules[arch] = wrap(build_tiny(arch), TINY_ARCHS[arch].task)
-        return self._modules[arch]
+        key = (arch, wrapper)
+        if key not in self._modules:
+            self._modules[key] = wrap(build_tiny(arch), TINY_ARCHS[arch].task, wrapper=wrapper)
+        return self._modules[key]
 
     def hf_folder(self, arch: str) -> Path:
         """The zoo model's Hugging Face folder (written by the first export of ``arch``)."""
@@ -73,5 +79,9 @@ class TinyZoo:
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory, export_cache_dir: Path) -> TinyZoo:
-    """Tiny random-weight models of every zoo architecture, exported by both exporters on demand."""
+    """Tiny random-weight models of every zoo architecture, exported by both exporters on demand.
+
+    ``tiny_zoo.export(arch, exporter)`` (positions from the mask) or
+    ``tiny_zoo.export(arch, exporter, wrapper="plain")`` (a plain export).
+    """
     return TinyZoo(tmp_path_factory.mktemp("tiny-zoo"), export_cache_dir)

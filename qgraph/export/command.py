@@ -43,6 +43,11 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="ONNX opset (default 17 for torchscript, 18 for dynamo)")
     parser.add_argument("--task", choices=("auto", "causal-lm", "embedding"), default="auto",
                         help="what the graph computes (default: from the config)")
+    parser.add_argument("--wrapper", choices=("qgraph", "plain"), default="qgraph",
+                        help="causal LMs: the module traced around the model. qgraph (default) passes "
+                             "position_ids = cumsum(attention_mask) - 1; plain calls the model with only "
+                             "input_ids and attention_mask, as a plain torch.onnx.export does, so the model "
+                             "counts positions itself (from column 0 under left padding, for most models)")
     parser.add_argument("--pooling", choices=("mean", "cls", "max"),
                         help="embedding pooling (default: the model's sentence-transformers config, else mean)")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
@@ -63,7 +68,7 @@ def run_export(args: argparse.Namespace, out: TextIO) -> int:
 
     result = export_model(
         args.model, args.output, exporter=args.exporter, opset=args.opset, task=args.task,
-        pooling=args.pooling, normalize=args.normalize, attn_implementation=args.attn_implementation,
+        wrapper=args.wrapper, pooling=args.pooling, normalize=args.normalize, attn_implementation=args.attn_implementation,
         cache_dir=args.cache_dir, force=args.force, progress=Progress(enabled=not args.quiet),
     )
     manifest = result.manifest
@@ -71,6 +76,8 @@ def run_export(args: argparse.Namespace, out: TextIO) -> int:
     weights = manifest["weight_bytes"] / 2**20
     where = "model.onnx.data" if "model.onnx.data" in manifest["files"] else "model.onnx"
     extras = ", tokenizer" if manifest["tokenizer"] else ", no tokenizer"
+    if manifest.get("wrapper"):
+        extras += f", {manifest['wrapper']} wrapper"
     summary = (f"{manifest['model_type']} {manifest['task']} -> {output}: {manifest['nodes']} nodes, "
                f"opset {manifest['opset']}, {manifest['exporter']} exporter; {weights:.1f} MiB weights in {where}"
                f"{extras}")

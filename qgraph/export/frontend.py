@@ -4,7 +4,7 @@ The output folder holds
 
     model.onnx (+ model.onnx.data)  the graph: input_ids, attention_mask -> logits | sentence_embedding
     config.json, generation_config.json, tokenizer files   from the Hugging Face model
-    export.json                     the manifest: source, task, exporter, opset, interface,
+    export.json                     the manifest: source, task, wrapper, exporter, opset, interface,
                                     node count, files, timings, library versions, cache key
 
 Order of work, chosen so that bad input costs nothing and a repeat costs
@@ -45,11 +45,11 @@ from qgraph.export.exporters import (
     compare_with_torch,
     export_to_file,
 )
-from qgraph.export.interface import INPUT_NAMES, POOLINGS, output_name
+from qgraph.export.interface import INPUT_NAMES, POOLINGS, WRAPPERS, output_name
 from qgraph.export.progress import Progress
 from qgraph.export.sources import TASKS, Source, check_supported, load, resolve
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "MANIFEST", "ExportResult", "export_model", "read_manifest"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "MANIFEST", "WRAPPERS", "ExportResult", "export_model", "read_manifest"]
 
 #: The manifest's file name in an export folder.
 MANIFEST = "export.json"
@@ -83,6 +83,7 @@ def export_model(
     exporter: str = "dynamo",
     opset: int | None = None,
     task: str = "auto",
+    wrapper: str = "qgraph",
     pooling: str | None = None,
     normalize: bool | None = None,
     attn_implementation: str = "auto",
@@ -93,6 +94,13 @@ def export_model(
     """Export MODEL (HF folder, GGUF file or packaged name) to ``output_dir``.
 
     ``task``: "auto" (from the config), "causal-lm" or "embedding".
+    ``wrapper`` (causal LMs; encoders ignore it): the module traced around the
+    model. "qgraph" passes ``position_ids = cumsum(attention_mask) - 1``, so a
+    left-padded row gets the logits of the same row unpadded; "plain" calls
+    the model with only ``input_ids`` and ``attention_mask`` (``use_cache=False``),
+    which is what a user's plain ``torch.onnx.export(model, (input_ids,
+    attention_mask))`` traces: the model counts positions itself, and the
+    export is checked against that meaning.
     ``pooling`` (embedding only): "mean", "cls" or "max"; default: what a
     sentence-transformers folder declares, else mean. ``normalize``: L2-normalize
     the embedding; default: whether the folder declares a Normalize module.
@@ -109,6 +117,7 @@ def export_model(
     progress = progress or Progress(enabled=False)
     opset = check_opset(exporter, opset)
     _check_choice("--task", task, ("auto", *TASKS))
+    _check_choice("--wrapper", wrapper, WRAPPERS)
     _check_choice("--attn-implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
     if pooling is not None:
         _check_choice("--pooling", pooling, POOLINGS)
@@ -118,8 +127,8 @@ def export_model(
     root = cache.cache_root(cache_dir)
 
     request = {
-        "exporter": exporter, "opset": opset, "task": task, "pooling": pooling, "normalize": normalize,
-        "attn_implementation": attn_implementation,
+        "exporter": exporter, "opset": opset, "task": task, "wrapper": wrapper, "pooling": pooling,
+        "normalize": normalize, "attn_implementation": attn_implementation,
     }
     memos: list[tuple[Path, str]] = []  # digest memos, written only once the request proved good
     key = cache.key_of({
@@ -226,16 +235,20 @@ def _build(source: Source, folder: Path, key: str, request: dict[str, Any], root
     loaded = load(source, task=request["task"], attn_implementation=request["attn_implementation"], root=root,
                   progress=progress, checked=True)
     task = loaded.task
-    pooling = normalize = None
-    if task == "embedding":
+    pooling = normalize = wrapper = None
+    if task == "causal-lm":
+        wrapper = request["wrapper"]
+    else:
         pooling = request["pooling"] or loaded.pooling_default
         normalize = loaded.normalize_default if request["normalize"] is None else request["normalize"]
-    module = wrap(loaded.model, task, pooling=pooling or "mean", normalize=bool(normalize))
+    module = wrap(loaded.model, task, wrapper=wrapper or "qgraph", pooling=pooling or "mean", normalize=bool(normalize))
     vocab_size = _vocab_size(loaded)
     # Nothing path-dependent goes into the graph: the cached bytes are a
     # function of the key (the manifest beside the graph names the source).
     metadata = {"qgraph.export.task": task, "qgraph.export.exporter": exporter,
                 "qgraph.export.model_type": str(loaded.config.model_type)}
+    if wrapper is not None:
+        metadata["qgraph.export.wrapper"] = wrapper
     with torch.random.fork_rng():
         torch.manual_seed(0)
         with progress.step(f"exporting with the {exporter} exporter (opset {opset})") as export_time:
@@ -244,6 +257,7 @@ def _build(source: Source, folder: Path, key: str, request: dict[str, Any], root
         nodes = len(model.graph)
         weight_bytes = io.initializer_bytes(model)
         del model
+        # Against the very module traced: in plain mode the model's own positions are the meaning.
         with progress.step("checking the graph against torch in onnxruntime") as check_time:
             comparisons = compare_with_torch(module, folder / "model.onnx", task, vocab_size, _CHECK_CASES)
     bad = [c for c in comparisons if not c.ok]
@@ -269,6 +283,7 @@ def _build(source: Source, folder: Path, key: str, request: dict[str, Any], root
         "key": key,
         "source": _source_record(source),
         "task": task,
+        "wrapper": wrapper,
         "architecture": type(loaded.model).__name__,
         "model_type": loaded.config.model_type,
         "exporter": exporter,

@@ -5,8 +5,9 @@ runtimes downstream can rely on it:
 
 * inputs ``input_ids`` and ``attention_mask``, int64 [batch, seq], both
   dimensions dynamic;
-* causal LMs (:class:`CausalLMLogits`): output ``logits`` float32
-  [batch, seq, vocab], computed without a KV cache;
+* causal LMs (:class:`CausalLMLogits`, or :class:`PlainCausalLM` for the
+  ``plain`` wrapper): output ``logits`` float32 [batch, seq, vocab], computed
+  without a KV cache;
 * encoders (:class:`SentenceEmbedding`): output ``sentence_embedding``
   float32 [batch, hidden], the last hidden state pooled over the valid
   tokens (``mean`` / ``cls`` / ``max``, the poolings QEfficient's
@@ -19,6 +20,13 @@ logits at its valid positions as the same row without padding. That is the
 meaning a KV-cached graph must reproduce (DESIGN.md: position ids, -1 for
 padding), and it holds for every architecture, including those whose own
 forward would count positions from the first (padding) column.
+
+The ``plain`` wrapper (:class:`PlainCausalLM`) is what a user's own
+``torch.onnx.export(model, (input_ids, attention_mask))`` traces: no
+``position_ids``, so the model counts positions itself (an arange from the
+first column for most, the cumsum of the mask for OPT, none at all for
+ALiBi or NoPE layers). Its meaning under left padding is the model's own,
+and that is what its export is checked against.
 """
 
 from __future__ import annotations
@@ -28,9 +36,12 @@ import inspect
 import torch
 from torch import nn
 
-from qgraph.export.interface import INPUT_NAMES, POOLINGS, output_name
+from qgraph.export.interface import INPUT_NAMES, POOLINGS, WRAPPERS, output_name
 
-__all__ = ["INPUT_NAMES", "POOLINGS", "CausalLMLogits", "SentenceEmbedding", "output_name", "pool", "wrap"]
+__all__ = [
+    "INPUT_NAMES", "POOLINGS", "WRAPPERS", "CausalLMLogits", "PlainCausalLM", "SentenceEmbedding", "output_name", "pool",
+    "wrap",
+]
 
 
 class CausalLMLogits(nn.Module):
@@ -46,6 +57,21 @@ class CausalLMLogits(nn.Module):
         if self._takes_positions:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+
+
+class PlainCausalLM(nn.Module):
+    """``(input_ids, attention_mask) -> logits`` of a causal LM, no cache, positions as the model counts them.
+
+    Exactly the call a plain ``torch.onnx.export(model, (input_ids, attention_mask))``
+    of a Hugging Face causal LM traces (with the cache switched off).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -81,13 +107,23 @@ class SentenceEmbedding(nn.Module):
         return pooled
 
 
-def wrap(model: nn.Module, task: str, *, pooling: str = "mean", normalize: bool = False) -> nn.Module:
+def wrap(
+    model: nn.Module, task: str, *, wrapper: str = "qgraph", pooling: str = "mean", normalize: bool = False
+) -> nn.Module:
     """The module to trace for ``task``, in eval mode.
+
+    ``wrapper`` (causal LMs; encoders ignore it): "qgraph" (:class:`CausalLMLogits`,
+    positions from the mask) or "plain" (:class:`PlainCausalLM`, the model's own positions).
 
     Eval mode is set on the wrapper itself, not only on the model: the
     TorchScript exporter restores the *wrapper's* training flag after
     tracing, and ``train(True)`` on a fresh wrapper would switch dropout
     back on inside the model.
     """
-    wrapped = CausalLMLogits(model) if task == "causal-lm" else SentenceEmbedding(model, pooling, normalize)
+    if wrapper not in WRAPPERS:
+        raise ValueError(f"unknown wrapper {wrapper!r}; choose from {', '.join(WRAPPERS)}")
+    if task == "causal-lm":
+        wrapped: nn.Module = CausalLMLogits(model) if wrapper == "qgraph" else PlainCausalLM(model)
+    else:
+        wrapped = SentenceEmbedding(model, pooling, normalize)
     return wrapped.eval()

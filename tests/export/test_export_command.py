@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qgraph import io as qgraph_io
+from qgraph.errors import BadInputError
 from qgraph.export import frontend
 from qgraph.export.command import main
 from qgraph.export.sources import PACKAGED_MODELS, PackagedModel
@@ -183,6 +184,36 @@ def test_the_cache_key_follows_options_and_content_not_timestamps(tiny_llama, tm
     assert count_exports == ["torchscript"] * 3                       # new content: exported again
     assert run(model, "-o", tmp_path / "e", *args, "--force")[0] == 0
     assert count_exports == ["torchscript"] * 4
+
+
+def test_the_wrapper_is_part_of_the_cache_key_and_recorded_in_the_manifest(tiny_llama, tmp_path, count_exports):
+    args = ["--cache-dir", tmp_path / "cache", "--exporter", "torchscript", "--quiet"]
+    assert run(tiny_llama, "-o", tmp_path / "qgraph", *args)[0] == 0
+    code, text = run(tiny_llama, "-o", tmp_path / "plain", *args, "--wrapper", "plain")
+    assert code == 0 and "plain wrapper" in text
+    assert count_exports == ["torchscript"] * 2                       # another mode: exported, not a cache hit
+    default = json.loads((tmp_path / "qgraph" / "export.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "export.json").read_text())
+    assert (default["wrapper"], plain["wrapper"]) == ("qgraph", "plain")
+    assert default["key"] != plain["key"]
+    assert sorted(cache_entries(tmp_path / "cache")) == sorted(f"exports/{m['key']}" for m in (default, plain))
+    model = onnx.load(tmp_path / "plain" / "model.onnx", load_external_data=False)
+    assert {p.key: p.value for p in model.metadata_props}["qgraph.export.wrapper"] == "plain"
+    assert run(tiny_llama, "-o", tmp_path / "plain2", *args, "--wrapper", "plain")[0] == 0
+    assert count_exports == ["torchscript"] * 2                       # the same mode again: a hit
+
+
+def test_an_unknown_wrapper_is_bad_input(tiny_llama, tmp_path):
+    with pytest.raises(BadInputError, match="--wrapper 'user'"):
+        frontend.export_model(tiny_llama, tmp_path / "out", wrapper="user", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "exports").exists()
+
+
+def test_an_encoder_ignores_the_wrapper(tiny_bert, tmp_path):
+    code, _ = run(tiny_bert, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache", "--exporter", "torchscript",
+                  "--quiet", "--wrapper", "plain")
+    manifest = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert code == 0 and manifest["task"] == "embedding" and manifest["wrapper"] is None
 
 
 def test_an_earlier_export_in_the_output_folder_is_replaced_whole(tiny_llama, tiny_bert, tmp_path):
