@@ -22,6 +22,19 @@ crosses (``attention_dims``); rotary embeddings and q/k norms before that
 are left as they are. What onnxruntime needs of the mask, and how padding
 keeps its meaning, is in ``attention_masks``.
 
+Batched heads (``attention-core-batched-heads``, BLOOM's baddbmm/bmm): Q,
+K, V reshaped from [B, H, S, D] to [B*H, S, D], 3-D scores with an
+optional position bias added before and/or after the scale, a view to
+[B, H, S, T] for the mask and Softmax, a view back to [B*H, S, T] and the
+product with V. Every view is proven to merge or split exactly the batch
+and head axes (``attention_batched``); the fused node is the same 4-D
+``Attention`` (its output viewed back to [B*H, S, D] for the exporter's
+next Reshape). A position bias -- a value that reads only the attention
+mask and shapes (``attention_bias``) -- joins the mask input:
+``mask = bias * (scores' scale if added before it) + additive(mask)`` in
+Q's dtype, shaped [B, H, 1 or S, T] (broadcast by Add to the exporter's
+mask), and the node carries ``qgraph.mask_bias = "position"``.
+
 Opset-23 graphs where the exporter already emitted ``Attention`` behind a
 repeat_kv get the repeat absorbed (``absorb-repeat-kv``).
 
@@ -41,7 +54,9 @@ import re
 
 import numpy as np
 import onnx_ir as ir
-from qgraph_passes.attention_dims import dim_of
+from qgraph_passes.attention_batched import dims4, key_of_transposed, merges_batch_and_heads, pins_element_count, splits_batch_and_heads, unmerge_heads
+from qgraph_passes.attention_bias import MASK_BIAS_KEY, POSITION, bias_as_4d, bias_broadcasts, reads_only_mask_and_shapes
+from qgraph_passes.attention_dims import dim_of, product
 from qgraph_passes.attention_masks import fill_needs_clamp, reuse, safe_fill, stamp
 from qgraph_passes.attention_operands import (
     peel_key_transpose,
@@ -114,20 +129,48 @@ def _scalar(name: str, array) -> float | str:
     return float(array.reshape(-1)[0])
 
 
+def _casts_reason(q: ir.Value, v: ir.Value, casts) -> str | None:
+    dtypes = {int(x.dtype) for x in (q, v) if x.dtype is not None}
+    casts = {c for c in casts if c is not None}
+    if casts and (len(dtypes) != 1 or casts != dtypes):
+        return f"Casts around the Softmax change the dtype (to {sorted(casts)}, operands {sorted(dtypes)})"
+    return None
+
+
+def _scores_scale(qk_scaling: int, qk_scale, qk_divisor) -> float | str:
+    """The factor the scores are multiplied by (alternative 0) or divided by (1), or 1."""
+    if qk_scaling == 0:
+        return _scalar("the scores' scale", qk_scale)
+    if qk_scaling == 1:
+        divisor = _scalar("the scores' divisor", qk_divisor)
+        return divisor if isinstance(divisor, str) else (1.0 / divisor if divisor else "the scores are divided by 0")
+    return 1.0
+
+
+def _mask_plan(masking: int, mask, keep, fill, dtype: np.dtype):
+    """How the exporter's mask becomes the Attention's (additive, Where or none), or why it cannot."""
+    if masking == 0:
+        if mask.dtype is not None and not mask.dtype.is_floating_point():
+            return f"additive mask '{mask.name}' is {mask.dtype}"
+        return ("additive", mask, _mask_fill_plan(mask, dtype))
+    if masking == 1:
+        fill_value = _scalar("the masked fill", fill)
+        if isinstance(fill_value, str):
+            return fill_value
+        if not np.isneginf(fill_value) and fill_value > -1e4:
+            return f"Where fills masked scores with {fill_value}, not a large negative value"
+        return ("where", keep, fill_value)
+    return None
+
+
 def check_core(match: Match, q, kt, v, mask=None, keep=None, qk_scaling=2, softcapping=1, masking=2,
                nan_guard=1, softmax_axis=-1, qk_scale=None, qk_divisor=None, cap=None, fill=None,
                cast_in=None, cast_out=None, cast_out2=None):
     """Prove the operands and collect the attributes; a string says which check failed."""
-    dtypes = {int(x.dtype) for x in (q, v) if x.dtype is not None}
-    casts = {c for c in (cast_in, cast_out, cast_out2) if c is not None}
-    if casts and (len(dtypes) != 1 or casts != dtypes):
-        return f"Casts around the Softmax change the dtype (to {sorted(casts)}, operands {sorted(dtypes)})"
-    scale = 1.0
-    if qk_scaling == 0:
-        scale = _scalar("the scores' scale", qk_scale)
-    elif qk_scaling == 1:
-        divisor = _scalar("the scores' divisor", qk_divisor)
-        scale = divisor if isinstance(divisor, str) else (1.0 / divisor if divisor else "the scores are divided by 0")
+    reason = _casts_reason(q, v, (cast_in, cast_out, cast_out2))
+    if reason:
+        return reason
+    scale = _scores_scale(qk_scaling, qk_scale, qk_divisor)
     if isinstance(scale, str):
         return scale
     softcap = 0.0
@@ -181,20 +224,10 @@ def check_core(match: Match, q, kt, v, mask=None, keep=None, qk_scaling=2, softc
     else:
         match["heads"] = None
 
-    dtype = query.dtype.numpy()
-    if masking == 0:
-        if mask.dtype is not None and not mask.dtype.is_floating_point():
-            return f"additive mask '{mask.name}' is {mask.dtype}"
-        match["mask_plan"] = ("additive", mask, _mask_fill_plan(mask, dtype))
-    elif masking == 1:
-        fill_value = _scalar("the masked fill", fill)
-        if isinstance(fill_value, str):
-            return fill_value
-        if not np.isneginf(fill_value) and fill_value > -1e4:
-            return f"Where fills masked scores with {fill_value}, not a large negative value"
-        match["mask_plan"] = ("where", keep, fill_value)
-    else:
-        match["mask_plan"] = None
+    plan = _mask_plan(masking, mask, keep, fill, query.dtype.numpy())
+    if isinstance(plan, str):
+        return plan
+    match["mask_plan"] = plan
     match["mask_dims_ok"] = mask is None or _mask_spans(mask, query, k, key.key_format)
     root = match.root
     softmax = next(n for n in match.nodes if n.op_type == "Softmax")
@@ -276,6 +309,154 @@ def to_attention(op, match: Match, query, key, value_, key_format, scale, softca
         node.metadata_props[LAYER_KEY] = layer
     node.metadata_props[SCOPE_KEY] = scope
     return out
+
+
+
+# -- attention on batched heads: 3-D [B*H, S, D] (BLOOM) ---------------------------
+
+
+def batched_heads_core(op, q, kt, v, bias_pre, bias_post, mask, keep, scores_shape, probs_shape):
+    """BLOOM's baddbmm/bmm: 3-D scores [B*H, S, T], viewed 4-D for the mask and Softmax."""
+    scores = op.MatMul(q, kt)
+    pre = op.any_of(op.Add(scores, bias_pre), scores, name="bias_before_scale")
+    scaled = op.any_of(
+        op.Mul(pre, op.const(name="qk_scale")),
+        op.Div(pre, op.const(name="qk_divisor")),
+        pre,
+        name="qk_scaling",
+    )
+    post = op.any_of(op.Add(scaled, bias_post), scaled, name="bias_after_scale")
+    scores4 = op.Reshape(post, scores_shape, allowzero=op.capture("scores_allowzero"), _name="scores_view")
+    masked = op.any_of(
+        op.Add(scores4, mask),
+        op.Where(keep, scores4, op.const(name="fill")),
+        scores4,
+        name="masking",
+    )
+    masked = op.optional(op.Cast(masked, to=op.capture("cast_in")), name="cast_before_softmax")
+    probs = op.Softmax(masked, axis=op.attr(lambda a: a in (-1, 3), name="softmax_axis"))
+    guarded = op.any_of(op.Where(op.IsNaN(probs), op.const(0.0), probs), probs, name="nan_guard")
+    cast = op.optional(op.Cast(guarded, to=op.capture("cast_out")), name="cast_after_softmax")
+    cast = op.optional(op.Cast(cast, to=op.capture("cast_out2")), name="cast_after_softmax2")
+    probs3 = op.Reshape(cast, probs_shape, allowzero=op.capture("probs_allowzero"), _name="probs_view")
+    return op.MatMul(probs3, v)
+
+
+def check_batched(match: Match, q, kt, v, scores_view: ir.Node, probs_view: ir.Node, bias_pre=None,
+                  bias_post=None, mask=None, keep=None, bias_before_scale=1, qk_scaling=2, bias_after_scale=1,
+                  masking=2, qk_scale=None, qk_divisor=None, fill=None, cast_in=None, cast_out=None,
+                  cast_out2=None, **_):
+    """Prove every Reshape between the 3-D products and the 4-D Attention; fold the biases."""
+    reason = _casts_reason(q, v, (cast_in, cast_out, cast_out2))
+    if reason:
+        return reason
+    scores_scale = _scores_scale(qk_scaling, qk_scale, qk_divisor)
+    if isinstance(scores_scale, str):
+        return scores_scale
+
+    q3, q_scale = peel_scale(q)
+    query = unmerge_heads(q3, "query")
+    if isinstance(query, str):
+        return query
+    keyed = key_of_transposed(peel_scale(kt)[0])
+    if isinstance(keyed, str):
+        return keyed
+    key, k_scale = keyed
+    kt_scale = peel_scale(kt)[1]
+    value = unmerge_heads(v, "value")
+    if isinstance(value, str):
+        return value
+    for name, x in (("Q", query), ("K", key), ("V", value)):
+        if not _is_float(x):
+            return f"{name} ('{x.name}') is not a float tensor"
+
+    qd, kd, vd = dims4(query), dims4(key), dims4(value)
+    batch_heads = product(qd[0], qd[1])
+    for name, d in (("K", kd), ("V", vd)):
+        if product(d[0], d[1]) != batch_heads:
+            return f"cannot prove {name}'s batch x heads {product(d[0], d[1])!r} equals Q's {batch_heads!r}"
+    if kd[2] != vd[2]:
+        return f"cannot prove K and V have the same length ({kd[2]!r}, {vd[2]!r})"
+    reason = (splits_batch_and_heads(scores_view, qd[0], qd[1], qd[2], kd[2])
+              or merges_batch_and_heads(probs_view, qd[0], qd[1], qd[2], kd[2]))
+    if reason:
+        return reason
+
+    # K/V before a repeat_kv (GQA), as for the 4-D form.
+    repeated_k, repeated_v = peel_repeat_kv(key), peel_repeat_kv(value)
+    for r in (repeated_k, repeated_v):
+        if isinstance(r, str):
+            return r
+    n_k = 1 if repeated_k is None else repeated_k[1]
+    n_v = 1 if repeated_v is None else repeated_v[1]
+    if n_k != n_v:
+        return f"K is repeated {n_k}x but V {n_v}x"
+    key = key if repeated_k is None else repeated_k[0]
+    value = value if repeated_v is None else repeated_v[0]
+
+    plan = _mask_plan(masking, mask, keep, fill, query.dtype.numpy())
+    if isinstance(plan, str):
+        return plan
+    exporter_mask = mask if masking == 0 else keep if masking == 1 else None
+    biases = []
+    scores3 = [batch_heads, qd[2], kd[2]]
+    for bias, factor in ((bias_pre if bias_before_scale == 0 else None, scores_scale),
+                         (bias_post if bias_after_scale == 0 else None, 1.0)):
+        if bias is None:
+            continue
+        reason = bias_broadcasts(bias, scores3, pins_element_count(probs_view)) or reads_only_mask_and_shapes(bias, exporter_mask)
+        if reason:
+            return reason
+        biases.append((bias, factor))
+
+    match["query"], match["key"], match["value_"] = query, key, value
+    match["scale"] = float(scores_scale * q_scale * kt_scale * k_scale)
+    heads_q, heads_kv = dim_of(query, 1), dim_of(key, 1)
+    match["heads"] = (heads_q, heads_kv) if isinstance(heads_q, int) and isinstance(heads_kv, int) else None
+    match["mask_plan"] = plan
+    match["biases"] = biases
+    match["mask_dims_ok"] = mask is None or _mask_spans(mask, query, key, "BHSD")
+    softmax = next(n for n in match.nodes if n.op_type == "Softmax")
+    match["layer"] = layer_of(softmax) or layer_of(match.root)
+    match["scope"] = softmax.metadata_props.get("namespace") or softmax.name or match.root.name or ""
+    return None
+
+
+def _additive(op, plan, dtype: np.dtype) -> ir.Value | None:
+    """The exporter's mask as an additive float mask (onnxruntime-safe fill), or None."""
+    mask = _mask_input(op, plan, dtype)
+    if mask is None or mask.dtype is None or mask.dtype.is_floating_point():
+        return mask
+    made = reuse(mask, "additive:-inf")
+    return made or stamp(op.Where(mask, np.zeros((), dtype), np.asarray(-np.inf, dtype)), "additive:-inf")
+
+
+def to_batched_attention(op, match: Match, query, key, value_, scale, heads, mask_plan, biases, mask_dims_ok,
+                         layer, scope):
+    dtype = query.dtype.numpy()
+    if biases:
+        mask = _additive(op, mask_plan, dtype)
+        for bias, factor in biases:
+            term = bias_as_4d(op, bias, query)
+            if factor != 1.0:
+                term = op.Mul(term, np.asarray(factor, dtype))
+            mask = term if mask is None else op.Add(term, mask)
+        spans = mask_plan is not None and mask_dims_ok and mask_plan[0] == "additive"
+    else:
+        mask, spans = _mask_input(op, mask_plan, dtype), mask_dims_ok
+    if mask is not None and not spans:
+        mask = _spanning(op, mask, query, key, 2)
+    inputs = [query, key, value_] + ([mask] if mask is not None else [])
+    q_heads, kv_heads = heads if heads is not None else (None, None)
+    out = op.Attention(*inputs, scale=scale, q_num_heads=q_heads, kv_num_heads=kv_heads)
+    node = out.producer()
+    if layer is not None:
+        node.metadata_props[LAYER_KEY] = layer
+    node.metadata_props[SCOPE_KEY] = scope
+    if biases:
+        node.metadata_props[MASK_BIAS_KEY] = POSITION
+    # Back to the exporter's [B*H, S, Dv]; a following view to [B, H, S, Dv] folds away later.
+    return op.Reshape(out, op.Concat(np.array([-1], np.int64), op.Shape(out, start=2), axis=0))
 
 
 # -- opset-23 Attention behind a repeat_kv --------------------------------------
@@ -363,11 +544,49 @@ _EXAMPLE_CORE = {
     "cast_out2": int(_FLOAT),
 }
 
+# BLOOM's layout: [B, 4, S, 8] heads merged to [B*4, S, 8]; a position bias over keys (shapes only).
+
+
+def _merged(op, x):
+    return op.Reshape(x, op.Concat(np.array([-1], np.int64), op.Shape(x, start=2), axis=0))
+
+
+def _key_positions(op, k4):
+    length = op.Squeeze(op.Shape(k4, start=2, end=3), np.array([0], np.int64))
+    positions = op.Range(np.array(0, np.int64), length, np.array(1, np.int64))
+    return op.Mul(op.Cast(positions, to=int(_FLOAT)), np.float32(-0.25))
+
+
+_EXAMPLE_BATCHED_INPUTS = {
+    "q4": (_FLOAT, ("B", 4, "S", 8)),
+    "k4": (_FLOAT, ("B", 4, "T", 8)),
+    "v4": (_FLOAT, ("B", 4, "T", 8)),
+    "mask": (_FLOAT, ("B", 1, "S", "T")),
+    "keep": (_BOOL, ("B", 1, "S", "T")),
+}
+_EXAMPLE_BATCHED = {
+    "q": lambda op, q4: _merged(op, q4),
+    "kt": lambda op, k4: op.Transpose(_merged(op, k4), perm=[0, 2, 1]),
+    "v": lambda op, v4: _merged(op, v4),
+    "bias_pre": _key_positions,
+    "bias_post": _key_positions,
+    "scores_shape": lambda op, q4, k4: op.Concat(op.Shape(q4, start=0, end=3), op.Shape(k4, start=2, end=3), axis=0),
+    # BLOOM's view: [B*H, S, -1] (the -1 on T pins the element count, so the bias needs no dim proof).
+    "probs_shape": lambda op, q4: op.Concat(op.Mul(op.Shape(q4, start=0, end=1), op.Shape(q4, start=1, end=2)),
+                                            op.Shape(q4, start=2, end=3), np.array([-1], np.int64), axis=0),
+    "scores_allowzero": 0,
+    "probs_allowzero": 0,
+    **{name: _EXAMPLE_CORE[name] for name in ("qk_scale", "qk_divisor", "fill", "cast_in", "cast_out", "cast_out2")},
+}
+
 RULES = RuleSet(
     [
         Rule("attention-core", attention_core, to_attention, check_core, commute=True,
              doc="MatMul/scale/softcap/mask/Softmax/MatMul -> Attention(Q, K, V, mask)",
              example_inputs=_EXAMPLE_INPUTS, example_values=_EXAMPLE_CORE),
+        Rule("attention-core-batched-heads", batched_heads_core, to_batched_attention, check_batched, commute=True,
+             doc="3-D [B*H, S, D] MatMul/scale/bias/view/mask/Softmax/view/MatMul -> Attention (bias into the mask)",
+             example_inputs=_EXAMPLE_BATCHED_INPUTS, example_values=_EXAMPLE_BATCHED),
         Rule("absorb-repeat-kv", existing_attention, absorb, check_absorb,
              doc="Attention(q, repeat_kv(k), repeat_kv(v)) -> Attention(q, k, v)",
              example_inputs=_EXAMPLE_INPUTS, example_values=_EXAMPLE_OPERANDS),
@@ -386,7 +605,7 @@ def _every_value_shaped(graph: ir.Graph) -> bool:
 def _softmax_feeds(node: ir.Node) -> ir.Node | None:
     """The Softmax behind a MatMul's first input (through a NaN guard or Casts), if any."""
     value = node.inputs[0] if node.inputs else None
-    for _ in range(4):
+    for _ in range(5):
         producer = value.producer() if value is not None else None
         if producer is None:
             return None
@@ -394,7 +613,7 @@ def _softmax_feeds(node: ir.Node) -> ir.Node | None:
             return producer
         if producer.op_type == "Where" and len(producer.inputs) == 3:
             value = producer.inputs[2]
-        elif producer.op_type in ("Cast", "Identity"):
+        elif producer.op_type in ("Cast", "Identity", "Reshape"):
             value = producer.inputs[0]
         else:
             return None
@@ -434,16 +653,29 @@ class AttentionFusionPass(RewritePass):
         return ir.passes.PassResult(model, stats.total > 0)
 
     def unfused_notes(self, model: ir.Model) -> list[str]:
-        """One note per Softmax-fed MatMul the core rule did not rewrite."""
+        """One note per Softmax-fed MatMul no core rule rewrote, with the first check that failed.
+
+        A MatMul that reads the probabilities through a Reshape is a batched-heads
+        core (3-D products): its reason is the batched rule's; otherwise the 4-D rule's.
+        """
         notes = []
-        core = RuleSet([self.rules.get("attention-core")])
+        names = ("attention-core", "attention-core-batched-heads")
+        cores = RuleSet([self.rules.get(name) for name in names])
         nodes = {n.name: n for n in model.graph}
-        for cand in explain(model, core):
-            node = nodes.get(cand.node)
-            if cand.matched or node is None or node.graph is not model.graph:
+        tried: dict[str, dict[str, object]] = {}
+        for cand in explain(model, cores):
+            tried.setdefault(cand.node, {})[cand.rule] = cand
+        for name, by_rule in tried.items():
+            node = nodes.get(name)
+            if node is None or node.graph is not model.graph or any(c.matched for c in by_rule.values()):
                 continue
             softmax = _softmax_feeds(node)
             if softmax is None:
+                continue
+            probs = node.inputs[0].producer()
+            batched = probs is not None and probs.op_type == "Reshape"
+            cand = by_rule.get(names[1] if batched else names[0])
+            if cand is None:
                 continue
             layer = layer_of(softmax) or layer_of(node)
             where = f"layer {layer}" if layer is not None else "unknown layer"

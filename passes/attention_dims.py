@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["Dim", "dim_of", "effective_reshape", "elements", "product"]
+__all__ = ["Dim", "dim_of", "effective_reshape", "elements", "product", "same_dims", "traced_dim"]
 
 # A dim is an int, a symbolic name (str), a (value, axis) pair for a dim known
 # only by where it comes from, or a product ("*", coefficient, factors).
@@ -206,3 +206,67 @@ def same_dims(actual: Sequence[Dim], expected: Sequence[Dim]) -> bool:
     if len(wild) > 1:
         return False
     return all(a == e for i, (a, e) in enumerate(zip(actual, expected)) if i not in wild)
+
+
+# Ops whose output has the input's shape (first input), so a dim passes through.
+_SAME_SHAPE = frozenset({"Cast", "Identity", "Neg", "Relu", "Softmax", "Tanh", "Sqrt", "Reciprocal", "Exp"})
+
+
+def traced_dim(value: ir.Value, axis: int, _depth: int = 0) -> Dim:
+    """The name of dim ``axis`` of ``value``, read from the shape arithmetic that made it.
+
+    ``dim_of`` trusts the inferred shape; onnx shape inference names the dims
+    of a TorchScript export's intermediate values with fresh ``unk__`` names
+    that no Shape of an input ever gives. This reads the dim from the
+    producer instead where it can (a Reshape's readable target, a Transpose,
+    a Gather with a scalar index, a shape-preserving op), and falls back to
+    ``dim_of`` only where the producer says nothing.
+    """
+    shape = value.shape
+    rank = len(shape) if shape is not None else None
+    if axis < 0 and rank is not None:
+        axis += rank
+    if axis < 0:
+        return (value, axis)
+    if shape is not None and axis < rank and isinstance(shape[axis], int):
+        return shape[axis]
+    node = value.producer()
+    if node is not None and _depth < 16:
+        found = _dim_from_producer(node, axis, _depth + 1)
+        if found is not None:
+            return found
+    return dim_of(value, axis)
+
+
+def _dim_from_producer(node: ir.Node, axis: int, depth: int) -> Dim | None:
+    op, ins = node.op_type, node.inputs
+    if op == "Transpose":
+        perm = node.attributes.get_ints("perm")
+        if perm is not None and axis < len(perm):
+            return traced_dim(ins[0], perm[axis], depth)
+        return None
+    if op == "Reshape":
+        target = elements(ins[1])
+        if target is None or axis >= len(target):
+            return None
+        d = target[axis]
+        if d == 0 and not _int_attr(node, "allowzero", 0):
+            return traced_dim(ins[0], axis, depth)
+        return None if d in (0, -1) else d
+    if op == "Gather":
+        index = ins[1]
+        data_rank = len(ins[0].shape) if ins[0].shape is not None else None
+        if index.shape is None or len(index.shape) != 0 or data_rank is None:
+            return None
+        gather_axis = _int_attr(node, "axis", 0)
+        gather_axis += data_rank if gather_axis < 0 else 0
+        return traced_dim(ins[0], axis if axis < gather_axis else axis + 1, depth)
+    if op in _SAME_SHAPE:
+        return traced_dim(ins[0], axis, depth)
+    if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
+        # A scalar operand broadcasts away: the dims are the other operand's.
+        for x, other in ((ins[0], ins[1]), (ins[1], ins[0])):
+            if other.shape is not None and all(d == 1 for d in other.shape) and x.shape is not None \
+                    and len(x.shape) >= len(other.shape):
+                return traced_dim(x, axis, depth)
+    return None
