@@ -110,6 +110,8 @@ def attention_core(op, q, kt, v, mask, keep):
         op.Add(capped, mask),
         op.Where(keep, capped, op.const(name="fill")),
         capped,
+        # GPT-Neo: the causal/local mask by Where, then the padding mask added.
+        op.Add(op.Where(keep, capped, op.const(name="fill")), mask),
         name="masking",
     )
     masked = op.optional(op.Cast(masked, to=op.capture("cast_in")), name="cast_before_softmax")
@@ -160,6 +162,15 @@ def _mask_plan(masking: int, mask, keep, fill, dtype: np.dtype):
         if not np.isneginf(fill_value) and fill_value > -1e4:
             return f"Where fills masked scores with {fill_value}, not a large negative value"
         return ("where", keep, fill_value)
+    if masking == 3:
+        fill_value = _scalar("the masked fill", fill)
+        if isinstance(fill_value, str):
+            return fill_value
+        if mask.dtype is not None and not mask.dtype.is_floating_point():
+            return f"additive mask '{mask.name}' is {mask.dtype}"
+        if not np.isneginf(fill_value) and fill_value > -1e4:
+            return f"Where fills masked scores with {fill_value}, not a large negative value"
+        return ("where-then-add", keep, (fill_value, mask))
     return None
 
 
@@ -228,7 +239,8 @@ def check_core(match: Match, q, kt, v, mask=None, keep=None, qk_scaling=2, softc
     if isinstance(plan, str):
         return plan
     match["mask_plan"] = plan
-    match["mask_dims_ok"] = mask is None or _mask_spans(mask, query, k, key.key_format)
+    match["mask_dims_ok"] = mask is None or _mask_spans(mask, query, k, key.key_format) or (
+        masking == 3 and _mask_spans(keep, query, k, key.key_format))
     root = match.root
     softmax = next(n for n in match.nodes if n.op_type == "Softmax")
     match["layer"] = layer_of(softmax) or layer_of(root)
@@ -263,6 +275,13 @@ def _mask_input(op, plan, dtype: np.dtype) -> ir.Value | None:
     if plan is None:
         return None
     kind, source, extra = plan
+    if kind == "where-then-add":
+        # Where(keep, s, fill) + mask == s + (Where(keep, 0, fill) + mask), summed in the same
+        # dtype (fill + fill overflows to -inf as in the original), then made safe like any
+        # additive mask.
+        fill, mask = extra
+        summed = op.Add(op.Where(source, np.zeros((), dtype), np.asarray(fill, dtype)), mask)
+        return _mask_input(op, ("additive", summed, ("clamp",)), dtype)
     if kind == "where":
         if np.isneginf(extra):
             return source  # boolean: True attends, as in the Where
