@@ -423,7 +423,7 @@ def check_batched(match: Match, q, kt, v, scores_view: ir.Node, probs_view: ir.N
                          (bias_post if bias_after_scale == 0 else None, 1.0)):
         if bias is None:
             continue
-        reason = bias_broadcasts(bias, scores3, pins_element_count(probs_view)) or reads_only_mask_and_shapes(bias, exporter_mask)
+        reason = reads_only_mask_and_shapes(bias, exporter_mask) or bias_broadcasts(bias, scores3, pins_element_count(probs_view))
         if reason:
             return reason
         biases.append((bias, factor))

@@ -1,0 +1,99 @@
+"""attention on batched heads (3-D [B*H, S, D], BLOOM) and position biases folded into the mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from attention_batched_graphs import BatchedCore, batched_cores, batched_feeds, build
+from builders import run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from qgraph_passes.attention import AttentionFusionPass
+
+SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+WHY_NOT = {
+    "bias-from-tokens": "input_ids",
+    "bias-from-query": "reads float data",
+    "mixed-heads": "does not merge the batch and head axes of the query",
+    "swapped-scores-view": "does not split the scores' first axis",
+}
+
+
+def _assert_same_numbers(expected: np.ndarray, actual: np.ndarray, what: str) -> None:
+    """Equal wherever the original gives a number (a NaN there may become anything)."""
+    finite = ~np.isnan(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert not np.isnan(actual[finite]).any(), f"{what}: NaN where the original gives a number"
+    np.testing.assert_allclose(actual[finite], expected[finite], rtol=1e-4, atol=1e-5, err_msg=what)
+
+
+def _fuse(core: BatchedCore):
+    proto = build(core)
+    model = ir.from_proto(proto)
+    fusion = AttentionFusionPass()
+    fusion(model)
+    return proto, model, fusion
+
+
+@SETTINGS
+@given(core=batched_cores(), data=st.data())
+def test_batched_heads_cores_fuse_exactly_when_true_and_mean_the_same(core, data):
+    proto, model, fusion = _fuse(core)
+    attention = [n for n in model.graph if n.op_type == "Attention"]
+    ops = [n.op_type for n in model.graph]
+    if core.broken:
+        assert attention == [], f"fused a core that is not attention over heads ({core.broken})"
+        notes = [n for n in fusion.report.notes if n.startswith("not fused: layer 0")]
+        assert len(notes) == 1 and WHY_NOT[core.broken] in notes[0], fusion.report.notes
+    else:
+        assert len(attention) == 1 and "Softmax" not in ops and "MatMul" not in ops, (ops, fusion.report.notes)
+        node = attention[0]
+        assert [x.name for x in node.inputs[:3]] == ["Q", "K", "V"], "Q/K/V are not the 4-D BHSD tensors"
+        expected_scale = core.scale if core.scale_at != "none" else 1.0
+        assert np.isclose(node.attributes["scale"].as_float(), expected_scale, rtol=1e-6)
+        assert node.metadata_props.get("qgraph.layer") == "0"
+        assert node.metadata_props.get("qgraph.mask_bias") == ("position" if core.has_bias else None)
+        if core.has_bias:
+            mask = node.inputs[3]
+            assert mask.dtype == ir.DataType.FLOAT, "a biased mask must be float additive"
+    feed = data.draw(batched_feeds(core, proto))
+    _assert_same_numbers(run(proto, feed)["Y"], run(ir.to_proto(model), feed)["Y"], f"fused {core}")
+
+
+@pytest.mark.parametrize("scale_at", ["qk-mul", "qk-div"])
+@pytest.mark.parametrize("mask", ["additive-min", "bool-where-inf", "none"])
+def test_a_bias_before_the_scale_is_scaled_and_one_after_it_is_not(scale_at, mask):
+    """Same graph but for where the bias sits: each fused graph follows its placement (scale 0.3 != 1)."""
+    common = dict(heads=2, head_dim=4, scale=0.3, scale_at=scale_at, bias_from="shapes", mask=mask, causal=True,
+                  views="dynamo", guard=False, casts=False, broken=None)
+    rng = np.random.default_rng(1)
+    feed = {"Q": rng.normal(size=(2, 2, 3, 4)).astype(np.float32), "K": rng.normal(size=(2, 2, 5, 4)).astype(np.float32),
+            "V": rng.normal(size=(2, 2, 5, 4)).astype(np.float32),
+            "attention_mask": np.array([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], np.int64)}
+    originals = {}
+    for bias in ("before-scale", "after-scale"):
+        proto, model, _ = _fuse(BatchedCore(bias=bias, **common))
+        assert any(n.op_type == "Attention" for n in model.graph)
+        feeds = {k: v for k, v in feed.items() if k in {x.name for x in proto.graph.input}}
+        originals[bias] = run(proto, feeds)["Y"]
+        _assert_same_numbers(originals[bias], run(ir.to_proto(model), feeds)["Y"], bias)
+    # The placements mean different things, so a fusion that ignored the placement could not pass both.
+    assert not np.allclose(originals["before-scale"], originals["after-scale"], atol=1e-4)
+
+
+def test_a_fully_masked_row_keeps_its_meaning_with_a_bias():
+    """finfo.min rows average V uniformly before and after fusion, bias or not."""
+    core = BatchedCore(heads=2, head_dim=4, scale=0.5, scale_at="qk-mul", bias="after-scale", bias_from="mask",
+                       mask="additive-min", causal=False, views="torchscript", guard=False, casts=False, broken=None)
+    proto, model, _ = _fuse(core)
+    rng = np.random.default_rng(0)
+    feed = {"Q": rng.normal(size=(2, 2, 3, 4)).astype(np.float32), "K": rng.normal(size=(2, 2, 3, 4)).astype(np.float32),
+            "V": rng.normal(size=(2, 2, 3, 4)).astype(np.float32),
+            "attention_mask": np.array([[0, 0, 0], [1, 1, 0]], np.int64)}
+    expected, actual = run(proto, feed)["Y"], run(ir.to_proto(model), feed)["Y"]
+    np.testing.assert_allclose(expected[0], np.broadcast_to(feed["V"][0].mean(axis=1, keepdims=True), (2, 3, 4)),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
