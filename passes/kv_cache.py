@@ -44,12 +44,17 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qgraph_passes.kv_cache_build import GraphBuilder
 from qgraph_passes.kv_cache_ctx_scatter import CTX_SCATTER_DOMAIN, ctx_scatter_function
 from qgraph_passes.kv_cache_files import custom_io_yaml, specializations_json
+from qgraph_passes.kv_cache_positions import (
+    PositionAnalysis,
+    analyze_positions,
+    retype_downstream,
+    site_replacement,
+    verify_rewired,
+)
 from qgraph_passes.kv_cache_probe import (
     MaskMeaning,
     ProbeError,
-    backward_slice,
     mask_meaning,
-    position_candidates_matching,
     probe_length,
     probe_masks,
     run_slice,
@@ -65,8 +70,6 @@ __all__ = ["KVCachePass"]
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _CONCAT_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _RETAINED_PAST = re.compile(r"^past_(key|value)\.(\d+)$")
-# Ops through which a position computed from the mask keeps its meaning per token.
-_POSITION_CHAIN_OPS = {"Sub", "Add", "Clip", "Max", "Min", "Where", "Mul", "Cast", "Relu"}
 # Ops applied to each token's logits on the way to the output (gemma2's soft-cap, scaling).
 _PER_TOKEN_OPS = {"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap", "Identity"}
 
@@ -227,7 +230,7 @@ class KVCachePass(Pass):
 
         layers = self._layers(model, past_inputs)
         self._read_masks(model, layers, past_inputs)
-        candidates = [] if source_positions is not None else self._positions(model, mask_input, layers)
+        analysis = None if source_positions is not None else self._positions(model, ids, mask_input, layers)
 
         # --- rewrite ---------------------------------------------------------------------
         # The no-cache graph's mask has the chunk's shape; its Shape reads the chunk's
@@ -240,12 +243,11 @@ class KVCachePass(Pass):
         self._rename_dims(graph, ids, dims)
         positions = self._position_input(graph, source_positions, dims, retained)
         clamped = b.op("Max", positions, b.const(0), name=b.fresh("positions"))
-        for value in candidates:
-            replacement = clamped if value.dtype == ir.DataType.INT64 else b.op("Cast", clamped, to=value.dtype)
-            value.replace_all_uses_with(replacement)
         for use in list(positions.uses()):  # a source's own position_ids: -1 now marks padding
             if use.node is not clamped.producer():
                 use.node.replace_input_with(use.idx, clamped)
+        if analysis is not None:
+            self._rewire_positions(model, b, analysis, clamped, retained)
 
         if retained:
             self._write_retained(model, b, layers, positions)
@@ -258,7 +260,7 @@ class KVCachePass(Pass):
 
         RemoveUnusedNodesPass()(model)
         self._drop_past_inputs(graph, past_inputs)
-        self._check_nothing_left(graph, b, mask_input)
+        self._check_nothing_left(graph, b, mask_input, ranges=analysis is None)
         if retained:
             graph.inputs.remove(mask_input)
             self._device_files(model, layers)
@@ -419,84 +421,43 @@ class KVCachePass(Pass):
         self.report.notes.append(f"masks probed at {low} tokens, the longest the graph runs (at {length}: {result})")
         return low, best
 
-    def _positions(self, model: ir.Model, mask_input: ir.Value, layers) -> list[ir.Value]:
-        """Values equal to cumsum(attention_mask) - 1 on valid tokens: the exporter's positions."""
-        sources = [mask_input]
-        frontier = [mask_input]
-        while frontier:  # the mask and its casts
-            value = frontier.pop()
-            for use in value.uses():
-                if use.node.op_type == "Cast":
-                    sources.append(use.node.outputs[0])
-                    frontier.append(use.node.outputs[0])
-        cumsums = [u.node for s in sources for u in s.uses() if u.node.op_type == "CumSum" and u.idx == 0]
-        candidates: list[ir.Value] = []
-        frontier = [n.outputs[0] for n in cumsums]
-        for _ in range(4):
-            following = []
-            for value in frontier:
-                for use in value.uses():
-                    if use.node.op_type in _POSITION_CHAIN_OPS:
-                        out = use.node.outputs[0]
-                        if out not in candidates and out.shape is not None and out.shape.rank() == 2:
-                            candidates.append(out)
-                            following.append(out)
-            frontier = following
-        if not candidates:
-            return self._range_positions(model, layers)
-        valid, feeds = self._probe_feeds(model, 12, layers, set())
+    def _positions(self, model: ir.Model, ids: ir.Value, mask_input: ir.Value, layers) -> PositionAnalysis:
+        """Where the graph reads token positions (rotary tables, position embeddings...), found by probing."""
         try:
-            results = run_slice(model, candidates, feeds)
+            analysis = analyze_positions(model, ids, mask_input, [x.node for x in layers])
         except ProbeError as exc:
-            raise _fail(f"could not run the position candidates: {exc}") from None
-        matching = [c for c, ok in zip(candidates, position_candidates_matching(results, valid)) if ok]
-        if not matching:
-            names = ", ".join(repr(c.name) for c in candidates)
-            raise _fail(f"none of the values computed from CumSum(attention_mask) ({names}) equals "
-                        "cumsum(mask) - 1 on valid tokens; cannot find the positions")
-        self.report.notes.append("positions rewired to position_ids: " + ", ".join(repr(c.name) for c in matching))
-        return matching
-
-    def _range_positions(self, model: ir.Model, layers) -> list[ir.Value]:
-        """Positions counted from the chunk start: Unsqueeze(Range(0, seq, 1), 0), [1, seq].
-
-        What Hugging Face computes when no position_ids are given (cache_position
-        unsqueezed). In a cached graph they must continue after the past, so they
-        become position_ids; a Range used any other way stays and stops the pass.
-        """
-        masks = [x.mask for x in layers if x.mask is not None]
-        in_masks = set(backward_slice(model.graph, masks)[0]) if masks else set()
-        candidates = []
-        for node in model.graph:
-            if node.op_type != "Unsqueeze" or node.inputs[0] is None:
-                continue
-            if all(use.node in in_masks for use in node.outputs[0].uses()):
-                continue  # the masks' own column counter: replaced with the masks
-            producer = node.inputs[0].producer()
-            axes = _const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
-            if producer is not None and producer.op_type == "Range" and axes == [0]:
-                candidates.append(node.outputs[0])
-        matching = []
-        if candidates:
-            valid, feeds = self._probe_feeds(model, 12, layers, set())
-            try:
-                results = run_slice(model, candidates, feeds)
-            except ProbeError as exc:
-                raise _fail(f"could not run the position candidates: {exc}") from None
-            expected = np.arange(valid.shape[1])[None]
-            matching = [c for c, r in zip(candidates, results) if r.shape == expected.shape and np.all(r == expected)]
-        if not matching:
-            raise _fail("found no positions: neither computed from 'attention_mask' (CumSum(attention_mask) - 1) "
-                        "nor counted from the chunk start (Unsqueeze(Range(0, seq, 1), 0)), and no 'position_ids' "
-                        "input; cannot tell where rotary or position embeddings read positions")
-        self.report.notes.append(
-            "positions counted from the chunk start rewired to position_ids: "
-            + ", ".join(repr(c.name) for c in matching)
-            + " (the no-cache graph gives a left-padded row shifted positions; the cached graph does not)"
-        )
-        return matching
+            raise _fail(f"cannot tell where the model reads token positions: {exc}") from None
+        if analysis.sites:
+            counted = {"column": "counted from the chunk start", "mask": "computed from the attention mask"}
+            how = " and ".join(sorted({counted[s.semantics] for s in analysis.sites}))
+            self.report.notes.append(
+                f"positions {how} rewired to position_ids: " + ", ".join(s.describe() for s in analysis.sites))
+            if "column" in analysis.semantics:
+                self.report.notes.append(
+                    "the export counts positions from column 0, so a left-padded row of the no-cache graph is "
+                    "shifted; the cached graph takes positions from position_ids (cumsum(mask) - 1, as generate "
+                    "computes them) and gives each row what the no-cache graph gives it unpadded")
+        return analysis
 
     # --- rewrite helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _rewire_positions(model: ir.Model, b: GraphBuilder, analysis: PositionAnalysis, clamped: ir.Value,
+                          retained: bool) -> None:
+        """Each position site reads position_ids instead; the result is run against the original."""
+        replacements = {}
+        for site in analysis.sites:
+            replacement = site_replacement(b, site, clamped)
+            site.value.replace_all_uses_with(replacement)
+            replacements[site.value] = replacement
+        widened = [replacements[s.value] for s in analysis.sites if s.batch_axis < 0]
+        if widened:
+            retype_downstream(widened, model.graph.opset_imports)
+        model.graph.sort()
+        try:
+            verify_rewired(model, analysis, replacements, chunk_mask="none" if retained else "total")
+        except ProbeError as exc:
+            raise _fail(f"positions rewired to position_ids do not compute what the export computed: {exc}") from None
 
     @staticmethod
     def _rename_dims(graph: ir.Graph, ids: ir.Value, names: tuple[str, str]) -> None:
@@ -672,13 +633,18 @@ class KVCachePass(Pass):
             logits.shape = ir.Shape([dims[0], seq, logits.shape[2]])
 
     @staticmethod
-    def _check_nothing_left(graph: ir.Graph, b: GraphBuilder, mask_input: ir.Value) -> None:
+    def _check_nothing_left(graph: ir.Graph, b: GraphBuilder, mask_input: ir.Value, *, ranges: bool) -> None:
+        """Nothing may still read the mask; with a position_ids input, no Range may count positions.
+
+        (Without one, every value that carries positions was found, rewired and
+        run against the original by the position analysis.)
+        """
         ours = set(b.created)
         stray = sorted({u.node.name or u.node.op_type for u in mask_input.uses() if u.node not in ours})
         if stray:
             raise _fail(f"'attention_mask' is still read by {', '.join(stray)} after the masks and positions were "
                         "replaced; the pass does not know what these nodes compute")
-        ranges = [n for n in graph if n.op_type == "Range" and n not in ours]
+        ranges = [n for n in graph if n.op_type == "Range" and n not in ours] if ranges else []
         if ranges:
             names = ", ".join(repr(n.name) for n in ranges)
             raise _fail(f"Range node(s) {names} still feed the graph: positions counted from the chunk start would be "

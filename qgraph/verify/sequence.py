@@ -600,7 +600,37 @@ class SequenceReplayer:
             raise _ReferenceFailed(
                 f"{self.reference_label}: logits have shape {logits.shape}; expected [{case.batch}, {stop}, vocab]"
             )
+        if ref.positions_dtype is None:
+            logits = self._unpadded_rows(case, stop, logits)
         return logits
+
+    def _unpadded_rows(self, case: ReplayCase, stop: int, logits: np.ndarray) -> np.ndarray:
+        """A row with padding before a valid token gets the reference's logits for its valid tokens alone.
+
+        A reference without a position_ids input computes positions itself;
+        a plain export counts them from column 0, so padding in front of a
+        token shifts its position. The cached graph's meaning is DESIGN.md's
+        (positions from position_ids, cumsum(mask) - 1): the sequence the row
+        holds, unpadded. For a reference that computes cumsum(mask) - 1
+        itself both are the same, so the rule holds for every reference.
+        """
+        ref = self.reference
+        out = None
+        for row in range(case.batch):
+            columns = np.flatnonzero(case.valid[row, :stop])
+            if columns.size == 0 or columns[-1] == columns.size - 1:
+                continue  # no valid token, or all of them first: no shift
+            feeds = {
+                "input_ids": case.tokens[row, columns][None].astype(ref.ids_dtype),
+                "attention_mask": np.ones((1, columns.size), ref.mask_dtype),
+            }
+            try:
+                alone = self.ref_runner.run(feeds)["logits"]
+            except RunError as exc:
+                raise _ReferenceFailed(str(exc)) from None
+            out = logits.copy() if out is None else out
+            out[row, columns] = alone[0]
+        return logits if out is None else out
 
     def _compare_step(
         self,

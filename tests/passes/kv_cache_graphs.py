@@ -80,6 +80,8 @@ def decoder(
         pos = g.op("Unsqueeze", g.op("Range", zero, seq, one), g.const([0]))
     elif positions == "range-direct":  # [S] straight into the table: [S, H] broadcast over the batch
         pos = g.op("Range", zero, seq, one)
+    elif positions == "reversed":  # counted back from the last token: a function of the length, not of positions
+        pos = g.op("Sub", g.op("Sub", seq, one), g.op("Range", zero, seq, one))
     else:
         raise ValueError(positions)
     x = g.op("Add", g.op("Gather", g.weight(VOCAB, HIDDEN), "input_ids"), g.op("Gather", g.weight(POSITIONS, HIDDEN), pos))

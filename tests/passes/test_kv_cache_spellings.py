@@ -72,30 +72,36 @@ def test_a_bidirectional_mask_is_refused_naming_the_layer() -> None:
 
 
 @pytest.mark.parametrize("style", ["retained", "concat"])
-def test_positions_counted_from_the_chunk_start_become_position_ids(style: str) -> None:
-    """Unsqueeze(Range(0, seq), 0) restarts at 0 every chunk; rewired, decode steps continue after the past.
+@pytest.mark.parametrize("positions", ["range", "range-direct"])
+def test_positions_counted_from_the_chunk_start_become_position_ids(style: str, positions: str) -> None:
+    """Range(0, seq) restarts at 0 every chunk; rewired, decode steps continue after the past.
 
-    The no-cache graph gives a left-padded row shifted positions, so only
-    right padding (and none) can agree with it.
+    ``range``: [1, S] (a batch axis to take position_ids' rows); ``range-direct``:
+    [S] straight into the table, so the rewired positions prepend the batch axis.
+    The no-cache graph gives a left-padded row shifted positions; the replay
+    compares such a row with the reference's logits for the row unpadded.
     """
-    reference = graphs.decoder(positions="range")
+    reference = graphs.decoder(positions=positions)
     model, kv = _cache(reference, style=style, ctx_len=CTX_LEN, logits="all")
     result = check_sequence_equivalence(ir.to_proto(model), reference, examples=15, max_len=CTX_LEN - 1,
-                                        padding="right", require_greedy=True)
+                                        require_greedy=True)
     assert result.equivalent, str(result)
     assert any("counted from the chunk start" in n for n in kv.report.notes)
 
 
-def test_a_range_read_some_other_way_is_refused() -> None:
-    with pytest.raises(PassFailure, match="found no positions: neither computed from 'attention_mask'.* nor counted"):
-        _cache(graphs.decoder(positions="range-direct"), style="concat")
+@pytest.mark.parametrize("style", ["retained", "concat"])
+def test_positions_that_depend_on_the_length_are_refused_naming_the_value(style: str) -> None:
+    """seq - 1 - Range(0, seq) equals positions only on a whole sequence: the chunk probe catches it."""
+    with pytest.raises(PassFailure, match=r"do not compute what the export computed: 'gather_\d+' \(read by Add .*differs from "
+                                          r"the original on a chunk at positions 6\.\.8"):
+        _cache(graphs.decoder(positions="reversed"), style=style, ctx_len=CTX_LEN)
 
 
 def test_an_unaccounted_use_of_the_mask_is_refused_and_the_graph_kept() -> None:
     """The last check runs after the rewrite (on a copy): the model handed in stays as it was."""
     reference = graphs.decoder(mask_scales_logits=True)
     model = ir.from_proto(reference)
-    with pytest.raises(PassFailure, match=r"'attention_mask' is still read by n\d+_Cast"):
+    with pytest.raises(PassFailure, match=r"read by Mul 'n\d+_Mul'\) is computed from the attention mask's values"):
         KVCachePass(style="retained", ctx_len=CTX_LEN)(model)
     assert ir.to_proto(model) == ir.to_proto(ir.from_proto(reference))
 
