@@ -3,26 +3,42 @@
 Passes are only as good as the graphs they meet, and the graphs differ by
 architecture as much as by exporter. Each entry of :data:`TINY_ARCHS` is a
 transformers config shrunk to 2 layers, hidden size 64 and a 256-token
-vocabulary, chosen for what makes its graph different:
+vocabulary (byte-level tokenizer), chosen for what makes its graph different:
 
-=========  =====================================================================
-llama      GQA (4 query heads, 2 KV heads), RoPE, RMSNorm, SwiGLU
-qwen2      like llama, plus biases on q/k/v
-phi3       fused qkv_proj and gate_up_proj
-gemma      head_dim 32 != hidden/heads (16), multi-query (1 KV head),
-           (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), GeLU-tanh MLP
-gpt2       fused c_attn (Conv1D), learned positions, LayerNorm, GeLU
-opt        learned positions offset by 2, computed from the mask; ReLU
-bert       encoder (bidirectional), token types, LayerNorm; mean-pooled embedding
-mistral    sliding-window attention (window 4, smaller than the test sequences)
-qwen3      RMSNorm on q and k per head
-gemma2     attention and final-logit soft-capping, alternating sliding window,
-           four norms per layer (transformers traces it with eager attention)
-phi        partial rotary (half of head_dim), parallel attention and MLP
-=========  =====================================================================
+===========  ===================================================================
+llama        GQA (4 query heads, 2 KV heads), RoPE, RMSNorm, SwiGLU
+qwen2        like llama, plus biases on q/k/v
+phi3         fused qkv_proj and gate_up_proj
+gemma        head_dim 32 != hidden/heads (16), multi-query (1 KV head),
+             (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), GeLU-tanh MLP
+gpt2         fused c_attn (Conv1D), learned positions, LayerNorm, GeLU
+opt          learned positions offset by 2, computed from the mask; ReLU
+bert         encoder (bidirectional), token types, LayerNorm; mean-pooled embedding
+mistral      sliding-window attention (window 4, smaller than the test sequences)
+qwen3        RMSNorm on q and k per head
+gemma2       attention and final-logit soft-capping, alternating sliding window,
+             four norms per layer (transformers traces it with eager attention)
+phi          partial rotary (half of head_dim), parallel attention and MLP
+bloom        ALiBi position biases (no position embeddings, no rotary), fused
+             query_key_value, LayerNorm on the embeddings
+gpt_bigcode  multi-query attention (4 query heads, 1 KV head, fused c_attn),
+             learned positions
+smollm3      NoPE: layer 0 rotates q/k, layer 1 has no positions at all
+             (``no_rope_layers=[1, 0]``); GQA 4/2
+gpt_neo      global then local attention (window 4, smaller than the test
+             sequences), learned positions, unscaled attention scores
+===========  ===================================================================
+
+Every causal LM exports in both wrapper modes (:func:`export_tiny`'s
+``wrapper``): "qgraph" passes positions from the mask, "plain" is what a
+user's plain ``torch.onnx.export(model, (input_ids, attention_mask))``
+traces, positions counted by the model itself.
+
+Mixture-of-experts models (Mixtral, Qwen2-MoE) are not in the zoo: torch
+2.13 cannot export them (see README.md, export section).
 
 Weights are random (seeded, so every process builds the same bytes) at the
-architecture's own init scale. Each model is written as an ordinary
+architecture's own init scale (Bloom's raised, see :func:`_bloom`). Each model is written as an ordinary
 Hugging Face folder with a byte-level tokenizer (id = byte value) and goes
 through exactly the path a user's model takes (:func:`export_model`), cache
 included.
@@ -138,6 +154,39 @@ def _phi():
                      **_TOKENS)
 
 
+def _bloom():
+    from transformers import BloomConfig
+
+    # Init std 0.05, not Bloom's 0.02: Bloom layer-normalizes the embeddings, so at 0.02 the attention of a
+    # 64-wide model barely moves the logits and the mask's effect would hide below a few hundred tolerances.
+    return BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, initializer_range=0.05,
+                       **_TOKENS)
+
+
+def _gpt_bigcode():
+    from transformers import GPTBigCodeConfig
+
+    return GPTBigCodeConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN,
+                            n_positions=POSITIONS, multi_query=True, **_TOKENS)
+
+
+def _smollm3():
+    from transformers import SmolLM3Config
+
+    # no_rope_layers[i] == 1: layer i uses RoPE; 0: no positions at all (NoPE).
+    return SmolLM3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=2, no_rope_layers=[1, 0],
+                         max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _gpt_neo():
+    from transformers import GPTNeoConfig
+
+    return GPTNeoConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
+                        intermediate_size=FFN, attention_types=[[["global", "local"], LAYERS // 2]], window_size=4,
+                        max_position_embeddings=POSITIONS, **_TOKENS)
+
+
 def _bert():
     from transformers import BertConfig
 
@@ -162,6 +211,13 @@ TINY_ARCHS: dict[str, TinyArch] = {
                                         "eager attention, four norms per layer", _gemma2),
         TinyArch("phi", "causal-lm", "partial rotary (half of head_dim), parallel attention and MLP, "
                                      "dense with biases", _phi),
+        TinyArch("bloom", "causal-lm", "ALiBi position biases (no position embeddings), fused qkv, "
+                                       "LayerNorm on the embeddings", _bloom),
+        TinyArch("gpt_bigcode", "causal-lm", "multi-query attention (fused c_attn: 4 query heads, 1 KV head), "
+                                             "learned positions", _gpt_bigcode),
+        TinyArch("smollm3", "causal-lm", "NoPE: layer 0 RoPE, layer 1 no positions at all; GQA 4/2", _smollm3),
+        TinyArch("gpt_neo", "causal-lm", "global then local attention (window 4), learned positions, "
+                                         "unscaled attention", _gpt_neo),
     )
 }
 
@@ -320,18 +376,23 @@ def export_tiny(
     opset: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    wrapper: str = "qgraph",
     **options: Any,
 ) -> ExportResult:
     """Export the zoo model ``name`` with ``exporter`` into ``folder/<name>-<exporter>/``.
 
-    The Hugging Face folder goes to ``folder/<name>-hf/``. ``options`` are
+    The Hugging Face folder goes to ``folder/<name>-hf/``. ``wrapper``
+    ("qgraph" or "plain", see :func:`export_model`) picks the traced module;
+    a plain export goes to ``folder/<name>-<exporter>-plain/``. ``options`` are
     passed to :func:`export_model` (``pooling``, ``attn_implementation``...).
     Cached like any export: a second call (any process, same cache) is a copy.
     """
     folder = Path(folder)
     source = write_tiny_folder(name, folder / f"{name}-hf")
     suffix = "".join(f"-{value}" for value in options.values() if value is not None)
+    if wrapper != "qgraph":
+        suffix += f"-{wrapper}"
     return export_model(
-        source, folder / f"{name}-{exporter}{suffix}", exporter=exporter, opset=opset,
+        source, folder / f"{name}-{exporter}{suffix}", exporter=exporter, opset=opset, wrapper=wrapper,
         cache_dir=cache_dir, progress=progress, **options,
     )

@@ -5,6 +5,10 @@ than the traced one (2 x 16), including 1 x 1 and a sequence longer than the
 sliding windows, with left padding for causal LMs and right padding for
 encoders. The comparison here is written out in the test (onnxruntime
 against the torch module) rather than taken from the library's own check.
+
+Causal LMs are also exported in the ``plain`` wrapper mode (what a user's
+plain ``torch.onnx.export(model, (input_ids, attention_mask))`` traces: the
+model counts positions itself) and compared with that plain torch module.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from qgraph.export.exporters import EXPORTERS, sample_inputs
 from qgraph.export.zoo import TINY_ARCHS, VOCAB
 
 ZOO_CASES = [(arch, exporter) for arch in TINY_ARCHS for exporter in EXPORTERS]
+CAUSAL_CASES = [(arch, exporter) for arch, exporter in ZOO_CASES if TINY_ARCHS[arch].task == "causal-lm"]
+#: Architectures whose positions are absolute learned embeddings counted by the model from column 0 when it
+#: is not given position_ids: under left padding their plain export means something else than the qgraph one.
+ABSOLUTE_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_neo")
 
 #: (batch, seq, padding of row 0): none is the traced 2 x 16.
 SIZES = [(1, 1, 0), (1, 5, 0), (3, 17, 0), (2, 8, 3), (4, 3, 2), (2, 24, 7)]
@@ -38,13 +46,7 @@ def _torch(module, feeds) -> np.ndarray:
         return module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("arch", "exporter"), ZOO_CASES)
-def test_onnxruntime_equals_torch_for_several_batch_and_sequence_sizes(tiny_zoo, arch, exporter):
-    result = tiny_zoo.export(arch, exporter)
-    module = tiny_zoo.torch_module(arch)
-    causal = TINY_ARCHS[arch].task == "causal-lm"
-    session = _session(result.model_path)
+def _assert_close_at_valid_positions(session, module, causal: bool) -> None:
     for index, (batch, seq, pad) in enumerate(SIZES):
         feeds = _feeds(batch, seq, pad, "left" if causal else "right", seed=index)
         (got,) = session.run(None, feeds)
@@ -58,8 +60,39 @@ def test_onnxruntime_equals_torch_for_several_batch_and_sequence_sizes(tiny_zoo,
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("arch", "exporter"), ZOO_CASES)
-def test_interface_is_the_same_for_every_architecture_and_exporter(tiny_zoo, arch, exporter):
+def test_onnxruntime_equals_torch_for_several_batch_and_sequence_sizes(tiny_zoo, arch, exporter):
     result = tiny_zoo.export(arch, exporter)
+    module = tiny_zoo.torch_module(arch)
+    _assert_close_at_valid_positions(_session(result.model_path), module, TINY_ARCHS[arch].task == "causal-lm")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "exporter"), CAUSAL_CASES)
+def test_plain_export_equals_the_plain_torch_model_for_several_batch_and_sequence_sizes(tiny_zoo, arch, exporter):
+    """wrapper="plain": the graph computes what the model computes when called with input_ids and mask only."""
+    result = tiny_zoo.export(arch, exporter, wrapper="plain")
+    assert result.manifest["wrapper"] == "plain"
+    _assert_close_at_valid_positions(_session(result.model_path), tiny_zoo.torch_module(arch, wrapper="plain"), True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "exporter"), [(a, e) for a, e in CAUSAL_CASES if a in ABSOLUTE_POSITIONS])
+def test_plain_export_counts_positions_from_column_0_under_left_padding(tiny_zoo, arch, exporter):
+    """The plain mode is honoured: unpadded rows agree with the qgraph export, left-padded rows do not."""
+    plain = _session(tiny_zoo.export(arch, exporter, wrapper="plain").model_path)
+    qgraph = _session(tiny_zoo.export(arch, exporter).model_path)
+    feeds = _feeds(2, 9, 4, "left", seed=11)
+    (from_plain,), (from_qgraph,) = plain.run(None, feeds), qgraph.run(None, feeds)
+    np.testing.assert_allclose(from_plain[1], from_qgraph[1], rtol=RTOL, atol=ATOL)  # row 1 has no padding
+    valid = feeds["attention_mask"][0].astype(bool)
+    assert np.abs(from_plain[0][valid] - from_qgraph[0][valid]).max() > 100 * (ATOL + RTOL * np.abs(from_qgraph).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "exporter", "wrapper"),
+                         [(a, e, "qgraph") for a, e in ZOO_CASES] + [(a, e, "plain") for a, e in CAUSAL_CASES])
+def test_interface_is_the_same_for_every_architecture_exporter_and_wrapper(tiny_zoo, arch, exporter, wrapper):
+    result = tiny_zoo.export(arch, exporter, wrapper=wrapper)
     model = onnx.load(result.model_path, load_external_data=False)
 
     def signature(values):
@@ -75,11 +108,12 @@ def test_interface_is_the_same_for_every_architecture_and_exporter(tiny_zoo, arc
     else:
         assert signature(model.graph.output) == [("sentence_embedding", onnx.TensorProto.FLOAT, ["batch", 64])]
     assert result.manifest["exporter"] == exporter
+    assert result.manifest["wrapper"] == (wrapper if TINY_ARCHS[arch].task == "causal-lm" else None)
     assert result.manifest["nodes"] == len(model.graph.node)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("arch", "exporter"), [c for c in ZOO_CASES if TINY_ARCHS[c[0]].task == "causal-lm"])
+@pytest.mark.parametrize(("arch", "exporter"), CAUSAL_CASES)
 def test_left_padding_does_not_change_the_logits_of_valid_positions(tiny_zoo, arch, exporter):
     """Positions come from the mask: a left-padded row equals the same row unpadded (what a KV cache must reproduce)."""
     session = _session(tiny_zoo.export(arch, exporter).model_path)
