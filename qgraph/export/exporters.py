@@ -250,7 +250,10 @@ def compare_with_torch(
     Causal LMs get ``pad`` positions of left padding in row 0 and are
     compared at valid positions only (padding rows are undefined); encoders
     get right padding and their pooled vectors are compared whole. The
-    tolerance is ``atol + rtol * max|torch|``.
+    tolerance is ``atol + rtol * max|torch|``. The reference is ``module``
+    itself, the module that was traced: for a ``plain`` export (the model
+    counting positions itself, from column 0 under left padding for most
+    models) that is the plain model's meaning, not the qgraph wrapper's.
     """
     import onnxruntime as ort
     import torch
