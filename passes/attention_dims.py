@@ -256,7 +256,7 @@ def _dim_from_producer(node: ir.Node, axis: int, depth: int) -> Dim | None:
     if op == "Gather":
         index = ins[1]
         data_rank = len(ins[0].shape) if ins[0].shape is not None else None
-        if index.shape is None or len(index.shape) != 0 or data_rank is None:
+        if _rank_of(index) != 0 or data_rank is None:
             return None
         gather_axis = _int_attr(node, "axis", 0)
         gather_axis += data_rank if gather_axis < 0 else 0
@@ -266,7 +266,21 @@ def _dim_from_producer(node: ir.Node, axis: int, depth: int) -> Dim | None:
     if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
         # A scalar operand broadcasts away: the dims are the other operand's.
         for x, other in ((ins[0], ins[1]), (ins[1], ins[0])):
-            if other.shape is not None and all(d == 1 for d in other.shape) and x.shape is not None \
-                    and len(x.shape) >= len(other.shape):
+            if _is_scalar(other) and (_rank_of(other) == 0 or x.shape is not None and len(x.shape) >= _rank_of(other)):
                 return traced_dim(x, axis, depth)
     return None
+
+
+def _is_scalar(value: ir.Value) -> bool:
+    """One element: by its shape, or by its constant value."""
+    if value.shape is not None:
+        return all(d == 1 for d in value.shape)
+    tensor = ir.convenience.get_const_tensor(value)
+    return tensor is not None and tensor.size == 1
+
+
+def _rank_of(value: ir.Value) -> int:
+    if value.shape is not None:
+        return len(value.shape)
+    tensor = ir.convenience.get_const_tensor(value)
+    return len(tensor.shape) if tensor is not None else 99
