@@ -524,7 +524,7 @@ class KVCachePass(Pass):
         is_pad = b.op("Less", positions, b.const(0))
         slots = b.op("Where", is_pad, b.const(ctx_len - 1), positions, name=b.fresh("slots"))
         indices: dict[int, ir.Value] = {}
-        visibility: dict[int | None, ir.Value] = {}
+        visibility: dict[MaskMeaning, ir.Value] = {}
         if cfg["scatter"] == "ctx-scatter":
             attach_function(model, ctx_scatter_function())
         for layer in layers:
@@ -544,14 +544,18 @@ class KVCachePass(Pass):
                 state.type, state.shape = ir.TensorType(layer.dtype), cache_shape
                 graph.outputs.append(state)
                 written.append(state)
-            window = layer.meaning.window
-            if window not in visibility:
-                visibility[window] = b.retained_visibility(positions, ctx_len, window)
-            self._replace_attention(graph, b, layer, written[0], written[1], visibility[window])
+            meaning = layer.meaning
+            if meaning not in visibility:
+                visible = b.retained_visibility(positions, ctx_len, meaning.window)
+                if meaning.slopes is not None:
+                    visible = b.key_position_bias(visible, b.retained_key_positions(ctx_len), meaning.slopes,
+                                                  layer.dtype)
+                visibility[meaning] = visible
+            self._replace_attention(graph, b, layer, written[0], written[1], visibility[meaning])
 
     def _write_concat(self, graph: ir.Graph, b: GraphBuilder, layers: list[_Layer], mask_input, ids) -> None:
         mask_input.shape = ir.Shape(["batch_size", "total_sequence_length"])
-        visibility: dict[int | None, ir.Value] = {}
+        visibility: dict[MaskMeaning, ir.Value] = {}
         for layer in layers:
             past_shape = ir.Shape(["batch_size", layer.kv_heads, "past_sequence_length", layer.head_dim])
             present_shape = ir.Shape(["batch_size", layer.kv_heads, "total_sequence_length", layer.head_dim])
@@ -564,10 +568,14 @@ class KVCachePass(Pass):
                 state.type, state.shape = ir.TensorType(layer.dtype), present_shape
                 graph.outputs.append(state)
                 joined.append(state)
-            window = layer.meaning.window
-            if window not in visibility:
-                visibility[window] = b.concat_visibility(mask_input, ids, window)
-            self._replace_attention(graph, b, layer, joined[0], joined[1], visibility[window])
+            meaning = layer.meaning
+            if meaning not in visibility:
+                visible = b.concat_visibility(mask_input, ids, meaning.window)
+                if meaning.slopes is not None:
+                    visible = b.key_position_bias(visible, b.concat_key_positions(mask_input), meaning.slopes,
+                                                  layer.dtype)
+                visibility[meaning] = visible
+            self._replace_attention(graph, b, layer, joined[0], joined[1], visibility[meaning])
 
     @staticmethod
     def _drop_concat_source(graph: ir.Graph, layers: list[_Layer], past_inputs: set[ir.Value]) -> None:

@@ -160,6 +160,31 @@ class GraphBuilder:
         visible.shape = ir.Shape([attention_mask.shape[0], 1, input_ids.shape[1], attention_mask.shape[1]])
         return visible
 
+    # --- position biases (ALiBi) ----------------------------------------------------------
+
+    def key_position_bias(self, visible: ir.Value, key_positions: ir.Value, slopes, dtype: ir.DataType) -> ir.Value:
+        """float [B, H, S, T]: slopes[h] * position(key) where visible, a large negative number elsewhere.
+
+        ``key_positions`` broadcasts as [B or 1, 1, 1, T]. The fill is half the
+        dtype's lowest value, so adding it never overflows; no row is fully
+        hidden (a query always sees a slot), so the fill never decides a row.
+        """
+        np_dtype = dtype.numpy()
+        heads = self.const(np.asarray(slopes, np_dtype).reshape(1, -1, 1, 1), dtype=np_dtype, hint="alibi_slopes")
+        bias = self.op("Mul", heads, self.op("Cast", key_positions, to=dtype))
+        fill = self.const(np.finfo(np_dtype).min / 2, dtype=np_dtype, hint="hidden")
+        return self.op("Where", visible, bias, fill)
+
+    def retained_key_positions(self, ctx_len: int) -> ir.Value:
+        """[1, 1, 1, ctx_len]: slot c holds the token at position c."""
+        return self.const(np.arange(ctx_len).reshape(1, 1, 1, ctx_len), hint="slot_positions")
+
+    def concat_key_positions(self, attention_mask: ir.Value) -> ir.Value:
+        """[B, 1, 1, T]: cumsum(mask) - 1 of every column, past and current."""
+        mask = self.op("Cast", attention_mask, to=ir.DataType.INT64)
+        counted = self.op("Sub", self.op("CumSum", mask, self.const(1)), self.const(1))
+        return self.op("Unsqueeze", counted, self.const([1, 2]))
+
     # --- last-token logits ---------------------------------------------------------------
 
     def gather_last_valid(self, hidden: ir.Value, positions: ir.Value) -> ir.Value:

@@ -11,11 +11,13 @@ and compares the result with the candidate meaning:
 
 * attention masks: key j visible to query i iff mask[j] and j <= i and
   i - j < window (window None = unbounded), checked on every valid query;
-* positions: cumsum(mask) - 1 on every valid token (what the export wrapper
-  and Hugging Face's generate compute), non-negative on padding.
+* a float mask may also add a bias to the visible scores: it must be
+  ``slope[h] * position(key)`` (ALiBi), which the cached graph rebuilds from
+  the slots' positions.
 
-Anything else (a bidirectional mask, a mask that reads other inputs, ALiBi
-biases folded into the mask) is reported, never guessed at.
+Anything else (a bidirectional mask, a mask that reads other inputs, a
+relative-position bias) is reported, never guessed at. Positions are read
+by :mod:`kv_cache_positions`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "mask_meaning", "position_candidates_matching", "probe_length", "run_slice"]
+__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "key_position_slopes", "mask_meaning", "probe_length", "run_slice"]
 
 #: Integer constants above this are sentinels (INT64_MAX ends of Slice), not window sizes.
 _LARGEST_WINDOW_CONSTANT = 1 << 20
@@ -171,24 +173,66 @@ def probe_masks(length: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class MaskMeaning:
-    """A causal padding mask, with a sliding window of ``window`` keys (None: unbounded within the probe)."""
+    """A causal padding mask, with a sliding window of ``window`` keys (None: unbounded within the probe).
+
+    ``slopes``: the mask also adds ``slopes[h] * position(key)`` to the
+    visible scores of head h (ALiBi); a term that is the same for every key
+    of a query row is dropped, since softmax does not see it.
+    """
 
     window: int | None
+    slopes: tuple[float, ...] | None = None
 
     def describe(self) -> str:
-        return "causal" if self.window is None else f"causal, sliding window {self.window}"
+        text = "causal" if self.window is None else f"causal, sliding window {self.window}"
+        if self.slopes is not None:
+            text += f", key-position bias with {len(self.slopes)} head slope(s)"
+        return text
 
 
-def _visible(mask: np.ndarray, dtype_name: str) -> np.ndarray:
+def _visible(mask: np.ndarray, dtype_name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The visible entries, and the additive float mask when it adds anything but 0 to them."""
     if mask.dtype == np.bool_:
-        return mask
+        return mask, None
     if np.issubdtype(mask.dtype, np.floating):
-        lowest = np.finfo(mask.dtype).min
-        visible = mask > lowest / 2
-        if np.any(visible & (mask != 0)):
-            raise ProbeError(f"the {dtype_name} mask adds values other than 0 to visible scores (a position bias?)")
-        return visible
+        # lowest / 4: a fill of finfo.min / 2 plus a position bias is still hidden
+        visible = mask > np.finfo(mask.dtype).min / 4
+        return visible, (mask if np.any(visible & (mask != 0)) else None)
     raise ProbeError(f"a mask of dtype {mask.dtype} is neither bool nor an additive float mask")
+
+
+def key_position_slopes(bias: np.ndarray, visible: np.ndarray, valid: np.ndarray) -> tuple[float, ...]:
+    """Per-head slopes s_h with bias[b, h, i, j] = s_h * position(j) + c[b, h, i] on every visible entry.
+
+    position(j) is cumsum(mask) - 1 of the key (ALiBi as BLOOM computes it);
+    keys counted from column 0 differ from it by a constant per row, which
+    softmax does not see, so both fit. Raises ProbeError when the bias is
+    not of this form (a relative-position or query-dependent bias).
+    """
+    rows, length = valid.shape
+    bias = np.broadcast_to(bias, (rows, bias.shape[1], length, length)).astype(np.float64)
+    visible = np.broadcast_to(visible, bias.shape)
+    keypos = (np.cumsum(valid, axis=1) - 1)[:, None, None, :].astype(np.float64)
+    last = length - 1  # the unpadded row's last query sees every key (without a window)
+    seen = visible[0, :, last]
+    slopes = []
+    for h in range(bias.shape[1]):
+        keys = np.flatnonzero(seen[h])
+        if keys.size < 2:
+            raise ProbeError("the mask's position bias cannot be read: the last query of a full row sees fewer than "
+                             "two keys")
+        slope = (bias[0, h, last, keys[-1]] - bias[0, h, last, keys[0]]) / (keys[-1] - keys[0])
+        slopes.append(float(slope))
+    fitted = bias - np.asarray(slopes)[None, :, None, None] * keypos
+    row_const = np.max(np.where(visible, fitted, -np.inf), axis=3, keepdims=True)
+    row_const = np.where(np.isfinite(row_const), row_const, 0.0)  # a row that sees no key has nothing to fit
+    spread = np.where(visible, np.abs(fitted - row_const), 0.0)
+    scale = max(1.0, float(np.nanmax(np.abs(np.where(visible, bias, 0.0)))))
+    if spread.max() > 1e-4 * scale:
+        b, h, i, j = (int(x) for x in np.unravel_index(int(np.argmax(spread)), spread.shape))
+        raise ProbeError(f"the mask adds a bias to visible scores that is not slope * key position (ALiBi): at row {b}, "
+                         f"head {h}, query {i}, key {j} it is off by {spread[b, h, i, j]:.3g}")
+    return tuple(slopes)
 
 
 def mask_meaning(mask: np.ndarray, valid: np.ndarray, *, is_causal: bool) -> MaskMeaning:
@@ -200,9 +244,12 @@ def mask_meaning(mask: np.ndarray, valid: np.ndarray, *, is_causal: bool) -> Mas
     rows, length = valid.shape
     if mask.ndim != 4 or mask.shape[-2:] != (length, length):
         raise ProbeError(f"the mask has shape {mask.shape}; expected [batch, heads, {length}, {length}]")
-    visible = _visible(mask, str(mask.dtype))
+    visible, bias = _visible(mask, str(mask.dtype))
     if visible.shape[1] > 1 and not (visible == visible[:, :1]).all():
         raise ProbeError("the mask differs between heads")
+    slopes = None
+    if bias is not None:
+        slopes = key_position_slopes(bias, visible, valid)
     visible = np.broadcast_to(visible[:, 0], (rows, length, length))
     if is_causal:
         visible = visible & np.tril(np.ones((length, length), bool))
@@ -223,17 +270,4 @@ def mask_meaning(mask: np.ndarray, valid: np.ndarray, *, is_causal: bool) -> Mas
             f"{'sees' if visible[row, query, key] else 'does not see'} key {key}, which a {meaning} mask "
             f"{'hides' if visible[row, query, key] else 'shows'}"
         )
-    return MaskMeaning(window_or_none)
-
-
-def position_candidates_matching(values: Sequence[np.ndarray], valid: np.ndarray) -> list[bool]:
-    """Which probed values equal cumsum(mask) - 1 on valid tokens and index a table on padding (>= 0)."""
-    expected = np.cumsum(valid, axis=1) - 1
-    out = []
-    for array in values:
-        ok = array.shape == valid.shape
-        if ok:
-            a = array.astype(np.float64)
-            ok = bool(np.all(a[valid] == expected[valid]) and np.all(a >= 0))
-        out.append(ok)
-    return out
+    return MaskMeaning(window_or_none, slopes)
