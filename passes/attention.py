@@ -330,7 +330,6 @@ def to_attention(op, match: Match, query, key, value_, key_format, scale, softca
     return out
 
 
-
 # -- attention on batched heads: 3-D [B*H, S, D] (BLOOM) ---------------------------
 
 
@@ -423,7 +422,8 @@ def check_batched(match: Match, q, kt, v, scores_view: ir.Node, probs_view: ir.N
                          (bias_post if bias_after_scale == 0 else None, 1.0)):
         if bias is None:
             continue
-        reason = reads_only_mask_and_shapes(bias, exporter_mask) or bias_broadcasts(bias, scores3, pins_element_count(probs_view))
+        reason = (reads_only_mask_and_shapes(bias, exporter_mask)
+                  or bias_broadcasts(bias, scores3, count_pinned=pins_element_count(probs_view)))
         if reason:
             return reason
         biases.append((bias, factor))
