@@ -460,6 +460,9 @@ def to_batched_attention(op, match: Match, query, key, value_, scale, heads, mas
             if factor != 1.0:
                 term = op.Mul(term, np.asarray(factor, dtype))
             mask = term if mask is None else op.Add(term, mask)
+        # A bias of ordinary size leaves the clamp a no-op; one holding a masking fill
+        # (finfo.min) gets the same onnxruntime-safe fill as any additive mask.
+        mask = _mask_input(op, ("additive", mask, ("clamp",)), dtype)
         spans = mask_plan is not None and mask_dims_ok and mask_plan[0] == "additive"
     else:
         mask, spans = _mask_input(op, mask_plan, dtype), mask_dims_ok

@@ -14,12 +14,15 @@ bias joins the mask input. Two things decide whether that is allowed:
 * its place relative to the scale: ``Attention`` scales QK^T only, so a
   bias added *before* the scores' scale is multiplied by that scale.
 
-How the bias and the exporter's mask combine (``combined_mask``):
-``bias4 + additive(mask)`` in Q's dtype, where ``additive`` is the mask as
-``attention_masks`` makes it safe for onnxruntime (a boolean ``Where(keep,
-scores, fill)`` becomes ``Where(keep, 0, fill)``, a ``finfo.min`` fill
-becomes ``finfo.min / 2``): a fully masked row stays uniform (finite fill)
-or zero (``-inf``), since a bias of ordinary size vanishes next to the fill.
+How the bias and the exporter's mask combine (``to_batched_attention``):
+``safe(bias4 * factor + additive(mask))`` in Q's dtype, where ``additive``
+is the mask as ``attention_masks`` makes it safe for onnxruntime (a boolean
+``Where(keep, scores, fill)`` becomes ``Where(keep, 0, fill)``, a
+``finfo.min`` fill becomes ``finfo.min / 2``) and ``safe`` clamps finite
+values to ``finfo.min / 2`` (``-inf`` kept): a fully masked row stays
+uniform (finite fill) or zero (``-inf``), since a bias of ordinary size
+vanishes next to the fill -- and a "bias" that itself holds a masking fill
+keeps its meaning too.
 """
 
 from __future__ import annotations

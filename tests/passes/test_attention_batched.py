@@ -97,3 +97,37 @@ def test_a_fully_masked_row_keeps_its_meaning_with_a_bias():
     np.testing.assert_allclose(expected[0], np.broadcast_to(feed["V"][0].mean(axis=1, keepdims=True), (2, 3, 4)),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_shape_only_bias_that_masks_every_key_keeps_the_uniform_rows():
+    """A 3-D 'bias' of finfo.min (a mask added before the view) must not become onnxruntime's all-masked zeros."""
+    import onnx
+    from onnx import helper
+
+    core = BatchedCore(heads=2, head_dim=4, scale=0.5, scale_at="qk-mul", bias="after-scale", bias_from="shapes",
+                       mask="none", causal=False, views="dynamo", guard=False, casts=False, broken=None)
+    proto = build(core)
+    # finfo.min slopes times positions pinned to 1: every key of every row gets exactly the fill.
+    slopes = next(init for init in proto.graph.initializer if list(init.dims) == [2, 1])
+    slopes.CopyFrom(onnx.numpy_helper.from_array(np.full((2, 1), np.finfo(np.float32).min, np.float32), slopes.name))
+    positions = [n for n in proto.graph.node if n.op_type == "Range"]
+    assert positions
+    ones = helper.make_node("Constant", [], ["one_f"], value=onnx.numpy_helper.from_array(np.float32(1.0)))
+    cast = next(n for n in proto.graph.node if n.op_type == "Cast" and n.input[0] == positions[0].output[0])
+    proto.graph.node.insert(0, ones)
+    cast_index = list(proto.graph.node).index(cast)
+    proto.graph.node.insert(cast_index + 1, helper.make_node("Min", [cast.output[0], "one_f"], ["at_most_one"]))
+    proto.graph.node.insert(cast_index + 2, helper.make_node("Max", ["at_most_one", "one_f"], ["at_least_one"]))
+    for node in proto.graph.node:
+        if node.op_type == "Reshape" and node.input[0] == cast.output[0]:
+            node.input[0] = "at_least_one"
+    model = ir.from_proto(proto)
+    AttentionFusionPass()(model)
+    assert any(n.op_type == "Attention" for n in model.graph)
+    rng = np.random.default_rng(2)
+    feed = {"Q": rng.normal(size=(1, 2, 2, 4)).astype(np.float32), "K": rng.normal(size=(1, 2, 3, 4)).astype(np.float32),
+            "V": rng.normal(size=(1, 2, 3, 4)).astype(np.float32)}
+    expected = run(proto, feed)["Y"]
+    np.testing.assert_allclose(expected, np.broadcast_to(feed["V"].mean(axis=2, keepdims=True), expected.shape),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run(ir.to_proto(model), feed)["Y"], expected, rtol=1e-5, atol=1e-6)
