@@ -457,7 +457,12 @@ class KVCachePass(Pass):
         try:
             verify_rewired(model, analysis, replacements, chunk_mask="none" if retained else "total")
         except ProbeError as exc:
-            raise _fail(f"positions rewired to position_ids do not compute what the export computed: {exc}") from None
+            hint = ""
+            if widened:
+                hint = ("; positions laid out without a batch axis were given one, which the graph does not "
+                        "broadcast: " + ", ".join(s.describe() for s in analysis.sites if s.batch_axis < 0))
+            raise _fail(f"positions rewired to position_ids do not compute what the export computed: {exc}{hint}") \
+                from None
 
     @staticmethod
     def _rename_dims(graph: ir.Graph, ids: ir.Value, names: tuple[str, str]) -> None:

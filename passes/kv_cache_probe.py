@@ -30,7 +30,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "key_position_slopes", "mask_meaning", "probe_length", "run_slice"]
+__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "key_position_slopes", "mask_meaning", "probe_length", "run_slice", "shape_cuts"]
 
 #: Integer constants above this are sentinels (INT64_MAX ends of Slice), not window sizes.
 _LARGEST_WINDOW_CONSTANT = 1 << 20
@@ -40,8 +40,15 @@ class ProbeError(ValueError):
     """A subgraph could not be probed or does not compute what the pass needs."""
 
 
-def backward_slice(graph: ir.Graph, outputs: Sequence[ir.Value]) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
-    """Nodes (graph order), graph inputs and initializers that ``outputs`` depend on."""
+def backward_slice(
+    graph: ir.Graph, outputs: Sequence[ir.Value], *, cut: dict[ir.Node, list[ir.Value]] | None = None,
+) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
+    """Nodes (graph order), graph inputs and initializers that ``outputs`` depend on.
+
+    ``cut``: nodes whose inputs are not followed; the slice reads the listed
+    graph inputs instead (a Shape computed from the inputs' dims, see
+    :func:`_shape_stand_in`).
+    """
     graph_inputs = set(graph.inputs)
     needed_nodes: set[ir.Node] = set()
     inputs: set[ir.Value] = set()
@@ -68,10 +75,58 @@ def backward_slice(graph: ir.Graph, outputs: Sequence[ir.Value]) -> tuple[list[i
             if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
                 raise ProbeError(f"node {node.name!r} ({node.op_type}) has a subgraph; it cannot be probed")
         needed_nodes.add(node)
+        if cut is not None and node in cut:
+            stack.extend(cut[node])
+            continue
         stack.extend(v for v in node.inputs if v is not None)
     ordered = [n for n in graph if n in needed_nodes]
     by_order = [v for v in graph.inputs if v in inputs]
     return ordered, by_order, sorted(initializers, key=lambda v: v.name or "")
+
+
+def _dim_sources(graph: ir.Graph) -> dict[str, tuple[ir.Value, int]]:
+    """Each symbolic dim of a graph input: the (input, axis) that carries it."""
+    sources: dict[str, tuple[ir.Value, int]] = {}
+    for value in graph.inputs:
+        for axis, dim in enumerate(value.shape or ()):
+            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in sources:
+                sources[dim.value] = (value, axis)
+    return sources
+
+
+def _shape_stand_in(node: ir.Node, sources: dict[str, tuple[ir.Value, int]]) -> list[onnx.NodeProto] | None:
+    """Nodes computing ``Shape(x)`` from the graph inputs' dims, when x's declared shape names only those.
+
+    A probe needs the sizes of a tensor, not the tensor: without this, the
+    slice behind ``Shape(inputs_embeds)`` would pull in the embedding table
+    and every layer above it, and one probe session would cost as much as
+    the model.
+    """
+    if node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
+        return None
+    x = node.inputs[0]
+    if x is None or x.shape is None or x.is_graph_input():
+        return None
+    rank = len(x.shape)
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", rank)
+    start, end = (max(0, min(rank, i + rank if i < 0 else i)) for i in (start, end))
+    out = node.outputs[0].name
+    protos, parts = [], []
+    for i, dim in enumerate(list(x.shape)[start:end]):
+        part = f"{out}__dim{i}"
+        if isinstance(dim, int):
+            protos.append(onnx.helper.make_node("Constant", [], [part], value_ints=[dim]))
+        elif isinstance(dim, ir.SymbolicDim) and dim.value in sources:
+            source, axis = sources[dim.value]
+            protos.append(onnx.helper.make_node("Shape", [source.name], [part], start=axis, end=axis + 1))
+        else:
+            return None
+        parts.append(part)
+    if not parts:
+        return [onnx.helper.make_node("Constant", [], [out], value=onnx.numpy_helper.from_array(np.zeros(0, np.int64)))]
+    protos.append(onnx.helper.make_node("Concat", parts, [out], axis=0))
+    return protos
 
 
 def _value_info(value: ir.Value, *, with_shape: bool) -> onnx.ValueInfoProto:
@@ -84,16 +139,44 @@ def _value_info(value: ir.Value, *, with_shape: bool) -> onnx.ValueInfoProto:
     return onnx.helper.make_tensor_value_info(value.name, dtype, shape)
 
 
-def run_slice(model: ir.Model, outputs: Sequence[ir.Value], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def shape_cuts(model: ir.Model) -> tuple[dict[ir.Node, list[onnx.NodeProto]], dict[ir.Node, list[ir.Value]]]:
+    """The Shape nodes a probe computes from the graph inputs' dims: their stand-ins and the inputs they read."""
+    stand_ins: dict[ir.Node, list[onnx.NodeProto]] = {}
+    cut: dict[ir.Node, list[ir.Value]] = {}
+    sources = _dim_sources(model.graph)
+    by_name = {v.name: v for v in model.graph.inputs}
+    for node in model.graph:
+        protos = _shape_stand_in(node, sources) if node.op_type == "Shape" else None
+        if protos is not None:
+            stand_ins[node] = protos
+            cut[node] = [by_name[p.input[0]] for p in protos if p.op_type == "Shape"]
+    return stand_ins, cut
+
+
+def run_slice(
+    model: ir.Model,
+    outputs: Sequence[ir.Value],
+    feeds: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]],
+    *,
+    shapes_from_inputs: bool = True,
+) -> list:
     """Run only the part of ``model`` that computes ``outputs``, in onnxruntime.
 
-    Feeds for graph inputs the slice does not read are ignored; a graph
-    input it reads without a feed is an error.
+    ``feeds``: one dict (returns the outputs' arrays) or a list of them
+    (returns one list of arrays per dict, all from one session). Feeds for
+    graph inputs the slice does not read are ignored; a graph input it reads
+    without a feed is an error. ``shapes_from_inputs``: a ``Shape`` whose
+    operand's declared shape names only the inputs' dims is computed from
+    those (pass False when declared shapes may be stale).
     """
-    nodes, inputs, initializers = backward_slice(model.graph, outputs)
-    missing = [v.name for v in inputs if v.name not in feeds]
-    if missing:
-        raise ProbeError(f"the subgraph reads inputs {missing}, which the probe does not know how to feed")
+    several = not isinstance(feeds, dict)
+    runs = list(feeds) if several else [feeds]
+    stand_ins, cut = shape_cuts(model) if shapes_from_inputs else ({}, {})
+    nodes, inputs, initializers = backward_slice(model.graph, outputs, cut=cut)
+    for run in runs:
+        missing = [v.name for v in inputs if v.name not in run]
+        if missing:
+            raise ProbeError(f"the subgraph reads inputs {missing}, which the probe does not know how to feed")
     tensors = []
     weight_dir: str | None = None
     for value in initializers:
@@ -108,8 +191,11 @@ def run_slice(model: ir.Model, outputs: Sequence[ir.Value], feeds: dict[str, np.
         proto = ir.serde.serialize_tensor(tensor)
         proto.name = value.name
         tensors.append(proto)
+    node_protos = []
+    for n in nodes:
+        node_protos.extend(stand_ins[n] if n in stand_ins else [ir.serde.serialize_node(n)])
     graph = onnx.helper.make_graph(
-        [ir.serde.serialize_node(n) for n in nodes],
+        node_protos,
         "kv_cache_probe",
         [_value_info(v, with_shape=True) for v in inputs],
         [_value_info(v, with_shape=False) for v in outputs],
@@ -128,12 +214,14 @@ def run_slice(model: ir.Model, outputs: Sequence[ir.Value], feeds: dict[str, np.
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", weight_dir)
     run_options = ort.RunOptions()
     run_options.log_severity_level = 4
+    wanted = {v.name for v in inputs}
+    names = [v.name for v in outputs]
     try:
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        wanted = {v.name for v in inputs}
-        return session.run([v.name for v in outputs], {k: a for k, a in feeds.items() if k in wanted}, run_options)
+        results = [session.run(names, {k: a for k, a in run.items() if k in wanted}, run_options) for run in runs]
     except Exception as exc:  # onnxruntime raises several types for a graph it cannot run
         raise ProbeError(f"onnxruntime cannot run the subgraph: {exc}") from exc
+    return results if several else results[0]
 
 
 def probe_length(model: ir.Model, values: Iterable[ir.Value], floor: int = 16, ceiling: int = 8192) -> int:
@@ -143,19 +231,20 @@ def probe_length(model: ir.Model, values: Iterable[ir.Value], floor: int = 16, c
     about that size, so probing with the largest integer constant + 2
     tokens reveals every window it can express (capped at ``ceiling``).
     """
-    nodes, _, initializers = backward_slice(model.graph, list(values))
+    nodes, _, initializers = backward_slice(model.graph, list(values), cut=shape_cuts(model)[1])
     largest = 0
     tensors = [v.const_value for v in initializers]
+    arrays = []
     for node in nodes:
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
                 tensors.append(attr.value)
             elif attr.type == ir.AttributeType.INT:
-                tensors.append(ir.tensor(np.asarray(attr.value, np.int64)))
+                arrays.append(np.asarray([attr.value], np.int64))
     for tensor in tensors:
-        if tensor is None or tensor.size > 64:
-            continue
-        array = tensor.numpy()
+        if tensor is not None and tensor.size <= 64:
+            arrays.append(tensor.numpy())
+    for array in arrays:
         if not np.issubdtype(array.dtype, np.integer):
             continue
         small = np.abs(array[np.abs(array) < _LARGEST_WINDOW_CONSTANT].astype(np.int64))

@@ -11,13 +11,19 @@ show, and the graphs the pass must refuse:
 * ``positions="cumsum"``: clamp(cumsum(mask) - 1, 0), as the export wrapper
   computes them; ``positions="range"``: Unsqueeze(Range(0, seq), 0), what
   Hugging Face computes without position ids (blind to left padding);
-  ``positions="range-direct"``: the Range read as is -- must be refused.
+  ``positions="range-direct"``: the Range read as is, [S];
+  ``positions="reversed"``: seq - 1 - Range(0, seq) -- a function of the
+  length, not of positions: must be refused;
+* ``spelling=PositionSpelling(...)``: positions counted, offset, typed and
+  laid out in any of the ways exporters do, read by a table or a sinusoid.
 
 Positions feed a learned position-embedding table, GQA has 2 query heads
 per KV head, and ``softcap`` sets the Attention attribute.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnx
@@ -52,6 +58,61 @@ class _Graph:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class PositionSpelling:
+    """One way an exporter may compute and lay out positions (``spelling=`` of :func:`decoder`).
+
+    * ``count``: ``column`` (Range(0, seq), blind to padding), ``mask``
+      (cumsum(mask) - 1) or ``mask-times-mask`` (cumsum(mask) * mask - 1, OPT);
+    * ``offset`` added to the count (OPT's 2);
+    * ``layout``: ``BS`` ([B or 1, S]), ``S``, ``1S1``, ``11S`` or ``S1``
+      (``S`` and ``S1`` have no batch axis: column counts only);
+    * ``dtype``: ``int`` or ``float`` (cast before the layout);
+    * ``embedding``: ``table`` (Gather from learned positions) or ``sinusoid``
+      (sin(pos * freq), as rotary tables are computed).
+    """
+
+    count: str = "column"
+    offset: int = 0
+    layout: str = "BS"
+    dtype: str = "int"
+    embedding: str = "table"
+
+
+def spelled_positions(g: _Graph, seq: str, spelling: PositionSpelling) -> str:
+    """The position embedding [B or 1, S, H] or [S, H] computed as ``spelling`` says."""
+    zero, one = g.const(0), g.const(1)
+    if spelling.count == "column":
+        pos = g.op("Unsqueeze", g.op("Range", zero, seq, one), g.const([0]))  # [1, S]
+    else:
+        counted = g.op("CumSum", "attention_mask", one)
+        if spelling.count == "mask-times-mask":
+            counted = g.op("Mul", counted, "attention_mask")
+        pos = g.op("Sub", counted, one)  # [B, S]
+        if spelling.embedding == "table":
+            pos = g.op("Max", pos, zero)  # padding reads row 0 of the table
+    if spelling.offset:
+        pos = g.op("Add", pos, g.const(spelling.offset))
+    if spelling.dtype == "float":
+        pos = g.op("Cast", pos, to=T.FLOAT)
+    squeeze = {"BS": None, "S": None, "1S1": [2], "11S": [1], "S1": [1]}[spelling.layout]
+    if spelling.layout in ("S", "S1"):
+        pos = g.op("Squeeze", pos, g.const([0]))
+    if spelling.layout in ("1S1", "S1"):
+        pos = g.op("Unsqueeze", pos, g.const([-1 if spelling.layout == "S1" else 2]))
+    elif spelling.layout == "11S":
+        pos = g.op("Unsqueeze", pos, g.const([1]))
+    if spelling.embedding == "table":
+        if spelling.dtype == "float":
+            pos = g.op("Cast", pos, to=T.INT64)
+        emb = g.op("Gather", g.weight(POSITIONS, HIDDEN), pos)
+    else:
+        as_float = pos if spelling.dtype == "float" else g.op("Cast", pos, to=T.FLOAT)
+        freqs = g.const(1.0 / (10.0 ** (np.arange(HIDDEN) / HIDDEN)), np.float32)
+        emb = g.op("Sin", g.op("Mul", g.op("Unsqueeze", as_float, g.const([-1])), freqs))
+    return g.op("Squeeze", emb, g.const(squeeze)) if squeeze else emb
+
+
 def _heads(g: _Graph, x: str, heads: int) -> str:
     return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, heads, HEAD_DIM])), perm=[0, 2, 1, 3])
 
@@ -64,6 +125,7 @@ def decoder(
     window: int = 3,
     softcap: float = 0.0,
     mask_scales_logits: bool = False,
+    spelling: PositionSpelling | None = None,
     seed: int = 0,
 ) -> onnx.ModelProto:
     """``input_ids``, ``attention_mask`` -> ``logits``: a canonical no-cache decoder.
@@ -74,7 +136,10 @@ def decoder(
     g = _Graph(seed)
     zero, one = g.const(0), g.const(1)
     seq = g.op("Squeeze", g.op("Shape", "input_ids", start=1, end=2), g.const([0]))
-    if positions == "cumsum":
+    pos = None
+    if spelling is not None:
+        pass
+    elif positions == "cumsum":
         pos = g.op("Clip", g.op("Sub", g.op("CumSum", "attention_mask", one), one), zero)
     elif positions == "range":
         pos = g.op("Unsqueeze", g.op("Range", zero, seq, one), g.const([0]))
@@ -84,7 +149,11 @@ def decoder(
         pos = g.op("Sub", g.op("Sub", seq, one), g.op("Range", zero, seq, one))
     else:
         raise ValueError(positions)
-    x = g.op("Add", g.op("Gather", g.weight(VOCAB, HIDDEN), "input_ids"), g.op("Gather", g.weight(POSITIONS, HIDDEN), pos))
+    if spelling is not None:
+        position_embedding = spelled_positions(g, seq, spelling)
+    else:
+        position_embedding = g.op("Gather", g.weight(POSITIONS, HIDDEN), pos)
+    x = g.op("Add", g.op("Gather", g.weight(VOCAB, HIDDEN), "input_ids"), position_embedding)
 
     cols = g.op("Range", zero, seq, one)
     keys, queries = g.op("Unsqueeze", cols, g.const([0])), g.op("Unsqueeze", cols, g.const([1]))

@@ -1,7 +1,10 @@
 """The kv-cache pass on the tiny zoo: sequence equivalence with the no-cache export, both styles.
 
-Each zoo decoder, exported by both exporters, goes through ``--passes
-kv-cache`` exactly as a user runs it (the manager runs the attention pass,
+Each zoo decoder, exported by both exporters in both modes -- through
+qgraph's wrapper (positions ``cumsum(mask) - 1`` given to the model) and as
+a plain ``torch.onnx.export`` of the Hugging Face model (the model counts
+positions itself: from column 0, or from the mask as OPT and BLOOM do) --
+goes through ``--passes kv-cache`` exactly as a user runs it (the manager runs the attention pass,
 and what it needs, as prerequisites). The property is DESIGN.md's: replaying
 any token sequence through the cached graph -- hypothesis draws the tokens,
 the batch with left or right padding, the prefill chunk, later chunks and
@@ -28,6 +31,8 @@ from qgraph.verify.sequence import check_sequence_equivalence
 
 DECODERS = [name for name, arch in TINY_ARCHS.items() if arch.task == "causal-lm"]
 EXPORTERS = ("dynamo", "torchscript")
+# qgraph's wrapper passes position_ids = cumsum(mask) - 1; a plain export lets the model count them.
+WRAPPERS = ("qgraph", "plain")
 CTX_LEN = 12  # sequences of up to 11 tokens: longer than mistral's and gemma2's window of 4
 EXAMPLES = 8
 
@@ -47,14 +52,15 @@ class CachedZoo:
         self.zoo, self.folder = zoo, folder
         self._done: dict[tuple, Cached] = {}
 
-    def get(self, arch: str, exporter: str, source: Path | None = None, tag: str = "", **options) -> Cached:
-        key = (arch, exporter, str(source), tag, tuple(sorted(options.items())))
+    def get(self, arch: str, exporter: str, source: Path | None = None, tag: str = "", wrapper: str = "qgraph",
+            **options) -> Cached:
+        key = (arch, exporter, str(source), tag, wrapper, tuple(sorted(options.items())))
         if key not in self._done:
-            reference = Path(self.zoo.export(arch, exporter).model_path)
+            reference = Path(self.zoo.export(arch, exporter, wrapper=wrapper).model_path)
             model = qio.load(source or reference)
             report = PassManager(Pipeline([{"pass": "kv-cache", "options": options}])).run(model)
             tag = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
-            out = self.folder / f"{arch}-{exporter}-{len(self._done)}-{tag}" / "model.onnx"
+            out = self.folder / f"{arch}-{exporter}-{wrapper}-{len(self._done)}-{tag}" / "model.onnx"
             out.parent.mkdir(parents=True)
             qio.save(model, out)
             notes = [n for record in report.passes if record.name == "kv-cache" for n in record.notes]
@@ -74,18 +80,37 @@ def _assert_sequence_equivalent(cached: Cached, **kwargs) -> None:
     assert result.equivalent, f"{result}\npass notes: {cached.notes}"
 
 
+@pytest.mark.parametrize("wrapper", WRAPPERS)
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("arch", DECODERS)
-def test_retained_cache_replays_like_the_no_cache_graph(cached_zoo: CachedZoo, arch: str, exporter: str) -> None:
-    cached = cached_zoo.get(arch, exporter, style="retained", ctx_len=CTX_LEN, logits="all")
+def test_retained_cache_replays_like_the_no_cache_graph(cached_zoo: CachedZoo, arch: str, exporter: str,
+                                                        wrapper: str) -> None:
+    cached = cached_zoo.get(arch, exporter, wrapper=wrapper, style="retained", ctx_len=CTX_LEN, logits="all")
     _assert_sequence_equivalent(cached)
 
 
+@pytest.mark.parametrize("wrapper", WRAPPERS)
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("arch", DECODERS)
-def test_concat_cache_replays_like_the_no_cache_graph(cached_zoo: CachedZoo, arch: str, exporter: str) -> None:
-    cached = cached_zoo.get(arch, exporter, style="concat")
+def test_concat_cache_replays_like_the_no_cache_graph(cached_zoo: CachedZoo, arch: str, exporter: str,
+                                                      wrapper: str) -> None:
+    cached = cached_zoo.get(arch, exporter, wrapper=wrapper, style="concat")
     _assert_sequence_equivalent(cached, max_len=CTX_LEN - 1)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("arch", ["llama", "opt", "bloom", "gpt2"])
+def test_plain_exports_say_how_they_count_positions(cached_zoo: CachedZoo, arch: str, exporter: str) -> None:
+    """The report names what was rewired and how the export counted: from column 0, or from the mask."""
+    notes = " ".join(cached_zoo.get(arch, exporter, wrapper="plain", style="concat").notes)
+    if arch == "bloom":  # no position sites: ALiBi lives in the mask
+        assert "key-position bias with 4 head slope(s)" in notes
+        assert "rewired to position_ids" not in notes
+    elif arch == "opt":  # OPT computes (cumsum(mask) * mask - 1) + 2 itself
+        assert "computed from the attention mask rewired to position_ids" in notes and "+ 2" in notes
+    else:
+        assert "counted from the chunk start rewired to position_ids" in notes
+        assert "a left-padded row of the no-cache graph is shifted" in notes
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
