@@ -230,7 +230,7 @@ class KVCachePass(Pass):
 
         layers = self._layers(model, past_inputs)
         self._read_masks(model, layers, past_inputs)
-        analysis = None if source_positions is not None else self._positions(model, ids, mask_input, layers)
+        analysis = None if source_positions is not None else self._positions(model, ids, mask_input)
 
         # --- rewrite ---------------------------------------------------------------------
         # The no-cache graph's mask has the chunk's shape; its Shape reads the chunk's
@@ -421,10 +421,10 @@ class KVCachePass(Pass):
         self.report.notes.append(f"masks probed at {low} tokens, the longest the graph runs (at {length}: {result})")
         return low, best
 
-    def _positions(self, model: ir.Model, ids: ir.Value, mask_input: ir.Value, layers) -> PositionAnalysis:
+    def _positions(self, model: ir.Model, ids: ir.Value, mask_input: ir.Value) -> PositionAnalysis:
         """Where the graph reads token positions (rotary tables, position embeddings...), found by probing."""
         try:
-            analysis = analyze_positions(model, ids, mask_input, [x.node for x in layers])
+            analysis = analyze_positions(model, ids, mask_input)
         except ProbeError as exc:
             raise _fail(f"cannot tell where the model reads token positions: {exc}") from None
         if analysis.sites:
@@ -455,7 +455,8 @@ class KVCachePass(Pass):
             retype_downstream(widened, model.graph.opset_imports)
         model.graph.sort()
         try:
-            verify_rewired(model, analysis, replacements, chunk_mask="none" if retained else "total")
+            verify_rewired(model, analysis, replacements, chunk_mask="none" if retained else "total",
+                           shapes_declared=not widened)
         except ProbeError as exc:
             hint = ""
             if widened:

@@ -41,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from qgraph_passes.kv_cache_probe import ProbeError, backward_slice, run_slice
+from qgraph_passes.kv_cache_probe import ProbeError, backward_slice, run_slice, shape_cuts
 
 __all__ = [
     "TOKENS",
@@ -249,7 +249,7 @@ def _closest_sites(target: ir.Value, sites: dict[ir.Value, PositionSite], deps: 
     return chosen
 
 
-def analyze_positions(model: ir.Model, ids: ir.Value, mask: ir.Value, attention_nodes: Sequence[ir.Node]) -> PositionAnalysis:
+def analyze_positions(model: ir.Model, ids: ir.Value, mask: ir.Value) -> PositionAnalysis:
     """Find the frontier, probe it and find the position sites. Raises ProbeError naming what fails."""
     graph = model.graph
     deps = dependencies(graph, ids, mask)
@@ -258,11 +258,20 @@ def analyze_positions(model: ir.Model, ids: ir.Value, mask: ir.Value, attention_
         return PositionAnalysis([], [], {}, probe_rows(_L1))
     v1, v2 = probe_rows(_L1), probe_rows(_L2)
     values = [f.value for f in frontier]
+    # The candidates are every value in the frontier's slices that reads the mask or shapes, not tokens;
+    # one session computes them and the frontier on all three probes.
+    nodes, _, _ = backward_slice(graph, values, cut=shape_cuts(model)[1])
+    in_frontier = set(values)
+    candidates = [o for n in nodes for o in n.outputs
+                  if deps.get(o, 0) and not deps[o] & TOKENS and o not in in_frontier
+                  and o.dtype is not None and o.dtype != ir.DataType.BOOL]
+    feeds = [probe_inputs(graph, v) for v in (v1, v2, np.ones((1, _L1), bool))]
     try:
-        a1 = run_slice(model, values, probe_inputs(graph, v1))
-        a2 = run_slice(model, values, probe_inputs(graph, v2))
+        runs = run_slice(model, values + candidates, feeds)
     except ProbeError as exc:
         raise ProbeError(f"could not run the values that carry positions into the model: {exc}") from None
+    a1, a2, whole = (run[: len(values)] for run in runs)
+    by_value = dict(zip(values + candidates, runs[0]))
     dependent: list[FrontierValue] = []
     probed: dict[ir.Value, np.ndarray] = {}
     for f, x1, x2 in zip(frontier, a1, a2):
@@ -282,17 +291,9 @@ def analyze_positions(model: ir.Model, ids: ir.Value, mask: ir.Value, attention_
         probed[f.value] = np.asarray(x1)
     if not dependent:
         return PositionAnalysis(frontier, [], probed, v1)
-    # Candidates: every value in the dependent values' slices that reads the mask or shapes, not tokens.
-    nodes, _, _ = backward_slice(graph, [f.value for f in dependent])
-    candidates = [o for n in nodes for o in n.outputs
-                  if deps.get(o, 0) and not deps[o] & TOKENS and o.dtype is not None and o.dtype != ir.DataType.BOOL]
-    try:
-        arrays = run_slice(model, candidates, probe_inputs(graph, v1))
-    except ProbeError as exc:
-        raise ProbeError(f"could not run the position subgraph: {exc}") from None
     sites = {}
-    for value, array in zip(candidates, arrays):
-        site = _as_site(value, np.asarray(array), v1)
+    for value in candidates + [f.value for f in dependent]:
+        site = _as_site(value, np.asarray(by_value[value]), v1)
         if site is not None:
             sites[value] = site
     chosen: dict[ir.Value, PositionSite] = {}
@@ -313,9 +314,8 @@ def analyze_positions(model: ir.Model, ids: ir.Value, mask: ir.Value, attention_
     if len({s.semantics for s in chosen.values()}) > 1:
         raise ProbeError("the graph counts positions both from the chunk start and from the mask: "
                          + "; ".join(s.describe() for s in chosen.values()))
-    unpadded = run_slice(model, [f.value for f in dependent], probe_inputs(graph, np.ones((1, _L1), bool)))
-    return PositionAnalysis(frontier, list(chosen.values()), probed, v1,
-                            {f.value: np.asarray(a) for f, a in zip(dependent, unpadded)})
+    unpadded = {f.value: np.asarray(a) for f, a in zip(frontier, whole) if f.seq_axis is not None}
+    return PositionAnalysis(frontier, list(chosen.values()), probed, v1, unpadded)
 
 
 def site_replacement(b, site: PositionSite, clamped: ir.Value) -> ir.Value:
@@ -340,6 +340,7 @@ def verify_rewired(
     replacements: dict[ir.Value, ir.Value],
     *,
     chunk_mask: Literal["none", "total"],
+    shapes_declared: bool = True,
 ) -> None:
     """Run each position-dependent frontier value of the rewired graph against the original.
 
@@ -357,26 +358,22 @@ def verify_rewired(
     column = len(analysis.sites) > 0 and all(s.semantics == "column" for s in analysis.sites)
     positions = (np.broadcast_to(np.arange(valid.shape[1]), valid.shape) if column
                  else np.where(valid, np.cumsum(valid, axis=1) - 1, -1))
-    feeds = {"input_ids": np.zeros(valid.shape, np.int64), "position_ids": positions.astype(np.int64),
-             "attention_mask": valid.astype(np.int64)}
-    try:
-        got = run_slice(rewired, new_values, feeds)
-    except ProbeError as exc:
-        raise ProbeError(f"the rewired position subgraph does not run: {exc}") from None
-    for f, array in zip(dependent, got):
-        _compare(f, analysis.probed[f.value], np.asarray(array), valid if not column else None, "padded probe rows")
+    padded = {"input_ids": np.zeros(valid.shape, np.int64), "position_ids": positions.astype(np.int64),
+              "attention_mask": valid.astype(np.int64)}
     # A chunk in the middle of a sequence: tokens at positions start .. start + 2.
     start, size = 6, 3
-    feeds = {"input_ids": np.zeros((1, size), np.int64),
+    chunk = {"input_ids": np.zeros((1, size), np.int64),
              "position_ids": np.arange(start, start + size, dtype=np.int64)[None]}
     if chunk_mask == "total":
-        feeds["attention_mask"] = np.ones((1, start + size), np.int64)
+        chunk["attention_mask"] = np.ones((1, start + size), np.int64)
     try:
-        got = run_slice(rewired, new_values, feeds)
+        got, in_chunk = run_slice(rewired, new_values, [padded, chunk], shapes_from_inputs=shapes_declared)
     except ProbeError as exc:
-        raise ProbeError(f"the rewired position subgraph does not run on a chunk after a past of {start} tokens: "
-                         f"{exc}") from None
+        raise ProbeError(f"the rewired position subgraph does not run on padded rows or on a chunk after a past "
+                         f"of {start} tokens: {exc}") from None
     for f, array in zip(dependent, got):
+        _compare(f, analysis.probed[f.value], np.asarray(array), valid if not column else None, "padded probe rows")
+    for f, array in zip(dependent, in_chunk):
         expected = np.take(analysis.unpadded[f.value], np.arange(start, start + size), axis=f.seq_axis)
         _compare(f, expected, np.asarray(array), None, f"a chunk at positions {start}..{start + size - 1}")
 

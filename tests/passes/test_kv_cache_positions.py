@@ -57,7 +57,7 @@ def test_the_site_carries_count_offset_and_layout() -> None:
     spelling = graphs.PositionSpelling(count="mask-times-mask", offset=2, layout="BS", embedding="table")
     model = ir.from_proto(graphs.decoder(spelling=spelling, layers=1))
     inputs = {v.name: v for v in model.graph.inputs}
-    analysis = analyze_positions(model, inputs["input_ids"], inputs["attention_mask"], [])
+    analysis = analyze_positions(model, inputs["input_ids"], inputs["attention_mask"])
     assert [(s.semantics, s.offset, s.rank, s.seq_axis, s.batch_axis) for s in analysis.sites] == [("mask", 2, 2, 1, 0)]
 
 
