@@ -193,8 +193,8 @@ def test_concat_cache_graph_converts_to_retained(cached_zoo: CachedZoo, arch: st
 
 def test_a_wrong_window_is_caught_by_the_replay(cached_zoo: CachedZoo, monkeypatch: pytest.MonkeyPatch) -> None:
     """The property has teeth: forgetting mistral's sliding window makes the replay fail."""
-    from qgraph_passes import kv_cache
-    from qgraph_passes.kv_cache_probe import MaskMeaning
+    from qgraph_passes.kv_cache import analysis as kv_cache
+    from qgraph_passes.kv_cache.probe import MaskMeaning
 
     monkeypatch.setattr(kv_cache, "mask_meaning", lambda *a, **k: MaskMeaning(None))
     cached = cached_zoo.get("mistral", "dynamo", tag="no-window", style="retained", ctx_len=CTX_LEN,

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qgraph_passes.kv_cache import KVCachePass
-from qgraph_passes.kv_cache_positions import MASK, SHAPE, TOKENS, analyze_positions, dependencies
+from qgraph_passes.kv_cache.positions import MASK, SHAPE, TOKENS, analyze_positions, dependencies
 
 from qgraph.verify.sequence import check_sequence_equivalence
 

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from qgraph_passes.kv_cache import KVCachePass
-from qgraph_passes.kv_cache_ctx_scatter import ctx_scatter_function
+from qgraph_passes.kv_cache.ctx_scatter import ctx_scatter_function
 
 from qgraph import io as qio
 from qgraph.cli import main as cli_main
@@ -215,15 +215,15 @@ def test_concat_style_writes_no_device_files() -> None:
 
 def test_verify_checks_the_cache_step_by_sequence_replay(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--verify`` proves a kv-cache step by replay, and names the pass when the cache is wrong."""
-    from qgraph_passes import kv_cache
-    from qgraph_passes.kv_cache_probe import MaskMeaning
+    from qgraph_passes.kv_cache import analysis as kv_cache
+    from qgraph_passes.kv_cache.probe import MaskMeaning
 
     from qgraph.verify import step_verifier
 
     reference = graphs.decoder(mask="window")
     verify = step_verifier(examples=15)
     good, _ = _cache(reference, style="retained", ctx_len=CTX_LEN)
-    meaning = kv_cache.KVCachePass.meaning
+    meaning = KVCachePass.meaning
     verify(ir.from_proto(reference), good, "kv-cache", meaning=meaning)
     monkeypatch.setattr(kv_cache, "mask_meaning", lambda *a, **k: MaskMeaning(None))  # forget the window
     wrong, _ = _cache(reference, style="retained", ctx_len=CTX_LEN)

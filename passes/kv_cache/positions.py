@@ -41,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from qgraph_passes.kv_cache_probe import ProbeError, backward_slice, run_slice, shape_cuts
+from qgraph_passes.kv_cache.probe import ProbeError, backward_slice, run_slice, shape_cuts
 
 __all__ = [
     "TOKENS",
