@@ -158,7 +158,9 @@ def analyze_decoder(model: ir.Model, *, notes: list[str], mask_length_cap: int |
     past_inputs = {v for n, v in inputs.items() if CONCAT_PAST.match(n)}
     source_positions = inputs.get("position_ids")
     layers = _layers(model, past_inputs, notes)
-    _read_masks(model, layers, past_inputs, notes, mask_length_cap)
+    unknown = _unknown_kv(layers)
+    probed_kv = _read_masks(model, layers, past_inputs, notes, mask_length_cap, unknown)
+    _kv_dims(model, layers, notes, probed_kv)
     positions = None if source_positions is not None else _positions(model, ids, mask_input, notes)
     return DecoderAnalysis(ids, mask_input, source_positions, past_inputs, layers, positions)
 
@@ -200,28 +202,43 @@ def _layers(model: ir.Model, past_inputs: set[ir.Value], notes: list[str]) -> li
             raise AnalysisError(f"{label}: keys {key.name!r} have no known dtype")
         layers.append(Layer(index, node, key, value, 0, 0, key.dtype, mask,
                              bool(node.attributes.get_int("is_causal", 0)), past, present, repeated=rep_k))
-    _kv_dims(model, layers, notes)
     return layers
 
-def _kv_dims(model: ir.Model, layers: list[Layer], notes: list[str]) -> None:
-    """kv_heads and head_dim of every layer's K/V: from the shapes, or by running the graph on one token.
 
-    Exports that reshape with -1 leave the head count symbolic for ONNX
-    shape inference; one run on a single token gives the real sizes.
-    """
-    def dims(v: ir.Value) -> tuple[int | None, int | None]:
-        if v.shape is None or v.shape.rank() != 4:
-            return None, None
-        return _static(v.shape[1]), _static(v.shape[3])
+def _dims(v: ir.Value) -> tuple[int | None, int | None]:
+    if v.shape is None or v.shape.rank() != 4:
+        return None, None
+    return _static(v.shape[1]), _static(v.shape[3])
 
-    for layer in layers:  # a concat source declares the cache shape on its past inputs
+
+def _unknown_kv(layers: list[Layer]) -> list[ir.Value]:
+    """The K/V whose head count or size the shapes do not state (a concat source's past inputs may)."""
+    for layer in layers:
         if layer.past is not None:
             for new, past in zip((layer.key, layer.value), layer.past):
-                if None in dims(new) and None not in dims(past):
+                if None in _dims(new) and None not in _dims(past):
                     new.shape = ir.Shape([new.shape[0] if new.shape is not None and new.shape.rank() == 4
                                           else None, past.shape[1], None, past.shape[3]])
-    unknown = [v for x in layers for v in (x.key, x.value) if None in dims(v)]
+    return [v for x in layers for v in (x.key, x.value) if None in _dims(v)]
+
+
+def _kv_dims(model: ir.Model, layers: list[Layer], notes: list[str], probed: dict[ir.Value, np.ndarray]) -> None:
+    """kv_heads and head_dim of every layer's K/V: from the shapes, or from running the graph.
+
+    Exports that reshape with -1 leave the head count symbolic for ONNX
+    shape inference. The mask probe runs them (``probed``) when the masks
+    need the same part of the graph -- as they do when a mask is expanded to
+    Shape(q) -- else one run on a single token gives the real sizes.
+    """
+    dims = _dims
+    unknown = [v for x in layers for v in (x.key, x.value) if None in dims(v) and v not in probed]
     measured: dict[ir.Value, tuple[int, int]] = {}
+    for value, array in probed.items():
+        if array.ndim != 4:
+            raise AnalysisError(f"K/V {value.name!r} has rank {array.ndim}; the canonical form is 4-D BHSD")
+        measured[value] = (int(array.shape[1]), int(array.shape[3]))
+    if probed:
+        notes.append(f"K/V head counts measured with the mask probe for {len(probed)} value(s)")
     if unknown:
         feeds = {}
         for value in model.graph.inputs:
@@ -244,6 +261,7 @@ def _kv_dims(model: ir.Model, layers: list[Layer], notes: list[str]) -> None:
             raise AnalysisError(f"{layer.label}: keys {layer.key.name!r} have (heads, head_dim) {k}, values {v}")
         layer.kv_heads, layer.head_dim = k
 
+
 def _probe_feeds(model: ir.Model, length: int, layers: list[Layer], past_inputs: set[ir.Value]):
     valid = probe_masks(length)
     rows = valid.shape[0]
@@ -257,12 +275,16 @@ def _probe_feeds(model: ir.Model, length: int, layers: list[Layer], past_inputs:
         elif value.name == "position_ids":
             feeds[value.name] = np.where(valid, np.cumsum(valid, axis=1) - 1, 1).astype(dtype)
         elif value in past_inputs:
-            layer = next(x for x in layers if x.past is not None and value in x.past)
-            feeds[value.name] = np.zeros((rows, layer.kv_heads, 0, layer.head_dim), dtype)
+            heads, size = _dims(value)
+            if heads is None or size is None:
+                raise AnalysisError(f"the cache input {value.name!r} has no static head count and size")
+            feeds[value.name] = np.zeros((rows, heads, 0, size), dtype)
     return valid, feeds
 
+
 def _read_masks(model: ir.Model, layers: list[Layer], past_inputs: set[ir.Value], notes: list[str],
-                mask_length_cap: int | None) -> None:
+                mask_length_cap: int | None, unknown_kv: list[ir.Value]) -> dict[ir.Value, np.ndarray]:
+    """Each layer's mask meaning; returns ``unknown_kv`` as run by the same probe (when masks exist)."""
     masks = list(dict.fromkeys(x.mask for x in layers if x.mask is not None))
     for layer in layers:
         if layer.mask is None and not layer.is_causal:
@@ -271,8 +293,10 @@ def _read_masks(model: ir.Model, layers: list[Layer], past_inputs: set[ir.Value]
     if mask_length_cap is not None:
         length = min(length, mask_length_cap)  # a window >= ctx_len never hides a slot
     probed: dict[ir.Value, np.ndarray] = {}
+    kv: dict[ir.Value, np.ndarray] = {}
     if masks:
-        length, probed = _probe_masks(model, masks, length, layers, past_inputs, notes)
+        length, probed = _probe_masks(model, masks + unknown_kv, length, layers, past_inputs, notes)
+        kv = {v: probed.pop(v) for v in unknown_kv}
     valid = probe_masks(length)
     for layer in layers:
         if layer.mask is None:
@@ -287,9 +311,11 @@ def _read_masks(model: ir.Model, layers: list[Layer], past_inputs: set[ir.Value]
     notes.append(f"masks read by probing (length {length}): {summary}")
     if any(x.repeated for x in layers):
         notes.append("K/V cached before repeat_kv (the cache holds the KV heads only)")
+    return kv
+
 
 def _probe_masks(model, masks, length, layers, past_inputs, notes) -> tuple[int, dict[ir.Value, np.ndarray]]:
-    """The masks on probe rows of ``length`` tokens, or of the longest length the graph can run.
+    """The masks (and whatever else is asked) on probe rows of ``length`` tokens, or of the longest length the graph can run.
 
     A mask slice that reads the embeddings (for their shape) cannot run longer
     than the position table; a window longer than the model can run never
@@ -317,6 +343,7 @@ def _probe_masks(model, masks, length, layers, past_inputs, notes) -> tuple[int,
         raise AnalysisError(f"could not run the exporter's attention masks: {result}")
     notes.append(f"masks probed at {low} tokens, the longest the graph runs (at {length}: {result})")
     return low, best
+
 
 def _positions(model: ir.Model, ids: ir.Value, mask_input: ir.Value, notes: list[str]) -> PositionAnalysis:
     """Where the graph reads token positions (rotary tables, position embeddings...), found by probing."""

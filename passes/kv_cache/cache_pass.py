@@ -180,7 +180,6 @@ class KVCachePass(Pass):
         widened = [replacements[s.value] for s in analysis.sites if s.batch_axis < 0]
         if widened:
             retype_downstream(widened, model.graph.opset_imports)
-        model.graph.sort()
         try:
             verify_rewired(model, analysis, replacements, chunk_mask="none" if retained else "total",
                            shapes_declared=not widened)

@@ -79,9 +79,33 @@ def backward_slice(
             stack.extend(cut[node])
             continue
         stack.extend(v for v in node.inputs if v is not None)
-    ordered = [n for n in graph if n in needed_nodes]
+    ordered = _topological(needed_nodes, cut)
     by_order = [v for v in graph.inputs if v in inputs]
     return ordered, by_order, sorted(initializers, key=lambda v: v.name or "")
+
+
+def _topological(nodes: set[ir.Node], cut: dict[ir.Node, list[ir.Value]] | None) -> list[ir.Node]:
+    """``nodes`` producers first, whatever the graph's order (a pass may have appended a producer)."""
+    ordered: list[ir.Node] = []
+    done: set[ir.Node] = set()
+    for root in nodes:
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in done:
+                continue
+            if expanded:
+                done.add(node)
+                ordered.append(node)
+                continue
+            stack.append((node, True))
+            if cut is not None and node in cut:
+                continue
+            for x in node.inputs:
+                producer = x.producer() if x is not None else None
+                if producer in nodes and producer not in done:
+                    stack.append((producer, False))
+    return ordered
 
 
 def _dim_sources(graph: ir.Graph) -> dict[str, tuple[ir.Value, int]]:
