@@ -39,3 +39,23 @@ def test_preset_graphs_generate_the_no_cache_tokens(tiny_zoo, tmp_path, arch, ex
             chunks = [-(-len(p.encode()) // chunk) for p in PROMPTS]
             # a batch fixed at 1 (specialization) runs row by row; a symbolic batch runs the padded batch
             assert result.stats.prefill_runs == (sum(chunks) if engine.fixed_batch == 1 else max(chunks))
+
+
+# Plain exports (the model counts positions itself): llama from column 0, bloom through ALiBi from the mask.
+PLAIN_CASES = [("llama", "dynamo"), ("bloom", "torchscript"), ("gpt_neo", "dynamo")]
+
+
+@pytest.mark.parametrize(("arch", "exporter"), PLAIN_CASES)
+def test_presets_on_plain_exports_generate_each_prompt_as_alone(tiny_zoo, tmp_path, arch, exporter) -> None:
+    """A plain export shifts a left-padded row's positions; the cached graphs give every row its own meaning.
+
+    The reference is therefore the no-cache export run on each prompt alone
+    (no padding); the cached graphs generate the padded batch.
+    """
+    export_dir = tiny_zoo.export(arch, exporter, wrapper="plain").output_dir
+    alone = load_generator(export_dir, threads=1)
+    expected = [alone.generate([p], max_new_tokens=12).token_ids[0] for p in PROMPTS]
+    for preset in ("ort", "qaic"):
+        run = run_preset(preset, export_dir, tmp_path, default_registry())
+        result = load_generator(run.folder, threads=1).generate(PROMPTS, max_new_tokens=12)
+        assert result.token_ids == expected, (arch, exporter, preset)
