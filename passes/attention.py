@@ -35,6 +35,17 @@ mask and shapes (``attention_bias``) -- joins the mask input:
 Q's dtype, shaped [B, H, 1 or S, T] (broadcast by Add to the exporter's
 mask), and the node carries ``qgraph.mask_bias = "position"``.
 
+4-D scores with a position bias (``attention-core-biased``, Falcon/MPT-style
+ALiBi ``alibi.view(B, H, 1, -1)`` added before or after the scale, then the
+mask): the same folding, the bias kept 4-D. The bias is a fixed part of
+that pattern, so the rule never competes with ``attention-core``; a 4-D
+core whose *only* additive term is the bias is the plain rule's (the bias
+is then simply its mask input: exact, but not marked as a position bias).
+
+A boolean Where followed by an additive mask (GPT-Neo: causal Where, then
+the padding mask) becomes one additive mask, ``Where(keep, 0, fill) +
+mask`` summed in Q's dtype and made onnxruntime-safe like any other.
+
 Opset-23 graphs where the exporter already emitted ``Attention`` behind a
 repeat_kv get the repeat absorbed (``absorb-repeat-kv``).
 
@@ -56,7 +67,7 @@ import numpy as np
 import onnx_ir as ir
 from qgraph_passes.attention_batched import dims4, key_of_transposed, merges_batch_and_heads, pins_element_count, splits_batch_and_heads, unmerge_heads
 from qgraph_passes.attention_bias import MASK_BIAS_KEY, POSITION, bias_as_4d, bias_broadcasts, reads_only_mask_and_shapes
-from qgraph_passes.attention_dims import dim_of, product
+from qgraph_passes.attention_dims import dim_of, product, traced_dim
 from qgraph_passes.attention_masks import fill_needs_clamp, reuse, safe_fill, stamp
 from qgraph_passes.attention_operands import (
     peel_key_transpose,
@@ -239,8 +250,10 @@ def check_core(match: Match, q, kt, v, mask=None, keep=None, qk_scaling=2, softc
     if isinstance(plan, str):
         return plan
     match["mask_plan"] = plan
-    match["mask_dims_ok"] = mask is None or _mask_spans(mask, query, k, key.key_format) or (
-        masking == 3 and _mask_spans(keep, query, k, key.key_format))
+    # onnxruntime needs the mask's query axis to be S (a [B, 1, 1, T] padding mask is rejected);
+    # a sum of two masks spans when either does.
+    spans = [_mask_spans(x, query, k, key.key_format) for x in (mask, keep) if x is not None]
+    match["mask_dims_ok"] = not spans or any(spans)
     root = match.root
     softmax = next(n for n in match.nodes if n.op_type == "Softmax")
     match["layer"] = layer_of(softmax) or layer_of(root)
@@ -434,7 +447,7 @@ def check_batched(match: Match, q, kt, v, scores_view: ir.Node, probs_view: ir.N
     match["heads"] = (heads_q, heads_kv) if isinstance(heads_q, int) and isinstance(heads_kv, int) else None
     match["mask_plan"] = plan
     match["biases"] = biases
-    match["mask_dims_ok"] = mask is None or _mask_spans(mask, query, key, "BHSD")
+    match["mask_dims_ok"] = exporter_mask is None or _mask_spans(exporter_mask, query, key, "BHSD")
     softmax = next(n for n in match.nodes if n.op_type == "Softmax")
     match["layer"] = layer_of(softmax) or layer_of(match.root)
     match["scope"] = softmax.metadata_props.get("namespace") or softmax.name or match.root.name or ""
@@ -450,19 +463,24 @@ def _additive(op, plan, dtype: np.dtype) -> ir.Value | None:
     return made or stamp(op.Where(mask, np.zeros((), dtype), np.asarray(-np.inf, dtype)), "additive:-inf")
 
 
+def _biased_mask(op, mask_plan, biases, dtype: np.dtype, as_4d) -> ir.Value:
+    """``safe(sum of bias * factor + additive(exporter's mask))``: the mask input of a biased core."""
+    mask = _additive(op, mask_plan, dtype)
+    for bias, factor in biases:
+        term = as_4d(bias)
+        if factor != 1.0:
+            term = op.Mul(term, np.asarray(factor, dtype))
+        mask = term if mask is None else op.Add(term, mask)
+    # A bias of ordinary size leaves the clamp a no-op; one holding a masking fill
+    # (finfo.min) gets the same onnxruntime-safe fill as any additive mask.
+    return _mask_input(op, ("additive", mask, ("clamp",)), dtype)
+
+
 def to_batched_attention(op, match: Match, query, key, value_, scale, heads, mask_plan, biases, mask_dims_ok,
                          layer, scope):
     dtype = query.dtype.numpy()
     if biases:
-        mask = _additive(op, mask_plan, dtype)
-        for bias, factor in biases:
-            term = bias_as_4d(op, bias, query)
-            if factor != 1.0:
-                term = op.Mul(term, np.asarray(factor, dtype))
-            mask = term if mask is None else op.Add(term, mask)
-        # A bias of ordinary size leaves the clamp a no-op; one holding a masking fill
-        # (finfo.min) gets the same onnxruntime-safe fill as any additive mask.
-        mask = _mask_input(op, ("additive", mask, ("clamp",)), dtype)
+        mask = _biased_mask(op, mask_plan, biases, dtype, lambda bias: bias_as_4d(op, bias, query))
         spans = mask_plan is not None and mask_dims_ok and mask_plan[0] == "additive"
     else:
         mask, spans = _mask_input(op, mask_plan, dtype), mask_dims_ok
@@ -479,6 +497,94 @@ def to_batched_attention(op, match: Match, query, key, value_, scale, heads, mas
         node.metadata_props[MASK_BIAS_KEY] = POSITION
     # Back to the exporter's [B*H, S, Dv]; a following view to [B, H, S, Dv] folds away later.
     return op.Reshape(out, op.Concat(np.array([-1], np.int64), op.Shape(out, start=2), axis=0))
+
+
+
+# -- 4-D scores with a position bias (Falcon/MPT-style ALiBi) ----------------------------
+# The bias is part of the pattern (never optional), so this rule never competes with
+# attention-core for a plain core: it matches only where a bias sits before the mask.
+
+_PLACEMENTS = ("both", "before", "after")
+
+
+def _scaled(op, x, tag: str):
+    return op.any_of(
+        op.Mul(x, op.const(name=f"qk_scale_{tag}")),
+        op.Div(x, op.const(name=f"qk_divisor_{tag}")),
+        x,
+        name=f"qk_scaling_{tag}",
+    )
+
+
+def biased_core(op, q, kt, v, bias_pre, bias_post, mask, keep):
+    """4-D scores with a bias added before and/or after the scale, then the mask."""
+    biased = op.any_of(
+        op.Add(_scaled(op, op.Add(op.MatMul(q, kt), bias_pre), "both"), bias_post),
+        _scaled(op, op.Add(op.MatMul(q, kt), bias_pre), "before"),
+        op.Add(_scaled(op, op.MatMul(q, kt), "after"), bias_post),
+        name="bias_placement",
+    )
+    masked = op.any_of(
+        op.Add(biased, mask),
+        op.Where(keep, biased, op.const(name="fill")),
+        biased,
+        name="masking",
+    )
+    masked = op.optional(op.Cast(masked, to=op.capture("cast_in")), name="cast_before_softmax")
+    probs = op.Softmax(masked, axis=op.attr(lambda a: a in (-1, 3), name="softmax_axis"))
+    guarded = op.any_of(op.Where(op.IsNaN(probs), op.const(0.0), probs), probs, name="nan_guard")
+    cast = op.optional(op.Cast(guarded, to=op.capture("cast_out")), name="cast_after_softmax")
+    cast = op.optional(op.Cast(cast, to=op.capture("cast_out2")), name="cast_after_softmax2")
+    return op.MatMul(cast, v)
+
+
+def check_biased(match: Match, q, kt, v, bias_pre=None, bias_post=None, mask=None, keep=None, bias_placement=0,
+                 masking=2, fill=None, cast_in=None, cast_out=None, cast_out2=None, **rest):
+    """The plain core's checks, then each bias: reads only the mask and shapes, keeps the scores' shape."""
+    tag = _PLACEMENTS[bias_placement]
+    qk_scaling = rest.get(f"qk_scaling_{tag}", 2)
+    qk_scale, qk_divisor = rest.get(f"qk_scale_{tag}"), rest.get(f"qk_divisor_{tag}")
+    reason = check_core(match, q, kt, v, mask=mask, keep=keep, qk_scaling=qk_scaling, masking=masking,
+                        qk_scale=qk_scale, qk_divisor=qk_divisor, fill=fill, cast_in=cast_in, cast_out=cast_out,
+                        cast_out2=cast_out2)
+    if reason:
+        return reason
+    scores_scale = _scores_scale(qk_scaling, qk_scale, qk_divisor)
+    query, key = match["query"], match["key"]
+    t_axis = 1 if match["key_format"] == "BSHD" else 2
+    scores4 = [traced_dim(query, 0), traced_dim(query, 1), traced_dim(query, 2), traced_dim(key, t_axis)]
+    exporter_mask = mask if masking == 0 else keep if masking == 1 else None
+    biases = []
+    for bias, factor in ((bias_pre if tag in ("both", "before") else None, scores_scale),
+                         (bias_post if tag in ("both", "after") else None, 1.0)):
+        if bias is None:
+            continue
+        reason = (reads_only_mask_and_shapes(bias, exporter_mask)
+                  or bias_broadcasts(bias, scores4, keys_contracted=True))
+        if reason:
+            return reason
+        biases.append((bias, factor))
+    match["biases"] = biases
+    match["mask_dims_ok"] = exporter_mask is not None and _mask_spans(exporter_mask, query, key, match["key_format"])
+    return None
+
+
+def to_biased_attention(op, match: Match, query, key, value_, key_format, scale, heads, mask_plan, biases,
+                        mask_dims_ok, layer, scope):
+    dtype = query.dtype.numpy()
+    mask = _biased_mask(op, mask_plan, biases, dtype, lambda bias: bias)
+    if not mask_dims_ok:
+        mask = _spanning(op, mask, query, key, 1 if key_format == "BSHD" else 2)
+    if key_format == "BSHD":
+        key = op.Transpose(key, perm=[0, 2, 1, 3])
+    q_heads, kv_heads = heads if heads is not None else (None, None)
+    out = op.Attention(query, key, value_, mask, scale=scale, q_num_heads=q_heads, kv_num_heads=kv_heads)
+    node = out.producer()
+    if layer is not None:
+        node.metadata_props[LAYER_KEY] = layer
+    node.metadata_props[SCOPE_KEY] = scope
+    node.metadata_props[MASK_BIAS_KEY] = POSITION
+    return out
 
 
 # -- opset-23 Attention behind a repeat_kv --------------------------------------
@@ -601,6 +707,25 @@ _EXAMPLE_BATCHED = {
     **{name: _EXAMPLE_CORE[name] for name in ("qk_scale", "qk_divisor", "fill", "cast_in", "cast_out", "cast_out2")},
 }
 
+# Falcon's ALiBi layout: 4-D scores [B, 4, S, T] plus slope_h * key index (shapes only).
+
+
+def _key_bias_4d(op, k4):
+    positions = op.Reshape(_key_positions(op, k4), op.Concat(np.ones(3, np.int64), op.Shape(k4, start=2, end=3), axis=0))
+    return op.Mul(positions, np.linspace(0.5, 2, 4, dtype=np.float32).reshape(1, 4, 1, 1))
+
+
+_EXAMPLE_BIASED_INPUTS = dict(_EXAMPLE_BATCHED_INPUTS)
+_EXAMPLE_BIASED = {
+    "kt": lambda op, k4: op.Transpose(k4, perm=[0, 1, 3, 2]),
+    "q": lambda op, q4: op.Identity(q4),
+    "v": lambda op, v4: op.Identity(v4),
+    "bias_pre": _key_bias_4d,
+    "bias_post": _key_bias_4d,
+    **{f"{kind}_{tag}": _EXAMPLE_CORE[kind] for kind in ("qk_scale", "qk_divisor") for tag in _PLACEMENTS},
+    **{name: _EXAMPLE_CORE[name] for name in ("fill", "cast_in", "cast_out", "cast_out2")},
+}
+
 RULES = RuleSet(
     [
         Rule("attention-core", attention_core, to_attention, check_core, commute=True,
@@ -609,6 +734,9 @@ RULES = RuleSet(
         Rule("attention-core-batched-heads", batched_heads_core, to_batched_attention, check_batched, commute=True,
              doc="3-D [B*H, S, D] MatMul/scale/bias/view/mask/Softmax/view/MatMul -> Attention (bias into the mask)",
              example_inputs=_EXAMPLE_BATCHED_INPUTS, example_values=_EXAMPLE_BATCHED),
+        Rule("attention-core-biased", biased_core, to_biased_attention, check_biased, commute=True,
+             doc="4-D MatMul/bias/scale/bias/mask/Softmax/MatMul -> Attention (position bias into the mask)",
+             example_inputs=_EXAMPLE_BIASED_INPUTS, example_values=_EXAMPLE_BIASED),
         Rule("absorb-repeat-kv", existing_attention, absorb, check_absorb,
              doc="Attention(q, repeat_kv(k), repeat_kv(v)) -> Attention(q, k, v)",
              example_inputs=_EXAMPLE_INPUTS, example_values=_EXAMPLE_OPERANDS),
@@ -678,10 +806,11 @@ class AttentionFusionPass(RewritePass):
         """One note per Softmax-fed MatMul no core rule rewrote, with the first check that failed.
 
         A MatMul that reads the probabilities through a Reshape is a batched-heads
-        core (3-D products): its reason is the batched rule's; otherwise the 4-D rule's.
+        core (3-D products): its reason is the batched rule's. Otherwise the reason
+        is the plain 4-D rule's, or the biased rule's when that one got further.
         """
         notes = []
-        names = ("attention-core", "attention-core-batched-heads")
+        names = ("attention-core", "attention-core-biased", "attention-core-batched-heads")
         cores = RuleSet([self.rules.get(name) for name in names])
         nodes = {n.name: n for n in model.graph}
         tried: dict[str, dict[str, object]] = {}
@@ -695,8 +824,12 @@ class AttentionFusionPass(RewritePass):
             if softmax is None:
                 continue
             probs = node.inputs[0].producer()
-            batched = probs is not None and probs.op_type == "Reshape"
-            cand = by_rule.get(names[1] if batched else names[0])
+            if probs is not None and probs.op_type == "Reshape":
+                cand = by_rule.get(names[2])
+            else:
+                plain, biased = by_rule.get(names[0]), by_rule.get(names[1])
+                cand = biased if plain is None or (biased is not None and
+                                                   biased.nodes_matched > plain.nodes_matched) else plain
             if cand is None:
                 continue
             layer = layer_of(softmax) or layer_of(node)

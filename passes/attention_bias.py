@@ -92,7 +92,8 @@ def _above_one(d: Dim) -> bool:
     return isinstance(d, tuple) and len(d) == 3 and d[0] == "*" and d[1] > 1
 
 
-def bias_broadcasts(bias: ir.Value, scores_dims: list[Dim], count_pinned: bool = False) -> str | None:
+def bias_broadcasts(bias: ir.Value, scores_dims: list[Dim], count_pinned: bool = False,
+                    keys_contracted: bool = False) -> str | None:
     """None when adding ``bias`` keeps the scores' shape (or fails in both graphs).
 
     Each dim of the bias is 1 or the scores' own, or the scores' dim is
@@ -100,6 +101,8 @@ def bias_broadcasts(bias: ir.Value, scores_dims: list[Dim], count_pinned: bool =
     ``count_pinned``: the graph later proves the scores hold exactly
     B*H*S*T elements (a view and the product with V fix every dim), so
     any stretching broadcast fails in the original graph anyway.
+    ``keys_contracted``: the scores' last dim is contracted with V's keys
+    right after the Softmax, so stretching it fails in the original too.
     """
     if bias.shape is None:
         return f"rank of the score bias '{bias.name}' is unknown"
@@ -108,7 +111,7 @@ def bias_broadcasts(bias: ir.Value, scores_dims: list[Dim], count_pinned: bool =
         return f"the score bias '{bias.name}' is {rank}-D, more than the {len(scores_dims)}-D scores"
     if count_pinned:
         return None
-    for axis in range(rank):
+    for axis in range(rank - 1 if keys_contracted else rank):
         d = traced_dim(bias, axis)
         want = scores_dims[len(scores_dims) - rank + axis]
         if d != 1 and d != want and not _above_one(want):

@@ -1,4 +1,4 @@
-"""Attention on batched heads (BLOOM's 3-D [B*H, S, D] spelling), drawn by hypothesis.
+"""Attention with position biases: BLOOM's batched heads (3-D [B*H, S, D]) and 4-D heads, drawn by hypothesis.
 
 ``batched_cores()`` draws the sizes and every variant the fusion must
 recognize -- where the scores' scale sits, a position bias (ALiBi: slope_h *
@@ -8,7 +8,9 @@ attention mask or from shapes only, the mask kind (additive finfo.min or
 guard and Casts -- and, sometimes, one change after which the subgraph
 must *not* fuse (``broken``). ``build`` writes an opset-23 model with
 symbolic B, S, T whose views read their targets from ``Shape`` at run time
-as the exporters do. Inputs: Q [B, H, S, D], K and V [B, H, T, D],
+as the exporters do. ``layout="heads"`` writes the same core on 4-D
+[B, H, S, T] scores with the bias viewed as [B, H, 1, T] (Falcon's ALiBi);
+the view-breaking variants then do not apply. Inputs: Q [B, H, S, D], K and V [B, H, T, D],
 ``attention_mask`` int64 [B, T] (and ``input_ids`` [B, T]); output Y
 [B, H, S, D].
 """
@@ -45,6 +47,7 @@ class BatchedCore:
     mask: str            # none, additive-min, additive-inf, bool-where-inf, bool-where-min
     causal: bool         # the exporter's mask also hides later keys
     views: str           # dynamo ([B*H, S, D] from shapes), torchscript ([B*H, -1, D], probs [-1, S, T])
+    layout: str          # batched (3-D products), heads (4-D products, no views)
     guard: bool
     casts: bool
     broken: str | None
@@ -66,6 +69,16 @@ def batched_cores(draw: st.DrawFn, broken: bool | None = None) -> BatchedCore:
     heads = draw(st.sampled_from([1, 2, 3]))
     if kind in ("bias-from-tokens", "bias-from-query") and bias == "none":
         bias = "after-scale"
+    layout = draw(st.sampled_from(["batched", "heads"]))
+    if layout == "heads" and kind in ("mixed-heads", "swapped-scores-view"):
+        kind = draw(st.sampled_from(["bias-from-tokens", "bias-from-query"]))
+        bias = "after-scale" if bias == "none" else bias
+    if layout == "heads" and kind is None and bias == "none":
+        bias = "before-scale"  # a 4-D core without a bias is the plain rule's (tests/passes/test_attention.py)
+    if kind == "bias-from-tokens" and mask == "none":
+        # Without an exporter's mask nothing tells input_ids from an attention mask: the bias is
+        # token data only next to a mask that reads attention_mask.
+        mask = "additive-min"
     if kind == "swapped-scores-view":
         mask, bias_from, heads = "none", "shapes", draw(st.sampled_from([2, 3]))  # no [B, ...] mask to broadcast
     if mask == "none" and bias_from == "mask" and kind != "bias-from-tokens":
@@ -80,6 +93,7 @@ def batched_cores(draw: st.DrawFn, broken: bool | None = None) -> BatchedCore:
         mask=mask,
         causal=draw(st.booleans()),
         views=draw(st.sampled_from(["dynamo", "torchscript"])),
+        layout=layout,
         guard=draw(st.booleans()),
         casts=draw(st.booleans()),
         broken=kind,
@@ -140,6 +154,8 @@ def _positions(g: _Graph, core: BatchedCore) -> str:
 def _alibi(g: _Graph, core: BatchedCore, which: int) -> str:
     """slope_h * position as [B*H, 1, T] (BLOOM's build_alibi_tensor)."""
     if core.broken == "bias-from-query":
+        if core.layout == "heads":
+            return g.op("ReduceMean", "Q", g.ints(3), keepdims=1)  # [B, H, S, 1]
         return g.op("ReduceMean", _merge_heads(g, "Q", core), g.ints(2), keepdims=1)  # [B*H, S, 1]
     slopes = (0.5 ** np.arange(1, core.heads + 1, dtype=np.float32) * (1 + which)).reshape(core.heads, 1)
     scaled = g.op("Mul", g.const(slopes), _positions(g, core))  # [B, H, T]
@@ -147,6 +163,8 @@ def _alibi(g: _Graph, core: BatchedCore, which: int) -> str:
         batch, length = g.shape("attention_mask", 0, 1), g.shape("attention_mask", 1, 2)
     else:
         batch, length = g.shape("Q", 0, 1), g.shape("K", 2, 3)
+    if core.layout == "heads":  # Falcon: alibi.view(B, H, 1, -1)
+        return g.op("Reshape", scaled, g.op("Concat", batch, g.ints(core.heads, 1, -1), axis=0))
     target = g.op("Concat", g.op("Mul", batch, g.ints(core.heads)), g.ints(1), length, axis=0)
     return g.op("Reshape", scaled, target)
 
@@ -168,6 +186,8 @@ def _keep(g: _Graph, core: BatchedCore) -> str:
 def build(core: BatchedCore) -> onnx.ModelProto:
     g = _Graph()
     q_input = "Q"
+    if core.layout == "heads":
+        return _build_heads(g, core)
     if core.broken == "mixed-heads":
         q_input = g.op("Transpose", "Q", perm=[0, 2, 1, 3])  # [B, S, H, D], viewed as if it were BHSD
         batch_heads = g.op("Mul", g.shape("Q", 0, 1), g.ints(core.heads))
@@ -218,6 +238,37 @@ def build(core: BatchedCore) -> onnx.ModelProto:
     g.nodes.append(helper.make_node("Reshape", [out3, g.op("Concat", g.shape("Q", 0, 3), g.ints(core.head_dim),
                                                            axis=0)], ["Y"], name="/h.0/self_attention/view_out"))
 
+    return _model(g, core)
+
+
+def _build_heads(g: _Graph, core: BatchedCore) -> onnx.ModelProto:
+    """The same core on 4-D [B, H, S, T] scores (no views): Falcon's ALiBi attention."""
+    q = g.op("Mul", "Q", g.const(core.scale)) if core.scale_at == "q" else "Q"
+    scores = g.op("MatMul", q, g.op("Transpose", "K", perm=[0, 1, 3, 2]))
+    if core.bias in ("before-scale", "both"):
+        scores = g.op("Add", scores, _alibi(g, core, 0))
+    if core.scale_at == "qk-mul":
+        scores = g.op("Mul", scores, g.const(core.scale))
+    elif core.scale_at == "qk-div":
+        scores = g.op("Div", scores, g.const(1 / core.scale))
+    if core.bias in ("after-scale", "both"):
+        scores = g.op("Add", _alibi(g, core, 1), scores)
+    if core.mask.startswith("additive"):
+        fill = MIN if core.mask == "additive-min" else -np.inf
+        scores = g.op("Add", scores, g.op("Where", _keep(g, core), g.const(0.0), g.const(fill)))
+    elif core.mask.startswith("bool-where"):
+        fill = MIN if core.mask == "bool-where-min" else -np.inf
+        scores = g.op("Where", _keep(g, core), scores, g.const(fill))
+    probs = g.op("Softmax", scores, axis=-1)
+    if core.guard:
+        probs = g.op("Where", g.op("IsNaN", probs), g.const(0.0), probs)
+    if core.casts:
+        probs = g.op("Cast", g.op("Cast", probs, to=TensorProto.FLOAT), to=TensorProto.FLOAT)
+    g.nodes.append(helper.make_node("MatMul", [probs, "V"], ["Y"], name="/h.0/self_attention/MatMul_out"))
+    return _model(g, core)
+
+
+def _model(g: _Graph, core: BatchedCore) -> onnx.ModelProto:
     f = TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("Q", f, ["B", core.heads, "S", core.head_dim]),

@@ -1,4 +1,4 @@
-"""attention on batched heads (3-D [B*H, S, D], BLOOM) and position biases folded into the mask."""
+"""attention on batched heads (3-D [B*H, S, D], BLOOM), 4-D biased cores, and position biases folded into the mask."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qgraph_passes.attention import AttentionFusionPass
 
+MASK_BIAS = "qgraph.mask_bias"
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -30,6 +31,12 @@ def _assert_same_numbers(expected: np.ndarray, actual: np.ndarray, what: str) ->
     np.testing.assert_allclose(actual[finite], expected[finite], rtol=1e-4, atol=1e-5, err_msg=what)
 
 
+def _bias_is_the_only_term(core: BatchedCore) -> bool:
+    """A 4-D core whose only additive term is the bias, right on the (scaled) scores."""
+    alone = core.bias == "after-scale" or core.bias == "before-scale" and core.scale_at in ("none", "q")
+    return core.layout == "heads" and core.mask == "none" and alone
+
+
 def _fuse(core: BatchedCore):
     proto = build(core)
     model = ir.from_proto(proto)
@@ -44,18 +51,30 @@ def test_batched_heads_cores_fuse_exactly_when_true_and_mean_the_same(core, data
     proto, model, fusion = _fuse(core)
     attention = [n for n in model.graph if n.op_type == "Attention"]
     ops = [n.op_type for n in model.graph]
-    if core.broken:
+    if core.broken and _bias_is_the_only_term(core):
+        # The plain rule reads a lone additive term as the exporter's mask (any values are exact
+        # there); it must not be taken for a position bias.
+        assert all(MASK_BIAS not in n.metadata_props for n in attention), core.broken
+    elif core.broken:
         assert attention == [], f"fused a core that is not attention over heads ({core.broken})"
         notes = [n for n in fusion.report.notes if n.startswith("not fused: layer 0")]
         assert len(notes) == 1 and WHY_NOT[core.broken] in notes[0], fusion.report.notes
     else:
         assert len(attention) == 1 and "Softmax" not in ops and "MatMul" not in ops, (ops, fusion.report.notes)
+        rule = attention[0].metadata_props.get("qgraph.rule")
+        if _bias_is_the_only_term(core):
+            # Add(scores, bias) alone reads like a plain core's additive mask: the plain rule takes it,
+            # the bias as the mask input (exact either way, but not marked as a position bias).
+            assert rule == "attention-core", rule
+        else:
+            assert rule == ("attention-core-batched-heads" if core.layout == "batched" else "attention-core-biased")
         node = attention[0]
         assert [x.name for x in node.inputs[:3]] == ["Q", "K", "V"], "Q/K/V are not the 4-D BHSD tensors"
         expected_scale = core.scale if core.scale_at != "none" else 1.0
         assert np.isclose(node.attributes["scale"].as_float(), expected_scale, rtol=1e-6)
         assert node.metadata_props.get("qgraph.layer") == "0"
-        assert node.metadata_props.get("qgraph.mask_bias") == ("position" if core.has_bias else None)
+        expected_bias = "position" if core.has_bias and not _bias_is_the_only_term(core) else None
+        assert node.metadata_props.get("qgraph.mask_bias") == expected_bias
         if core.has_bias:
             mask = node.inputs[3]
             assert mask.dtype == ir.DataType.FLOAT, "a biased mask must be float additive"
@@ -65,10 +84,11 @@ def test_batched_heads_cores_fuse_exactly_when_true_and_mean_the_same(core, data
 
 @pytest.mark.parametrize("scale_at", ["qk-mul", "qk-div"])
 @pytest.mark.parametrize("mask", ["additive-min", "bool-where-inf", "none"])
-def test_a_bias_before_the_scale_is_scaled_and_one_after_it_is_not(scale_at, mask):
+@pytest.mark.parametrize("layout", ["batched", "heads"])
+def test_a_bias_before_the_scale_is_scaled_and_one_after_it_is_not(scale_at, mask, layout):
     """Same graph but for where the bias sits: each fused graph follows its placement (scale 0.3 != 1)."""
     common = dict(heads=2, head_dim=4, scale=0.3, scale_at=scale_at, bias_from="shapes", mask=mask, causal=True,
-                  views="dynamo", guard=False, casts=False, broken=None)
+                  views="dynamo", layout=layout, guard=False, casts=False, broken=None)
     rng = np.random.default_rng(1)
     feed = {"Q": rng.normal(size=(2, 2, 3, 4)).astype(np.float32), "K": rng.normal(size=(2, 2, 5, 4)).astype(np.float32),
             "V": rng.normal(size=(2, 2, 5, 4)).astype(np.float32),
@@ -87,7 +107,8 @@ def test_a_bias_before_the_scale_is_scaled_and_one_after_it_is_not(scale_at, mas
 def test_a_fully_masked_row_keeps_its_meaning_with_a_bias():
     """finfo.min rows average V uniformly before and after fusion, bias or not."""
     core = BatchedCore(heads=2, head_dim=4, scale=0.5, scale_at="qk-mul", bias="after-scale", bias_from="mask",
-                       mask="additive-min", causal=False, views="torchscript", guard=False, casts=False, broken=None)
+                       mask="additive-min", causal=False, views="torchscript", layout="batched", guard=False, casts=False,
+                       broken=None)
     proto, model, _ = _fuse(core)
     rng = np.random.default_rng(0)
     feed = {"Q": rng.normal(size=(2, 2, 3, 4)).astype(np.float32), "K": rng.normal(size=(2, 2, 3, 4)).astype(np.float32),
@@ -105,7 +126,8 @@ def test_a_shape_only_bias_that_masks_every_key_keeps_the_uniform_rows():
     from onnx import helper
 
     core = BatchedCore(heads=2, head_dim=4, scale=0.5, scale_at="qk-mul", bias="after-scale", bias_from="shapes",
-                       mask="none", causal=False, views="dynamo", guard=False, casts=False, broken=None)
+                       mask="none", causal=False, views="dynamo", layout="batched", guard=False, casts=False,
+                       broken=None)
     proto = build(core)
     # finfo.min slopes times positions pinned to 1: every key of every row gets exactly the fill.
     slopes = next(init for init in proto.graph.initializer if list(init.dims) == [2, 1])
