@@ -161,3 +161,11 @@ def test_a_bias_may_not_stretch_the_scores_unless_the_graph_pins_their_size():
     assert "dim 1" in bias_broadcasts(v["wide"], ["N", "S", "T"])
     assert bias_broadcasts(v["wide"], scores, count_pinned=True) is None
     assert "more than" in bias_broadcasts(v["wide"], scores[1:])
+
+
+def test_a_bias_may_differ_on_the_keys_axis_only_when_the_keys_are_contracted_next():
+    _, v = _model("y = Identity (x)", "float[B, 4, 1, L] x", "float[B, 4, 1, L] y")
+    scores = ["B", 4, "S", "T"]
+    assert "dim 3" in bias_broadcasts(v["x"], scores)
+    assert bias_broadcasts(v["x"], scores, keys_contracted=True) is None
+    assert "dim 0" in bias_broadcasts(v["x"], ["N", 4, "S", "T"], keys_contracted=True)
