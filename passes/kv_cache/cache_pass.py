@@ -41,7 +41,14 @@ from qgraph_passes.kv_cache.analysis import AnalysisError, Layer, analyze_decode
 from qgraph_passes.kv_cache.build import GraphBuilder
 from qgraph_passes.kv_cache.ctx_scatter import CTX_SCATTER_DOMAIN, ctx_scatter_function
 from qgraph_passes.kv_cache.files import custom_io_yaml, specializations_json
-from qgraph_passes.kv_cache.positions import PositionAnalysis, retype_downstream, site_replacement, verify_rewired
+from qgraph_passes.kv_cache.positions import (
+    PositionAnalysis,
+    retype_downstream,
+    site_replacement,
+    table_replacement,
+    tabulate,
+    verify_rewired,
+)
 from qgraph_passes.kv_cache.probe import MaskMeaning, ProbeError
 
 from qgraph.custom_ops import attach_function
@@ -99,6 +106,8 @@ class KVCachePass(Pass):
         "prefill_len": Option(int, 32, "retained: prefill seq_len in specializations.json (capped at ctx_len - 1)"),
         "kv_dtype": Option(str, "float16", "retained: KV precision in custom_io.yaml (model: the graph's dtype)",
                            ("float16", "float32", "model")),
+        "table_len": Option(int, 4096, "concat: positions a value is tabulated for when its subgraph cannot "
+                            "take per-row positions (retained: ctx_len)"),
     }
     prerequisites = (
         Prerequisite("the graph has Attention nodes", _has_attention, satisfied_by="attention"),
@@ -168,28 +177,52 @@ class KVCachePass(Pass):
 
     # --- rewrite helpers ---------------------------------------------------------------------
 
-    @staticmethod
-    def _rewire_positions(model: ir.Model, b: GraphBuilder, analysis: PositionAnalysis, clamped: ir.Value,
+    def _rewire_positions(self, model: ir.Model, b: GraphBuilder, analysis: PositionAnalysis, clamped: ir.Value,
                           retained: bool) -> None:
-        """Each position site reads position_ids instead; the result is run against the original."""
+        """Each position site reads position_ids instead; the result is run against the original.
+
+        When the rewired subgraph cannot take per-row positions (a reshape
+        that hard-codes the traced batch of 1, say), the sites are restored
+        and each position-dependent value becomes a table indexed by
+        position instead (ctx_len rows in the retained form, the option
+        ``table_len`` -- or the most the graph can run -- in the concat form).
+        """
+        chunk_mask = "none" if retained else "total"
         replacements = {}
         for site in analysis.sites:
             replacement = site_replacement(b, site, clamped)
             site.value.replace_all_uses_with(replacement)
             replacements[site.value] = replacement
         widened = [replacements[s.value] for s in analysis.sites if s.batch_axis < 0]
-        if widened:
-            retype_downstream(widened, model.graph.opset_imports)
+        old_shapes = retype_downstream(widened, model.graph.opset_imports) if widened else {}
         try:
-            verify_rewired(model, analysis, replacements, chunk_mask="none" if retained else "total",
-                           shapes_declared=not widened)
+            verify_rewired(model, analysis, replacements, chunk_mask=chunk_mask, shapes_declared=not widened)
+            return
         except ProbeError as exc:
-            hint = ""
+            first = str(exc)
             if widened:
-                hint = ("; positions laid out without a batch axis were given one, which the graph does not "
-                        "broadcast: " + ", ".join(s.describe() for s in analysis.sites if s.batch_axis < 0))
-            raise _fail(f"positions rewired to position_ids do not compute what the export computed: {exc}{hint}") \
-                from None
+                first += ("; positions laid out without a batch axis were given one, which the graph does not "
+                          "broadcast: " + ", ".join(s.describe() for s in analysis.sites if s.batch_axis < 0))
+        for original, replacement in replacements.items():  # back to the export's own subgraph
+            replacement.replace_all_uses_with(original)
+        for value, shape in old_shapes.items():
+            value.shape = shape
+        dependent = [f for f in analysis.frontier if f.seq_axis is not None]
+        wanted = self.config["ctx_len"] if retained else self.config["table_len"]
+        try:
+            length, tables = tabulate(model, dependent, wanted)
+            tabled = {}
+            for f, table in zip(dependent, tables):
+                tabled[f.value] = table_replacement(b, f, table, clamped)
+                f.value.replace_all_uses_with(tabled[f.value])
+            verify_rewired(model, analysis, tabled, chunk_mask=chunk_mask, shapes_declared=False)
+        except ProbeError as exc:
+            raise _fail(f"positions rewired to position_ids do not compute what the export computed: {first}; "
+                        f"nor does a table of the values by position: {exc}") from None
+        self.report.notes.append(
+            f"positions could not be rewired in place ({first}); {len(dependent)} position-dependent value(s) "
+            f"became tables of {length} positions read at position_ids: "
+            + ", ".join(repr(f.value.name) for f in dependent))
 
     @staticmethod
     def _rename_dims(graph: ir.Graph, ids: ir.Value, names: tuple[str, str]) -> None:

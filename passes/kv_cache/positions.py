@@ -54,6 +54,8 @@ __all__ = [
     "dependencies",
     "retype_downstream",
     "site_replacement",
+    "table_replacement",
+    "tabulate",
     "verify_rewired",
 ]
 
@@ -404,12 +406,13 @@ def _compare(f: FrontierValue, expected: np.ndarray, got: np.ndarray, valid: np.
                          f"{g[index]!r} instead of {e[index]!r}")
 
 
-def retype_downstream(replacements: Sequence[ir.Value], opset_imports) -> None:
-    """Re-infer the shapes after replacements of another rank, as far as they change."""
+def retype_downstream(replacements: Sequence[ir.Value], opset_imports) -> dict[ir.Value, ir.Shape | None]:
+    """Re-infer the shapes after replacements of another rank, as far as they change; returns the old shapes."""
     from qgraph.node_types import infer_output_types
 
     stack = list(replacements)
     seen: set[ir.Node] = set()
+    old_shapes: dict[ir.Value, ir.Shape | None] = {}
     while stack:
         value = stack.pop()
         for use in value.uses():
@@ -419,8 +422,66 @@ def retype_downstream(replacements: Sequence[ir.Value], opset_imports) -> None:
             seen.add(node)
             before = [o.shape for o in node.outputs]
             for out in node.outputs:
+                old_shapes.setdefault(out, out.shape)
                 out.shape = None
             infer_output_types(node, opset_imports)
             for out, old in zip(node.outputs, before):
                 if out.shape != old:
                     stack.append(out)
+    return old_shapes
+
+
+def tabulate(model: ir.Model, dependent: Sequence[FrontierValue], length: int) -> tuple[int, list[np.ndarray]]:
+    """Each value on one unpadded row of ``length`` tokens -- or of the longest length the graph runs.
+
+    A value that is a function of the token's position alone is then a table
+    indexed by position (what QEfficient's rotary cos/sin caches are): the
+    fallback when its subgraph cannot take per-row positions (a reshape that
+    hard-codes the traced batch of 1). A learned position table bounds the
+    length the graph runs; bisection finds it.
+    """
+    values = [f.value for f in dependent]
+
+    def attempt(n: int) -> list[np.ndarray] | ProbeError:
+        try:
+            return [np.asarray(a) for a in run_slice(model, values, probe_inputs(model.graph, np.ones((1, n), bool)))]
+        except ProbeError as exc:
+            return exc
+
+    result = attempt(length)
+    if not isinstance(result, ProbeError):
+        return length, result
+    low, high, best = 1, length, None
+    while high - low > 1:
+        middle = (low + high) // 2
+        tried = attempt(middle)
+        if isinstance(tried, ProbeError):
+            high = middle
+        else:
+            low, best = middle, tried
+    if best is None:
+        raise ProbeError(f"the position-dependent values do not run on one row: {result}")
+    return low, best
+
+
+def table_replacement(b, f: FrontierValue, table: np.ndarray, clamped: ir.Value) -> ir.Value:
+    """``Gather(table, position_ids)`` laid out as ``f``: the batch where f has a size-1 axis before the sequence."""
+    k = f.seq_axis
+    assert k is not None
+    batch = next((a for a in range(k) if table.shape[a] == 1), None)
+    rest = [a for a in range(table.ndim) if a not in (batch, k)]
+    rows = table.transpose([k, *rest, *([batch] if batch is not None else [])])
+    if batch is not None:
+        rows = rows.reshape(rows.shape[:-1])
+    np_dtype = rows.dtype
+    gathered = b.op("Gather", b.const(rows, dtype=np_dtype, hint="position_table"), clamped, axis=0)
+    # Gather gives [B, S, *rest]; put B and S where f has them (B first when f has no batch axis).
+    labels = ["B", "S", *rest]
+    if batch is None:
+        target = ["B", *[("S" if a == k else a) for a in range(table.ndim)]]
+    else:
+        target = [("B" if a == batch else "S" if a == k else a) for a in range(table.ndim)]
+    perm = [labels.index(t) for t in target]
+    if perm != list(range(len(perm))):
+        gathered = b.op("Transpose", gathered, perm=perm)
+    return gathered

@@ -84,11 +84,21 @@ def test_a_value_computed_from_mask_values_is_refused_naming_it(style: str) -> N
 
 
 @pytest.mark.parametrize("style", ["retained", "concat"])
-def test_positions_that_cannot_take_a_batch_axis_are_refused(style: str) -> None:
-    """[S, 1] squeezed back to [S, H]: rows at different positions cannot be expressed, so the pass stops."""
-    from qgraph.errors import PassFailure
+def test_positions_that_cannot_take_a_batch_axis_become_a_table(style: str) -> None:
+    """[S, 1] squeezed back to [S, H]: per-row positions cannot flow through it, so the value is tabulated.
 
+    The sites are restored and the position embedding becomes
+    Gather(table, position_ids); the replay proves the table right.
+    """
     spelling = graphs.PositionSpelling(count="column", layout="S1", embedding="table")
-    model = ir.from_proto(graphs.decoder(spelling=spelling, layers=1))
-    with pytest.raises(PassFailure, match=r"laid out without a batch axis.*\(rank 2, seq axis 0\)"):
-        KVCachePass(style=style, ctx_len=CTX_LEN)(model)
+    reference = graphs.decoder(spelling=spelling, layers=1)
+    model = ir.from_proto(reference)
+    kv = KVCachePass(style=style, ctx_len=CTX_LEN, logits="all")
+    kv(model)
+    notes = " ".join(kv.report.notes)
+    rows = CTX_LEN if style == "retained" else graphs.POSITIONS  # concat: as many as the graph's table runs
+    assert f"became tables of {rows} positions read at position_ids" in notes, notes
+    assert "laid out without a batch axis were given one" in notes
+    result = check_sequence_equivalence(ir.to_proto(model), reference, examples=10, max_len=CTX_LEN - 1,
+                                        require_greedy=True)
+    assert result.equivalent, f"{result}\n{notes}"
