@@ -27,6 +27,10 @@ smollm3      NoPE: layer 0 rotates q/k, layer 1 has no positions at all
              (``no_rope_layers=[1, 0]``); GQA 4/2
 gpt_neo      global then local attention (window 4, smaller than the test
              sequences), learned positions, unscaled attention scores
+gptj         interleaved partial rotary (8 of 16 dims, rotated in pairs), its
+             sin/cos gathered from a table by position, parallel attention
+             and MLP (the dynamo export reshapes them with the traced batch of
+             1, so kv-cache tabulates them)
 ===========  ===================================================================
 
 Every causal LM exports in both wrapper modes (:func:`export_tiny`'s
@@ -187,6 +191,14 @@ def _gpt_neo():
                         max_position_embeddings=POSITIONS, **_TOKENS)
 
 
+def _gptj():
+    from transformers import GPTJConfig
+
+    # rotary_dim 8 of head_dim 16: partial rotary, rotated in interleaved pairs (rotate_every_two).
+    return GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, rotary_dim=8,
+                      n_positions=POSITIONS, **_TOKENS)
+
+
 def _bert():
     from transformers import BertConfig
 
@@ -218,6 +230,8 @@ TINY_ARCHS: dict[str, TinyArch] = {
         TinyArch("smollm3", "causal-lm", "NoPE: layer 0 RoPE, layer 1 no positions at all; GQA 4/2", _smollm3),
         TinyArch("gpt_neo", "causal-lm", "global then local attention (window 4), learned positions, "
                                          "unscaled attention", _gpt_neo),
+        TinyArch("gptj", "causal-lm", "interleaved partial rotary (8 of 16 dims, pairs), sin/cos read from a "
+                                      "table by position, parallel attention and MLP", _gptj),
     )
 }
 
