@@ -84,14 +84,13 @@ def test_same_seed_same_weights_and_command_line_writes_a_loadable_model(tmp_pat
 
 def test_padding_mask_takes_an_attention_mask_the_kv_cache_pass_can_read():
     """mask="padding": a [batch, seq] attention_mask hides padded keys, and kv-cache caches the graph exactly."""
-    from qgraph_passes.kv_cache import KVCachePass
-
+    from qgraph.manager import PassManager
     from qgraph.verify.sequence import check_sequence_equivalence
 
     model = synthetic_decoder(2, opset=23, mask="padding")
     assert [v.name for v in model.graph.inputs] == ["input_ids", "attention_mask"]
     reference = ir.to_proto(model)
     cached = ir.from_proto(reference)
-    KVCachePass(style="concat")(cached)
+    PassManager([{"pass": "kv-cache", "options": {"style": "concat"}}]).run(cached)  # attention first
     result = check_sequence_equivalence(ir.to_proto(cached), reference, examples=8, require_greedy=True)
     assert result.equivalent, str(result)
