@@ -234,3 +234,20 @@ def test_probing_reads_weights_kept_in_external_data(cached_zoo: CachedZoo, tmp_
     cached = cached_zoo.get("llama", "torchscript", source=external, tag="external", style="retained",
                             ctx_len=CTX_LEN, logits="all")
     _assert_sequence_equivalent(cached)
+
+
+OTHERS = Path(__file__).resolve().parent.parent / "data" / "transformers-4.57"
+
+
+@pytest.mark.parametrize("style", ["retained", "concat"])
+@pytest.mark.parametrize("name", ["llama-dynamo", "opt-torchscript", "gemma2-dynamo", "bloom-torchscript"])
+def test_exports_of_another_transformers_release_replay(tmp_path: Path, name: str, style: str) -> None:
+    """Plain exports made with transformers 4.57 (tests/data): other rotary, mask and position code."""
+    reference = OTHERS / f"{name}.onnx"
+    model = qio.load(reference)
+    options = {"style": style, **({"ctx_len": CTX_LEN, "logits": "all"} if style == "retained" else {})}
+    PassManager(Pipeline([{"pass": "kv-cache", "options": options}])).run(model)
+    out = tmp_path / "model.onnx"
+    qio.save(model, out)
+    result = check_sequence_equivalence(out, reference, examples=EXAMPLES, require_greedy=True, max_len=CTX_LEN - 1)
+    assert result.equivalent, str(result)
