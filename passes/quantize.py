@@ -116,6 +116,7 @@ class QuantizePass(Pass):
         patterns = [p.strip() for p in self.config["exclude"].split(",") if p.strip()]
         tables = _embedding_tables(graph)
         done: dict[tuple[int, bool], tuple[list[ir.Value], BlockQuantized]] = {}
+        keys: dict[tuple[int, bool], tuple[int, bool]] = {}
         replaced = 0
         dropped: list[ir.Value] = []  # float weights (and their sources) that may have lost their last reader
         for node in list(graph):
@@ -123,7 +124,10 @@ class QuantizePass(Pass):
                 continue
             a, w = node.inputs
             source = _weight_source(w) if w is not None else None
-            if a is None or source is None or w.dtype not in _FLOATS or w.shape is None or len(w.shape) != 2:
+            if a is None or source is None:
+                continue
+            tensor = _constant(source[0])  # dtype and rank from the data: a Transpose output may be untyped
+            if tensor.dtype not in _FLOATS or len(tensor.shape) != 2:
                 continue
             if a.shape is not None and len(a.shape) < 2:
                 continue
@@ -131,7 +135,10 @@ class QuantizePass(Pass):
             if any(fnmatch.fnmatchcase(n, p) for n in names if n for p in patterns):
                 self.report.notes.append(f"kept MatMul '{node.name}' in float: excluded by 'exclude'")
                 continue
-            key = self._key(source, tables)
+            seen = (id(source[0]), source[1])
+            if seen not in keys:  # a tie is established (and noted) once per weight
+                keys[seen] = self._key(source, tables)
+            key = keys[seen]
             if key not in done:
                 done[key] = self._quantize(graph, w, source)
             else:
