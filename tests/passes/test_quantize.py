@@ -198,6 +198,13 @@ def test_matmul_of_two_activations_is_not_touched():
     assert "com.microsoft" not in model.opset_imports
 
 
+def test_default_budget_follows_the_bits_and_options_override_it():
+    assert QuantizePass(bits=8).verification_budget() == Budget(0.9, 0.05, 0.05, 48)
+    assert QuantizePass(bits=4).verification_budget() == Budget(0.6, 1.0, 0.05, 48)
+    given = QuantizePass(bits=4, budget_agreement=0.75, budget_perplexity_rise=0.2, budget_tokens=32)
+    assert given.verification_budget() == Budget(0.75, 0.2, 0.05, 32)
+
+
 # --- the zoo: a quantized tiny model stays within the budget ---------------------------------------
 
 ZOO = ["llama", "qwen2", "gemma", "phi3", "qwen3"]
@@ -269,10 +276,10 @@ def test_verify_holds_the_pass_to_its_budget_options(tiny_zoo, tmp_path, capsys)
     out = tmp_path / "q.onnx"
     assert cli_main(["optimize", source, "-o", str(out), "--passes", "quantize", "--verify"]) == 0
     assert nbits_nodes(qio.load(out))
-    # A budget nothing lossy can meet: perplexity must fall by half.
+    # A budget no graph can meet: more than every greedy token equal.
     strict = tmp_path / "strict.onnx"
     code = cli_main(["optimize", source, "-o", str(strict), "--passes", "quantize", "--verify",
-                     "--option", "quantize.budget_perplexity_rise=-0.5"])
+                     "--option", "quantize.budget_agreement=1.01"])
     assert code == 1
     assert "over its approximation budget" in capsys.readouterr().err
     assert not strict.exists()
