@@ -72,8 +72,11 @@ class QuantizePass(Pass):
     kept in float and noted. A weight shared by several MatMuls, and an LM
     head tied to the token embedding (the same table, or the exporter's
     transposed copy of it), is quantized once and its MatMulNBits inputs
-    shared; the embedding's Gather keeps the float table. Float weights that
-    no longer have a reader are dropped.
+    shared. With ``tied_lookup=quantized`` (the default) the embedding's
+    Gather then reads those same blocks (``com.microsoft::GatherBlockQuantized``
+    over B seen as [N, K * bits / 8]; K must be a multiple of the block) and
+    the float table goes; ``float`` keeps the table for the lookup. Float
+    weights that no longer have a reader are dropped.
 
     The result computes an approximation (``meaning = "approximate"``):
     ``--verify`` checks the budget in the ``budget_*`` options instead of
@@ -95,6 +98,12 @@ class QuantizePass(Pass):
             choices=(0, 1, 2, 3, 4),
         ),
         "exclude": Option(str, "", "comma-separated shell patterns of MatMul node or weight names to keep in float"),
+        "tied_lookup": Option(
+            str, "quantized",
+            "an embedding tied to a quantized LM head: 'quantized' (its Gather reads the same blocks, "
+            "GatherBlockQuantized) or 'float' (the float table stays for the lookup)",
+            choices=("quantized", "float"),
+        ),
         "budget_agreement": Option(
             float, -1.0,
             "--verify (decoders): least share of greedy next tokens equal to the float graph's "
@@ -129,6 +138,7 @@ class QuantizePass(Pass):
         tables = _embedding_tables(graph)
         done: dict[tuple[int, bool], tuple[list[ir.Value], BlockQuantized]] = {}
         keys: dict[tuple[int, bool], tuple[int, bool]] = {}
+        self._tied: dict[tuple[int, bool], ir.Value] = {}  # key -> the embedding table an LM head is tied to
         replaced = 0
         dropped: list[ir.Value] = []  # float weights (and their sources) that may have lost their last reader
         for node in list(graph):
@@ -162,6 +172,11 @@ class QuantizePass(Pass):
         if replaced:
             model.opset_imports.setdefault(MICROSOFT, 1)
             self.report.count("matmuls-quantized", replaced)
+            if self.config["tied_lookup"] == "quantized":
+                for key, table in self._tied.items():
+                    if key in done:
+                        self._share_with_lookups(graph, table, *done[key])
+                        dropped.append(table)
             _drop_unread(graph, dropped)
         return ir.passes.PassResult(model, replaced > 0)
 
@@ -172,6 +187,7 @@ class QuantizePass(Pass):
             if transposed:
                 self.report.notes.append(f"LM head reads the embedding table '{value.name}' (tied): quantized once")
                 self.report.count("tied-embeddings")
+                self._tied[(id(value), True)] = value
             return id(value), transposed
         for table in tables:
             if (value.shape is not None and table.shape is not None and table.dtype == value.dtype
@@ -181,8 +197,39 @@ class QuantizePass(Pass):
                         f"weight '{value.name}' is the embedding table '{table.name}' transposed (tied): quantized once"
                     )
                     self.report.count("tied-embeddings")
+                    self._tied[(id(table), True)] = table
                     return id(table), True
         return id(value), transposed
+
+    def _share_with_lookups(self, graph: ir.Graph, table: ir.Value, inputs: list[ir.Value], q: BlockQuantized) -> None:
+        """Gather(table, ids) -> GatherBlockQuantized over the LM head's quantized blocks (B seen as [N, K*bits/8])."""
+        if q.k % q.block_size:
+            self.report.notes.append(f"embedding '{table.name}' keeps its float lookup: its width {q.k} is not "
+                                     f"a multiple of block_size {q.block_size}")
+            return
+        lookups = [u.node for u in table.uses() if u.node.op_type == "Gather" and u.idx == 0
+                   and u.node.domain in ("", "ai.onnx") and u.node.attributes.get_int("axis", 0) == 0]
+        if not lookups:
+            return
+        shape_name = _unique(graph, f"{inputs[0].name}.rows")
+        shape = ir.Value(name=shape_name, const_value=ir.tensor(np.array([q.n, q.k * q.bits // 8], np.int64),
+                                                                 name=shape_name),
+                         type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2]))
+        graph.register_initializer(shape)
+        rows = ir.node("Reshape", [inputs[0], shape], name=f"{table.name}/blocks_as_rows")
+        rows.outputs[0].name = f"{inputs[0].name}.as_rows"
+        rows.outputs[0].type, rows.outputs[0].shape = ir.TensorType(ir.DataType.UINT8), ir.Shape([q.n, q.k * q.bits // 8])
+        graph.insert_before(lookups[0], [rows])
+        for gather in lookups:
+            new = ir.node("GatherBlockQuantized", [rows.outputs[0], gather.inputs[1], *inputs[1:]],
+                          attributes={"bits": q.bits, "block_size": q.block_size, "gather_axis": 0, "quantize_axis": 1},
+                          domain=MICROSOFT, name=f"{gather.name}/q{q.bits}" if gather.name else None)
+            new.metadata_props[PASS_KEY] = self.name
+            new.metadata_props[RULE_KEY] = f"tied-gather-to-gather-block-quantized-{q.bits}"
+            self._swap(graph, gather, new)
+            self.report.count("lookups-shared")
+        self.report.notes.append(f"embedding '{table.name}': its {len(lookups)} lookup(s) read the LM head's "
+                                 f"{q.bits}-bit blocks (GatherBlockQuantized); the float table is dropped")
 
     def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool]) -> tuple[list[ir.Value], BlockQuantized]:
         value, transposed = source
@@ -212,15 +259,20 @@ class QuantizePass(Pass):
         for key in ("qgraph.layer", "qgraph.scope"):
             if key in node.metadata_props:
                 new.metadata_props[key] = node.metadata_props[key]
+        self._swap(model.graph, node, new)
+
+    @staticmethod
+    def _swap(graph: ir.Graph, node: ir.Node, new: ir.Node) -> None:
+        """``new`` takes ``node``'s place: its output gets the old output's name, type and readers."""
         old = node.outputs[0]
         out = new.outputs[0]
         out.type, out.shape = old.type, old.shape
-        model.graph.insert_before(node, [new])
+        graph.insert_before(node, [new])
         name = old.name
         old.replace_all_uses_with(out, replace_graph_outputs=True)
         old.name = None
         out.name = name
-        model.graph.remove(node, safe=True)
+        graph.remove(node, safe=True)
 
 
 def _drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:

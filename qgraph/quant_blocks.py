@@ -15,9 +15,11 @@ exactly the quantized weight.
 
 Layout (com.microsoft::MatMulNBits, inputs B, scales, zero_points):
 ``B`` uint8 [N, n_blocks, block_size * bits / 8], 4-bit codes two to a byte,
-the even element in the low nibble; ``scales`` [N * n_blocks] in the
-weight's dtype; ``zero_points`` uint8 [N * ceil(n_blocks * bits / 8)], 4-bit
-ones packed two to a byte the same way, row by row.
+the even element in the low nibble; ``scales`` [N, n_blocks] in the
+weight's dtype; ``zero_points`` uint8 [N, ceil(n_blocks * bits / 8)], 4-bit
+ones packed two to a byte the same way, row by row. The same tensors (B
+seen as [N, K * bits / 8]) are what ``com.microsoft::GatherBlockQuantized``
+reads with ``quantize_axis=1``, so a tied embedding table shares them.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ class BlockQuantized:
         b = pack_codes(self.codes.reshape(self.n * self.n_blocks, -1), self.bits).reshape(self.n, self.n_blocks, -1)
         zero_points = None
         if self.zero_points is not None:
-            zero_points = pack_codes(self.zero_points, self.bits).reshape(-1)
-        return b, self.scales.reshape(-1), zero_points
+            zero_points = pack_codes(self.zero_points, self.bits)
+        return b, self.scales, zero_points
 
     def attributes(self) -> dict[str, int]:
         return {"K": self.k, "N": self.n, "bits": self.bits, "block_size": self.block_size}

@@ -161,10 +161,10 @@ def tied_model(copy: bool) -> tuple[ir.Model, np.ndarray]:
 
 
 @pytest.mark.parametrize("copy", [False, True], ids=["transpose-of-table", "transposed-copy"])
-def test_tied_lm_head_is_quantized_once_and_the_lookup_stays_float(copy):
+def test_tied_lm_head_is_quantized_once_and_the_float_lookup_kept_on_request(copy):
     model, table = tied_model(copy)
     ids = np.array([[3, 7, 0, 47, 7]], np.int64)
-    model, p = quantize(model, bits=4, block_size=16)
+    model, p = quantize(model, bits=4, block_size=16, tied_lookup="float")
     nodes = nbits_nodes(model)
     assert len(nodes) == 2
     assert nodes[0].inputs[1:] == nodes[1].inputs[1:]  # one set of quantized initializers
@@ -172,9 +172,33 @@ def test_tied_lm_head_is_quantized_once_and_the_lookup_stays_float(copy):
     assert set(model.graph.initializers) == {"embed", *(v.name for v in nodes[0].inputs[1:])}
     assert model.graph.initializers["embed"].const_value.numpy().tobytes() == table.tobytes()
     head = reference_rtn(table.T.copy(), 4, 16, False)
-    hidden = table[ids[0]]
     got = run(model, {"input_ids": ids})["logits"][0]
-    np.testing.assert_allclose(got, 2 * hidden @ head, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, 2 * table[ids[0]] @ head, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["transpose-of-table", "transposed-copy"])
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, False)])
+def test_tied_embedding_lookup_reads_the_lm_heads_blocks(copy, bits, symmetric):
+    model, table = tied_model(copy)
+    ids = np.array([[3, 7, 0, 47, 7]], np.int64)
+    model, p = quantize(model, bits=bits, block_size=16, symmetric=symmetric)
+    nodes = nbits_nodes(model)
+    (lookup,) = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+    assert lookup.inputs[2:] == nodes[0].inputs[2:]  # the head's scales (and zero points)
+    assert lookup.inputs[0].producer().inputs[0] is nodes[0].inputs[1]  # the head's blocks, reshaped
+    assert "embed" not in model.graph.initializers and "lm_head" not in model.graph.initializers
+    assert p.report.rule_matches.get("lookups-shared") == 1
+    head = reference_rtn(table.T.copy(), bits, 16, symmetric)  # [hidden, vocab]; the lookup reads its rows
+    got = run(model, {"input_ids": ids})["logits"][0]
+    np.testing.assert_allclose(got, 2 * head.T[ids[0]] @ head, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_lookup_stays_float_when_the_width_is_not_whole_blocks():
+    model, table = tied_model(copy=False)
+    model, p = quantize(model, bits=4, block_size=64)  # hidden 32 < 64: the last block is padded
+    assert "embed" in model.graph.initializers
+    assert not [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+    assert any("not a multiple of block_size" in note for note in p.report.notes)
 
 
 def test_excluded_matmuls_stay_float_and_others_are_quantized():
