@@ -133,6 +133,27 @@ def test_onnxruntime_computes_with_the_dequantized_weight(w, bits, block, symmet
     np.testing.assert_array_equal(got, reference_rtn(w, bits, block, symmetric))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float16_weights_keep_float16_scales_and_run_in_onnxruntime(bits):
+    k, n = 64, 24
+    w = np.random.default_rng(bits).standard_normal((k, n)).astype(np.float16)
+    a = ir.val("A", ir.DataType.FLOAT16, ir.Shape([k, k]))
+    weight = ir.Value(name="W", const_value=ir.tensor(w, name="W"), type=ir.TensorType(ir.DataType.FLOAT16),
+                      shape=ir.Shape([k, n]))
+    matmul = ir.node("MatMul", [a, weight], name="proj")
+    matmul.outputs[0].name, matmul.outputs[0].dtype = "Y", ir.DataType.FLOAT16
+    model = ir.Model(ir.Graph([a], matmul.outputs, nodes=[matmul], initializers=[weight], opset_imports={"": 21}),
+                     ir_version=10)
+    model, _ = quantize(model, bits=bits, block_size=16)
+    (node,) = nbits_nodes(model)
+    assert node.inputs[2].const_value.numpy().dtype == np.float16
+    decoded = dequantized(node)
+    step = np.repeat(node.inputs[2].const_value.numpy().astype(np.float32), 16, axis=1).T
+    assert np.all(np.abs(decoded.astype(np.float32) - w.astype(np.float32)) <= step * 1.01)
+    got = run(model, {"A": np.eye(k, dtype=np.float16)})["Y"]
+    np.testing.assert_allclose(got.astype(np.float32), decoded.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
 def tied_model(copy: bool) -> tuple[ir.Model, np.ndarray]:
     """ids -> Gather(table) -> hidden -> MatMul with the LM head: table^T (Transpose) or a transposed copy."""
     vocab, hidden = 48, 32
