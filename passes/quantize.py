@@ -60,7 +60,9 @@ class QuantizePass(Pass):
 
     Every ``MatMul(A, W)`` of the main graph whose ``W`` is a 2-D float32 or
     float16 constant (an initializer, a ``Constant``, or one of them
-    transposed) becomes ``MatMulNBits(A, B, scales[, zero_points])`` with
+    transposed) -- and every ``Gemm(A, W[, bias])`` with such a ``W``
+    (``transB`` either way, alpha 1, a constant 1-D bias with beta 1, which
+    MatMulNBits takes as its bias input) -- becomes ``MatMulNBits(A, B, scales[, zero_points])`` with
     ``bits`` 4 or 8, blocks of ``block_size`` along K, symmetric (implicit
     zero point) or with zero points; ``accuracy_level`` is passed on (4
     lets onnxruntime compute with int8 activations, 0 leaves the choice to
@@ -142,12 +144,14 @@ class QuantizePass(Pass):
         replaced = 0
         dropped: list[ir.Value] = []  # float weights (and their sources) that may have lost their last reader
         for node in list(graph):
-            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            operands = self._operands(node)
+            if operands is None:
                 continue
-            a, w = node.inputs
+            a, w, flip, bias = operands
             source = _weight_source(w) if w is not None else None
             if a is None or source is None:
                 continue
+            source = (source[0], source[1] != flip)
             tensor = _constant(source[0])  # dtype and rank from the data: a Transpose output may be untyped
             if tensor.dtype not in _FLOATS or len(tensor.shape) != 2:
                 continue
@@ -155,7 +159,7 @@ class QuantizePass(Pass):
                 continue
             names = [node.name or "", w.name or "", source[0].name or ""]
             if any(fnmatch.fnmatchcase(n, p) for n in names if n for p in patterns):
-                self.report.notes.append(f"kept MatMul '{node.name}' in float: excluded by 'exclude'")
+                self.report.notes.append(f"kept {node.op_type} '{node.name}' in float: excluded by 'exclude'")
                 continue
             seen = (id(source[0]), source[1])
             if seen not in keys:  # a tie is established (and noted) once per weight
@@ -167,7 +171,7 @@ class QuantizePass(Pass):
                 self.report.count("weights-shared")
             inputs, quantized = done[key]
             dropped.extend((w, source[0]))
-            self._replace(model, node, a, inputs, quantized)
+            self._replace(model, node, a, inputs, quantized, bias)
             replaced += 1
         if replaced:
             model.opset_imports.setdefault(MICROSOFT, 1)
@@ -179,6 +183,29 @@ class QuantizePass(Pass):
                         dropped.append(table)
             _drop_unread(graph, dropped)
         return ir.passes.PassResult(model, replaced > 0)
+
+    def _operands(self, node: ir.Node) -> tuple[ir.Value | None, ir.Value | None, bool, ir.Value | None] | None:
+        """(A, W, whether W is read transposed, bias) of a MatMul or of a Gemm MatMulNBits can express."""
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "MatMul" and len(node.inputs) == 2:
+            return node.inputs[0], node.inputs[1], False, None
+        if node.op_type != "Gemm" or len(node.inputs) < 2:
+            return None
+        attrs = node.attributes
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        b = node.inputs[1]
+        width = None if b is None or b.shape is None or len(b.shape) != 2 else b.shape[0 if attrs.get_int("transB", 0) else 1]
+        reason = None
+        if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0:
+            reason = "transA or alpha"
+        elif bias is not None and (attrs.get_float("beta", 1.0) != 1.0 or _constant(bias) is None
+                                   or tuple(_constant(bias).shape) != (width,)):
+            reason = "its C is not a constant bias of one value per output column (or beta is not 1)"
+        if reason is not None:
+            self.report.notes.append(f"kept Gemm '{node.name}' in float: {reason}")
+            return None
+        return node.inputs[0], b, bool(attrs.get_int("transB", 0)), bias
 
     def _key(self, source: tuple[ir.Value, bool], tables: list[ir.Value]) -> tuple[int, bool]:
         """Weights that are one tensor (or an embedding table and its transposed copy) share a key."""
@@ -250,9 +277,13 @@ class QuantizePass(Pass):
             inputs.append(init)
         return inputs, quantized
 
-    def _replace(self, model: ir.Model, node: ir.Node, a: ir.Value, inputs: list[ir.Value], q: BlockQuantized) -> None:
+    def _replace(self, model: ir.Model, node: ir.Node, a: ir.Value, inputs: list[ir.Value], q: BlockQuantized,
+                 bias: ir.Value | None) -> None:
         attributes = {**q.attributes(), "accuracy_level": self.config["accuracy_level"]}
-        new = ir.node("MatMulNBits", [a, *inputs], attributes=attributes, domain=MICROSOFT,
+        operands = [a, *inputs]
+        if bias is not None:  # inputs 3 and 4 (zero points, g_idx) may be absent before it
+            operands += [None] * (5 - len(operands)) + [bias]
+        new = ir.node("MatMulNBits", operands, attributes=attributes, domain=MICROSOFT,
                       name=f"{node.name}/q{q.bits}" if node.name else None)
         new.metadata_props[PASS_KEY] = self.name
         new.metadata_props[RULE_KEY] = f"matmul-to-matmul-nbits-{q.bits}"
