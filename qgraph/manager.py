@@ -249,6 +249,8 @@ class PassManager:
         if snapshot is not None and result.modified:
             if p.meaning == "outputs":
                 self.verifier(snapshot, model, p.name)
+            elif p.meaning == "approximate":
+                self.verifier(snapshot, model, p.name, meaning=p.meaning, budget=p.verification_budget())
             else:
                 self.verifier(snapshot, model, p.name, meaning=p.meaning)
             record.verified = True

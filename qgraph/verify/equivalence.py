@@ -594,11 +594,16 @@ def step_verifier(
     against ``before`` in fp32 (:func:`qgraph.verify.fp16.check_fp16`);
     "sequence" replays token sequences through the cached ``after`` against
     the no-cache ``before`` (DESIGN.md, KV-cache I/O contracts), because a
-    step that adds a KV cache changes the graph's signature.
+    step that adds a KV cache changes the graph's signature; "approximate"
+    (a lossy pass) checks ``after`` against the pass's ``budget``
+    (:func:`qgraph.verify.budget.check_budget`).
     """
 
-    def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "outputs") -> None:
-        if meaning == "sequence":
+    def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "outputs",
+               budget: Any = None) -> None:
+        if meaning == "approximate":
+            _verify_budget(before, after, pass_name, budget)
+        elif meaning == "sequence":
             _verify_cache_step(before, after, pass_name)
         elif meaning == "fp16":
             from qgraph.verify.fp16 import fp16_step_verifier
@@ -611,6 +616,14 @@ def step_verifier(
         else:
             raise PassFailure(f"pass '{pass_name}' declares meaning {meaning!r}, which --verify cannot check",
                               pass_name=pass_name)
+
+    def _verify_budget(before: ir.Model, after: ir.Model, pass_name: str, budget: Any) -> None:
+        from qgraph.verify.budget import Budget, check_budget
+
+        budget = budget if budget is not None else Budget()
+        result = check_budget(before, after, budget, examples=examples, seed=seed, pass_name=pass_name, **kwargs)
+        if not result.within:
+            raise PassFailure(f"pass '{pass_name}' went over its approximation budget: {result}", pass_name=pass_name)
 
     def _verify_cache_step(before: ir.Model, after: ir.Model, pass_name: str) -> None:
         from qgraph.verify.sequence import check_sequence_equivalence

@@ -153,7 +153,7 @@ def fp16_step_verifier(
     :class:`qgraph.verify.NotEquivalentError` naming the pass.
     """
 
-    def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "fp16") -> None:
+    def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "fp16", budget: Any = None) -> None:
         # Every step is checked as an fp16 device would run it; a step whose
         # meaning is sequence replay (kv-cache) has no fp16 form of that check.
         if meaning not in ("fp16", "outputs"):
