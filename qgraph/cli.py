@@ -69,6 +69,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     vr = sub.add_parser("verify-rules", help="self-check every registered rule: exit 0 all hold, 1 naming those that don't")
     vr.add_argument("--examples", type=int, default=8, metavar="N", help="inputs per pattern variant (default 8)")
+    vr.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the drawn inputs (default 0)")
+    vr.add_argument("--artifacts", metavar="DIR", help="where failing inputs and models go (default: a temporary folder)")
     vr.add_argument("--rule", action="append", default=[], metavar="NAME", help="only these rules (repeatable)")
     _add_plugin_option(parser, sub)
     return parser
@@ -267,7 +269,7 @@ def _verify_rules(args: argparse.Namespace, out: TextIO) -> int:
             if (wanted and rule.name not in wanted) or rule.name in seen:
                 continue
             seen.add(rule.name)
-            result = check_rule(rule, examples=args.examples)
+            result = check_rule(rule, examples=args.examples, seed=args.seed, artifacts_dir=args.artifacts)
             print(f"{result} [pass {name}]", file=out)
             if not result.ok:
                 failed.append(rule.name)

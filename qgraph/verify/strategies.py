@@ -20,7 +20,11 @@ fitting its role (:mod:`qgraph.verify.roles`):
   ``float_exponents``, shrinking towards 1) and the elements within it, so
   bugs that only show at small magnitudes (an epsilon) or large ones
   (overflow) are reachable; ``large_magnitudes`` widens the range up to the
-  dtype's finite maximum for fp16 work;
+  dtype's finite maximum for fp16 work; ``spread_magnitudes`` instead draws
+  every element's magnitude log-uniformly over the whole range
+  (:func:`spread_float_arrays`), so one array visits every decade -- what
+  the rule self-check uses, where a difference confined to one band of
+  inputs (an approximation of GELU) must show in a few examples;
 * other integers: a small range; bools: anything.
 
 Everything is drawn through hypothesis, so failures shrink: sizes towards
@@ -64,6 +68,7 @@ __all__ = [
     "input_strategy",
     "position_ids",
     "positions_from_mask",
+    "spread_float_arrays",
     "token_ids",
 ]
 
@@ -88,6 +93,8 @@ class InputOptions:
     padding: which side masks pad on; "both" draws a side per example.
     float_exponents: inclusive range of k in the magnitude ``10**k``.
     large_magnitudes: widen magnitudes up to the float dtype's maximum.
+    spread_magnitudes: draw each element's magnitude log-uniformly over
+        ``float_exponents`` instead of one magnitude per input.
     int_range: inclusive range of other integer inputs.
     """
 
@@ -98,6 +105,7 @@ class InputOptions:
     padding: Padding = "both"
     float_exponents: tuple[int, int] = (-3, 2)
     large_magnitudes: bool = False
+    spread_magnitudes: bool = False
     int_range: tuple[int, int] = (0, 3)
 
 
@@ -153,6 +161,36 @@ def float_arrays(
     unit = np.where(np.isnan(chosen), noise, chosen)
     limit = _finite_max(np_dtype)
     values = np.clip(unit.astype(np.float64) * scale, -limit, limit)
+    return values.astype(np_dtype)
+
+
+@st.composite
+def spread_float_arrays(
+    draw: st.DrawFn,
+    shape: tuple[int, ...],
+    dtype: ir.DataType | np.dtype | type = np.float32,
+    *,
+    exponents: tuple[int, int] = (-3, 2),
+) -> np.ndarray:
+    """Floats whose magnitudes spread over every decade ``10**low .. 10**high``, both signs.
+
+    Each element is ``sign * 10**u`` with ``u`` uniform in ``exponents``, from
+    a drawn seed: an array of n elements puts about n / (high - low) of them
+    in each decade, so a behaviour confined to one band of inputs is met in
+    almost every example (64 elements over 5 decades miss a given decade with
+    probability 0.8**64 < 1e-6). Elements hypothesis chooses to set are
+    written on top, as in :func:`float_arrays`, and shrink away.
+    """
+    np_dtype = _numpy_dtype(dtype)
+    rng = np.random.default_rng(draw(_SEED))
+    low, high = exponents
+    magnitudes = 10.0 ** rng.uniform(low, high, shape)
+    noise = np.where(rng.random(shape) < 0.5, -magnitudes, magnitudes)
+    chosen = draw(
+        hnp.arrays(np.float32, shape, elements=st.floats(-2, 2, width=32), fill=st.just(np.float32(np.nan)))
+    )
+    limit = _finite_max(np_dtype)
+    values = np.clip(np.where(np.isnan(chosen), noise, chosen).astype(np.float64), -limit, limit)
     return values.astype(np_dtype)
 
 
@@ -344,7 +382,8 @@ def _examples(
                 masks.append(feeds[spec.name])
             continue
         if spec.role is Role.FLOAT:
-            value = draw(float_arrays(shape, dtype, exponents=exponents))
+            draw_floats = spread_float_arrays if options.spread_magnitudes else float_arrays
+            value = draw(draw_floats(shape, dtype, exponents=exponents))
         elif spec.role is Role.TOKEN_IDS:
             assert spec.vocab_size is not None
             value = draw(token_ids(shape, spec.vocab_size, dtype))
