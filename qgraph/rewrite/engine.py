@@ -1,7 +1,11 @@
 """Applying a rule set to a model: sweep, match, check, splice.
 
-One sweep visits every node of every graph (main graph, subgraphs, model
-functions) once, and at each node tries only the rules indexed under its op.
+One sweep visits every node of the main graph and its subgraphs once, and at
+each node tries only the rules indexed under its op. Bodies of model-local
+functions are searched only for rules that set ``in_functions=True``: a
+function body is usually the definition of a custom op a rule emits, and a
+rule rewriting its own op's body into a call of that op would make a
+function that calls itself (the invariants reject one).
 A match is accepted after two checks, in order: no matched intermediate is
 used outside the match (unless the rule keeps shared nodes), and the rule's
 condition; a rejected match is skipped and shows in ``explain``. The
@@ -68,8 +72,8 @@ class Candidate:
         )
 
 
-def _graphs(model: ir.Model) -> Iterator[ir.Graph]:
-    """Every graph: the main graph, its subgraphs, function bodies and theirs."""
+def _graphs(model: ir.Model, *, functions: bool = True) -> Iterator[ir.Graph]:
+    """The main graph and its subgraphs, then (if ``functions``) function bodies and theirs."""
     def with_subgraphs(g: ir.Graph) -> Iterator[ir.Graph]:
         yield g
         for node in g:
@@ -81,8 +85,24 @@ def _graphs(model: ir.Model) -> Iterator[ir.Graph]:
                         yield from with_subgraphs(sub)
 
     yield from with_subgraphs(model.graph)
+    if not functions:
+        return
     for function in model.functions.values():
         yield from with_subgraphs(function.graph)
+
+
+def _searched(model: ir.Model, rules: RuleSet) -> Iterator[tuple[ir.Graph, RuleSet]]:
+    """Each graph a sweep visits, with the rules allowed there (function bodies: opt-in rules)."""
+    for graph in _graphs(model, functions=False):
+        yield graph, rules
+    inside = [rule for rule in rules if rule.in_functions]
+    if not inside:
+        return
+    in_functions = rules if len(inside) == len(rules) else RuleSet(inside, name=rules.name)
+    main = set(_graphs(model, functions=False))
+    for graph in _graphs(model):
+        if graph not in main:
+            yield graph, in_functions
 
 
 def _graph_label(g: ir.Graph, model: ir.Model) -> str:
@@ -280,20 +300,20 @@ def apply_rules(
     for _ in range(max_sweeps):
         # A rule needing an op the model no longer has cannot match: after a
         # pass fused every instance, the sweep that confirms it is skipped.
-        present = {(n.domain or "", n.op_type) for g in _graphs(model) for n in g}
+        present = {(n.domain or "", n.op_type) for g, _ in _searched(model, rules) for n in g}
         viable = {id(rule) for rule in rules if required[id(rule)] <= present}
         if not viable:
             return stats
         stats.sweeps += 1
         changed = False
-        for graph in list(_graphs(model)):
+        for graph, allowed in list(_searched(model, rules)):
             nodes = list(graph)
             position = {n: i for i, n in enumerate(nodes)}
             needs_sort = False
             for node in nodes:
                 if node.graph is not graph:
                     continue  # removed by an earlier rewrite in this sweep
-                for rule in rules.rules_for(node):
+                for rule in allowed.rules_for(node):
                     if id(rule) not in viable:
                         continue
                     match, _ = finder.try_rule(rule, node)
@@ -317,7 +337,8 @@ def apply_rules(
                 graph.sort()
         if not changed:
             return stats
-    still = sorted({r.name for g in _graphs(model) for n in g for r in rules.rules_for(n) if finder.try_rule(r, n)[0]})
+    still = sorted({r.name for g, allowed in _searched(model, rules) for n in g for r in allowed.rules_for(n)
+                    if finder.try_rule(r, n)[0]})
     if still:
         raise RewriteError(
             f"rules {still} still match after {max_sweeps} sweeps; they rewrite each other's output",
@@ -335,9 +356,9 @@ def find_matches(model: ir.Model, rules: RuleSet) -> list[Match]:
     """
     finder = _Matcher(model)
     found: list[Match] = []
-    for graph in _graphs(model):
+    for graph, allowed in _searched(model, rules):
         for node in graph:
-            for rule in rules.rules_for(node):
+            for rule in allowed.rules_for(node):
                 match, _ = finder.try_rule(rule, node)
                 if match is not None:
                     found.append(match)
@@ -351,10 +372,10 @@ def explain(model: ir.Model, rules: RuleSet | Rule) -> list[Candidate]:
     ruleset = RuleSet(rule_list)
     finder = _Matcher(model)
     out: list[Candidate] = []
-    for graph in _graphs(model):
+    for graph, allowed in _searched(model, ruleset):
         label = _graph_label(graph, model)
         for node in graph:
-            for rule in ruleset.rules_for(node):
+            for rule in allowed.rules_for(node):
                 match, failure = finder.try_rule(rule, node)
                 out.append(
                     Candidate(

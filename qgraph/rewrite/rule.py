@@ -135,6 +135,10 @@ class Rule:
             (``qgraph.custom_ops.attach_function``) when the rule fires, so
             the rewritten model -- and the rule self-check -- still runs in
             onnxruntime.
+        in_functions: also rewrite the bodies of model-local functions. Off
+            by default: a body is usually the definition of a custom op, and
+            a rule that emits that op would turn its body into a call of
+            itself.
     """
 
     name: str
@@ -148,6 +152,7 @@ class Rule:
     example_inputs: Mapping[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     example_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     functions: tuple[Callable[[], ir.Function], ...] = ()
+    in_functions: bool = False
     _graph: PatternGraph | None = dataclasses.field(default=None, repr=False)
 
     @property
