@@ -24,6 +24,7 @@ from qgraph.rewrite.engine import (
 from qgraph.rewrite.matcher import Failure
 from qgraph.rewrite.pattern import PatternBuilder, PatternGraph, build_pattern
 from qgraph.rewrite.rule import Match, Rule, RuleSet
+from qgraph.rewrite.schemas import RuleDefinitionError
 
 __all__ = [
     "Candidate",
@@ -33,6 +34,7 @@ __all__ = [
     "PatternGraph",
     "RewriteStats",
     "Rule",
+    "RuleDefinitionError",
     "RuleSet",
     "apply_rules",
     "build_pattern",

@@ -30,6 +30,7 @@ from qgraph.node_types import infer_output_types
 from qgraph.rewrite.matcher import Failure, PatternMatcher
 from qgraph.rewrite.replacement import ReplacementBuilder, type_change
 from qgraph.rewrite.rule import Match, Rule, RuleSet, call_with_bindings
+from qgraph.rewrite.schemas import RuleDefinitionError
 
 __all__ = ["Candidate", "RewriteStats", "apply_rules", "explain", "find_matches"]
 
@@ -176,8 +177,12 @@ def _replace(
     builder = ReplacementBuilder(
         use_initializers=graph is model.graph,
         name_prefix=f"{rule.name}/{match.root.name or match.root.outputs[0].name}",
+        opset=model.opset_imports.get(""),
     )
-    result = call_with_bindings(rule.replacement, match, op=builder)
+    try:
+        result = call_with_bindings(rule.replacement, match, op=builder)
+    except RuleDefinitionError as exc:
+        raise RewriteError(f"rule '{rule.name}': {exc}", rule_name=rule.name, pass_name=pass_name) from exc
     new_values = list(result) if isinstance(result, (tuple, list)) else [result]
     if len(new_values) != len(match.outputs):
         raise RewriteError(

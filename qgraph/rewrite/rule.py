@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from qgraph.rewrite.matcher import Binding
 from qgraph.rewrite.pattern import PatternGraph, build_pattern
+from qgraph.rewrite.schemas import RuleDefinitionError, op_problem
 
 __all__ = ["Match", "Rule", "RuleSet", "call_with_bindings"]
 
@@ -139,6 +140,10 @@ class Rule:
             by default: a body is usually the definition of a custom op, and
             a rule that emits that op would turn its body into a call of
             itself.
+        opset: the default-domain opset the pattern's op types and attribute
+            names are checked against when the rule is defined (None: the
+            newest onnx knows; see ``qgraph.rewrite.schemas``). A typo raises
+            ``RuleDefinitionError`` naming the rule.
     """
 
     name: str
@@ -153,7 +158,14 @@ class Rule:
     example_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     functions: tuple[Callable[[], ir.Function], ...] = ()
     in_functions: bool = False
+    opset: int | None = None
     _graph: PatternGraph | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for node in self.pattern_graph.nodes:
+            problem = op_problem(node.domain, node.op_type, node.attributes, self.opset)
+            if problem is not None:
+                raise RuleDefinitionError(f"rule '{self.name}': pattern {problem}")
 
     @property
     def pattern_graph(self) -> PatternGraph:
