@@ -254,6 +254,7 @@ class RMSNormFusionPass(RewritePass):
     """
 
     name = "rmsnorm"
+    near_miss_notes = False  # every candidate left unfused gets its own note below
     rules = RULES
     prerequisites = (
         opset_at_least(23),

@@ -139,6 +139,7 @@ class LowerRMSNormPass(RewritePass):
     """
 
     name = "lower-rmsnorm"
+    near_miss_notes = False  # every candidate left unfused gets its own note below
     options = {
         "to": Option(
             str,

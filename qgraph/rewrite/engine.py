@@ -42,8 +42,18 @@ PASS_KEY = "qgraph.pass"
 
 @dataclasses.dataclass
 class RewriteStats:
+    """Matches per rule, sweeps run, and the near misses of the last sweep.
+
+    A near miss is a candidate root at which a rule matched at least two
+    pattern nodes (all of them, for a one-node pattern) and was then
+    rejected: by a later pattern node, a shared intermediate or its
+    condition. Only the final sweep's are kept -- it tried every candidate
+    that is left and rewrote nothing -- so they cost no extra matching.
+    """
+
     matches: dict[str, int] = dataclasses.field(default_factory=dict)
     sweeps: int = 0
+    near_misses: dict[str, list[Failure]] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -311,6 +321,7 @@ def apply_rules(
             return stats
         stats.sweeps += 1
         changed = False
+        misses: dict[str, list[Failure]] = {}
         for graph, allowed in list(_searched(model, rules)):
             nodes = list(graph)
             position = {n: i for i, n in enumerate(nodes)}
@@ -321,8 +332,10 @@ def apply_rules(
                 for rule in allowed.rules_for(node):
                     if id(rule) not in viable:
                         continue
-                    match, _ = finder.try_rule(rule, node)
+                    match, failure = finder.try_rule(rule, node)
                     if match is None:
+                        if failure.nodes_matched >= min(2, failure.nodes_total):
+                            misses.setdefault(rule.name, []).append(failure)
                         continue
                     if all(created_by.get(n) == rule.name for n in match.nodes):
                         raise RewriteError(
@@ -341,6 +354,7 @@ def apply_rules(
             if needs_sort:
                 graph.sort()
         if not changed:
+            stats.near_misses = misses
             return stats
     still = sorted({r.name for g, allowed in _searched(model, rules) for n in g for r in allowed.rules_for(n)
                     if finder.try_rule(r, n)[0]})

@@ -588,7 +588,8 @@ def step_verifier(
 ) -> Callable[..., None]:
     """A ``verify(before, after, pass_name, meaning="outputs")`` callable that raises on a change of meaning.
 
-    This is the shape ``qgraph.manager`` takes for ``--verify``. ``meaning``
+    This is the shape ``qgraph.manager`` takes for ``--verify``; it returns
+    one line saying what it proved, which the report's table shows. ``meaning``
     is the pass's declared ``Pass.meaning``: "outputs" compares outputs on
     drawn inputs (:func:`verify_step`); "fp16" runs ``after`` emulated in fp16
     against ``before`` in fp32 (:func:`qgraph.verify.fp16.check_fp16`);
@@ -597,17 +598,20 @@ def step_verifier(
     step that adds a KV cache changes the graph's signature.
     """
 
-    def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "outputs") -> None:
+    def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "outputs") -> str:
         if meaning == "sequence":
             _verify_cache_step(before, after, pass_name)
-        elif meaning == "fp16":
+            return f"cached replay gives the no-cache logits ({examples} drawn sequences, seed {seed})"
+        if meaning == "fp16":
             from qgraph.verify.fp16 import fp16_step_verifier
 
             fp16_step_verifier(examples=examples, seed=seed, **kwargs)(before, after, pass_name)
-        elif meaning == "outputs":
+            return f"fp16-emulated outputs match fp32 ({examples} drawn inputs, seed {seed})"
+        if meaning == "outputs":
             result = verify_step(before, after, examples=examples, pass_name=pass_name, seed=seed, **kwargs)
             if not result.equivalent:
                 raise NotEquivalentError(result)
+            return f"same outputs on {result.examples} drawn inputs (seed {result.seed})"
         else:
             raise PassFailure(f"pass '{pass_name}' declares meaning {meaning!r}, which --verify cannot check",
                               pass_name=pass_name)
