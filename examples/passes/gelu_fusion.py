@@ -24,7 +24,8 @@ from qgraph.pass_base import default_opset
 
 
 def gelu_tanh(op, x):
-    cubic = op.Add(x, op.Mul(op.const(0.044715, rtol=1e-4), op.Pow(x, 3.0)))
+    cube = op.Pow(x, 3.0) | op.Mul(op.Mul(x, x), x)  # torch writes Pow; hand-written models often x*x*x
+    cubic = op.Add(x, op.Mul(op.const(0.044715, rtol=1e-4), cube))
     one_plus_tanh = op.Add(op.Tanh(op.Mul(op.const(math.sqrt(2 / math.pi), rtol=1e-4), cubic)), 1.0)
     # dynamo: x * (0.5 * (1 + t)); other spellings scale x first: (0.5 * x) * (1 + t)
     return op.Mul(x, op.Mul(0.5, one_plus_tanh)) | op.Mul(op.Mul(0.5, x), one_plus_tanh)
