@@ -125,7 +125,8 @@ class Rule:
         opsets: domains (and versions) the replacement needs imported.
         doc: one line on what the rule does (the algebra, e.g. ``x*1 -> x``).
         example_inputs: for the rule self-check, ``{var: (dtype, shape)}`` of
-            variables that need a particular dtype or shape.
+            variables that need a particular dtype or shape; dtype is an
+            ``onnx_ir.DataType`` or a numpy dtype (``np.float32``).
         example_values: for the rule self-check, values of constants,
             captured attributes, or variables that must be constants; a
             variable's entry may also be a pattern-style function

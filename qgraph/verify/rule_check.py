@@ -91,6 +91,16 @@ _ENUMERATION_LIMIT = 4096  # combinations of alternatives enumerated (and pairs 
 _CANDIDATE_CONSTANTS = (1e-6, 1e-5, 1.0, 0.5, 2.0, -1.0, 0.0, [-1], [1], 1, -1, 0, 2)
 
 
+def _ir_dtype(dtype: Any) -> ir.DataType:
+    """An ``example_inputs`` dtype: an ``ir.DataType``, or anything numpy reads as a dtype."""
+    if isinstance(dtype, ir.DataType):
+        return dtype
+    try:
+        return ir.DataType.from_numpy(np.dtype(dtype))
+    except TypeError as exc:
+        raise CannotBuild(f"example dtype {dtype!r} is neither an onnx_ir DataType nor a numpy dtype") from exc
+
+
 class CannotBuild(Exception):
     """The pattern variant cannot be turned into a concrete graph."""
 
@@ -263,7 +273,7 @@ class _Builder:
             raise CannotBuild(f"{vp.describe()} has no shape; give it in the pattern or Rule(example_inputs=...)")
         shape = [self.fixed_dims.get(d, d) if isinstance(d, str) else 4 if d is None else d for d in dims]
         rng = np.random.default_rng(len(self.initializers))
-        array = rng.uniform(-1.0, 1.0, shape).astype(ir.DataType(dtype).numpy())
+        array = rng.uniform(-1.0, 1.0, shape).astype(_ir_dtype(dtype).numpy())
         if vp.pred is not None and not vp.pred(array):
             raise CannotBuild(f"random values do not satisfy the predicate of {vp.describe()}; "
                               "give its value in Rule(example_values=...)")
@@ -313,7 +323,7 @@ class _Builder:
             elif constraint is not None and constraint.rank is not None:
                 shape = DEFAULT_SHAPE[-constraint.rank:] if constraint.rank <= 3 else tuple(f"d{i}" for i in range(constraint.rank))
         shape = [self.fixed_dims.get(d, d) if isinstance(d, str) else d for d in shape]
-        value = ir.val(vp.name, ir.DataType(dtype), ir.Shape(list(shape)))
+        value = ir.val(vp.name, _ir_dtype(dtype), ir.Shape(list(shape)))
         self.inputs[vp.name] = value
         return value
 

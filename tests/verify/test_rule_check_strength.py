@@ -147,3 +147,13 @@ def test_weights_in_a_pattern_are_checked_as_initializers():
     assert check_rule(right).ok, str(check_rule(right))
     result = check_rule(wrong)
     assert not result.ok and result.variants[0].status != "cannot-build", str(result)
+
+
+@pytest.mark.parametrize("dtype", [ir.DataType.FLOAT, np.float32, np.dtype("float32"), "float32"])
+def test_example_inputs_take_numpy_dtypes_as_well_as_ir_ones(dtype):
+    def pattern(op, x, w):
+        return op.Mul(op.Neg(op.Neg(x)), w)
+
+    rule = Rule("neg-neg-scale", pattern, lambda op, x, w: op.Mul(x, w), example_inputs={"w": (dtype, ("H",))})
+    result = check_rule(rule, examples=3)
+    assert result.ok, str(result)
