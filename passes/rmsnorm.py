@@ -1,6 +1,6 @@
 """RMSNorm fusion: every exporter's spelling of RMSNorm becomes one ``RMSNormalization`` (opset 23).
 
-What the rules recognize (DESIGN.md, "canonicalize")::
+What the rules recognize (docs/design.md, "canonicalize")::
 
     x_up   = Cast(x, to=C)?                                  # x.float(), or absent
     ms     = ReduceMean(Pow(x_up, 2) | Mul(x_up, x_up), axes=trailing, keepdims=1)

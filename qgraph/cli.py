@@ -1,6 +1,6 @@
 """The ``qgraph`` command line; its commands and exit codes are a contract.
 
-Exit codes (DESIGN.md): 0 success, 1 a pass or check failed, 2 bad input or
+Exit codes (docs/design.md): 0 success, 1 a pass or check failed, 2 bad input or
 usage. Nothing is written unless the whole pipeline succeeded, and the input
 file is never overwritten.
 """

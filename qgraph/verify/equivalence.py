@@ -594,7 +594,7 @@ def step_verifier(
     drawn inputs (:func:`verify_step`); "fp16" runs ``after`` emulated in fp16
     against ``before`` in fp32 (:func:`qgraph.verify.fp16.check_fp16`);
     "sequence" replays token sequences through the cached ``after`` against
-    the no-cache ``before`` (DESIGN.md, KV-cache I/O contracts), because a
+    the no-cache ``before`` (docs/design.md, KV-cache I/O contracts), because a
     step that adds a KV cache changes the graph's signature.
     """
 

@@ -1,6 +1,6 @@
 """The body of ``qgraph check A.onnx B.onnx``: files in, exit code out.
 
-Exit codes are the CLI contract (DESIGN.md): 0 the models are equivalent,
+Exit codes are the CLI contract (docs/design.md): 0 the models are equivalent,
 1 they are not (the report and a reproduction command are printed), 2 bad
 input (a missing file, not an ONNX model, a reference onnxruntime cannot
 load, inputs/outputs that do not correspond) -- the message names the file.

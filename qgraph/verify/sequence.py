@@ -1,6 +1,6 @@
 """Sequence equivalence of a KV-cache graph with its no-cache reference.
 
-DESIGN.md states the correctness of both cache styles as one property:
+docs/design.md states the correctness of both cache styles as one property:
 replaying any token sequence through the cached graph in any split (a
 prefill chunk, then chunks and single-token decode steps; batches with
 padding) gives, at every valid position, the logits the no-cache graph gives

@@ -15,7 +15,7 @@ fitting its role (:mod:`qgraph.verify.roles`):
   padding positions set to 1 (``masked_fill_(mask == 0, 1)``), taken over
   the last ``seq`` columns of the mask; without a mask they count 0, 1, ...
   over the valid tokens and mark padding with -1, qgraph's retained-state
-  convention (DESIGN.md, KV-cache I/O contracts);
+  convention (docs/design.md, KV-cache I/O contracts);
 * floats: an order of magnitude ``10**k`` is drawn per input (k in
   ``float_exponents``, shrinking towards 1) and the elements within it, so
   bugs that only show at small magnitudes (an epsilon) or large ones
