@@ -12,6 +12,8 @@ and put the rules in a table::
 
 Then ``apply_rules(model, RULES)`` rewrites, ``find_matches`` only matches,
 and ``explain`` lists every candidate root with the first check that failed.
+A pass that decides node by node splices its replacement with
+``replace_node``, exactly as a rule's replacement is spliced.
 """
 
 from qgraph.rewrite.engine import (
@@ -22,6 +24,7 @@ from qgraph.rewrite.engine import (
     find_matches,
 )
 from qgraph.rewrite.matcher import Failure
+from qgraph.rewrite.node_replacement import replace_node
 from qgraph.rewrite.pattern import PatternBuilder, PatternGraph, build_pattern
 from qgraph.rewrite.rule import Match, Rule, RuleSet
 from qgraph.rewrite.schemas import RuleDefinitionError
@@ -40,4 +43,5 @@ __all__ = [
     "build_pattern",
     "explain",
     "find_matches",
+    "replace_node",
 ]

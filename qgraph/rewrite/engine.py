@@ -28,16 +28,14 @@ from qgraph.custom_ops import attach_function
 from qgraph.errors import RewriteError
 from qgraph.node_types import infer_output_types
 from qgraph.rewrite.matcher import Failure, PatternMatcher
+from qgraph.rewrite.node_replacement import PASS_KEY, RULE_KEY, register_initializers, stamp
 from qgraph.rewrite.replacement import ReplacementBuilder, type_change
 from qgraph.rewrite.rule import Match, Rule, RuleSet, call_with_bindings
 from qgraph.rewrite.schemas import RuleDefinitionError
 
-__all__ = ["Candidate", "RewriteStats", "apply_rules", "explain", "find_matches"]
+# PASS_KEY / RULE_KEY live in node_replacement (shared with replace_node) and stay importable from here.
+__all__ = ["PASS_KEY", "RULE_KEY", "Candidate", "RewriteStats", "apply_rules", "explain", "find_matches"]
 
-# Metadata keys stamped on every node a rewrite creates: the verifier uses
-# them to name the pass and rule behind a diverging tensor.
-RULE_KEY = "qgraph.rule"
-PASS_KEY = "qgraph.pass"
 
 
 @dataclasses.dataclass
@@ -231,19 +229,10 @@ def _replace(
                 rule_name=rule.name,
                 pass_name=pass_name,
             )
-    for node in builder.nodes:
-        node.metadata_props[RULE_KEY] = rule.name
-        if pass_name:
-            node.metadata_props[PASS_KEY] = pass_name
-
+    stamp(builder.nodes, rule.name, pass_name)
     anchor = max(match.nodes, key=lambda n: position.get(n, -1))
     created = set(builder.nodes)
-    for init in builder.initializers:
-        base, i = init.name, 0
-        while init.name in graph.initializers:
-            i += 1
-            init.name = f"{base}_{i}"
-        graph.register_initializer(init)
+    register_initializers(graph, builder.initializers)
     graph.insert_before(anchor, builder.nodes)
 
     needs_sort = False
@@ -257,7 +246,7 @@ def _replace(
             # An existing value cannot take over the output's name: keep the
             # name stable for callers with an Identity.
             identity = ir.Node("", "Identity", [new], num_outputs=1, name=f"{rule.name}/output_identity")
-            identity.metadata_props[RULE_KEY] = rule.name
+            stamp([identity], rule.name, None)
             graph.insert_before(anchor, [identity])
             created.add(identity)
             new = identity.outputs[0]

@@ -40,9 +40,12 @@ class ReplacementBuilder:
         self._opset = opset
         self._count = 0
 
-    def _fresh(self, hint: str) -> str:
+    def fresh_name(self, hint: str) -> str:
+        """A name no other node or value of this replacement has."""
         self._count += 1
         return f"{self._prefix}/{hint}_{self._count}"
+
+    _fresh = fresh_name
 
     def __getattr__(self, op_type: str) -> Any:
         if op_type.startswith("_") or not op_type[:1].isupper():
