@@ -83,6 +83,7 @@ def test_near_misses_are_reported_by_default_with_the_most_common_check():
     (note,) = [n for n in record.notes if n.startswith("near miss")]
     assert "neg-relu-const" in note and "2 candidate(s)" in note and "is not a constant" in note
     assert "near miss" in report.format_table() and "is not a constant" in report.format_table()
+    assert report.to_dict()["passes"][0]["near_misses"] == record.near_misses  # in --report too
 
 
 def test_no_near_miss_when_no_candidate_gets_past_the_root():
@@ -107,6 +108,7 @@ def test_table_shows_what_verify_proved_for_each_changed_pass():
     table = report.format_table()
     assert "same outputs on 3 drawn inputs" in table
     assert "not verified" not in table
+    assert report.to_dict()["passes"][0]["verification"] == changed.verification
 
 
 @pytest.fixture
