@@ -139,6 +139,21 @@ def _finite_max(dtype: np.dtype) -> float:
     return float(ml_dtypes.finfo(dtype).max)
 
 
+def _with_chosen_elements(draw: st.DrawFn, noise: np.ndarray, bound: float, dtype: np.dtype, scale: float = 1.0) -> np.ndarray:
+    """``noise`` with the elements hypothesis chooses (in ``[-bound, bound]``) written over it, scaled and clipped.
+
+    The chosen elements are what shrinking removes, so a failing array
+    shrinks towards pure noise (see the module docstring).
+    """
+    chosen = draw(
+        hnp.arrays(np.float32, noise.shape, elements=st.floats(-bound, bound, width=32),
+                   fill=st.just(np.float32(np.nan)))
+    )
+    unit = np.where(np.isnan(chosen), noise, chosen)
+    limit = _finite_max(dtype)
+    return np.clip(unit.astype(np.float64) * scale, -limit, limit).astype(dtype)
+
+
 @st.composite
 def float_arrays(
     draw: st.DrawFn,
@@ -152,16 +167,9 @@ def float_arrays(
     Dense uniform noise from a drawn seed, with the elements hypothesis
     chooses to set (zeros, +-1, tiny values, ...) written over it.
     """
-    np_dtype = _numpy_dtype(dtype)
     scale = 10.0 ** draw(st.integers(*exponents))
     noise = np.random.default_rng(draw(_SEED)).uniform(-1.0, 1.0, shape).astype(np.float32)
-    chosen = draw(
-        hnp.arrays(np.float32, shape, elements=st.floats(-1, 1, width=32), fill=st.just(np.float32(np.nan)))
-    )
-    unit = np.where(np.isnan(chosen), noise, chosen)
-    limit = _finite_max(np_dtype)
-    values = np.clip(unit.astype(np.float64) * scale, -limit, limit)
-    return values.astype(np_dtype)
+    return _with_chosen_elements(draw, noise, 1.0, _numpy_dtype(dtype), scale)
 
 
 @st.composite
@@ -181,17 +189,11 @@ def spread_float_arrays(
     probability 0.8**64 < 1e-6). Elements hypothesis chooses to set are
     written on top, as in :func:`float_arrays`, and shrink away.
     """
-    np_dtype = _numpy_dtype(dtype)
     rng = np.random.default_rng(draw(_SEED))
     low, high = exponents
     magnitudes = 10.0 ** rng.uniform(low, high, shape)
     noise = np.where(rng.random(shape) < 0.5, -magnitudes, magnitudes)
-    chosen = draw(
-        hnp.arrays(np.float32, shape, elements=st.floats(-2, 2, width=32), fill=st.just(np.float32(np.nan)))
-    )
-    limit = _finite_max(np_dtype)
-    values = np.clip(np.where(np.isnan(chosen), noise, chosen).astype(np.float64), -limit, limit)
-    return values.astype(np_dtype)
+    return _with_chosen_elements(draw, noise, 2.0, _numpy_dtype(dtype))
 
 
 @st.composite
