@@ -79,7 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_plugin_option(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:
     """``--plugin`` before or after any command (the env var QGRAPH_PLUGINS adds more)."""
     text = "load passes from a .py file or an importable module (repeatable; also QGRAPH_PLUGINS)"
-    parser.add_argument("--plugin", action="append", dest="plugins", default=[], metavar="FILE.py|MODULE", help=text)
+    # A sub-command's values replace the top level's under one dest: keep two.
+    parser.add_argument("--plugin", action="append", dest="plugins_first", default=[], metavar="FILE.py|MODULE",
+                        help=text)
     for command in sub.choices.values():
         command.add_argument("--plugin", action="append", dest="plugins", default=argparse.SUPPRESS,
                              metavar="FILE.py|MODULE", help=text)
@@ -90,7 +92,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        _load_plugins(args.plugins)
+        _load_plugins([*args.plugins_first, *getattr(args, "plugins", [])])
         if args.command == "optimize":
             return _optimize(args, out)
         if args.command == "passes":

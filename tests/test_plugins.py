@@ -93,6 +93,13 @@ def test_plugin_option_may_come_before_the_command(plugin_file):
     assert code == 0 and "double-relu" in text
 
 
+def test_plugins_before_and_after_the_command_are_all_loaded(plugin_file, tmp_path):
+    other = tmp_path / "other_plugin.py"
+    other.write_text(PLUGIN_SOURCE.replace("double-relu", "double-relu-2").replace("DoubleReluPass", "OtherPass"))
+    code, text = run("--plugin", plugin_file, "passes", "--plugin", other)
+    assert code == 0 and "double-relu " in text and "double-relu-2" in text
+
+
 def test_environment_variable_loads_plugins_for_every_command(plugin_file, tmp_path, monkeypatch):
     other = tmp_path / "other_plugin.py"
     other.write_text(PLUGIN_SOURCE.replace("double-relu", "double-relu-2").replace("DoubleReluPass", "OtherPass"))
