@@ -26,6 +26,7 @@ from qgraph.rewrite.engine import (
 from qgraph.rewrite.matcher import Failure
 from qgraph.rewrite.node_replacement import replace_node
 from qgraph.rewrite.pattern import PatternBuilder, PatternGraph, build_pattern
+from qgraph.rewrite.replacement import ReplacementBuilder
 from qgraph.rewrite.rule import Match, Rule, RuleSet
 from qgraph.rewrite.schemas import RuleDefinitionError
 
@@ -35,6 +36,7 @@ __all__ = [
     "Match",
     "PatternBuilder",
     "PatternGraph",
+    "ReplacementBuilder",
     "RewriteStats",
     "Rule",
     "RuleDefinitionError",
