@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from framework_passes import registry_with_test_passes
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qgraph.registry
@@ -157,3 +157,22 @@ def test_example_inputs_take_numpy_dtypes_as_well_as_ir_ones(dtype):
     rule = Rule("neg-neg-scale", pattern, lambda op, x, w: op.Mul(x, w), example_inputs={"w": (dtype, ("H",))})
     result = check_rule(rule, examples=3)
     assert result.ok, str(result)
+
+
+def double_negation(op, x):
+    return op.Neg(op.Neg(x))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.nested_given])
+@given(center=st.floats(-3, 2), seed=st.integers(0, 2**16))
+def test_a_small_difference_in_any_narrow_band_of_the_range_is_caught_at_the_defaults(center, seed):
+    """A replacement off by 1e-3 (relative above |x| = 1) on one octave of |x| anywhere in 1e-3..1e2."""
+    low, high = 10.0 ** center / math.sqrt(2), 10.0 ** center * math.sqrt(2)
+
+    def off_in_band(op, x):
+        magnitude = op.Abs(x)
+        inside = op.And(op.GreaterOrEqual(magnitude, low), op.LessOrEqual(magnitude, high))
+        return op.Where(inside, op.Add(x, op.Mul(op.Max(magnitude, 1.0), 1e-3)), x)
+
+    result = check_rule(Rule("off-in-a-band", double_negation, off_in_band), seed=seed)
+    assert not result.ok, f"a 1e-3 difference for {low:.3g} <= |x| <= {high:.3g} went unnoticed"
