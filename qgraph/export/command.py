@@ -65,8 +65,9 @@ def run_export(args: argparse.Namespace, out: TextIO) -> int:
     from qgraph.export.frontend import export_model
     from qgraph.export.progress import Progress
 
+    args.model = _tiny_source(args.model, args.cache_dir)
     result = export_model(
-        _tiny_source(args.model, args.cache_dir), args.output, exporter=args.exporter, opset=args.opset, task=args.task,
+        args.model, args.output, exporter=args.exporter, opset=args.opset, task=args.task,
         pooling=args.pooling, normalize=args.normalize, attn_implementation=args.attn_implementation,
         cache_dir=args.cache_dir, force=args.force, progress=Progress(enabled=not args.quiet),
     )

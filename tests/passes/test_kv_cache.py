@@ -2,7 +2,7 @@
 
 Each zoo decoder, exported by both exporters, goes through ``--passes
 kv-cache`` exactly as a user runs it (the manager runs the attention pass,
-and what it needs, as prerequisites). The property is docs/design.md's: replaying
+and what it needs, as prerequisites). The property is DESIGN.md's: replaying
 any token sequence through the cached graph -- hypothesis draws the tokens,
 the batch with left or right padding, the prefill chunk, later chunks and
 single-token decode steps -- gives at every valid position the logits of the
