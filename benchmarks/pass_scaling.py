@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/pass_scaling.py [--layers 8 32 128] [--repeats 3] [--write]
 
-DESIGN.md's budget: a pass over the graph costs O(nodes). Each size is a
+docs/design.md's budget: a pass over the graph costs O(nodes). Each size is a
 ``qgraph.synthetic`` decoder (dynamo-exporter op patterns, opset 23, the
-causal mask combined with an ``attention_mask`` input, a fresh copy per run) and the canonicalize and lower passes run on it in
+causal mask combined with an ``attention_mask`` input, a fresh copy per run)
+and the canonicalize and lower passes run on it in
 pipeline order under the pass manager, invariant checks off so the figure is
 the pass's own: ``rmsnorm``, ``attention``, ``kv-cache`` (retained, CtxScatter: its
 analysis probes the graph in onnxruntime), ``lower-rmsnorm``,

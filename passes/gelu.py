@@ -1,6 +1,6 @@
 """GELU fusion: the erf and tanh spellings of GELU become one ``Gelu`` (opset 20).
 
-What the rules recognize (DESIGN.md, "canonicalize"), with every product
+What the rules recognize (docs/design.md, "canonicalize"), with every product
 and sum matched in either operand order and the 0.5 applied at any of the
 three places exporters put it::
 

@@ -4,7 +4,7 @@ A step is either ``{"pass": NAME}`` (optionally with ``"options": {...}``) or
 ``{"fixpoint": [NAME, ...], "max_iterations": N}``: the listed passes run in
 order, again and again, until a whole round changes nothing or N rounds ran.
 
-A preset is the pipeline for one target (DESIGN.md, "canonicalize ->
+A preset is the pipeline for one target (docs/design.md, "canonicalize ->
 transform -> lower"): every preset first canonicalizes (RMSNorm and
 attention to the ONNX-standard ops), then transforms on the canonical form
 (the KV cache), then lowers to what the target's compiler accepts.

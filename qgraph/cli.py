@@ -1,6 +1,6 @@
 """The ``qgraph`` command line; its commands and exit codes are a contract.
 
-Exit codes (DESIGN.md): 0 success, 1 a pass or check failed, 2 bad input or
+Exit codes (docs/design.md): 0 success, 1 a pass or check failed, 2 bad input or
 usage. Nothing is written unless the whole pipeline succeeded, and the input
 file is never overwritten.
 """
@@ -69,8 +69,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
     vr = sub.add_parser("verify-rules", help="self-check every registered rule: exit 0 all hold, 1 naming those that don't")
     vr.add_argument("--examples", type=int, default=8, metavar="N", help="inputs per pattern variant (default 8)")
+    vr.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the drawn inputs (default 0)")
+    vr.add_argument("--artifacts", metavar="DIR", help="where failing inputs and models go (default: a temporary folder)")
     vr.add_argument("--rule", action="append", default=[], metavar="NAME", help="only these rules (repeatable)")
+    _add_plugin_option(parser, sub)
     return parser
+
+
+def _add_plugin_option(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:
+    """``--plugin`` before or after any command (the env var QGRAPH_PLUGINS adds more)."""
+    text = "load passes from a .py file or an importable module (repeatable; also QGRAPH_PLUGINS)"
+    # A sub-command's values replace the top level's under one dest: keep two.
+    parser.add_argument("--plugin", action="append", dest="plugins_first", default=[], metavar="FILE.py|MODULE",
+                        help=text)
+    for command in sub.choices.values():
+        command.add_argument("--plugin", action="append", dest="plugins", default=argparse.SUPPRESS,
+                             metavar="FILE.py|MODULE", help=text)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -78,6 +92,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
+        _load_plugins([*args.plugins_first, *getattr(args, "plugins", [])])
         if args.command == "optimize":
             return _optimize(args, out)
         if args.command == "passes":
@@ -120,6 +135,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 1
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _load_plugins(specs: list[str]) -> None:
+    from qgraph.plugins import load_plugins, plugins_from_environment
+    from qgraph.registry import default_registry
+
+    load_plugins([*plugins_from_environment(), *specs], default_registry())
 
 
 def _optimize(args: argparse.Namespace, out: TextIO) -> int:
@@ -204,6 +226,8 @@ def _passes(out: TextIO) -> int:
         if cls.options:
             opts = ", ".join(f"{k}={opt.default!r}" for k, opt in cls.options.items())
             line += f"  [options: {opts}]"
+        if not registry.origin(name).startswith("package 'qgraph'"):
+            line += f"  (from {registry.origin(name)})"
         print(line, file=out)
     for name, problem in sorted(registry.broken().items()):
         print(f"{name.ljust(width)}  (cannot be loaded: {problem})", file=out)
@@ -247,7 +271,7 @@ def _verify_rules(args: argparse.Namespace, out: TextIO) -> int:
             if (wanted and rule.name not in wanted) or rule.name in seen:
                 continue
             seen.add(rule.name)
-            result = check_rule(rule, examples=args.examples)
+            result = check_rule(rule, examples=args.examples, seed=args.seed, artifacts_dir=args.artifacts)
             print(f"{result} [pass {name}]", file=out)
             if not result.ok:
                 failed.append(rule.name)

@@ -1,6 +1,6 @@
 """Errors that carry the CLI's exit-code contract.
 
-Other tools script against qgraph's exit codes (DESIGN.md), so the kind of a
+Other tools script against qgraph's exit codes (docs/design.md), so the kind of a
 failure is decided where it is raised, not guessed at the top level:
 ``BadInputError`` (exit 2) means the caller gave something unusable and
 nothing was written; ``PassFailure`` (exit 1) means the input was fine but a

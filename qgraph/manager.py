@@ -34,8 +34,9 @@ from qgraph.registry import Registry, default_registry
 
 __all__ = ["PassManager", "PassRecord", "RunReport"]
 
-# verify(before, after, pass_name) -> None, raising PassFailure on a mismatch.
-# verify(before, after, pass_name) raises when the step changed the meaning.
+# verify(before, after, pass_name) raises PassFailure when the step changed
+# the meaning; it may return a sentence saying what it proved, which the
+# report and the table show (otherwise the pass's declared meaning is shown).
 # For a pass whose ``meaning`` is not "outputs" (fp16-clip, kv-cache), the
 # manager also passes ``meaning=`` so the verifier checks the right property;
 # ``qgraph.verify.step_verifier`` knows every meaning a built-in pass declares.
@@ -58,6 +59,8 @@ class PassRecord:
     prerequisite_of: str | None = None
     fixpoint_iteration: int | None = None
     verified: bool | None = None
+    verification: str | None = None  # what --verify proved for this step
+    near_misses: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -92,7 +95,8 @@ class RunReport:
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def format_table(self) -> str:
-        rows = [("pass", "seconds", "changed", "nodes", "matches")]
+        """The per-pass table, then the near misses and what --verify proved (or that it did not run)."""
+        rows = [("pass", "seconds", "changed", "nodes", "matches", "verified")]
         for rec in self.passes:
             name = rec.name
             if rec.prerequisite_of:
@@ -100,12 +104,22 @@ class RunReport:
             if rec.fixpoint_iteration is not None:
                 name += f" [iter {rec.fixpoint_iteration}]"
             matches = ", ".join(f"{k}={v}" for k, v in rec.rule_matches.items())
+            verified = rec.verification or ("-" if not rec.changed else "no")
             rows.append((name, f"{rec.seconds:.3f}", "yes" if rec.changed else "no",
-                         f"{rec.nodes_before} -> {rec.nodes_after}", matches))
+                         f"{rec.nodes_before} -> {rec.nodes_after}", matches, verified))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"total {self.seconds:.3f} s, nodes {self.nodes_before} -> {self.nodes_after}")
+        for rec in self.passes:
+            for rule, miss in rec.near_misses.items():
+                lines.append(
+                    f"near miss in {rec.name}: {rule}: {miss['candidates']} candidate(s) rejected, most often "
+                    f"({miss['times']}x) by: {miss['most_common_check']}"
+                )
+        changed = [rec for rec in self.passes if rec.changed]
+        if changed and not any(rec.verified for rec in changed):
+            lines.append("not verified: run with --verify to check every pass that changed the model")
         return "\n".join(lines)
 
 
@@ -234,6 +248,7 @@ class PassManager:
             options=dict(p.config),
             rule_matches=dict(p.report.rule_matches),
             notes=list(p.report.notes),
+            near_misses=dict(p.report.near_misses),
             prerequisite_of=prerequisite_of,
             fixpoint_iteration=iteration,
         )
@@ -248,12 +263,13 @@ class PassManager:
                 )
         if snapshot is not None and result.modified:
             if p.meaning == "outputs":
-                self.verifier(snapshot, model, p.name)
+                proved = self.verifier(snapshot, model, p.name)
             elif p.meaning == "approximate":
-                self.verifier(snapshot, model, p.name, meaning=p.meaning, budget=p.verification_budget())
+                proved = self.verifier(snapshot, model, p.name, meaning=p.meaning, budget=p.verification_budget())
             else:
-                self.verifier(snapshot, model, p.name, meaning=p.meaning)
+                proved = self.verifier(snapshot, model, p.name, meaning=p.meaning)
             record.verified = True
+            record.verification = proved if isinstance(proved, str) else f"meaning '{p.meaning}' kept"
         return record.changed
 
 

@@ -65,6 +65,8 @@ class PassReport:
 
     rule_matches: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # rule -> {"candidates": n, "most_common_check": reason, "times": m}
+    near_misses: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def count(self, rule_name: str, n: int = 1) -> None:
         self.rule_matches[rule_name] = self.rule_matches.get(rule_name, 0) + n

@@ -588,42 +588,47 @@ def step_verifier(
 ) -> Callable[..., None]:
     """A ``verify(before, after, pass_name, meaning="outputs")`` callable that raises on a change of meaning.
 
-    This is the shape ``qgraph.manager`` takes for ``--verify``. ``meaning``
+    This is the shape ``qgraph.manager`` takes for ``--verify``; it returns
+    one line saying what it proved, which the report's table shows. ``meaning``
     is the pass's declared ``Pass.meaning``: "outputs" compares outputs on
     drawn inputs (:func:`verify_step`); "fp16" runs ``after`` emulated in fp16
     against ``before`` in fp32 (:func:`qgraph.verify.fp16.check_fp16`);
     "sequence" replays token sequences through the cached ``after`` against
-    the no-cache ``before`` (DESIGN.md, KV-cache I/O contracts), because a
+    the no-cache ``before`` (docs/design.md, KV-cache I/O contracts), because a
     step that adds a KV cache changes the graph's signature; "approximate"
     (a lossy pass) checks ``after`` against the pass's ``budget``
     (:func:`qgraph.verify.budget.check_budget`).
     """
 
     def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "outputs",
-               budget: Any = None) -> None:
+               budget: Any = None) -> str:
         if meaning == "approximate":
-            _verify_budget(before, after, pass_name, budget)
-        elif meaning == "sequence":
+            return _verify_budget(before, after, pass_name, budget)
+        if meaning == "sequence":
             _verify_cache_step(before, after, pass_name)
-        elif meaning == "fp16":
+            return f"cached replay gives the no-cache logits ({examples} drawn sequences, seed {seed})"
+        if meaning == "fp16":
             from qgraph.verify.fp16 import fp16_step_verifier
 
             fp16_step_verifier(examples=examples, seed=seed, **kwargs)(before, after, pass_name)
-        elif meaning == "outputs":
+            return f"fp16-emulated outputs match fp32 ({examples} drawn inputs, seed {seed})"
+        if meaning == "outputs":
             result = verify_step(before, after, examples=examples, pass_name=pass_name, seed=seed, **kwargs)
             if not result.equivalent:
                 raise NotEquivalentError(result)
+            return f"same outputs on {result.examples} drawn inputs (seed {result.seed})"
         else:
             raise PassFailure(f"pass '{pass_name}' declares meaning {meaning!r}, which --verify cannot check",
                               pass_name=pass_name)
 
-    def _verify_budget(before: ir.Model, after: ir.Model, pass_name: str, budget: Any) -> None:
+    def _verify_budget(before: ir.Model, after: ir.Model, pass_name: str, budget: Any) -> str:
         from qgraph.verify.budget import Budget, check_budget
 
         budget = budget if budget is not None else Budget()
         result = check_budget(before, after, budget, examples=examples, seed=seed, pass_name=pass_name, **kwargs)
         if not result.within:
             raise PassFailure(f"pass '{pass_name}' went over its approximation budget: {result}", pass_name=pass_name)
+        return f"within its approximation budget: {result}"
 
     def _verify_cache_step(before: ir.Model, after: ir.Model, pass_name: str) -> None:
         from qgraph.verify.sequence import check_sequence_equivalence

@@ -1,6 +1,6 @@
 """The body of ``qgraph check A.onnx B.onnx``: files in, exit code out.
 
-Exit codes are the CLI contract (DESIGN.md): 0 the models are equivalent,
+Exit codes are the CLI contract (docs/design.md): 0 the models are equivalent,
 1 they are not (the report and a reproduction command are printed), 2 bad
 input (a missing file, not an ONNX model, a reference onnxruntime cannot
 load, inputs/outputs that do not correspond) -- the message names the file.
@@ -58,11 +58,22 @@ def replay_files(
     out: TextIO | None = None,
     *,
     err: TextIO | None = None,
+    elementwise: bool = False,
 ) -> int:
-    """Compare A and B on saved inputs (a failure's ``inputs.npz``); same exit codes."""
+    """Compare A and B on saved inputs (a failure's ``inputs.npz``); same exit codes.
+
+    ``elementwise`` judges every element against its dtype's tolerance (the
+    rule self-check's comparison) instead of scaling it by the output's range.
+    """
     out = out if out is not None else sys.stdout
     try:
-        result = replay(path_a, path_b, inputs)
+        tolerances = None
+        if elementwise:
+            from qgraph import io as qio
+            from qgraph.verify.compare import elementwise_tolerances
+
+            tolerances = elementwise_tolerances(qio.load(path_a))
+        result = replay(path_a, path_b, inputs, tolerances=tolerances)
     except BadInputError as exc:
         print(f"qgraph check: {exc}", file=err if err is not None else sys.stderr)
         return BadInputError.exit_code

@@ -5,7 +5,7 @@ qgraph's wrapper (positions ``cumsum(mask) - 1`` given to the model) and as
 a plain ``torch.onnx.export`` of the Hugging Face model (the model counts
 positions itself: from column 0, or from the mask as OPT and BLOOM do) --
 goes through ``--passes kv-cache`` exactly as a user runs it (the manager runs the attention pass,
-and what it needs, as prerequisites). The property is DESIGN.md's: replaying
+and what it needs, as prerequisites). The property is docs/design.md's: replaying
 any token sequence through the cached graph -- hypothesis draws the tokens,
 the batch with left or right padding, the prefill chunk, later chunks and
 single-token decode steps -- gives at every valid position the logits of the
