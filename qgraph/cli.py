@@ -132,8 +132,6 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     if args.output is None and args.explain is None:
         raise BadInputError("optimize needs -o OUT.onnx (or --explain RULE to only explain)")
     source = Path(args.input)
-    if args.output is not None:
-        _refuse_same_path(source, Path(args.output))
     if args.verify_examples < 1:
         raise BadInputError("--verify-examples must be at least 1")
 
@@ -164,6 +162,8 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
 
     model = io.load(source)
     had_external_data = bool(io.files_read_by(model) - {source.resolve()})
+    if args.output is not None:
+        _check_destinations(args, source, model)
     report = manager.run(model)
     if explain_hook is not None:
         explain_hook.finish()
@@ -173,9 +173,8 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     if external is None and had_external_data:
         external = True
-    io.save(model, args.output, external_data=external, protect=[source])
-    if args.report:
-        report.write_json(args.report)
+    extra = {args.report: report.to_json()} if args.report else {}
+    io.save(model, args.output, external_data=external, protect=[source], extra_files=extra)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(report.format_table(), file=out)
@@ -183,13 +182,16 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _refuse_same_path(source: Path, output: Path) -> None:
-    try:
-        same = output.exists() and source.exists() and output.samefile(source)
-    except OSError:
-        same = False
-    if same or output.resolve() == source.resolve():
-        raise BadInputError(f"-o {output} is the input file; qgraph never overwrites its input")
+def _check_destinations(args: argparse.Namespace, source: Path, model: object) -> None:
+    """Every file this run writes, against its inputs and each other, before any pass runs."""
+    from qgraph import io
+    from qgraph.output_paths import check_destinations
+
+    outputs = {"-o": args.output, "-o's external data file": io.data_path_for(args.output)}
+    if args.report:
+        outputs["--report"] = args.report
+    inputs = [("the input model", source)] + [("a file the input reads", p) for p in sorted(io.files_read_by(model))]
+    check_destinations(outputs, inputs)
 
 
 def _passes(out: TextIO) -> int:

@@ -86,10 +86,13 @@ class RunReport:
             "passes": [p.to_dict() for p in self.passes],
         }
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def write_json(self, path: str | Path) -> None:
         from qgraph.atomic import write_text_atomic
 
-        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(Path(path), self.to_json())
 
     def format_table(self) -> str:
         rows = [("pass", "seconds", "changed", "nodes", "matches")]
