@@ -74,9 +74,23 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    from qgraph.signals import exit_code_of, terminations_as_interrupts
+
     out = out or sys.stdout
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    command = "qgraph"
+    try:
+        with terminations_as_interrupts():
+            parser = _build_parser()
+            args = parser.parse_args(argv)
+            command = f"qgraph {args.command}"
+            return _run(parser, args, out)
+    except KeyboardInterrupt as interrupt:
+        how = getattr(interrupt, "signal_name", "Ctrl-C")
+        print(f"{command}: interrupted ({how}); nothing written", file=sys.stderr)
+        return exit_code_of(interrupt)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, out: TextIO) -> int:
     try:
         if args.command == "optimize":
             return _optimize(args, out)
@@ -107,9 +121,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except QGraphError as exc:
         print(f"qgraph {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("qgraph: interrupted; nothing written", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # The reader went away (`qgraph inspect X | head`): not an error of ours.
         sys.stderr.close()
