@@ -75,6 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     from qgraph.signals import exit_code_of, terminations_as_interrupts
+    from qgraph.warning_lines import warnings_as_lines
 
     out = out or sys.stdout
     command = "qgraph"
@@ -83,7 +84,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             parser = _build_parser()
             args = parser.parse_args(argv)
             command = f"qgraph {args.command}"
-            return _run(parser, args, out)
+            with warnings_as_lines(command):
+                return _run(parser, args, out)
     except KeyboardInterrupt as interrupt:
         how = getattr(interrupt, "signal_name", "Ctrl-C")
         print(f"{command}: interrupted ({how}); nothing written", file=sys.stderr)

@@ -57,6 +57,14 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from qgraph.errors import BadInputError
+from qgraph.graph_wellformed import (
+    check_acyclic,
+    check_default_domain_op,
+    check_single_producers,
+    check_tensor_size,
+    check_versions,
+    node_label,
+)
 from qgraph.output_paths import same_file
 from qgraph.staging import Staging, commit_lock
 
@@ -235,10 +243,12 @@ def _check_structure(proto: onnx.ModelProto, origin: str) -> None:
         raise BadInputError(f"{origin}: has no ir_version; not an ONNX model, or {truncated}")
     if not proto.opset_import:
         raise BadInputError(f"{origin}: imports no opset; {truncated}")
+    check_versions(proto, origin)
     imported = {_normal_domain(o.domain) for o in proto.opset_import}
     functions = {(f.domain, f.name, f.overload) for f in proto.functions}
     function_domains = {domain for domain, _, _ in functions}
-    checker = _ConsistencyChecker(origin, functions, function_domains)
+    default_opset = next((o.version for o in proto.opset_import if _normal_domain(o.domain) == ""), None)
+    checker = _ConsistencyChecker(origin, functions, function_domains, default_opset)
     checker.check_graph(proto.graph, outer=frozenset(), imported=imported)
     for function in proto.functions:
         fn_imported = {_normal_domain(o.domain) for o in function.opset_import} or imported
@@ -257,6 +267,7 @@ class _ConsistencyChecker:
     origin: str
     functions: set[tuple[str, str, str]]
     function_domains: set[str]
+    default_opset: int | None = None
 
     def __post_init__(self) -> None:
         self._unresolved: list[str] = []
@@ -265,6 +276,10 @@ class _ConsistencyChecker:
         self, graph: onnx.GraphProto, *, outer: frozenset[str], imported: set[str]
     ) -> None:
         where = f"graph {graph.name!r}"
+        check_single_producers(graph, self.origin, where)
+        check_acyclic(graph, self.origin, where)
+        for tensor in graph.initializer:
+            check_tensor_size(tensor, self.origin, f"initializer {tensor.name!r} of {where}")
         defined = set(outer)
         defined.update(v.name for v in graph.input)
         defined.update(t.name for t in graph.initializer)
@@ -298,7 +313,7 @@ class _ConsistencyChecker:
         # Names are checked against everything the graph defines, not only
         # what precedes the node: ordering is a pass's business (topological
         # sort), whereas an undefined name means data is missing.
-        for node in nodes:
+        for index, node in enumerate(nodes):
             label = f"node {node.name!r} ({node.op_type})" if node.name else f"a {node.op_type} node"
             domain = _normal_domain(node.domain)
             if domain not in imported:
@@ -313,7 +328,11 @@ class _ConsistencyChecker:
                         "initializer or node defines; the file is corrupt or truncated"
                     )
             self._note_unresolved(node, domain)
+            if domain == "" and not where.startswith("function"):
+                check_default_domain_op(node, index, self.default_opset, self.origin, where)
             for attr in node.attribute:
+                if attr.HasField("t"):
+                    check_tensor_size(attr.t, self.origin, f"attribute {attr.name!r} of {node_label(node, index)}")
                 subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
                 for subgraph in subgraphs:
                     self.check_graph(subgraph, outer=frozenset(defined), imported=imported)
