@@ -38,6 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--option", action="append", default=[], metavar="PASS.KEY=VALUE", help="set a pass option (repeatable)")
     opt.add_argument("--verify", action="store_true", help="check equivalence after every pass that changed the model")
     opt.add_argument("--verify-examples", type=int, default=5, metavar="N", help="examples per --verify check (default 5)")
+    opt.add_argument("--verify-keep", metavar="DIR", help="keep a failed --verify's inputs in DIR (default: not kept)")
     opt.add_argument("--report", metavar="R.json", help="write the per-pass report as JSON")
     opt.add_argument("--explain", metavar="RULE", help="list every candidate of RULE and why it did or did not match")
     opt.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
@@ -54,6 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("reference", metavar="A.onnx")
     chk.add_argument("candidate", metavar="B.onnx")
     chk.add_argument("--examples", type=int, default=20, metavar="N")
+    chk.add_argument("--keep", metavar="DIR", help="keep a failure's inputs in DIR for the reproduction command (default: not kept)")
 
     from qgraph.export.command import add_export_parser  # argparse only: cheap
 
@@ -162,7 +164,7 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     if args.verify:
         from qgraph.verify import step_verifier
 
-        verifier = step_verifier(examples=args.verify_examples)
+        verifier = step_verifier(examples=args.verify_examples, keep=args.verify_keep, clean_up=True)
     manager = PassManager(
         pipeline,
         registry=registry,
@@ -242,7 +244,7 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
 
     if args.examples < 1:
         raise BadInputError("--examples must be at least 1")
-    return check_files(args.reference, args.candidate, examples=args.examples, out=out)
+    return check_files(args.reference, args.candidate, examples=args.examples, out=out, keep=args.keep, clean_up=True)
 
 
 def _verify_rules(args: argparse.Namespace, out: TextIO) -> int:

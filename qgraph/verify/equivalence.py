@@ -36,10 +36,12 @@ from hypothesis.errors import NoSuchExample, Unsatisfiable
 
 from qgraph import io as qio
 from qgraph.errors import BadInputError, PassFailure
+from qgraph.verify.artifacts import artifacts_folder
 from qgraph.verify.compare import ComparisonReport, Tolerance, compare_outputs
-from qgraph.verify.correspondence import Correspondence, correspond
+from qgraph.verify.correspondence import Correspondence, correspond, matching_notes
 from qgraph.verify.localize import Divergence, localize
 from qgraph.verify.runner import OrtRunner, RunError
+from qgraph.verify.scratch import private_hypothesis_home
 from qgraph.verify.strategies import Example, InputOptions, input_strategy
 
 __all__ = [
@@ -85,6 +87,9 @@ class EquivalenceResult:
     reference_label: str = "the reference"
     candidate_label: str = "the candidate"
     seconds: float = 0.0
+    # How inputs/outputs were paired, examples the reference rejected,
+    # artifacts not kept: printed under the headline whatever the verdict.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.equivalent
@@ -104,9 +109,9 @@ class EquivalenceResult:
         return f"NOT EQUIVALENT: {self.candidate_label} differs from {self.reference_label}"
 
     def __str__(self) -> str:
-        lines = [self.headline()]
+        lines = [self.headline(), *self.notes]
         if self.equivalent:
-            return lines[0]
+            return "\n".join(lines)
         if self.shapes:
             dims = " ".join(f"{k}={v}" for k, v in self.dims.items()) or "none"
             shapes = ", ".join(f"{n}{list(s)}" for n, s in self.shapes.items())
@@ -148,6 +153,7 @@ class EquivalenceResult:
             "divergence": None if self.divergence is None else self.divergence.to_dict(),
             "localization_note": self.localization_note,
             "seconds": round(self.seconds, 3),
+            "notes": list(self.notes),
         }
 
 
@@ -395,7 +401,8 @@ def check_equivalent(
     )
     failing: Example | None = None
     try:
-        failing = hypothesis.find(strategy, pair, settings=settings, random=random.Random(seed))
+        with private_hypothesis_home():
+            failing = hypothesis.find(strategy, pair, settings=settings, random=random.Random(seed))
     except (NoSuchExample, Unsatisfiable, _ReferenceRejectsEverything):
         failing = None
     finally:
@@ -403,6 +410,12 @@ def check_equivalent(
         cand_runner.close()
     result.examples = pair.valid_at_failure if failing is not None else pair.valid
     result.shrink_runs = pair.runs_since_failure or 0
+    result.notes.extend(matching_notes(corr))
+    if pair.rejections and pair.valid:
+        result.notes.append(
+            f"{pair.rejections} drawn example(s) rejected by the reference and not counted "
+            f"(last reason: {pair.last_rejection})"
+        )
     if pair.valid == 0:
         raise BadInputError(
             f"{ref_label}: onnxruntime rejected every drawn input ({pair.last_rejection}); "
@@ -584,7 +597,12 @@ def verify_step(
 
 
 def step_verifier(
-    *, examples: int = 10, seed: int | None = 0, **kwargs: Any
+    *,
+    examples: int = 10,
+    seed: int | None = 0,
+    keep: str | os.PathLike[str] | None = None,
+    clean_up: bool = False,
+    **kwargs: Any,
 ) -> Callable[..., None]:
     """A ``verify(before, after, pass_name, meaning="outputs")`` callable that raises on a change of meaning.
 
@@ -594,7 +612,9 @@ def step_verifier(
     against ``before`` in fp32 (:func:`qgraph.verify.fp16.check_fp16`);
     "sequence" replays token sequences through the cached ``after`` against
     the no-cache ``before`` (DESIGN.md, KV-cache I/O contracts), because a
-    step that adds a KV cache changes the graph's signature.
+    step that adds a KV cache changes the graph's signature. A failure's
+    inputs go to ``keep`` when given, else to a temporary folder that is
+    removed when ``clean_up`` (see :mod:`qgraph.verify.artifacts`).
     """
 
     def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "outputs") -> None:
@@ -605,7 +625,10 @@ def step_verifier(
 
             fp16_step_verifier(examples=examples, seed=seed, **kwargs)(before, after, pass_name)
         elif meaning == "outputs":
-            result = verify_step(before, after, examples=examples, pass_name=pass_name, seed=seed, **kwargs)
+            with artifacts_folder(keep, clean_up, "--verify-keep DIR") as (folder, forget):
+                options = dict(kwargs, artifacts_dir=folder) if folder is not None else kwargs
+                result = verify_step(before, after, examples=examples, pass_name=pass_name, seed=seed, **options)
+                forget(result)
             if not result.equivalent:
                 raise NotEquivalentError(result)
         else:
