@@ -56,7 +56,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from qgraph.errors import BadInputError
+from qgraph.errors import BadInputError, UnwritableOutputError
 from qgraph.graph_wellformed import (
     check_acyclic,
     check_default_domain_op,
@@ -65,6 +65,7 @@ from qgraph.graph_wellformed import (
     check_versions,
     node_label,
 )
+from qgraph.inline_weights import weights_as_references, write_streamed
 from qgraph.output_paths import same_file
 from qgraph.staging import Staging, commit_lock
 
@@ -184,7 +185,7 @@ def _load_path(path: Path) -> ir.Model:
     # file name, so the lazy tensors would silently depend on the cwd.
     shown = os.fspath(path)
     try:
-        data = path.read_bytes()
+        data = _model_bytes(path)
     except FileNotFoundError:
         raise BadInputError(f"{shown}: no such file") from None
     except IsADirectoryError:
@@ -195,6 +196,27 @@ def _load_path(path: Path) -> ir.Model:
     model = _model_from_proto(_parse(data, shown), shown, os.path.dirname(absolute))
     model.meta[SOURCE_PATH_KEY] = absolute
     return model
+
+
+def _model_bytes(path: Path) -> bytes:
+    """The file's bytes, with large inline weights left in the file as references to it (read lazily).
+
+    Only where the file can serve as its own external data: a regular file
+    with one link (onnx_ir refuses to map others), in the folder it is named
+    in (a symbolic link from elsewhere would point outside it).
+    """
+    info = os.stat(path)
+    absolute = os.path.abspath(path)
+    if (
+        stat.S_ISREG(info.st_mode)
+        and info.st_nlink == 1
+        and os.path.dirname(os.path.realpath(absolute)) == os.path.dirname(absolute)
+        and info.st_size > EXTERNAL_TENSOR_THRESHOLD_BYTES
+    ):
+        referenced = weights_as_references(path, EXTERNAL_TENSOR_THRESHOLD_BYTES)
+        if referenced is not None:
+            return referenced
+    return path.read_bytes()
 
 
 def _parse(data: bytes, origin: str) -> onnx.ModelProto:
@@ -558,7 +580,9 @@ def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
 
 
 @contextlib.contextmanager
-def _external_tensors_inlined(model: ir.Model, *, initializers: bool = True) -> Iterator[None]:
+def _external_tensors_inlined(
+    model: ir.Model, *, initializers: bool = True, main_graph_initializers: bool = True
+) -> Iterator[None]:
     """Temporarily replace external tensors with in-memory ones.
 
     The IR serializes an ``ExternalTensor`` as a reference to its location,
@@ -571,6 +595,8 @@ def _external_tensors_inlined(model: ir.Model, *, initializers: bool = True) -> 
     try:
         if initializers:
             for graph in _all_graphs(model):
+                if graph is model.graph and not main_graph_initializers:
+                    continue  # the caller reads those itself (write_streamed)
                 for value in graph.initializers.values():
                     tensor = value.const_value
                     if isinstance(tensor, ir.ExternalTensor):
@@ -800,9 +826,9 @@ def _staging_for(stagings: dict[Path, Staging], folder: Path, name: str, shown: 
     return stagings[folder].path
 
 
-def _unwritable(path: Path, error: OSError) -> BadInputError:
+def _unwritable(path: Path, error: OSError) -> UnwritableOutputError:
     reason = error.strerror or str(error)
-    return BadInputError(f"{path}: cannot write it ({reason}); nothing was written")
+    return UnwritableOutputError(f"{path}: cannot write it ({reason}); nothing was written")
 
 
 #: ``metadata_props`` key of a saved model: the marker its data file ends with.
@@ -907,8 +933,10 @@ def _write_model_file(model: ir.Model, staged_model: Path, data_path: Path, use_
                 size_threshold_bytes=EXTERNAL_TENSOR_THRESHOLD_BYTES,
             )
     else:
-        with _external_tensors_inlined(model):
-            ir.save(model, staged_model, format="protobuf")
+        # Weights mapped from files are streamed into the new file one at a
+        # time rather than gathered in one proto (see qgraph.inline_weights).
+        with _external_tensors_inlined(model, main_graph_initializers=False):
+            write_streamed(model, staged_model, EXTERNAL_TENSOR_THRESHOLD_BYTES)
 
 
 def _refuse_overwriting_inputs(

@@ -190,35 +190,41 @@ def test_onnxruntime_still_runs_a_marked_pair(tmp_path):
 
 
 def test_commits_into_one_folder_are_serialized(tmp_path, monkeypatch):
-    """While one save replaces the data file and the model, another cannot interleave."""
+    """While one save is between its data-file and model-file renames, another cannot commit."""
     import threading
 
     model_a, model_b = _external_model(tmp_path, 1.0), _external_model(tmp_path, 2.0)
     destination = tmp_path / "m.onnx"
     real_replace = os.replace
     a_between = threading.Event()
-    b_started = threading.Event()
+    b_committed = threading.Event()
 
-    def slow_replace(src, dst):
+    def observed_replace(src, dst):
         real_replace(src, dst)
-        if threading.current_thread().name == "a" and Path(dst).name == "m.onnx.data":
+        name = threading.current_thread().name
+        final = Path(dst).parent == tmp_path  # not a rename inside a staging folder
+        if name == "a" and final and Path(dst).name == "m.onnx.data":
             a_between.set()
-            b_started.wait(timeout=5)  # B tries to commit while A is between its two renames
+            # Without a lock B commits both files now, and A's model then
+            # lands on B's data; with it, B waits and this times out.
+            b_committed.wait(timeout=3)
+        if name == "b" and final and Path(dst).name == "m.onnx":
+            b_committed.set()
 
-    monkeypatch.setattr(os, "replace", slow_replace)
+    monkeypatch.setattr(os, "replace", observed_replace)
 
     def save_a():
         qgraph.io.save(model_a, destination, external_data=True)
 
     def save_b():
-        a_between.wait(timeout=5)
-        b_started.set()
+        assert a_between.wait(timeout=120)
         qgraph.io.save(model_b, destination, external_data=True)
 
     threads = [threading.Thread(target=save_a, name="a"), threading.Thread(target=save_b, name="b")]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=30)
+        t.join(timeout=180)
+    assert b_committed.is_set()
     result = qgraph.io.load(destination)  # a consistent pair: B's model with B's data
     assert float(result.graph.initializers["w"].const_value.numpy()[0]) == 2.0

@@ -595,13 +595,13 @@ def test_failed_save_leaves_destination_unchanged(
     external: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, out, before = _existing_destination(tmp_path)
-    real_save = ir.save
+    # ir.save writes external data, qgraph's own streaming writer inline files
+    for module, name in ((ir, "save"), (qio, "write_streamed")):
+        def save_then_fail(*args, real=getattr(module, name), **kwargs):
+            real(*args, **kwargs)  # files fully written in the staging folder...
+            raise OSError("disk full")  # ...then the write "fails"
 
-    def save_then_fail(*args, **kwargs):
-        real_save(*args, **kwargs)  # files fully written in the staging folder...
-        raise OSError("disk full")  # ...then the write "fails"
-
-    monkeypatch.setattr(ir, "save", save_then_fail)
+        monkeypatch.setattr(module, name, save_then_fail)
     with pytest.raises(BadInputError, match=r"out\.onnx: cannot write it \(disk full\)"):
         qio.save(model, out, external_data=external)
     assert snapshot(tmp_path) == before  # same files, same bytes, no temporaries
