@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -10,30 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from framework_passes import registry_with_test_passes, relu_neg_model
+from test_cli import model_path, run, test_registry  # noqa: F401 - the CLI tests' fixtures and runner
 
 import qgraph.io
-import qgraph.registry
-from qgraph.cli import main
 from qgraph.errors import BadInputError
-
-
-@pytest.fixture(autouse=True)
-def test_registry(monkeypatch):
-    monkeypatch.setattr(qgraph.registry, "_DEFAULT", registry_with_test_passes())
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    path = tmp_path / "in.onnx"
-    relu_neg_model(17, path)
-    return path
-
-
-def run(*argv):
-    out = io.StringIO()
-    code = main([str(a) for a in argv], out=out)
-    return code, out.getvalue()
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
