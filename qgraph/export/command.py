@@ -57,18 +57,28 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace, out: TextIO) -> int:
-    """Run ``qgraph export`` with parsed ``args``; QGraphError subclasses carry the exit code."""
+    """Run ``qgraph export`` with parsed ``args``; QGraphError subclasses carry the exit code.
+
+    ``--quiet`` also turns off the progress bars of the libraries the export
+    calls (transformers' "Loading weights" drew one on stderr).
+    """
     import contextlib
 
-    from qgraph.export.frontend import export_model
-    from qgraph.export.progress import Progress, progress_bars_off
+    from qgraph.export.progress import progress_bars_off
 
     with progress_bars_off() if args.quiet else contextlib.nullcontext():
-        result = export_model(
-            args.model, args.output, exporter=args.exporter, opset=args.opset, task=args.task,
-            pooling=args.pooling, normalize=args.normalize, attn_implementation=args.attn_implementation,
-            cache_dir=args.cache_dir, force=args.force, progress=Progress(enabled=not args.quiet),
-        )
+        return _run_export(args, out)
+
+
+def _run_export(args: argparse.Namespace, out: TextIO) -> int:
+    from qgraph.export.frontend import export_model
+    from qgraph.export.progress import Progress
+
+    result = export_model(
+        args.model, args.output, exporter=args.exporter, opset=args.opset, task=args.task,
+        pooling=args.pooling, normalize=args.normalize, attn_implementation=args.attn_implementation,
+        cache_dir=args.cache_dir, force=args.force, progress=Progress(enabled=not args.quiet),
+    )
     manifest = result.manifest
     output = next(iter(manifest["outputs"]))
     weights = manifest["weight_bytes"] / 2**20
