@@ -40,6 +40,7 @@ from qgraph.verify.artifacts import artifacts_folder
 from qgraph.verify.compare import ComparisonReport, Tolerance, compare_outputs
 from qgraph.verify.correspondence import Correspondence, correspond, matching_notes
 from qgraph.verify.localize import Divergence, localize
+from qgraph.verify.padded_rows import skip_padding_rows
 from qgraph.verify.runner import OrtRunner, RunError
 from qgraph.verify.scratch import private_hypothesis_home
 from qgraph.verify.strategies import Example, InputOptions, input_strategy
@@ -257,6 +258,7 @@ class _PairRunner:
         self.valid_at_failure = 0
         self.rejections = 0
         self.max_rejections = max_rejections
+        self.padding_rows = 0  # output rows at padding query positions, not compared
 
     def candidate_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _candidate_feeds(self.corr, feeds)
@@ -272,6 +274,7 @@ class _PairRunner:
             cand_out = self.cand.run(self.candidate_feeds(feeds))
         except RunError as exc:
             return _Outcome(True, None, str(exc))
+        self.padding_rows += skip_padding_rows(feeds, ref_out, cand_out, self.corr.outputs)
         report = compare_outputs(
             ref_out,
             cand_out,
@@ -411,6 +414,11 @@ def check_equivalent(
     result.examples = pair.valid_at_failure if failing is not None else pair.valid
     result.shrink_runs = pair.runs_since_failure or 0
     result.notes.extend(matching_notes(corr))
+    if pair.padding_rows:
+        result.notes.append(
+            f"{pair.padding_rows} output row(s) at padding query positions (the query's own attention_mask "
+            "entry is 0) were not compared: they have no defined meaning"
+        )
     if pair.rejections and pair.valid:
         result.notes.append(
             f"{pair.rejections} drawn example(s) rejected by the reference and not counted "

@@ -120,3 +120,53 @@ def test_verify_keeps_hypothesis_state_out_of_the_working_directory(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert sorted(os.listdir(tmp_path)) == ["a.onnx", "out.onnx"]
+
+
+def _decoder_like(tmp_path: Path, name: str, padded_offset: float, valid_offset: float = 0.0) -> Path:
+    """logits[b, s, 0] = input_ids (as float) + offsets where the query's own mask entry is 0 / 1."""
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
+        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        helper.make_node("Gather", ["ids_shape", "one"], ["seq"], axis=0),
+        helper.make_node("Neg", ["seq"], ["neg_seq"]),
+        helper.make_node("Slice", ["attention_mask", "neg_seq", "big", "one"], ["own"]),
+        helper.make_node("Cast", ["own"], ["own_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["onef", "own_f"], ["pad_f"]),
+        helper.make_node("Mul", ["pad_f", "padded_offset"], ["pad_shift"]),
+        helper.make_node("Mul", ["own_f", "valid_offset"], ["valid_shift"]),
+        helper.make_node("Sum", ["ids_f", "pad_shift", "valid_shift"], ["shifted"]),
+        helper.make_node("Unsqueeze", ["shifted", "two"], ["logits"]),
+    ]
+    inits = [
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+        helper.make_tensor("big", TensorProto.INT64, [1], [2**62]),
+        helper.make_tensor("onef", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("padded_offset", TensorProto.FLOAT, [], [padded_offset]),
+        helper.make_tensor("valid_offset", TensorProto.FLOAT, [], [valid_offset]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", 1])], inits,
+    )
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_rows_at_padding_queries_are_not_compared_and_the_report_says_so(tmp_path):
+    a = _decoder_like(tmp_path, "a", padded_offset=0.0)
+    b = _decoder_like(tmp_path, "b", padded_offset=7.0)  # differs only where the query is padding
+    code, out = check(a, b, "--examples", "20")
+    assert code == 0, out
+    note = next(line for line in out.splitlines() if "padding query positions" in line)
+    assert int(note.split()[0]) > 0
+
+
+def test_a_difference_at_a_valid_query_row_is_still_found(tmp_path):
+    a = _decoder_like(tmp_path, "a", padded_offset=0.0)
+    b = _decoder_like(tmp_path, "b", padded_offset=0.0, valid_offset=0.5)
+    code, out = check(a, b, "--examples", "20")
+    assert code == 1 and "NOT EQUIVALENT" in out
