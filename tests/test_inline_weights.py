@@ -40,13 +40,16 @@ arrays = st.lists(
 )
 
 
+def _saved(tmp_path_factory, arrays: list[np.ndarray]) -> Path:
+    path = tmp_path_factory.mktemp("inline") / "m.onnx"
+    onnx.save(_model(arrays), path)
+    return path
+
+
 @given(arrays=arrays)
 @settings(max_examples=25, deadline=None)
 def test_inline_weights_load_as_references_with_the_same_values(tmp_path_factory, arrays):
-    folder = tmp_path_factory.mktemp("inline")
-    path = folder / "m.onnx"
-    onnx.save(_model(arrays), path)
-    model = qio.load(path)
+    model = qio.load(_saved(tmp_path_factory, arrays))
     for i, expected in enumerate(arrays):
         tensor = model.graph.initializers[f"w{i}"].const_value
         large = expected.nbytes > qio.EXTERNAL_TENSOR_THRESHOLD_BYTES
@@ -58,10 +61,8 @@ def test_inline_weights_load_as_references_with_the_same_values(tmp_path_factory
 @given(arrays=arrays)
 @settings(max_examples=25, deadline=None)
 def test_a_streamed_save_is_the_model_onnx_would_write(tmp_path_factory, arrays):
-    folder = tmp_path_factory.mktemp("streamed")
-    source = folder / "in.onnx"
-    onnx.save(_model(arrays), source)
-    out = folder / "out.onnx"
+    source = _saved(tmp_path_factory, arrays)
+    out = source.with_name("out.onnx")
     qio.save(qio.load(source), out, external_data=False)
     written = onnx.load(out)
     onnx.checker.check_model(written)
