@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     @given(graph=random_graphs(), data=st.data())
     def fuzz(graph, data):
         nonlocal graphs
+        feeds = [data.draw(random_feeds(graph)) for _ in range(3)]  # may abort the example: count after
         graphs += 1
         kinds.update(set(graph.kinds))
-        feeds = [data.draw(random_feeds(graph)) for _ in range(3)]
         with tempfile.TemporaryDirectory(prefix="qgraph-fuzz-") as folder:
             source = write_graph(graph.model, Path(folder))
             for label, arguments in configs.items():

@@ -4,8 +4,9 @@ The fuzz suite (tests/test_fuzz_passes.py, benchmarks/fuzz_passes.py) runs
 every registered pass and preset through ``qgraph optimize`` on random
 graphs (:mod:`qgraph.verify.random_graphs`). The contract: a run either
 *refuses cleanly* (exit 1 or 2 with a message, no traceback, no "internal
-error", nothing written) or writes a model that onnxruntime loads and that
-gives the input's outputs; the input file is never changed. Anything else
+error", nothing written; a pass that broke a graph invariant has a bug and
+does not count as refusing) or writes a model that onnxruntime loads and
+that gives the input's outputs; the input file is never changed. Anything else
 is a verdict with its detail, so a failure says which kind it is.
 
 Passes whose declared purpose is to change the numbers (``fp16-emulate``,
@@ -27,7 +28,10 @@ import onnx
 __all__ = ["Outcome", "VERDICTS", "configurations", "run_configuration", "write_graph"]
 
 #: Every verdict, the two acceptable ones first.
-VERDICTS = ("equivalent", "refused", "internal-error", "wrong-result", "input-changed", "unloadable", "unwritten")
+VERDICTS = (
+    "equivalent", "refused", "internal-error", "broken-invariant", "wrong-result", "input-changed", "unloadable",
+    "unwritten",
+)
 
 _CHANGES_NUMBERS_BY_DESIGN = {"fp16-emulate"}
 
@@ -94,6 +98,8 @@ def run_configuration(
     if code not in (0, 1, 2) or "Traceback" in message or "internal error" in message:
         return Outcome(label, "internal-error", code, message[-2000:])
     if code != 0:
+        if "broke graph invariants" in message:  # a pass wrote an invalid graph: its bug, not a refusal
+            return Outcome(label, "broken-invariant", code, message.strip()[:2000])
         if out.exists():
             return Outcome(label, "internal-error", code, f"exit {code} but {out.name} was written")
         return Outcome(label, "refused", code, message.strip().splitlines()[0] if message.strip() else "")
