@@ -259,6 +259,7 @@ class _PairRunner:
         self.rejections = 0
         self.max_rejections = max_rejections
         self.padding_rows = 0  # output rows at padding query positions, not compared
+        self.skip_padding_queries = True
 
     def candidate_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _candidate_feeds(self.corr, feeds)
@@ -274,7 +275,8 @@ class _PairRunner:
             cand_out = self.cand.run(self.candidate_feeds(feeds))
         except RunError as exc:
             return _Outcome(True, None, str(exc))
-        self.padding_rows += skip_padding_rows(feeds, ref_out, cand_out, self.corr.outputs)
+        if self.skip_padding_queries:
+            self.padding_rows += skip_padding_rows(feeds, ref_out, cand_out, self.corr.outputs)
         report = compare_outputs(
             ref_out,
             cand_out,
@@ -338,6 +340,7 @@ def check_equivalent(
     pass_name: str | None = None,
     reference_label: str | None = None,
     candidate_label: str | None = None,
+    compare_padding_queries: bool = False,
 ) -> EquivalenceResult:
     """Check that ``candidate`` computes what ``reference`` computes.
 
@@ -353,6 +356,9 @@ def check_equivalent(
     ``save_artifacts=False`` writes nothing (callers that only need the
     verdict, such as rule self-checks).
     ``max_shrink_runs`` bounds the graph runs spent shrinking.
+    Output rows at padding query positions have no defined meaning and are
+    not compared (:mod:`qgraph.verify.padded_rows`; the result notes how
+    many) unless ``compare_padding_queries``.
 
     Raises:
         BadInputError: a model cannot be read, the reference cannot be
@@ -392,6 +398,7 @@ def check_equivalent(
     except ValueError as exc:
         raise BadInputError(f"{ref_label}: {exc}") from None
     pair = _PairRunner(ref_runner, cand_runner, corr, tolerances, max_shrink_runs)
+    pair.skip_padding_queries = not compare_padding_queries
     settings = hypothesis.settings(
         max_examples=examples,
         database=None,
