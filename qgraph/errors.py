@@ -42,3 +42,11 @@ class RewriteError(PassFailure):
     def __init__(self, message: str, *, rule_name: str, pass_name: str | None = None) -> None:
         super().__init__(message, pass_name=pass_name)
         self.rule_name = rule_name
+
+
+class UnwritableOutputError(BadInputError, OSError):
+    """An output could not be written (exit code 2, the path named); nothing was written.
+
+    Also an ``OSError``, which is what a write failure was before qgraph
+    named it, so callers that catch ``OSError`` still do.
+    """

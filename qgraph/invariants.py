@@ -26,6 +26,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from qgraph.graph_stats import iter_nodes
+from qgraph.runtime_loadable import lost_kernels
 
 __all__ = ["InvariantChecker", "find_violations"]
 
@@ -242,6 +243,9 @@ class InvariantChecker:
 
     def __call__(self, model: ir.Model) -> list[str]:
         problems = _structural_violations(model)
+        if not problems and self._imports is not None:
+            previous = self._imports.get("", self._imports.get("ai.onnx"))
+            problems = lost_kernels(model, previous)
         if problems or not self.run_onnx_checker:
             return problems
         imports = dict(model.opset_imports)

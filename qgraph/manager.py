@@ -89,10 +89,13 @@ class RunReport:
             "passes": [p.to_dict() for p in self.passes],
         }
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def write_json(self, path: str | Path) -> None:
         from qgraph.atomic import write_text_atomic
 
-        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(Path(path), self.to_json())
 
     def format_table(self) -> str:
         """The per-pass table, then the near misses and what --verify proved (or that it did not run)."""
@@ -189,8 +192,13 @@ class PassManager:
         names = ", ".join(p.name for p in passes)
         report.warnings.append(f"fixpoint({names}) still changed the model after {bound} iterations")
 
-    def _satisfy_prerequisites(self, p: Pass, model: ir.Model, report: RunReport) -> None:
-        for prereq in p.missing_prerequisites(model):
+    def _satisfy_prerequisites(self, p: Pass, model: ir.Model, report: RunReport) -> _Undo | None:
+        """Run the passes that establish ``p``'s missing prerequisites; how to undo them if ``p`` then does nothing."""
+        missing = p.missing_prerequisites(model)
+        if not missing:
+            return None
+        undo = _Undo(model.clone(), len(report.passes))
+        for prereq in missing:
             provider = prereq.satisfied_by
             if provider is None or provider not in self.registry:
                 hint = f" (pass '{provider}' would provide it, but it is not registered)" if provider else ""
@@ -202,6 +210,29 @@ class PassManager:
                     f"pass '{p.name}' requires {prereq.description}; '{provider}' ran but did not establish it",
                     pass_name=p.name,
                 )
+        return undo
+
+    def _undo_prerequisites(self, p: Pass, model: ir.Model, report: RunReport, undo: _Undo) -> None:
+        """``p`` rewrote nothing, so what was done only for it (an opset raised to 23) is taken back.
+
+        A model must not come out at another opset, with another IR version
+        or converted ops, from a pipeline that did nothing to it: a raised
+        opset can make onnxruntime reject an untouched node.
+        """
+        snapshot = undo.snapshot
+        model.graph = snapshot.graph
+        model.functions.clear()
+        model.functions.update(snapshot.functions)
+        model.ir_version = snapshot.ir_version
+        model.metadata_props.clear()
+        model.metadata_props.update(snapshot.metadata_props)
+        for record in report.passes[undo.first_record :]:
+            if record.prerequisite_of == p.name and record.changed:
+                record.changed = False
+                record.notes.append(f"undone: '{p.name}' rewrote nothing")
+        self._histogram = None
+        if self.check_invariants:
+            self._checker.baseline(model)
 
     def _run_one(
         self,
@@ -212,7 +243,7 @@ class PassManager:
         prerequisite_of: str | None = None,
         iteration: int | None = None,
     ) -> bool:
-        self._satisfy_prerequisites(p, model, report)
+        undo = self._satisfy_prerequisites(p, model, report)
         if self.before_pass is not None:
             self._histogram = None  # the hook may edit the model
             if self.before_pass(p, model) is False:
@@ -253,14 +284,20 @@ class PassManager:
             fixpoint_iteration=iteration,
         )
         report.passes.append(record)
-        if result.modified and self.check_invariants:
+        # A prerequisite's changes are checked with those of the pass it ran
+        # for: if that pass rewrites nothing they are undone, and an opset
+        # raised for nothing must not fail the run.
+        if result.modified and self.check_invariants and prerequisite_of is None:
             problems = self._checker(model)
             if problems:
                 listing = "\n  ".join(problems[:10])
                 more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+                helpers = " (with the prerequisites it ran)" if undo is not None else ""
                 raise InvariantViolation(
-                    f"pass '{p.name}' broke graph invariants:\n  {listing}{more}", pass_name=p.name
+                    f"pass '{p.name}'{helpers} broke graph invariants:\n  {listing}{more}", pass_name=p.name
                 )
+        if undo is not None and not result.modified:
+            self._undo_prerequisites(p, model, report, undo)
         if snapshot is not None and result.modified:
             if p.meaning == "outputs":
                 proved = self.verifier(snapshot, model, p.name)
@@ -271,6 +308,14 @@ class PassManager:
             record.verified = True
             record.verification = proved if isinstance(proved, str) else f"meaning '{p.meaning}' kept"
         return record.changed
+
+
+@dataclasses.dataclass
+class _Undo:
+    """The model before a pass's prerequisites ran (tensors shared), and where their records start."""
+
+    snapshot: ir.Model
+    first_record: int
 
 
 class _Stop(Exception):

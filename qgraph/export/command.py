@@ -66,7 +66,20 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace, out: TextIO) -> int:
-    """Run ``qgraph export`` with parsed ``args``; QGraphError subclasses carry the exit code."""
+    """Run ``qgraph export`` with parsed ``args``; QGraphError subclasses carry the exit code.
+
+    ``--quiet`` also turns off the progress bars of the libraries the export
+    calls (transformers' "Loading weights" drew one on stderr).
+    """
+    import contextlib
+
+    from qgraph.export.progress import progress_bars_off
+
+    with progress_bars_off() if args.quiet else contextlib.nullcontext():
+        return _run_export(args, out)
+
+
+def _run_export(args: argparse.Namespace, out: TextIO) -> int:
     from qgraph.export.frontend import export_model
     from qgraph.export.progress import Progress
 

@@ -13,6 +13,7 @@ import sys
 from typing import TextIO
 
 from qgraph.errors import BadInputError
+from qgraph.verify.artifacts import artifacts_folder
 from qgraph.verify.equivalence import (
     DEFAULT_EXAMPLES,
     EquivalenceResult,
@@ -36,15 +37,22 @@ def check_files(
     *,
     seed: int | None = 0,
     err: TextIO | None = None,
+    keep: str | os.PathLike[str] | None = None,
+    clean_up: bool = False,
 ) -> int:
     """Check that model B computes what model A computes; return the exit code.
 
     Bad input is printed to ``err`` (stderr by default) as
-    ``qgraph check: <message>`` and returns 2.
+    ``qgraph check: <message>`` and returns 2. A failure's inputs go to
+    ``keep`` (a folder) when given; otherwise to a temporary folder, which is
+    removed when ``clean_up`` (the CLI's default: the report then says how
+    to keep them).
     """
     out = out if out is not None else sys.stdout
     try:
-        result = check_equivalent(path_a, path_b, examples=examples, seed=seed)
+        with artifacts_folder(keep, clean_up, "--keep DIR") as (folder, forget):
+            result = check_equivalent(path_a, path_b, examples=examples, seed=seed, artifacts_dir=folder)
+            forget(result)
     except BadInputError as exc:
         print(f"qgraph check: {exc}", file=err if err is not None else sys.stderr)
         return BadInputError.exit_code

@@ -79,6 +79,7 @@ from hypothesis.extra import numpy as hnp
 
 from qgraph import io as qio
 from qgraph.errors import BadInputError
+from qgraph.verify.scratch import private_hypothesis_home
 from qgraph.verify.compare import Tolerance, compare_arrays, default_tolerance
 from qgraph.verify.kv_contract import (
     KVLayout,
@@ -973,7 +974,8 @@ def check_sequence_equivalence(
         )
         failing: ReplayCase | None
         try:
-            failing = hypothesis.find(strategy, tracker, settings=settings, random=random.Random(seed))
+            with private_hypothesis_home():
+                failing = hypothesis.find(strategy, tracker, settings=settings, random=random.Random(seed))
         except (NoSuchExample, Unsatisfiable):
             failing = None
         except _ReferenceFailed as exc:
