@@ -476,9 +476,6 @@ class PatternMatcher:
         An output whose node is already bound is that node's output. Otherwise
         it is reached forward: a user of a value the match already bound.
         """
-        if isinstance(vp, WeightPattern) and not self._match_weight(vp, value):
-            self._undo(mark)
-            return
         if isinstance(vp, Var):
             bound = self.values.get(vp.name)
             return [bound] if bound is not None else []
