@@ -30,10 +30,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.node_types import infer_output_types
 from qgraph.pass_base import Option, Pass
-from qgraph.rewrite.engine import PASS_KEY, RULE_KEY
-from qgraph.rewrite.replacement import ReplacementBuilder
+from qgraph.rewrite import replace_node
 
 __all__ = ["LowerAttentionPass"]
 
@@ -197,30 +195,6 @@ class LowerAttentionPass(Pass):
         return ir.passes.PassResult(model, lowered > 0)
 
     def _replace(self, model: ir.Model, node: ir.Node, to: str) -> None:
-        graph = model.graph
-        op = ReplacementBuilder(use_initializers=True, name_prefix=f"lower-attention/{node.name}")
-        new_values = lower_primitive(op, node) if to == "primitive" else lower_mha(op, node)
-        for new in op.nodes:
-            infer_output_types(new, model.opset_imports)
-            new.metadata_props[RULE_KEY] = f"attention-to-{to}"
-            new.metadata_props[PASS_KEY] = self.name
-            for key in ("qgraph.layer", "qgraph.scope"):
-                if key in node.metadata_props:
-                    new.metadata_props[key] = node.metadata_props[key]
-        for init in op.initializers:
-            graph.register_initializer(init)
-        graph.insert_before(node, op.nodes)
-        for old, new in zip(node.outputs, new_values):
-            if old.name is None or not (old.uses() or old.is_graph_output()):
-                continue
-            if new.producer() not in op.nodes:
-                # A present output that is K/V itself: keep the name with an Identity.
-                identity = ir.Node("", "Identity", [new], name=f"{node.name}/present")
-                graph.insert_before(node, [identity])
-                new = identity.outputs[0]
-            name = old.name
-            new.type, new.shape = old.type or new.type, old.shape if old.shape is not None else new.shape
-            old.replace_all_uses_with(new, replace_graph_outputs=True)
-            old.name = None
-            new.name = name
-        graph.remove(node, safe=True)
+        build = lower_primitive if to == "primitive" else lower_mha
+        replace_node(model, node, lambda op: build(op, node), rule_name=f"attention-to-{to}",
+                     pass_name=self.name, name_prefix=f"lower-attention/{node.name}")

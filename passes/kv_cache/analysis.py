@@ -34,6 +34,7 @@ from qgraph_passes.kv_cache.probe import (
     probe_length,
     probe_masks,
     run_slice,
+    sees_later_key,
 )
 
 from qgraph.errors import BadInputError
@@ -288,7 +289,8 @@ def _read_masks(model: ir.Model, layers: list[Layer], past_inputs: set[ir.Value]
     masks = list(dict.fromkeys(x.mask for x in layers if x.mask is not None))
     for layer in layers:
         if layer.mask is None and not layer.is_causal:
-            raise AnalysisError(f"{layer.label}: no mask and is_causal=0: bidirectional attention, not a decoder")
+            raise BadInputError(f"pass 'kv-cache': {layer.label}: no mask and is_causal=0: bidirectional "
+                                "attention, not a decoder")
     length = probe_length(model, masks) if masks else 16
     if mask_length_cap is not None:
         length = min(length, mask_length_cap)  # a window >= ctx_len never hides a slot
@@ -303,6 +305,10 @@ def _read_masks(model: ir.Model, layers: list[Layer], past_inputs: set[ir.Value]
             layer.meaning = MaskMeaning(None)
             notes.append(f"{layer.label}: is_causal without a mask; padding is now masked too")
             continue
+        later = None if layer.is_causal else sees_later_key(probed[layer.mask])
+        if later is not None:
+            raise BadInputError(f"pass 'kv-cache': {layer.label}: mask {layer.mask.name!r}: query {later[0]} sees the "
+                                f"later key {later[1]} of an unpadded row: bidirectional attention, not a decoder")
         try:
             layer.meaning = mask_meaning(probed[layer.mask], valid, is_causal=layer.is_causal)
         except ProbeError as exc:

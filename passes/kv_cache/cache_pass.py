@@ -62,6 +62,11 @@ __all__ = ["KVCachePass"]
 _PER_TOKEN_OPS = {"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap", "Identity"}
 
 
+def _decoder_interface(model: ir.Model) -> bool:
+    return (any(v.name == "input_ids" for v in model.graph.inputs)
+            and any(o.name == "logits" for o in model.graph.outputs))
+
+
 def _has_attention(model: ir.Model) -> bool:
     return any(is_attention(n) for n in model.graph)
 
@@ -110,6 +115,9 @@ class KVCachePass(Pass):
                             "take per-row positions (retained: ctx_len)"),
     }
     prerequisites = (
+        # First, and provided by no pass: a graph that is not a decoder is bad input (exit 2) whether or
+        # not its attention would fuse.
+        Prerequisite("a decoder's interface (input input_ids, output logits)", _decoder_interface),
         Prerequisite("the graph has Attention nodes", _has_attention, satisfied_by="attention"),
     )
 

@@ -30,7 +30,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "key_position_slopes", "mask_meaning", "probe_length", "run_slice", "shape_cuts"]
+__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "key_position_slopes", "mask_meaning", "sees_later_key", "probe_length", "run_slice", "shape_cuts"]
 
 #: Integer constants above this are sentinels (INT64_MAX ends of Slice), not window sizes.
 _LARGEST_WINDOW_CONSTANT = 1 << 20
@@ -312,6 +312,20 @@ def _visible(mask: np.ndarray, dtype_name: str) -> tuple[np.ndarray, np.ndarray 
         visible = mask > np.finfo(mask.dtype).min / 4
         return visible, (mask if np.any(visible & (mask != 0)) else None)
     raise ProbeError(f"a mask of dtype {mask.dtype} is neither bool nor an additive float mask")
+
+
+def sees_later_key(mask: np.ndarray) -> tuple[int, int] | None:
+    """(query, key) of the first key after its query that the unpadded probe row (row 0) sees, if any.
+
+    A decoder never lets a token see a later one; a mask that does is an
+    encoder's, whatever else it does -- the input is not what kv-cache takes.
+    """
+    visible, _ = _visible(mask, str(mask.dtype))
+    if visible.ndim != 4:
+        return None
+    first = visible[0].any(axis=0)  # any head
+    later = np.argwhere(np.triu(first, k=1))
+    return (int(later[0][0]), int(later[0][1])) if later.size else None
 
 
 def key_position_slopes(bias: np.ndarray, visible: np.ndarray, valid: np.ndarray) -> tuple[float, ...]:

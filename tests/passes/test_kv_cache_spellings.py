@@ -66,9 +66,21 @@ def test_is_causal_without_a_mask(style: str) -> None:
     assert all(n.attributes.get_int("is_causal", 0) == 0 for n in model.graph if n.op_type == "Attention")
 
 
-def test_a_bidirectional_mask_is_refused_naming_the_layer() -> None:
-    with pytest.raises(PassFailure, match=r"layer 0 \(Attention node .*not a causal padding mask.*query 0 sees key 1"):
+def test_a_bidirectional_mask_is_bad_input_naming_the_layer() -> None:
+    """An encoder's mask is not something the pass failed at: the input is not a decoder (exit 2)."""
+    with pytest.raises(BadInputError, match=r"layer 0 \(Attention node .*query 0 sees the later key 1 .*not a decoder"):
         _cache(graphs.decoder(mask="bidirectional"), style="retained", ctx_len=CTX_LEN)
+
+
+def test_a_graph_without_logits_is_bad_input_before_attention_runs() -> None:
+    """The decoder interface is checked first, so whether attention would fuse does not change the exit code."""
+    from qgraph.manager import PassManager
+
+    reference = graphs.decoder()
+    reference.graph.output[0].name = "hidden"
+    reference.graph.node[-1].output[0] = "hidden"
+    with pytest.raises(BadInputError, match=r"requires a decoder's interface \(input input_ids, output logits\)"):
+        PassManager([{"pass": "kv-cache"}]).run(ir.from_proto(reference))
 
 
 @pytest.mark.parametrize("style", ["retained", "concat"])
@@ -114,7 +126,7 @@ def test_a_graph_with_a_retained_cache_is_bad_input() -> None:
 
 def test_failure_leaves_the_graph_unchanged() -> None:
     """Everything is checked before the first change, so a refused graph is the graph that came in."""
-    reference = graphs.decoder(mask="bidirectional")
+    reference = graphs.decoder(positions="reversed")
     model = ir.from_proto(reference)
     with pytest.raises(PassFailure):
         KVCachePass(style="concat")(model)
