@@ -125,7 +125,7 @@ def test_a_graph_with_a_retained_cache_is_bad_input() -> None:
 
 
 def test_failure_leaves_the_graph_unchanged() -> None:
-    """Everything is checked before the first change, so a refused graph is the graph that came in."""
+    """The rewrite works on a copy: a graph refused after the rewrite began is still the graph that came in."""
     reference = graphs.decoder(positions="reversed")
     model = ir.from_proto(reference)
     with pytest.raises(PassFailure):
