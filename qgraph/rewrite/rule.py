@@ -145,6 +145,12 @@ class Rule:
             names are checked against when the rule is defined (None: the
             newest onnx knows; see ``qgraph.rewrite.schemas``). A typo raises
             ``RuleDefinitionError`` naming the rule.
+        check_tolerance: for the rule self-check, the elementwise atol and
+            rtol (float outputs) when the replacement regroups float
+            arithmetic the pattern does in another order -- a scale folded
+            into a sum before a softmax, whose exp amplifies the last bit of
+            scores as large as the self-check's inputs (up to 1e2) make
+            them. None: the dtype's default. Say why where it is set.
     """
 
     name: str
@@ -160,6 +166,7 @@ class Rule:
     functions: tuple[Callable[[], ir.Function], ...] = ()
     in_functions: bool = False
     opset: int | None = None
+    check_tolerance: float | None = None
     _graph: PatternGraph | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:

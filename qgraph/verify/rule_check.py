@@ -509,9 +509,13 @@ def check_rule(
         folder = None
         if artifacts_dir is not None:
             folder = Path(artifacts_dir) / rule.name.replace("/", "_") / f"variant-{index}"
+        tolerances = elementwise_tolerances(model)
+        if rule.check_tolerance is not None:
+            tolerances = {name: dataclasses.replace(t, atol=rule.check_tolerance, rtol=rule.check_tolerance)
+                          for name, t in tolerances.items()}
         verdict = check_equivalent(
             model, candidate, examples=examples, seed=seed, options=RULE_CHECK_INPUTS,
-            tolerances=elementwise_tolerances(model), artifacts_dir=folder,
+            tolerances=tolerances, artifacts_dir=folder,
             reference_label="the pattern", candidate_label="the replacement",
         )
         if verdict.reproduction and verdict.reproduction.startswith("python -m qgraph.verify"):

@@ -258,3 +258,26 @@ def test_every_builtin_rule_instance_holds_the_ops_the_engine_requires():
             present = {(n.domain or "", n.op_type) for n in model.graph}
             assert rule.pattern_graph.required_ops() <= present, (rule.name, choices)
         assert built, rule.name
+
+
+def test_a_rule_check_tolerance_loosens_only_that_rule_and_still_catches_a_wrong_replacement():
+    """check_tolerance is for regrouped arithmetic; a replacement wrong by more than it still fails."""
+    import numpy as np
+
+    from qgraph.rewrite import Rule
+    from qgraph.verify.rule_check import check_rule
+
+    def scaled_twice(op, x):
+        return op.Mul(op.Mul(x, op.const(3.0)), op.const(1.0 / 3.0))
+
+    def off_by_5e_4(op, x):  # x * (1 + 5e-4): inside a 1e-3 tolerance, outside the default 1e-4
+        return op.Mul(x, op.const(np.float32(1.0 + 5e-4)))
+
+    def off_by_1_percent(op, x):
+        return op.Mul(x, op.const(np.float32(1.01)))
+
+    inputs = {"x": (ir.DataType.FLOAT, ("B", "H"))}
+    assert not check_rule(Rule("tiny-off", scaled_twice, off_by_5e_4, example_inputs=inputs)).ok
+    assert check_rule(Rule("tiny-off", scaled_twice, off_by_5e_4, example_inputs=inputs, check_tolerance=1e-3)).ok
+    assert not check_rule(Rule("wrong", scaled_twice, off_by_1_percent, example_inputs=inputs,
+                               check_tolerance=1e-3)).ok
