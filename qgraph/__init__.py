@@ -1,6 +1,7 @@
 """qgraph: declarative, verified rewrite passes over exported ONNX graphs."""
 
 from qgraph.api import optimize, optimize_with_report
+from qgraph.auto import AutoModel, AutoModelForCausalLM, CommonLoader, ExecInfo, exec_kv, load_hf_tokenizer
 from qgraph.errors import BadInputError, PassFailure, QGraphError, RewriteError
 from qgraph.manager import PassManager, PassRecord, RunReport
 from qgraph.pass_base import Option, Pass, PassReport, Prerequisite
@@ -10,6 +11,12 @@ from qgraph.rewrite import Match, Rule, RuleSet, apply_rules, explain, find_matc
 from qgraph.rewrite_pass import RewritePass
 
 __all__ = [
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "CommonLoader",
+    "ExecInfo",
+    "exec_kv",
+    "load_hf_tokenizer",
     "BadInputError",
     "Fixpoint",
     "Match",
