@@ -299,7 +299,7 @@ def read_prompts(prompt: str | Sequence[str] | None = None,
 
 def load_hf_tokenizer(pretrained_model_name_or_path: str | os.PathLike[str], *, padding_side: str = "right",
                       **kwargs: Any) -> Any:
-    """A Hugging Face tokenizer; one without a pad token gets the end-of-sequence token as pad token.
+    """A Hugging Face tokenizer; one without a pad token gets its end-of-sequence token as pad token.
 
     Takes a tokenizer folder (a qgraph export or bundle, a Hugging Face
     folder), a GGUF file or a packaged name.
@@ -321,10 +321,8 @@ def load_hf_tokenizer(pretrained_model_name_or_path: str | os.PathLike[str], *, 
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(folder), padding_side=padding_side, **extra, **kwargs)
     except Exception as error:  # noqa: BLE001 - transformers raises many kinds for broken folders
         raise BadInputError(f"{pretrained_model_name_or_path}: cannot load its tokenizer: {error}") from None
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise BadInputError(f"{pretrained_model_name_or_path}: the tokenizer has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # the seeds' rule; without either token, padding stays undefined
     return tokenizer
 
 
