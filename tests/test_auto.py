@@ -263,3 +263,14 @@ def test_encoder_vectors_equal_torch_and_the_embed_command(folders, export_cache
     assert specs == [{"seq_len": "16"}, {"seq_len": "32"}]
     with pytest.raises(qgraph.BadInputError, match="seq_len"):
         model.generate(["z" * 40])
+
+
+def test_encoder_normalize_gives_unit_vectors_along_the_pooled_ones(folders) -> None:
+    texts = ["hello", "another one"]
+    plain = qgraph.AutoModel.from_pretrained(folders["bert"], pooling="mean", normalize=False)
+    plain.compile(seq_len=32)
+    unit = qgraph.AutoModel.from_pretrained(folders["bert"], pooling="mean", normalize=True)
+    unit.compile(seq_len=32)
+    raw, normed = plain.generate(texts), unit.generate(texts)
+    np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(normed, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
