@@ -119,12 +119,12 @@ class _Loaded:
 
     def export(self, export_dir: str | os.PathLike[str] | None = None) -> Path:
         """The no-cache export (cached by content); returns its folder."""
-        from qgraph.export import export_model
+        from qgraph.export import Progress, export_model
 
         folder = Path(export_dir) if export_dir is not None else _default_export_dir(
             self.source, self.exporter, self.task, self.export_options)
         result = export_model(self.source.spec, folder, exporter=self.exporter, task=self.task,
-                              **self.export_options)
+                              progress=Progress(), **self.export_options)
         self.export_dir = result.output_dir
         return self.export_dir
 

@@ -213,8 +213,11 @@ def compile_decoder(export_dir: str | os.PathLike[str], options: CompileOptions,
     """The target's preset on a causal-LM export, checked by sequence replay, as a bundle."""
     from qgraph.runtime.backend import DEFAULT_BACKEND, get_backend
 
+    from qgraph.export.progress import Progress
+
     runtime = get_backend(backend or DEFAULT_BACKEND, target=options.target)
     export_dir = Path(export_dir)
+    progress = Progress()
 
     def build(staging: Path) -> dict[str, Any]:
         from qgraph import io
@@ -226,9 +229,10 @@ def compile_decoder(export_dir: str | os.PathLike[str], options: CompileOptions,
         registry = default_registry()
         pipeline = Pipeline.from_preset(options.target, registry)
         pipeline.set_options({"kv-cache": options.kv_options(), **{k: dict(v) for k, v in options.pass_options.items()}})
-        model = io.load(export_dir / "model.onnx")
-        report = PassManager(pipeline, registry=registry).run(model)
-        io.save(model, staging / "model.onnx", external_data=True, protect=[export_dir / "model.onnx"])
+        with progress.step(f"running preset {options.target} and saving the result"):
+            model = io.load(export_dir / "model.onnx")
+            report = PassManager(pipeline, registry=registry).run(model)
+            io.save(model, staging / "model.onnx", external_data=True, protect=[export_dir / "model.onnx"])
         if options.target == "ort":  # the concat graph's shapes are dynamic; still say what it was made for
             _write_json(staging / "specializations.json", {"specializations": [
                 _symbols(options.batch_size, options.prefill_seq_len, options.ctx_len),
@@ -238,10 +242,11 @@ def compile_decoder(export_dir: str | os.PathLike[str], options: CompileOptions,
                                         "examples": options.verify_examples}
         if options.verify_examples:
             started = time.perf_counter()
-            verdict = check_sequence_equivalence(staging / "model.onnx", export_dir / "model.onnx",
-                                                 examples=options.verify_examples, threads=threads,
-                                                 cached_label=f"the {options.target} bundle",
-                                                 reference_label="the export")
+            with progress.step(f"replaying {options.verify_examples} sequences against the export"):
+                verdict = check_sequence_equivalence(staging / "model.onnx", export_dir / "model.onnx",
+                                                     examples=options.verify_examples, threads=threads,
+                                                     cached_label=f"the {options.target} bundle",
+                                                     reference_label="the export")
             if not verdict.equivalent:
                 raise PassFailure(f"the {options.target} preset changed the model's meaning; no bundle written:\n"
                                   f"{verdict}")
