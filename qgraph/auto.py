@@ -228,7 +228,11 @@ class CommonLoader:
 
 @dataclasses.dataclass(frozen=True)
 class PerfMetrics:
-    """The latency figures of one ``generate`` (seconds and tokens per second)."""
+    """The latency figures of one ``generate`` (seconds and tokens per second).
+
+    ``ttft``: the average over the batches run of the time to each batch's
+    first token; the rates and ``end_to_end`` cover all batches together.
+    """
 
     ttft: float
     prefill_tokens_per_second: float
@@ -237,9 +241,13 @@ class PerfMetrics:
     end_to_end: float
 
     @classmethod
-    def from_stats(cls, stats: Any) -> PerfMetrics:
-        return cls(stats.ttft, stats.prefill_tokens_per_second, stats.decode_tokens_per_second,
-                   stats.total_tokens_per_second, stats.end_to_end)
+    def from_batches(cls, parts: Sequence[Any]) -> PerfMetrics:
+        """``parts``: the LatencyStats of each batch run; TTFT is their average, rates are over the whole run."""
+        from qgraph.runtime.stats import LatencyStats
+
+        total = LatencyStats.combine(list(parts))
+        return cls(total.ttft / len(parts), total.prefill_tokens_per_second, total.decode_tokens_per_second,
+                   total.total_tokens_per_second, total.end_to_end)
 
 
 @dataclasses.dataclass
@@ -380,8 +388,8 @@ def exec_kv(tokenizer: Any, bundle: str | os.PathLike[str], *, prompt: str | Seq
         reasons += result.stop_reasons
         parts.append(result.stats)
     texts = [generator.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-    stats = LatencyStats.combine(parts)
-    info = ExecInfo(batch_size, texts, tokens, PerfMetrics.from_stats(stats), prompts, reasons, stats)
+    info = ExecInfo(batch_size, texts, tokens, PerfMetrics.from_batches(parts), prompts, reasons,
+                    LatencyStats.combine(parts))
     if stream:
         print(file=out)
         for row, (p, text) in enumerate(zip(prompts, texts, strict=True)):

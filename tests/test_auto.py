@@ -274,3 +274,19 @@ def test_encoder_normalize_gives_unit_vectors_along_the_pooled_ones(folders) -> 
     raw, normed = plain.generate(texts), unit.generate(texts)
     np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(normed, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+
+
+def test_perf_metrics_average_ttft_over_batches() -> None:
+    from qgraph.auto import PerfMetrics
+    from qgraph.runtime.stats import LatencyStats
+
+    def part(ttft: float) -> LatencyStats:
+        return LatencyStats(batch=1, prompt_tokens=4, generated_tokens=3, decode_tokens=2, prefill_runs=1,
+                            decode_steps=2, ttft=ttft, decode_seconds=0.5, end_to_end=ttft + 0.5)
+
+    metrics = PerfMetrics.from_batches([part(0.1), part(0.3)])
+    assert metrics.ttft == pytest.approx(0.2)
+    assert metrics.prefill_tokens_per_second == pytest.approx(8 / 0.4)
+    assert metrics.decode_tokens_per_second == pytest.approx(4 / 1.0)
+    assert metrics.total_tokens_per_second == pytest.approx(6 / 1.4)
+    assert metrics.end_to_end == pytest.approx(1.4)
