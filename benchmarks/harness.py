@@ -49,7 +49,7 @@ def exported(model: str, exporter: str, exports: Path | None, folder: str) -> Pa
     """``exports/<folder>/model.onnx`` when given, else a fresh export through qgraph's default cache.
 
     The cache makes every export after the first a copy, so a fresh machine
-    pays the export once (DESIGN.md: several minutes for SmolLM2 with dynamo).
+    pays the export once (README.md: about 3 minutes for SmolLM2 with dynamo).
     """
     if exports is not None:
         path = exports / folder / "model.onnx"

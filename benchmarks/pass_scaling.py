@@ -2,14 +2,16 @@
 
     .venv/bin/python benchmarks/pass_scaling.py [--layers 8 32 128] [--repeats 3] [--write]
 
-DESIGN.md's budget: a pass over the graph costs O(nodes). Each size is a
-``qgraph.synthetic`` decoder (dynamo-exporter op patterns, opset 23, a
-fresh copy per run) and the canonicalize and lower passes run on it in
+docs/design.md's budget: a pass over the graph costs O(nodes). Each size is a
+``qgraph.synthetic`` decoder (dynamo-exporter op patterns, opset 23, the
+causal mask combined with an ``attention_mask`` input, a fresh copy per run)
+and the canonicalize and lower passes run on it in
 pipeline order under the pass manager, invariant checks off so the figure is
-the pass's own: ``rmsnorm``, ``attention``, ``lower-rmsnorm``,
+the pass's own: ``rmsnorm``, ``attention``, ``kv-cache`` (retained, CtxScatter: its
+analysis probes the graph in onnxruntime), ``lower-rmsnorm``,
 ``lower-attention`` (primitive) and ``fp16-clip``. Each figure is the best
 of ``--repeats``. The match counts are checked against the layer count
-(2 RMSNorms per layer + 1, one attention per layer), so a pass that got
+(2 RMSNorms per layer + 1, one attention and one cached layer per layer), so a pass that got
 faster by matching less is caught. The budget: a pass's time at the largest
 size may be at most 20x its time at the smallest (8 -> 128 layers is 16x
 the nodes); exit status 1 when exceeded.
@@ -26,6 +28,7 @@ SECTION = "Pass scaling"
 PIPELINE = (
     ("rmsnorm", {}),
     ("attention", {}),
+    ("kv-cache", {"style": "retained", "scatter": "ctx-scatter"}),
     ("lower-rmsnorm", {"to": "custom-rmsnorm"}),
     ("lower-attention", {"to": "primitive"}),
     ("fp16-clip", {}),
@@ -39,7 +42,7 @@ def measure(layers: int) -> tuple[int, dict[str, float], dict[str, int]]:
     from qgraph.manager import PassManager
     from qgraph.synthetic import synthetic_decoder
 
-    model = synthetic_decoder(layers, opset=23)
+    model = synthetic_decoder(layers, opset=23, mask="padding")
     nodes = count_nodes(model.graph)
     manager = PassManager([{"pass": name, "options": options} for name, options in PIPELINE],
                           check_invariants=False)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             nodes, seconds, matches = measure(layers)
             for name, s in seconds.items():
                 best[name] = min(best.get(name, s), s)
-        expected = {"rmsnorm": 2 * layers + 1, "attention": layers}
+        expected = {"rmsnorm": 2 * layers + 1, "attention": layers, "kv-cache": layers}
         for name, want in expected.items():
             if matches[name] != want:
                 raise SystemExit(f"{layers} layers: {name} matched {matches[name]}, expected {want}")
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Synthetic Llama-shaped decoders (opset 23), the passes in pipeline order under the pass manager with "
         "invariant checks off; seconds are each pass's own, best of "
-        f"{args.repeats}. Match counts checked: 2 RMSNorms per layer + 1, one attention per layer.",
+        f"{args.repeats}. Match counts checked: 2 RMSNorms per layer + 1, one attention and one cached layer "
+        "per layer.",
         "",
         "| layers | nodes | " + " | ".join(names) + " |",
         "|---:|---:|" + "---:|" * len(names),

@@ -1,6 +1,6 @@
 """Attention cores -> one ``Attention`` (ai.onnx, opset 23) per layer.
 
-Canonical form (DESIGN.md; the kv-cache pass builds on exactly this):
+Canonical form (docs/design.md; the kv-cache pass builds on exactly this):
 ``Attention(Q, K, V[, mask])`` with Q [B, Hq, S, D] and K, V [B, Hkv, T, D]
 taken *before* the exporter's repeat_kv (GQA/MQA is Hkv < Hq), the product
 of every scale as the ``scale`` attribute, ``softcap`` for soft-capped

@@ -56,13 +56,30 @@ class CommonSubexpressionPass(Pass):
         ]
         for i, (node, _) in enumerate(hidden):
             node.overload = f"qgraph.cse.kept.{i}"
+        declared = [(value.name, value.type, value.shape) for value in model.graph.outputs]
         try:
             result = CommonSubexpressionEliminationPass(size_limit=self.config["size_limit"])(model)
         finally:
             for node, overload in hidden:
                 node.overload = overload
+        _keep_declared_output_types(model.graph, declared)
         merged = len(nodes_before - set(model.graph))
         if merged:
             self.report.count("nodes-merged", merged)
             self.report.notes.append(f"merged {merged} duplicate node(s)")
         return ir.passes.PassResult(model, modified=result.modified)
+
+
+def _keep_declared_output_types(graph: ir.Graph, declared: list[tuple[str | None, ir.TypeProtocol | None, ir.Shape | None]]) -> None:
+    """A graph output merged into an untyped duplicate takes back the type and shape it declared.
+
+    onnx_ir keeps the earlier node's value and gives it the output's name,
+    but not the output's type: an exporter's intermediate values often have
+    none, and a graph output without a type is invalid ONNX.
+    """
+    for value, (name, type_, shape) in zip(graph.outputs, declared):
+        if value.name == name:
+            if value.type is None and type_ is not None:
+                value.type = type_
+            if value.shape is None and shape is not None:
+                value.shape = shape

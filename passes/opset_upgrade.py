@@ -14,6 +14,7 @@ from onnxscript.version_converter._version_converter import (
     registry,
 )
 from qgraph_passes._library_logs import captured_warnings
+from qgraph_passes.opset_meaning import meaning_change
 
 from qgraph.custom_ops import op_signature, retarget_error, retarget_function
 from qgraph.errors import BadInputError
@@ -241,6 +242,9 @@ class OpsetUpgradePass(Pass):
     Downgrading is allowed exactly where onnx's converter has the adapters
     (e.g. ReduceMean 18 -> 17); ops that do not exist in the lower opset
     (RMSNormalization, Attention at 23) make it fail, so lower those first.
+    A downgrade across a revision that changed an op's meaning under the
+    same spelling (Softmax 13 on a non-last axis, GroupNormalization 21) is
+    refused naming the node (``qgraph_passes.opset_meaning``).
 
     onnxscript's GroupNormalization 20 -> 21 adapter silently keeps the node
     when the channel dim is not static, which changes its meaning; the pass
@@ -317,6 +321,8 @@ class OpsetUpgradePass(Pass):
             )
 
         ops = _default_domain_ops(model)
+        if source is not None and target < source and (changed := meaning_change(model, source, target)):
+            raise self._fail(source, target, changed[1], changed[0])
         if (reason := _unconvertible_group_norm(model, source, target)) is not None:
             raise self._fail(source, target, reason, "GroupNormalization")
 

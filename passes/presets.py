@@ -4,7 +4,7 @@ A step is either ``{"pass": NAME}`` (optionally with ``"options": {...}``) or
 ``{"fixpoint": [NAME, ...], "max_iterations": N}``: the listed passes run in
 order, again and again, until a whole round changes nothing or N rounds ran.
 
-A preset is the pipeline for one target (DESIGN.md, "canonicalize ->
+A preset is the pipeline for one target (docs/design.md, "canonicalize ->
 transform -> lower"): every preset first canonicalizes (RMSNorm and
 attention to the ONNX-standard ops), then transforms on the canonical form
 (the KV cache), then lowers to what the target's compiler accepts.
@@ -12,7 +12,7 @@ attention to the ONNX-standard ops), then transforms on the canonical form
 
 from __future__ import annotations
 
-__all__ = ["CLEANUP", "ORT", "QAIC"]
+__all__ = ["CLEANUP", "ORT", "ORT_INT4", "ORT_INT8", "QAIC"]
 
 # Folding exposes Identity chains and duplicates, merging duplicates leaves
 # dead nodes, and removing dead nodes can make more nodes foldable (fewer
@@ -43,6 +43,23 @@ ORT: dict = {
         *_FINISH,
     ]
 }
+
+
+def _ort_quantized(bits: int) -> dict:
+    """``ort`` with weight-only MatMulNBits: blocks of 32 along K with zero points, and
+    accuracy_level 4 (onnxruntime multiplies with int8 activations, its fast CPU path).
+    Quantizing after the KV cache keeps the cache pass on float weights; the
+    ``quantize`` options can still be set with ``--option quantize.KEY=VALUE``."""
+    quantize = {"pass": "quantize", "options": {"bits": bits, "block_size": 32, "accuracy_level": 4}}
+    steps = ORT["steps"]
+    at = len(steps) - len(_FINISH)
+    return {"steps": [*steps[:at], quantize, *steps[at:]]}
+
+
+# The same pipeline at the other precisions (--preset ort-int8 / ort-int4);
+# ``ort`` itself stays fp32.
+ORT_INT8: dict = _ort_quantized(8)
+ORT_INT4: dict = _ort_quantized(4)
 
 # Cloud AI 100 style: fixed-shape retained-state cache written by the
 # device's CtxScatter, CustomRMSNorm, attention back in primitive ops (the

@@ -2,7 +2,7 @@
 
 * ``custom-rmsnorm`` (the qaic preset): ``com.qti.aisw.onnx::CustomRMSNorm(x, weight)``
   with a float ``epsilon``, the op Cloud AI 100's compiler knows
-  (DESIGN.md, "Custom ops"); its function body rides along so onnxruntime
+  (docs/design.md, "Custom ops"); its function body rides along so onnxruntime
   still runs the model, and survives the preset's later move to opset 17.
 * ``simplified-layer-norm``: ``com.microsoft::SimplifiedLayerNormalization``,
   the name onnxruntime's transformer tools use, also with a function body
@@ -139,6 +139,7 @@ class LowerRMSNormPass(RewritePass):
     """
 
     name = "lower-rmsnorm"
+    near_miss_notes = False  # every candidate left unfused gets its own note below
     options = {
         "to": Option(
             str,

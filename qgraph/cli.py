@@ -1,6 +1,6 @@
 """The ``qgraph`` command line; its commands and exit codes are a contract.
 
-Exit codes (DESIGN.md): 0 success, 1 a pass or check failed, 2 bad input or
+Exit codes (docs/design.md): 0 success, 1 a pass or check failed, 2 bad input or
 usage. Nothing is written unless the whole pipeline succeeded, and the input
 file is never overwritten.
 """
@@ -38,6 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--option", action="append", default=[], metavar="PASS.KEY=VALUE", help="set a pass option (repeatable)")
     opt.add_argument("--verify", action="store_true", help="check equivalence after every pass that changed the model")
     opt.add_argument("--verify-examples", type=int, default=5, metavar="N", help="examples per --verify check (default 5)")
+    opt.add_argument("--verify-keep", metavar="DIR", help="keep a failed --verify's inputs in DIR (default: not kept)")
     opt.add_argument("--report", metavar="R.json", help="write the per-pass report as JSON")
     opt.add_argument("--explain", metavar="RULE", help="list every candidate of RULE and why it did or did not match")
     opt.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
@@ -54,6 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("reference", metavar="A.onnx")
     chk.add_argument("candidate", metavar="B.onnx")
     chk.add_argument("--examples", type=int, default=20, metavar="N")
+    chk.add_argument("--keep", metavar="DIR", help="keep a failure's inputs in DIR for the reproduction command (default: not kept)")
 
     from qgraph.export.command import add_export_parser  # argparse only: cheap
 
@@ -73,15 +75,46 @@ def _build_parser() -> argparse.ArgumentParser:
 
     vr = sub.add_parser("verify-rules", help="self-check every registered rule: exit 0 all hold, 1 naming those that don't")
     vr.add_argument("--examples", type=int, default=8, metavar="N", help="inputs per pattern variant (default 8)")
+    vr.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the drawn inputs (default 0)")
+    vr.add_argument("--artifacts", metavar="DIR", help="where failing inputs and models go (default: a temporary folder)")
     vr.add_argument("--rule", action="append", default=[], metavar="NAME", help="only these rules (repeatable)")
+    _add_plugin_option(parser, sub)
     return parser
 
 
+def _add_plugin_option(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:
+    """``--plugin`` before or after any command (the env var QGRAPH_PLUGINS adds more)."""
+    text = "load passes from a .py file or an importable module (repeatable; also QGRAPH_PLUGINS)"
+    # A sub-command's values replace the top level's under one dest: keep two.
+    parser.add_argument("--plugin", action="append", dest="plugins_first", default=[], metavar="FILE.py|MODULE",
+                        help=text)
+    for command in sub.choices.values():
+        command.add_argument("--plugin", action="append", dest="plugins", default=argparse.SUPPRESS,
+                             metavar="FILE.py|MODULE", help=text)
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    from qgraph.signals import exit_code_of, terminations_as_interrupts
+    from qgraph.warning_lines import warnings_as_lines
+
     out = out or sys.stdout
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    command = "qgraph"
     try:
+        with terminations_as_interrupts():
+            parser = _build_parser()
+            args = parser.parse_args(argv)
+            command = f"qgraph {args.command}"
+            with warnings_as_lines(command):
+                return _run(parser, args, out)
+    except KeyboardInterrupt as interrupt:
+        how = getattr(interrupt, "signal_name", "Ctrl-C")
+        print(f"{command}: interrupted ({how}); nothing written", file=sys.stderr)
+        return exit_code_of(interrupt)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        _load_plugins([*args.plugins_first, *getattr(args, "plugins", [])])
         if args.command == "optimize":
             return _optimize(args, out)
         if args.command == "passes":
@@ -115,9 +148,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except QGraphError as exc:
         print(f"qgraph {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("qgraph: interrupted; nothing written", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # The reader went away (`qgraph inspect X | head`): not an error of ours.
         sys.stderr.close()
@@ -130,6 +160,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     return 2
 
 
+def _load_plugins(specs: list[str]) -> None:
+    from qgraph.plugins import load_plugins, plugins_from_environment
+    from qgraph.registry import default_registry
+
+    load_plugins([*plugins_from_environment(), *specs], default_registry())
+
+
 def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     from qgraph import io
     from qgraph.explain_rule import ExplainHook
@@ -140,8 +177,6 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     if args.output is None and args.explain is None:
         raise BadInputError("optimize needs -o OUT.onnx (or --explain RULE to only explain)")
     source = Path(args.input)
-    if args.output is not None:
-        _refuse_same_path(source, Path(args.output))
     if args.verify_examples < 1:
         raise BadInputError("--verify-examples must be at least 1")
 
@@ -159,7 +194,7 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     if args.verify:
         from qgraph.verify import step_verifier
 
-        verifier = step_verifier(examples=args.verify_examples)
+        verifier = step_verifier(examples=args.verify_examples, keep=args.verify_keep, clean_up=True)
     manager = PassManager(
         pipeline,
         registry=registry,
@@ -172,6 +207,8 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
 
     model = io.load(source)
     had_external_data = bool(io.files_read_by(model) - {source.resolve()})
+    if args.output is not None:
+        _check_destinations(args, source, model)
     report = manager.run(model)
     if explain_hook is not None:
         explain_hook.finish()
@@ -181,9 +218,8 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     if external is None and had_external_data:
         external = True
-    io.save(model, args.output, external_data=external, protect=[source])
-    if args.report:
-        report.write_json(args.report)
+    extra = {args.report: report.to_json()} if args.report else {}
+    io.save(model, args.output, external_data=external, protect=[source], extra_files=extra)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(report.format_table(), file=out)
@@ -191,13 +227,16 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _refuse_same_path(source: Path, output: Path) -> None:
-    try:
-        same = output.exists() and source.exists() and output.samefile(source)
-    except OSError:
-        same = False
-    if same or output.resolve() == source.resolve():
-        raise BadInputError(f"-o {output} is the input file; qgraph never overwrites its input")
+def _check_destinations(args: argparse.Namespace, source: Path, model: object) -> None:
+    """Every file this run writes, against its inputs and each other, before any pass runs."""
+    from qgraph import io
+    from qgraph.output_paths import check_destinations
+
+    outputs = {"-o": args.output, "-o's external data file": io.data_path_for(args.output)}
+    if args.report:
+        outputs["--report"] = args.report
+    inputs = [("the input model", source)] + [("a file the input reads", p) for p in sorted(io.files_read_by(model))]
+    check_destinations(outputs, inputs)
 
 
 def _passes(out: TextIO) -> int:
@@ -212,6 +251,8 @@ def _passes(out: TextIO) -> int:
         if cls.options:
             opts = ", ".join(f"{k}={opt.default!r}" for k, opt in cls.options.items())
             line += f"  [options: {opts}]"
+        if not registry.origin(name).startswith("package 'qgraph'"):
+            line += f"  (from {registry.origin(name)})"
         print(line, file=out)
     for name, problem in sorted(registry.broken().items()):
         print(f"{name.ljust(width)}  (cannot be loaded: {problem})", file=out)
@@ -235,7 +276,7 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
 
     if args.examples < 1:
         raise BadInputError("--examples must be at least 1")
-    return check_files(args.reference, args.candidate, examples=args.examples, out=out)
+    return check_files(args.reference, args.candidate, examples=args.examples, out=out, keep=args.keep, clean_up=True)
 
 
 def _verify_rules(args: argparse.Namespace, out: TextIO) -> int:
@@ -255,7 +296,7 @@ def _verify_rules(args: argparse.Namespace, out: TextIO) -> int:
             if (wanted and rule.name not in wanted) or rule.name in seen:
                 continue
             seen.add(rule.name)
-            result = check_rule(rule, examples=args.examples)
+            result = check_rule(rule, examples=args.examples, seed=args.seed, artifacts_dir=args.artifacts)
             print(f"{result} [pass {name}]", file=out)
             if not result.ok:
                 failed.append(rule.name)

@@ -2,7 +2,7 @@
 
 A device compiler knows ``com.qti.aisw.onnx::CustomRMSNorm`` natively;
 onnxruntime does not, so each custom op qgraph emits is also defined as a
-model-local ONNX function (DESIGN.md, "Custom ops"). That keeps every
+model-local ONNX function (docs/design.md, "Custom ops"). That keeps every
 lowered graph checkable against the original in onnxruntime.
 
 Two rules of the ONNX checker shape this module. A function's domain must be

@@ -1,6 +1,6 @@
 """Errors that carry the CLI's exit-code contract.
 
-Other tools script against qgraph's exit codes (DESIGN.md), so the kind of a
+Other tools script against qgraph's exit codes (docs/design.md), so the kind of a
 failure is decided where it is raised, not guessed at the top level:
 ``BadInputError`` (exit 2) means the caller gave something unusable and
 nothing was written; ``PassFailure`` (exit 1) means the input was fine but a
@@ -42,3 +42,11 @@ class RewriteError(PassFailure):
     def __init__(self, message: str, *, rule_name: str, pass_name: str | None = None) -> None:
         super().__init__(message, pass_name=pass_name)
         self.rule_name = rule_name
+
+
+class UnwritableOutputError(BadInputError, OSError):
+    """An output could not be written (exit code 2, the path named); nothing was written.
+
+    Also an ``OSError``, which is what a write failure was before qgraph
+    named it, so callers that catch ``OSError`` still do.
+    """

@@ -26,6 +26,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from qgraph.graph_stats import iter_nodes
+from qgraph.runtime_loadable import lost_kernels
 
 __all__ = ["InvariantChecker", "find_violations"]
 
@@ -99,6 +100,45 @@ def _structural_violations(model: ir.Model) -> list[str]:
             if value not in defined:
                 fgraph_problems.append(f"function {function.domain}::{function.name}: output '{value.name}' is not produced")
         problems.extend(fgraph_problems)
+    problems.extend(_call_cycles(model))
+    return problems
+
+
+def _call_cycles(model: ir.Model) -> list[str]:
+    """Model-local functions that call themselves, directly or through others.
+
+    ONNX forbids recursion (a function body is inlined by runtimes, so a
+    cycle never ends); onnxruntime fails on such a model at load time, far
+    from the pass that wrote it.
+    """
+    calls: dict[tuple[str, str, str], list[tuple[str, str, str]]] = {}
+    for key, function in model.functions.items():
+        callees = []
+        for node in iter_nodes(function.graph):
+            callee = (node.domain, node.op_type, node.overload)
+            if callee in model.functions and callee not in callees:
+                callees.append(callee)
+        calls[key] = callees
+    problems: list[str] = []
+    state: dict[tuple[str, str, str], int] = {}  # 1 on the current path, 2 finished
+    path: list[tuple[str, str, str]] = []
+
+    def visit(key: tuple[str, str, str]) -> None:
+        state[key] = 1
+        path.append(key)
+        for callee in calls[key]:
+            if state.get(callee) == 1:
+                cycle = path[path.index(callee):] + [callee]
+                names = " -> ".join(f"{d}::{n}" for d, n, _ in cycle)
+                problems.append(f"function {callee[0]}::{callee[1]} calls itself ({names})")
+            elif callee not in state:
+                visit(callee)
+        path.pop()
+        state[key] = 2
+
+    for key in calls:
+        if key not in state:
+            visit(key)
     return problems
 
 
@@ -203,6 +243,9 @@ class InvariantChecker:
 
     def __call__(self, model: ir.Model) -> list[str]:
         problems = _structural_violations(model)
+        if not problems and self._imports is not None:
+            previous = self._imports.get("", self._imports.get("ai.onnx"))
+            problems = lost_kernels(model, previous)
         if problems or not self.run_onnx_checker:
             return problems
         imports = dict(model.opset_imports)

@@ -43,12 +43,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
+import secrets
 import stat
 import sys
-import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -57,7 +56,18 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from qgraph.errors import BadInputError
+from qgraph.errors import BadInputError, UnwritableOutputError
+from qgraph.graph_wellformed import (
+    check_acyclic,
+    check_default_domain_op,
+    check_single_producers,
+    check_tensor_size,
+    check_versions,
+    node_label,
+)
+from qgraph.inline_weights import weights_as_references, write_streamed
+from qgraph.output_paths import same_file
+from qgraph.staging import Staging, commit_lock
 
 if TYPE_CHECKING:  # onnx-graphsurgeon is only imported when a gs.Graph is involved
     import onnx_graphsurgeon as gs
@@ -66,6 +76,7 @@ __all__ = [
     "AUTO_EXTERNAL_DATA_BYTES",
     "DATA_SUFFIX",
     "EXTERNAL_TENSOR_THRESHOLD_BYTES",
+    "PAIR_KEY",
     "SIDECAR_PREFIX",
     "SOURCE_PATH_KEY",
     "ModelSource",
@@ -174,7 +185,7 @@ def _load_path(path: Path) -> ir.Model:
     # file name, so the lazy tensors would silently depend on the cwd.
     shown = os.fspath(path)
     try:
-        data = path.read_bytes()
+        data = _model_bytes(path)
     except FileNotFoundError:
         raise BadInputError(f"{shown}: no such file") from None
     except IsADirectoryError:
@@ -185,6 +196,27 @@ def _load_path(path: Path) -> ir.Model:
     model = _model_from_proto(_parse(data, shown), shown, os.path.dirname(absolute))
     model.meta[SOURCE_PATH_KEY] = absolute
     return model
+
+
+def _model_bytes(path: Path) -> bytes:
+    """The file's bytes, with large inline weights left in the file as references to it (read lazily).
+
+    Only where the file can serve as its own external data: a regular file
+    with one link (onnx_ir refuses to map others), in the folder it is named
+    in (a symbolic link from elsewhere would point outside it).
+    """
+    info = os.stat(path)
+    absolute = os.path.abspath(path)
+    if (
+        stat.S_ISREG(info.st_mode)
+        and info.st_nlink == 1
+        and os.path.dirname(os.path.realpath(absolute)) == os.path.dirname(absolute)
+        and info.st_size > EXTERNAL_TENSOR_THRESHOLD_BYTES
+    ):
+        referenced = weights_as_references(path, EXTERNAL_TENSOR_THRESHOLD_BYTES)
+        if referenced is not None:
+            return referenced
+    return path.read_bytes()
 
 
 def _parse(data: bytes, origin: str) -> onnx.ModelProto:
@@ -209,6 +241,7 @@ def _model_from_proto(
     except Exception as error:  # serde wraps many failure kinds; all mean a bad model
         raise BadInputError(f"{origin}: cannot read the model: {error}") from error
     _attach_external_data(model, origin, base_dir)
+    _check_pair(model, origin)
     return model
 
 
@@ -232,10 +265,12 @@ def _check_structure(proto: onnx.ModelProto, origin: str) -> None:
         raise BadInputError(f"{origin}: has no ir_version; not an ONNX model, or {truncated}")
     if not proto.opset_import:
         raise BadInputError(f"{origin}: imports no opset; {truncated}")
+    check_versions(proto, origin)
     imported = {_normal_domain(o.domain) for o in proto.opset_import}
     functions = {(f.domain, f.name, f.overload) for f in proto.functions}
     function_domains = {domain for domain, _, _ in functions}
-    checker = _ConsistencyChecker(origin, functions, function_domains)
+    default_opset = next((o.version for o in proto.opset_import if _normal_domain(o.domain) == ""), None)
+    checker = _ConsistencyChecker(origin, functions, function_domains, default_opset)
     checker.check_graph(proto.graph, outer=frozenset(), imported=imported)
     for function in proto.functions:
         fn_imported = {_normal_domain(o.domain) for o in function.opset_import} or imported
@@ -254,6 +289,7 @@ class _ConsistencyChecker:
     origin: str
     functions: set[tuple[str, str, str]]
     function_domains: set[str]
+    default_opset: int | None = None
 
     def __post_init__(self) -> None:
         self._unresolved: list[str] = []
@@ -262,6 +298,10 @@ class _ConsistencyChecker:
         self, graph: onnx.GraphProto, *, outer: frozenset[str], imported: set[str]
     ) -> None:
         where = f"graph {graph.name!r}"
+        check_single_producers(graph, self.origin, where)
+        check_acyclic(graph, self.origin, where)
+        for tensor in graph.initializer:
+            check_tensor_size(tensor, self.origin, f"initializer {tensor.name!r} of {where}")
         defined = set(outer)
         defined.update(v.name for v in graph.input)
         defined.update(t.name for t in graph.initializer)
@@ -295,7 +335,7 @@ class _ConsistencyChecker:
         # Names are checked against everything the graph defines, not only
         # what precedes the node: ordering is a pass's business (topological
         # sort), whereas an undefined name means data is missing.
-        for node in nodes:
+        for index, node in enumerate(nodes):
             label = f"node {node.name!r} ({node.op_type})" if node.name else f"a {node.op_type} node"
             domain = _normal_domain(node.domain)
             if domain not in imported:
@@ -310,7 +350,11 @@ class _ConsistencyChecker:
                         "initializer or node defines; the file is corrupt or truncated"
                     )
             self._note_unresolved(node, domain)
+            if domain == "" and not where.startswith("function"):
+                check_default_domain_op(node, index, self.default_opset, self.origin, where)
             for attr in node.attribute:
+                if attr.HasField("t"):
+                    check_tensor_size(attr.t, self.origin, f"attribute {attr.name!r} of {node_label(node, index)}")
                 subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
                 for subgraph in subgraphs:
                     self.check_graph(subgraph, outer=frozenset(defined), imported=imported)
@@ -536,7 +580,9 @@ def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
 
 
 @contextlib.contextmanager
-def _external_tensors_inlined(model: ir.Model, *, initializers: bool = True) -> Iterator[None]:
+def _external_tensors_inlined(
+    model: ir.Model, *, initializers: bool = True, main_graph_initializers: bool = True
+) -> Iterator[None]:
     """Temporarily replace external tensors with in-memory ones.
 
     The IR serializes an ``ExternalTensor`` as a reference to its location,
@@ -549,6 +595,8 @@ def _external_tensors_inlined(model: ir.Model, *, initializers: bool = True) -> 
     try:
         if initializers:
             for graph in _all_graphs(model):
+                if graph is model.graph and not main_graph_initializers:
+                    continue  # the caller reads those itself (write_streamed)
                 for value in graph.initializers.values():
                     tensor = value.const_value
                     if isinstance(tensor, ir.ExternalTensor):
@@ -657,6 +705,7 @@ def save(
     *,
     external_data: bool | None = None,
     protect: Iterable[str | os.PathLike[str]] = (),
+    extra_files: Mapping[str | os.PathLike[str], str] | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the absolute path.
 
@@ -670,6 +719,10 @@ def save(
     every file in :func:`files_read_by` is protected as well. Paths are
     compared after resolving links, so ``./a.onnx`` and ``a.onnx`` match.
 
+    ``extra_files``: {path: text} written in the same commit (the CLI's
+    ``--report``), in any existing folder; they are checked like the model's
+    own files, so a report can never replace the model, its data or an input.
+
     The in-memory model is unchanged and stays valid: its tensors keep
     pointing at the files they were loaded from, which is why those cannot be
     overwritten.
@@ -678,12 +731,19 @@ def save(
     are written beside the model in the same commit and left out of the
     saved model's metadata.
 
+    A data file ends with a random marker that the model records
+    (:data:`PAIR_KEY`); :func:`load` refuses a model whose data file carries
+    another one, so a model and data file from two different writes never
+    load silently (renames of concurrent qgraph writers into one folder are
+    also serialized, see ``qgraph.staging.commit_lock``).
+
     Raises:
         BadInputError: the folder does not exist, the destination is a
-            folder, it would overwrite a protected file, a sidecar's name is
-            not a plain file name, or the model is too large for one file
-            with ``external_data=False``. Nothing is written in any of these
-            cases.
+            folder, it would overwrite a protected file, two of the files
+            written are one, a sidecar's name is not a plain file name, the
+            model is too large for one file with ``external_data=False``, or
+            the operating system refuses a write (the path is named).
+            Nothing is written in any of these cases.
     """
     destination = Path(os.path.abspath(path))
     folder = destination.parent
@@ -702,19 +762,23 @@ def save(
     data_path = data_path_for(destination)
     sidecars = sidecar_files(model)
     _check_sidecar_names(sidecars, destination, data_path)
+    extras = {Path(os.path.abspath(p)): text for p, text in (extra_files or {}).items()}
     _refuse_overwriting_inputs(
         model, destination, data_path if use_external else None, protect, [folder / n for n in sidecars]
     )
+    _refuse_colliding_outputs(destination, data_path, [folder / n for n in sidecars], extras, protect, model)
 
-    # A temporary folder in the destination folder: same filesystem, so the
-    # final os.replace is atomic, and the files inside already carry their
-    # final base names, which ir.save records as the external-data location.
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{destination.name}.", suffix=".tmp"))
+    # Staging folders beside each destination: same filesystem, so the final
+    # os.replace is atomic, and the files inside already carry their final
+    # base names, which ir.save records as the external-data location.
+    stagings: dict[Path, Staging] = {}
     try:
+        staging = _staging_for(stagings, folder, destination.name, path)
         staged_model = staging / destination.name
         staged_data = staging / data_path.name
+        pair_marker = _new_pair_marker() if use_external else None
         try:
-            with _sidecars_left_out(model):
+            with _sidecars_left_out(model), _pair_recorded(model, pair_marker):
                 _write_model_file(model, staged_model, data_path, use_external)
         except ValueError as error:
             if "protobuf" in str(error) or "2GB" in str(error):
@@ -723,25 +787,102 @@ def save(
                     f"({error}); save with external data"
                 ) from error
             raise
+        except OSError as error:
+            raise _unwritable(destination, error) from None
         _fsync(staged_model)
         # ir.save creates the data file even when no tensor is large enough
         # to go there; an empty file referenced by nothing is not installed.
         has_data = use_external and staged_data.exists() and staged_data.stat().st_size > 0
         if has_data:
+            _append_pair_marker(staged_data, pair_marker)
             _fsync(staged_data)
         companions = [(staged_data, data_path)] if has_data else []
-        sidecar_staging = staging / ".sidecars"
-        if sidecars:
-            sidecar_staging.mkdir()
-        for name, text in sidecars.items():
-            staged = sidecar_staging / name
-            staged.write_text(text, encoding="utf-8")
+        texts = [(folder / name, text) for name, text in sidecars.items()] + list(extras.items())
+        for final, text in texts:
+            box = _staging_for(stagings, final.parent, final.name, final) / ".files"
+            box.mkdir(exist_ok=True)
+            staged = box / final.name
+            try:
+                staged.write_text(text, encoding="utf-8")
+            except OSError as error:
+                raise _unwritable(final, error) from None
             _fsync(staged)
-            companions.append((staged, folder / name))
-        _commit(staging, staged_model, destination, companions)
+            companions.append((staged, final))
+        with commit_lock([folder] + [final.parent for _, final in companions]):
+            _commit(staged_model, destination, companions)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for box in stagings.values():
+            box.close()
     return destination
+
+
+def _staging_for(stagings: dict[Path, Staging], folder: Path, name: str, shown: object) -> Path:
+    """The staging folder of this save in ``folder`` (made on first use)."""
+    if folder not in stagings:
+        try:
+            stagings[folder] = Staging(folder, name)
+        except OSError as error:
+            raise _unwritable(Path(os.fspath(shown)), error) from None
+    return stagings[folder].path
+
+
+def _unwritable(path: Path, error: OSError) -> UnwritableOutputError:
+    reason = error.strerror or str(error)
+    return UnwritableOutputError(f"{path}: cannot write it ({reason}); nothing was written")
+
+
+#: ``metadata_props`` key of a saved model: the marker its data file ends with.
+PAIR_KEY = "qgraph.external_data_pair"
+_PAIR_TRAILER = b"\nqgraph-external-data-pair:"
+
+
+def _new_pair_marker() -> str:
+    return secrets.token_hex(16)
+
+
+@contextlib.contextmanager
+def _pair_recorded(model: ir.Model, marker: str | None) -> Iterator[None]:
+    previous = model.metadata_props.pop(PAIR_KEY, None)
+    if marker is not None:
+        model.metadata_props[PAIR_KEY] = marker
+    try:
+        yield
+    finally:
+        model.metadata_props.pop(PAIR_KEY, None)
+        if previous is not None:
+            model.metadata_props[PAIR_KEY] = previous
+
+
+def _append_pair_marker(data_file: Path, marker: str | None) -> None:
+    # Bytes after the last tensor are never read: offsets and lengths say
+    # where each tensor is, so onnxruntime and onnx ignore the trailer.
+    with open(data_file, "ab") as handle:
+        handle.write(_PAIR_TRAILER + (marker or "").encode("ascii"))
+
+
+def _check_pair(model: ir.Model, origin: str) -> None:
+    """Refuse a model whose external data file was written together with another model."""
+    marker = model.metadata_props.pop(PAIR_KEY, None)
+    if marker is None:
+        return
+    expected = _PAIR_TRAILER + marker.encode("ascii")
+    for site in _tensor_sites(model):
+        tensor = site.tensor
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        data_file = tensor.path
+        try:
+            with open(data_file, "rb") as handle:
+                handle.seek(max(0, os.fstat(handle.fileno()).st_size - len(expected)))
+                trailer = handle.read()
+        except OSError as error:
+            raise BadInputError(f"{origin}: cannot read {data_file} ({error.strerror})") from None
+        if trailer != expected:
+            raise BadInputError(
+                f"{origin}: its external data file {data_file} is not the one written with it "
+                "(another write replaced one file of the pair); write the model again"
+            )
+        return  # qgraph writes one data file per model
 
 
 def sidecar_files(model: ir.Model) -> dict[str, str]:
@@ -792,15 +933,10 @@ def _write_model_file(model: ir.Model, staged_model: Path, data_path: Path, use_
                 size_threshold_bytes=EXTERNAL_TENSOR_THRESHOLD_BYTES,
             )
     else:
-        with _external_tensors_inlined(model):
-            ir.save(model, staged_model, format="protobuf")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)  # also catches hard links and bind mounts
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
+        # Weights mapped from files are streamed into the new file one at a
+        # time rather than gathered in one proto (see qgraph.inline_weights).
+        with _external_tensors_inlined(model, main_graph_initializers=False):
+            write_streamed(model, staged_model, EXTERNAL_TENSOR_THRESHOLD_BYTES)
 
 
 def _refuse_overwriting_inputs(
@@ -815,7 +951,7 @@ def _refuse_overwriting_inputs(
     targets = [destination] + ([data_path] if data_path is not None else []) + list(sidecars)
     for target in targets:
         for guarded_path, why in guarded:
-            if _same_file(target, guarded_path):
+            if same_file(target, guarded_path):
                 role = (
                     "output" if target == destination
                     else "output's external data file" if target == data_path
@@ -827,40 +963,71 @@ def _refuse_overwriting_inputs(
                 )
 
 
+def _refuse_colliding_outputs(
+    destination: Path,
+    data_path: Path,
+    sidecars: list[Path],
+    extras: dict[Path, str],
+    protect: Iterable[str | os.PathLike[str]],
+    model: ir.Model,
+) -> None:
+    """No extra file may be an input or one of the model's own files (data file reserved even when unused)."""
+    own = [(destination, "the output model"), (data_path, "the output's external data file")]
+    own += [(p, "a sidecar file of the output") for p in sidecars]
+    guarded = [(Path(p), "an input of this run") for p in protect]
+    guarded += [(p, "a file the model reads") for p in sorted(files_read_by(model))]
+    listed: list[Path] = []
+    for extra in extras:
+        for other, what in own + guarded + [(p, "another file of this save") for p in listed]:
+            if same_file(extra, other):
+                raise BadInputError(f"refusing to write {extra}: it is {what} ({other}); write to another path")
+        if not extra.parent.is_dir():
+            raise BadInputError(f"{extra}: the folder {extra.parent} does not exist")
+        if extra.is_dir():
+            raise BadInputError(f"{extra}: is a folder; give the path of a file")
+        listed.append(extra)
+
+
 def _commit(
-    staging: Path,
     staged_model: Path,
     destination: Path,
     companions: list[tuple[Path, Path]],
 ) -> None:
-    """Move the staged files into place: companions (data, sidecars) first, model last.
+    """Move the staged files into place: companions (data, sidecars, report) first, model last.
 
-    The model file is what readers open, so it changes last; if replacing it
-    fails after companions were replaced, the previous files are put back
-    (or removed where there were none).
+    The model file is what readers open, so it changes last; if any rename
+    fails, the companions already replaced are put back (or removed where
+    there were none) and the failure is reported naming the path. Each
+    backup is a hard link in the companion's own staging folder.
     """
     restore: list[tuple[Path | None, Path]] = []  # (backup or None if it did not exist, final path)
+    current = destination
     try:
         for index, (staged, final) in enumerate(companions):
+            current = final
             backup: Path | None = None
             if final.exists():
-                backup = staging / f".previous-{index}"
+                backup = staged.parent / f".previous-{index}"
                 try:
                     os.link(final, backup)
                 except OSError:  # filesystem without hard links: no rollback possible
-                    backup = staging / ".no-backup"
+                    backup = staged.parent / ".no-backup"
             os.replace(staged, final)
             restore.append((backup, final))
+        current = destination
         os.replace(staged_model, destination)
-    except BaseException:
+    except BaseException as error:
         for backup, final in reversed(restore):
             if backup is None:
                 with contextlib.suppress(OSError):
                     os.remove(final)
             elif backup.exists():
                 os.replace(backup, final)
+        if isinstance(error, OSError):
+            raise _unwritable(current, error) from None
         raise
-    _fsync(destination.parent)
+    for folder in {destination.parent} | {final.parent for _, final in companions}:
+        _fsync(folder)
 
 
 def _fsync(path: Path) -> None:

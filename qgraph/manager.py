@@ -34,8 +34,9 @@ from qgraph.registry import Registry, default_registry
 
 __all__ = ["PassManager", "PassRecord", "RunReport"]
 
-# verify(before, after, pass_name) -> None, raising PassFailure on a mismatch.
-# verify(before, after, pass_name) raises when the step changed the meaning.
+# verify(before, after, pass_name) raises PassFailure when the step changed
+# the meaning; it may return a sentence saying what it proved, which the
+# report and the table show (otherwise the pass's declared meaning is shown).
 # For a pass whose ``meaning`` is not "outputs" (fp16-clip, kv-cache), the
 # manager also passes ``meaning=`` so the verifier checks the right property;
 # ``qgraph.verify.step_verifier`` knows every meaning a built-in pass declares.
@@ -58,6 +59,8 @@ class PassRecord:
     prerequisite_of: str | None = None
     fixpoint_iteration: int | None = None
     verified: bool | None = None
+    verification: str | None = None  # what --verify proved for this step
+    near_misses: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -86,13 +89,17 @@ class RunReport:
             "passes": [p.to_dict() for p in self.passes],
         }
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def write_json(self, path: str | Path) -> None:
         from qgraph.atomic import write_text_atomic
 
-        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(Path(path), self.to_json())
 
     def format_table(self) -> str:
-        rows = [("pass", "seconds", "changed", "nodes", "matches")]
+        """The per-pass table, then the near misses and what --verify proved (or that it did not run)."""
+        rows = [("pass", "seconds", "changed", "nodes", "matches", "verified")]
         for rec in self.passes:
             name = rec.name
             if rec.prerequisite_of:
@@ -100,12 +107,22 @@ class RunReport:
             if rec.fixpoint_iteration is not None:
                 name += f" [iter {rec.fixpoint_iteration}]"
             matches = ", ".join(f"{k}={v}" for k, v in rec.rule_matches.items())
+            verified = rec.verification or ("-" if not rec.changed else "no")
             rows.append((name, f"{rec.seconds:.3f}", "yes" if rec.changed else "no",
-                         f"{rec.nodes_before} -> {rec.nodes_after}", matches))
+                         f"{rec.nodes_before} -> {rec.nodes_after}", matches, verified))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"total {self.seconds:.3f} s, nodes {self.nodes_before} -> {self.nodes_after}")
+        for rec in self.passes:
+            for rule, miss in rec.near_misses.items():
+                lines.append(
+                    f"near miss in {rec.name}: {rule}: {miss['candidates']} candidate(s) rejected, most often "
+                    f"({miss['times']}x) by: {miss['most_common_check']}"
+                )
+        changed = [rec for rec in self.passes if rec.changed]
+        if changed and not any(rec.verified for rec in changed):
+            lines.append("not verified: run with --verify to check every pass that changed the model")
         return "\n".join(lines)
 
 
@@ -175,8 +192,13 @@ class PassManager:
         names = ", ".join(p.name for p in passes)
         report.warnings.append(f"fixpoint({names}) still changed the model after {bound} iterations")
 
-    def _satisfy_prerequisites(self, p: Pass, model: ir.Model, report: RunReport) -> None:
-        for prereq in p.missing_prerequisites(model):
+    def _satisfy_prerequisites(self, p: Pass, model: ir.Model, report: RunReport) -> _Undo | None:
+        """Run the passes that establish ``p``'s missing prerequisites; how to undo them if ``p`` then does nothing."""
+        missing = p.missing_prerequisites(model)
+        if not missing:
+            return None
+        undo = _Undo(model.clone(), len(report.passes))
+        for prereq in missing:
             provider = prereq.satisfied_by
             if provider is None or provider not in self.registry:
                 hint = f" (pass '{provider}' would provide it, but it is not registered)" if provider else ""
@@ -188,6 +210,29 @@ class PassManager:
                     f"pass '{p.name}' requires {prereq.description}; '{provider}' ran but did not establish it",
                     pass_name=p.name,
                 )
+        return undo
+
+    def _undo_prerequisites(self, p: Pass, model: ir.Model, report: RunReport, undo: _Undo) -> None:
+        """``p`` rewrote nothing, so what was done only for it (an opset raised to 23) is taken back.
+
+        A model must not come out at another opset, with another IR version
+        or converted ops, from a pipeline that did nothing to it: a raised
+        opset can make onnxruntime reject an untouched node.
+        """
+        snapshot = undo.snapshot
+        model.graph = snapshot.graph
+        model.functions.clear()
+        model.functions.update(snapshot.functions)
+        model.ir_version = snapshot.ir_version
+        model.metadata_props.clear()
+        model.metadata_props.update(snapshot.metadata_props)
+        for record in report.passes[undo.first_record :]:
+            if record.prerequisite_of == p.name and record.changed:
+                record.changed = False
+                record.notes.append(f"undone: '{p.name}' rewrote nothing")
+        self._histogram = None
+        if self.check_invariants:
+            self._checker.baseline(model)
 
     def _run_one(
         self,
@@ -198,7 +243,7 @@ class PassManager:
         prerequisite_of: str | None = None,
         iteration: int | None = None,
     ) -> bool:
-        self._satisfy_prerequisites(p, model, report)
+        undo = self._satisfy_prerequisites(p, model, report)
         if self.before_pass is not None:
             self._histogram = None  # the hook may edit the model
             if self.before_pass(p, model) is False:
@@ -234,25 +279,43 @@ class PassManager:
             options=dict(p.config),
             rule_matches=dict(p.report.rule_matches),
             notes=list(p.report.notes),
+            near_misses=dict(p.report.near_misses),
             prerequisite_of=prerequisite_of,
             fixpoint_iteration=iteration,
         )
         report.passes.append(record)
-        if result.modified and self.check_invariants:
+        # A prerequisite's changes are checked with those of the pass it ran
+        # for: if that pass rewrites nothing they are undone, and an opset
+        # raised for nothing must not fail the run.
+        if result.modified and self.check_invariants and prerequisite_of is None:
             problems = self._checker(model)
             if problems:
                 listing = "\n  ".join(problems[:10])
                 more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+                helpers = " (with the prerequisites it ran)" if undo is not None else ""
                 raise InvariantViolation(
-                    f"pass '{p.name}' broke graph invariants:\n  {listing}{more}", pass_name=p.name
+                    f"pass '{p.name}'{helpers} broke graph invariants:\n  {listing}{more}", pass_name=p.name
                 )
+        if undo is not None and not result.modified:
+            self._undo_prerequisites(p, model, report, undo)
         if snapshot is not None and result.modified:
             if p.meaning == "outputs":
-                self.verifier(snapshot, model, p.name)
+                proved = self.verifier(snapshot, model, p.name)
+            elif p.meaning == "approximate":
+                proved = self.verifier(snapshot, model, p.name, meaning=p.meaning, budget=p.verification_budget())
             else:
-                self.verifier(snapshot, model, p.name, meaning=p.meaning)
+                proved = self.verifier(snapshot, model, p.name, meaning=p.meaning)
             record.verified = True
+            record.verification = proved if isinstance(proved, str) else f"meaning '{p.meaning}' kept"
         return record.changed
+
+
+@dataclasses.dataclass
+class _Undo:
+    """The model before a pass's prerequisites ran (tensors shared), and where their records start."""
+
+    snapshot: ir.Model
+    first_record: int
 
 
 class _Stop(Exception):

@@ -65,6 +65,8 @@ class PassReport:
 
     rule_matches: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # rule -> {"candidates": n, "most_common_check": reason, "times": m}
+    near_misses: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def count(self, rule_name: str, n: int = 1) -> None:
         self.rule_matches[rule_name] = self.rule_matches.get(rule_name, 0) + n
@@ -127,7 +129,10 @@ class Pass(ir.passes.InPlacePass):
     # inputs give the same outputs), "fp16" (the output, run as an fp16
     # device runs it, gives the input's fp32 outputs: clipping -3.4e38 to
     # -65504 changes fp32 results where fp16 could not represent them anyway)
-    # or "sequence" (a KV-cached graph replays the no-cache graph's logits).
+    # or "sequence" (a KV-cached graph replays the no-cache graph's logits),
+    # or "approximate" (a lossy pass, e.g. quantization: the output stays
+    # within the budget ``verification_budget()`` states, see
+    # qgraph.verify.budget).
     meaning: ClassVar[str] = "outputs"
 
     def __init__(self, **options: Any) -> None:
@@ -144,6 +149,10 @@ class Pass(ir.passes.InPlacePass):
             for key, opt in self.options.items()
         }
         self.report = PassReport()
+
+    def verification_budget(self) -> Any:
+        """For ``meaning = "approximate"``: the ``qgraph.verify.budget.Budget`` --verify holds the step to."""
+        return None
 
     @classmethod
     def summary(cls) -> str:

@@ -5,7 +5,9 @@ The framework never imports a concrete pass: the built-in passes in
 ``qgraph.passes`` entry-point group, exactly as a third-party package
 declares its own. Presets (named pipelines) come through ``qgraph.presets``.
 A broken plug-in is reported when it is used or listed, naming the package,
-and does not take the other passes down with it.
+and does not take the other passes down with it. Passes can also come from a
+file or module given at run time (``qgraph.plugins``: ``--plugin`` and
+``QGRAPH_PLUGINS``); the registry records where each pass came from.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Registry:
         self._passes: dict[str, type[Pass]] = {}
         self._presets: dict[str, Any] = {}
         self._broken: dict[str, str] = {}
+        self._origins: dict[str, str] = {}
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
@@ -58,11 +61,16 @@ class Registry:
                 self._broken[ep.name] = f"{_origin(ep)}: {problem}"
                 continue
             self._passes[ep.name] = cls
+            self._origins[ep.name] = _origin(ep)
         for ep in entry_points(group=PRESET_GROUP):
             self._presets.setdefault(ep.name, ep)
 
-    def register(self, cls: type[Pass], *, replace: bool = False) -> type[Pass]:
-        """Register a pass class in this process (usable as a decorator)."""
+    def register(self, cls: type[Pass], *, replace: bool = False, origin: str | None = None) -> type[Pass]:
+        """Register a pass class in this process (usable as a decorator).
+
+        ``origin`` says where it came from (shown by ``qgraph passes``); by
+        default, the module that defines the class.
+        """
         self._ensure_loaded()
         problem = _check_pass_class(cls.name, cls)
         if problem:
@@ -70,8 +78,14 @@ class Registry:
         if cls.name in self._passes and self._passes[cls.name] is not cls and not replace:
             raise ValueError(f"a pass named '{cls.name}' is already registered")
         self._passes[cls.name] = cls
+        self._origins[cls.name] = origin or f"module {cls.__module__}"
         self._broken.pop(cls.name, None)
         return cls
+
+    def origin(self, name: str) -> str:
+        """Where pass ``name`` came from: a package, a plugin file or module, or a module."""
+        self.get(name)
+        return self._origins[name]
 
     def register_preset(self, name: str, spec: Mapping[str, Any]) -> None:
         self._ensure_loaded()
@@ -138,8 +152,12 @@ _DEFAULT: Registry | None = None
 
 
 def default_registry() -> Registry:
-    """The process-wide registry, filled from installed entry points."""
+    """The process-wide registry: installed entry points, then the plug-ins in ``QGRAPH_PLUGINS``."""
     global _DEFAULT
     if _DEFAULT is None:
-        _DEFAULT = Registry()
+        from qgraph.plugins import load_plugins, plugins_from_environment
+
+        registry = Registry()
+        load_plugins(plugins_from_environment(), registry)
+        _DEFAULT = registry
     return _DEFAULT

@@ -68,7 +68,8 @@ class DecoderConfig:
     seed: int = 0
     opset: int = 18
     casts: bool = True  # the exporter's Cast-to-float around each RMSNorm and on cos/sin
-    mask: str = "causal"  # "causal": built in-graph; "additive": an ``attention_mask`` input
+    mask: str = "causal"  # "causal": built in-graph; "additive": an ``attention_mask`` input;
+    # "padding": causal in-graph and keys masked by an ``attention_mask`` [batch, seq] input (kv-cache can read it)
     rms_eps: float = 1e-6
     rope_theta: float = 10000.0
 
@@ -79,8 +80,8 @@ class DecoderConfig:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for the rotary halves, got {self.head_dim}")
-        if self.mask not in ("causal", "additive"):
-            raise ValueError(f"mask must be 'causal' or 'additive', got {self.mask!r}")
+        if self.mask not in ("causal", "additive", "padding"):
+            raise ValueError(f"mask must be 'causal', 'additive' or 'padding', got {self.mask!r}")
         if self.opset < 18:
             raise ValueError(f"opset must be >= 18 (ReduceMean takes axes as an input), got {self.opset}")
 
@@ -278,7 +279,18 @@ class _Decoder:
             allowed = e.op("LessOrEqual", [cols, rows], dtype=BOOL, shape=["seq", "seq"])
             lowest = np.finfo(np.float32).min
             additive = e.op("Where", [allowed, e.const(0.0, np.float32), e.const(lowest, np.float32)], dtype=FLOAT, shape=["seq", "seq"])
-            mask = e.op("Unsqueeze", [additive, e.const([0, 1], np.int64)], dtype=FLOAT, shape=[1, 1, "seq", "seq"])
+            if c.mask == "padding":  # and keys whose attention_mask entry is 0: [batch, 1, seq, seq]
+                padding = ir.val("attention_mask", INT64, ir.Shape(["batch", "seq"]))
+                graph.inputs.append(padding)
+                keys = e.op("Cast", [padding], {"to": ir.DataType.BOOL}, dtype=BOOL, shape=["batch", "seq"])
+                keys = e.op("Unsqueeze", [keys, e.const([1, 2], np.int64)], dtype=BOOL, shape=["batch", 1, 1, "seq"])
+                allowed = e.op("And", [allowed, keys], dtype=BOOL, shape=["batch", 1, "seq", "seq"])
+                additive = e.op("Where", [allowed, e.const(0.0, np.float32), e.const(lowest, np.float32)],
+                                dtype=FLOAT, shape=["batch", 1, "seq", "seq"])
+                mask = additive
+            else:
+                mask = e.op("Unsqueeze", [additive, e.const([0, 1], np.int64)], dtype=FLOAT,
+                            shape=[1, 1, "seq", "seq"])
 
         for i in range(c.layers):
             e.scope = f"model.layers.{i}"
@@ -319,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=defaults.layers)
     for field in ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "seed", "opset"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
-    parser.add_argument("--mask", choices=("causal", "additive"), default=defaults.mask)
+    parser.add_argument("--mask", choices=("causal", "additive", "padding"), default=defaults.mask)
     parser.add_argument("--no-casts", dest="casts", action="store_false", help="omit the exporter's Cast nodes")
     args = parser.parse_args(argv)
     sizes = {k: v for k, v in vars(args).items() if k not in ("output", "layers")}

@@ -58,6 +58,8 @@ class NeedsOpset23(Pass):
     )
 
     def call(self, model):
+        if (default_opset(model) or 0) < 23:
+            raise AssertionError("needs-23 ran before its prerequisite")
         return ir.passes.PassResult(model, False)
 
 

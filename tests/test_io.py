@@ -595,14 +595,14 @@ def test_failed_save_leaves_destination_unchanged(
     external: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, out, before = _existing_destination(tmp_path)
-    real_save = ir.save
+    # ir.save writes external data, qgraph's own streaming writer inline files
+    for module, name in ((ir, "save"), (qio, "write_streamed")):
+        def save_then_fail(*args, real=getattr(module, name), **kwargs):
+            real(*args, **kwargs)  # files fully written in the staging folder...
+            raise OSError("disk full")  # ...then the write "fails"
 
-    def save_then_fail(*args, **kwargs):
-        real_save(*args, **kwargs)  # files fully written in the staging folder...
-        raise OSError("disk full")  # ...then the write "fails"
-
-    monkeypatch.setattr(ir, "save", save_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+        monkeypatch.setattr(module, name, save_then_fail)
+    with pytest.raises(BadInputError, match=r"out\.onnx: cannot write it \(disk full\)"):
         qio.save(model, out, external_data=external)
     assert snapshot(tmp_path) == before  # same files, same bytes, no temporaries
 
@@ -619,7 +619,7 @@ def test_failure_between_data_and_model_replace_rolls_back(
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", fail_on_model)
-    with pytest.raises(OSError, match="cannot replace model"):
+    with pytest.raises(BadInputError, match=r"out\.onnx: cannot write it \(cannot replace model\)"):
         qio.save(model, out, external_data=True)
     monkeypatch.undo()
     assert snapshot(tmp_path) == before
@@ -634,7 +634,7 @@ def test_failed_first_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", fail_on_model)
-    with pytest.raises(OSError, match="boom"):
+    with pytest.raises(BadInputError, match=r"new\.onnx: cannot write it \(boom\)"):
         qio.save(qio.load(big_mlp()), tmp_path / "new.onnx", external_data=True)
     assert snapshot(tmp_path) == {}
 

@@ -44,8 +44,10 @@ def test_report_records_each_pass_with_the_design_fields(registry, tmp_path):
 def test_prerequisite_is_satisfied_by_running_its_provider_first(registry):
     m = model(17)
     report = PassManager(["needs-23"], registry=registry).run(m)
-    assert default_opset(m) == 23
     assert [(p.name, p.prerequisite_of) for p in report.passes] == [("opset-upgrade", "needs-23"), ("needs-23", None)]
+    # needs-23 saw opset 23 (it raises otherwise) but rewrote nothing, so the upgrade is taken back
+    assert default_opset(m) == 17
+    assert not report.passes[0].changed and report.passes[0].notes[-1] == "undone: 'needs-23' rewrote nothing"
 
 
 def test_prerequisite_already_met_runs_nothing_extra(registry):

@@ -80,3 +80,17 @@ def test_same_seed_same_weights_and_command_line_writes_a_loadable_model(tmp_pat
     loaded = onnx.load(tmp_path / "cli.onnx")
     assert loaded.opset_import[0].version == 23
     assert sum(n.op_type == "Softmax" for n in loaded.graph.node) == 3
+
+
+def test_padding_mask_takes_an_attention_mask_the_kv_cache_pass_can_read():
+    """mask="padding": a [batch, seq] attention_mask hides padded keys, and kv-cache caches the graph exactly."""
+    from qgraph.manager import PassManager
+    from qgraph.verify.sequence import check_sequence_equivalence
+
+    model = synthetic_decoder(2, opset=23, mask="padding")
+    assert [v.name for v in model.graph.inputs] == ["input_ids", "attention_mask"]
+    reference = ir.to_proto(model)
+    cached = ir.from_proto(reference)
+    PassManager([{"pass": "kv-cache", "options": {"style": "concat"}}]).run(cached)  # attention first
+    result = check_sequence_equivalence(ir.to_proto(cached), reference, examples=8, require_greedy=True)
+    assert result.equivalent, str(result)

@@ -3,7 +3,7 @@
 Every mask here is a comparison of positions (or of columns, in the concat
 form) -- never a Trilu -- because a device compiler with a fixed context
 needs the mask as a function of its inputs, and because the comparison is
-what DESIGN.md's retained contract states: query at position p sees slot c
+what docs/design.md's retained contract states: query at position p sees slot c
 iff c <= p (and p - c < window for sliding-window layers).
 """
 

@@ -28,7 +28,7 @@ not causal, positions it cannot find, a leftover use of the attention mask
 or a sequence Range -- stops it with a report of what was not found; it
 never emits a graph whose meaning it has not established.
 
-Retained-form contract (DESIGN.md): a padding token (position -1) writes
+Retained-form contract (docs/design.md): a padding token (position -1) writes
 slot ctx_len - 1, which a valid query at position p < ctx_len - 1 never
 sees, so a sequence may hold at most ctx_len - 1 tokens.
 """

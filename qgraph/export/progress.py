@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-__all__ = ["Progress", "StepTime"]
+__all__ = ["Progress", "StepTime", "progress_bars_off"]
 
 
 class StepTime:
@@ -69,3 +69,33 @@ class Progress:
     def _beat(self, message: str, start: float, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat):
             self.note(f"{message}: still running ({time.perf_counter() - start:.0f} s)")
+
+
+@contextlib.contextmanager
+def progress_bars_off() -> Iterator[None]:
+    """No tqdm bars from transformers, huggingface_hub or anything else during the block (``--quiet``).
+
+    transformers draws "Loading weights" (and GGUF dequantization) bars on
+    stderr whatever its log level; tqdm reads ``TQDM_DISABLE`` when a bar is
+    created, and transformers has its own switch.
+    """
+    import os
+
+    saved = {key: os.environ.get(key) for key in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    os.environ.update({key: "1" for key in saved})
+    transformers_logging = None
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as transformers_logging
+    was_enabled = transformers_logging.is_progress_bar_enabled() if transformers_logging else False
+    if transformers_logging:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if transformers_logging and was_enabled:
+            transformers_logging.enable_progress_bar()

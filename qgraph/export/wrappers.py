@@ -17,7 +17,7 @@ runtimes downstream can rely on it:
 Positions of a causal LM come from the mask (``cumsum(mask) - 1``), as
 Hugging Face's ``generate`` computes them, so a left-padded row gets the same
 logits at its valid positions as the same row without padding. That is the
-meaning a KV-cached graph must reproduce (DESIGN.md: position ids, -1 for
+meaning a KV-cached graph must reproduce (docs/design.md: position ids, -1 for
 padding), and it holds for every architecture, including those whose own
 forward would count positions from the first (padding) column.
 

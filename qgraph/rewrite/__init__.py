@@ -12,6 +12,8 @@ and put the rules in a table::
 
 Then ``apply_rules(model, RULES)`` rewrites, ``find_matches`` only matches,
 and ``explain`` lists every candidate root with the first check that failed.
+A pass that decides node by node splices its replacement with
+``replace_node``, exactly as a rule's replacement is spliced.
 """
 
 from qgraph.rewrite.engine import (
@@ -22,8 +24,11 @@ from qgraph.rewrite.engine import (
     find_matches,
 )
 from qgraph.rewrite.matcher import Failure
+from qgraph.rewrite.node_replacement import replace_node
 from qgraph.rewrite.pattern import PatternBuilder, PatternGraph, build_pattern
+from qgraph.rewrite.replacement import ReplacementBuilder
 from qgraph.rewrite.rule import Match, Rule, RuleSet
+from qgraph.rewrite.schemas import RuleDefinitionError
 
 __all__ = [
     "Candidate",
@@ -31,11 +36,14 @@ __all__ = [
     "Match",
     "PatternBuilder",
     "PatternGraph",
+    "ReplacementBuilder",
     "RewriteStats",
     "Rule",
+    "RuleDefinitionError",
     "RuleSet",
     "apply_rules",
     "build_pattern",
     "explain",
     "find_matches",
+    "replace_node",
 ]

@@ -1,7 +1,11 @@
 """Applying a rule set to a model: sweep, match, check, splice.
 
-One sweep visits every node of every graph (main graph, subgraphs, model
-functions) once, and at each node tries only the rules indexed under its op.
+One sweep visits every node of the main graph and its subgraphs once, and at
+each node tries only the rules indexed under its op. Bodies of model-local
+functions are searched only for rules that set ``in_functions=True``: a
+function body is usually the definition of a custom op a rule emits, and a
+rule rewriting its own op's body into a call of that op would make a
+function that calls itself (the invariants reject one).
 A match is accepted after two checks, in order: no matched intermediate is
 used outside the match (unless the rule keeps shared nodes), and the rule's
 condition; a rejected match is skipped and shows in ``explain``. The
@@ -24,21 +28,30 @@ from qgraph.custom_ops import attach_function
 from qgraph.errors import RewriteError
 from qgraph.node_types import infer_output_types
 from qgraph.rewrite.matcher import Failure, PatternMatcher
+from qgraph.rewrite.node_replacement import PASS_KEY, RULE_KEY, register_initializers, stamp
 from qgraph.rewrite.replacement import ReplacementBuilder, type_change
 from qgraph.rewrite.rule import Match, Rule, RuleSet, call_with_bindings
+from qgraph.rewrite.schemas import RuleDefinitionError
 
-__all__ = ["Candidate", "RewriteStats", "apply_rules", "explain", "find_matches"]
+# PASS_KEY / RULE_KEY live in node_replacement (shared with replace_node) and stay importable from here.
+__all__ = ["PASS_KEY", "RULE_KEY", "Candidate", "RewriteStats", "apply_rules", "explain", "find_matches"]
 
-# Metadata keys stamped on every node a rewrite creates: the verifier uses
-# them to name the pass and rule behind a diverging tensor.
-RULE_KEY = "qgraph.rule"
-PASS_KEY = "qgraph.pass"
 
 
 @dataclasses.dataclass
 class RewriteStats:
+    """Matches per rule, sweeps run, and the near misses of the last sweep.
+
+    A near miss is a candidate root at which a rule matched at least two
+    pattern nodes (all of them, for a one-node pattern) and was then
+    rejected: by a later pattern node, a shared intermediate or its
+    condition. Only the final sweep's are kept -- it tried every candidate
+    that is left and rewrote nothing -- so they cost no extra matching.
+    """
+
     matches: dict[str, int] = dataclasses.field(default_factory=dict)
     sweeps: int = 0
+    near_misses: dict[str, list[Failure]] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -68,8 +81,8 @@ class Candidate:
         )
 
 
-def _graphs(model: ir.Model) -> Iterator[ir.Graph]:
-    """Every graph: the main graph, its subgraphs, function bodies and theirs."""
+def _graphs(model: ir.Model, *, functions: bool = True) -> Iterator[ir.Graph]:
+    """The main graph and its subgraphs, then (if ``functions``) function bodies and theirs."""
     def with_subgraphs(g: ir.Graph) -> Iterator[ir.Graph]:
         yield g
         for node in g:
@@ -81,8 +94,24 @@ def _graphs(model: ir.Model) -> Iterator[ir.Graph]:
                         yield from with_subgraphs(sub)
 
     yield from with_subgraphs(model.graph)
+    if not functions:
+        return
     for function in model.functions.values():
         yield from with_subgraphs(function.graph)
+
+
+def _searched(model: ir.Model, rules: RuleSet) -> Iterator[tuple[ir.Graph, RuleSet]]:
+    """Each graph a sweep visits, with the rules allowed there (function bodies: opt-in rules)."""
+    for graph in _graphs(model, functions=False):
+        yield graph, rules
+    inside = [rule for rule in rules if rule.in_functions]
+    if not inside:
+        return
+    in_functions = rules if len(inside) == len(rules) else RuleSet(inside, name=rules.name)
+    main = set(_graphs(model, functions=False))
+    for graph in _graphs(model):
+        if graph not in main:
+            yield graph, in_functions
 
 
 def _graph_label(g: ir.Graph, model: ir.Model) -> str:
@@ -156,8 +185,12 @@ def _replace(
     builder = ReplacementBuilder(
         use_initializers=graph is model.graph,
         name_prefix=f"{rule.name}/{match.root.name or match.root.outputs[0].name}",
+        opset=model.opset_imports.get(""),
     )
-    result = call_with_bindings(rule.replacement, match, op=builder)
+    try:
+        result = call_with_bindings(rule.replacement, match, op=builder)
+    except RuleDefinitionError as exc:
+        raise RewriteError(f"rule '{rule.name}': {exc}", rule_name=rule.name, pass_name=pass_name) from exc
     new_values = list(result) if isinstance(result, (tuple, list)) else [result]
     if len(new_values) != len(match.outputs):
         raise RewriteError(
@@ -196,19 +229,10 @@ def _replace(
                 rule_name=rule.name,
                 pass_name=pass_name,
             )
-    for node in builder.nodes:
-        node.metadata_props[RULE_KEY] = rule.name
-        if pass_name:
-            node.metadata_props[PASS_KEY] = pass_name
-
+    stamp(builder.nodes, rule.name, pass_name)
     anchor = max(match.nodes, key=lambda n: position.get(n, -1))
     created = set(builder.nodes)
-    for init in builder.initializers:
-        base, i = init.name, 0
-        while init.name in graph.initializers:
-            i += 1
-            init.name = f"{base}_{i}"
-        graph.register_initializer(init)
+    register_initializers(graph, builder.initializers)
     graph.insert_before(anchor, builder.nodes)
 
     needs_sort = False
@@ -222,7 +246,7 @@ def _replace(
             # An existing value cannot take over the output's name: keep the
             # name stable for callers with an Identity.
             identity = ir.Node("", "Identity", [new], num_outputs=1, name=f"{rule.name}/output_identity")
-            identity.metadata_props[RULE_KEY] = rule.name
+            stamp([identity], rule.name, None)
             graph.insert_before(anchor, [identity])
             created.add(identity)
             new = identity.outputs[0]
@@ -280,24 +304,27 @@ def apply_rules(
     for _ in range(max_sweeps):
         # A rule needing an op the model no longer has cannot match: after a
         # pass fused every instance, the sweep that confirms it is skipped.
-        present = {(n.domain or "", n.op_type) for g in _graphs(model) for n in g}
+        present = {(n.domain or "", n.op_type) for g, _ in _searched(model, rules) for n in g}
         viable = {id(rule) for rule in rules if required[id(rule)] <= present}
         if not viable:
             return stats
         stats.sweeps += 1
         changed = False
-        for graph in list(_graphs(model)):
+        misses: dict[str, list[Failure]] = {}
+        for graph, allowed in list(_searched(model, rules)):
             nodes = list(graph)
             position = {n: i for i, n in enumerate(nodes)}
             needs_sort = False
             for node in nodes:
                 if node.graph is not graph:
                     continue  # removed by an earlier rewrite in this sweep
-                for rule in rules.rules_for(node):
+                for rule in allowed.rules_for(node):
                     if id(rule) not in viable:
                         continue
-                    match, _ = finder.try_rule(rule, node)
+                    match, failure = finder.try_rule(rule, node)
                     if match is None:
+                        if failure.nodes_matched >= min(2, failure.nodes_total):
+                            misses.setdefault(rule.name, []).append(failure)
                         continue
                     if all(created_by.get(n) == rule.name for n in match.nodes):
                         raise RewriteError(
@@ -316,8 +343,10 @@ def apply_rules(
             if needs_sort:
                 graph.sort()
         if not changed:
+            stats.near_misses = misses
             return stats
-    still = sorted({r.name for g in _graphs(model) for n in g for r in rules.rules_for(n) if finder.try_rule(r, n)[0]})
+    still = sorted({r.name for g, allowed in _searched(model, rules) for n in g for r in allowed.rules_for(n)
+                    if finder.try_rule(r, n)[0]})
     if still:
         raise RewriteError(
             f"rules {still} still match after {max_sweeps} sweeps; they rewrite each other's output",
@@ -335,9 +364,9 @@ def find_matches(model: ir.Model, rules: RuleSet) -> list[Match]:
     """
     finder = _Matcher(model)
     found: list[Match] = []
-    for graph in _graphs(model):
+    for graph, allowed in _searched(model, rules):
         for node in graph:
-            for rule in rules.rules_for(node):
+            for rule in allowed.rules_for(node):
                 match, _ = finder.try_rule(rule, node)
                 if match is not None:
                     found.append(match)
@@ -351,10 +380,10 @@ def explain(model: ir.Model, rules: RuleSet | Rule) -> list[Candidate]:
     ruleset = RuleSet(rule_list)
     finder = _Matcher(model)
     out: list[Candidate] = []
-    for graph in _graphs(model):
+    for graph, allowed in _searched(model, ruleset):
         label = _graph_label(graph, model)
         for node in graph:
-            for rule in ruleset.rules_for(node):
+            for rule in allowed.rules_for(node):
                 match, failure = finder.try_rule(rule, node)
                 out.append(
                     Candidate(

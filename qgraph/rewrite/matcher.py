@@ -31,10 +31,12 @@ from qgraph.rewrite.pattern import (
     ConstPattern,
     NodeOutput,
     NodePattern,
+    SCALAR_COMPARISON_LIMIT,
     PatternGraph,
     ValueConstraint,
     ValuePattern,
     Var,
+    WeightPattern,
 )
 
 __all__ = ["Binding", "Failure", "PatternMatcher"]
@@ -123,15 +125,21 @@ def _values_equal(expected: Any, actual: Any) -> bool:
     return expected == actual
 
 
-def const_array(value: ir.Value, max_elements: int) -> np.ndarray | None | str:
-    """The value's constant contents, None if not constant, or a reason string."""
-    tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None:
+def _size_problem(vp: ConstPattern, value: ir.Value, size: int) -> str | None:
+    """Why the constant cannot match ``vp`` by its element count alone (nothing read)."""
+    if vp.max_elements is not None and size > vp.max_elements:
+        return f"constant '{value.name}' has {size} elements (this pattern's limit is {vp.max_elements}); not read"
+    if vp.value is None or vp.value.size == size:
         return None
-    size = tensor.size
-    if size > max_elements:
-        return f"constant '{value.name}' has {size} elements (limit {max_elements}); not read"
-    return tensor.numpy()
+    if vp.value.size != 1:
+        return f"constant '{value.name}' has {size} elements, {vp.describe()} has {vp.value.size}"
+    if size > SCALAR_COMPARISON_LIMIT:
+        return (
+            f"constant '{value.name}' has {size} elements; a scalar pattern value is compared only with "
+            f"constants of at most {SCALAR_COMPARISON_LIMIT} elements, so it was not read "
+            "(give the value with its shape, or use op.const(pred=...) / op.weight(...))"
+        )
+    return None
 
 
 class PatternMatcher:
@@ -221,6 +229,9 @@ class PatternMatcher:
         if vp.constraint is not None and not self._check_constraint(vp, vp.constraint, value):
             self._undo(mark)
             return
+        if isinstance(vp, WeightPattern) and not self._match_weight(vp, value):
+            self._undo(mark)
+            return
         if isinstance(vp, Var):
             bound = self.values.get(vp.name)
             if bound is None:
@@ -290,14 +301,36 @@ class PatternMatcher:
                     return False
         return True
 
-    def _match_const(self, vp: ConstPattern, value: ir.Value) -> bool:
-        arr = const_array(value, vp.max_elements)
-        if arr is None:
+    def _match_weight(self, vp: WeightPattern, value: ir.Value) -> bool:
+        """dtype and shape from the tensor header; the values only for a predicate."""
+        tensor = ir.convenience.get_const_tensor(value)
+        if tensor is None:
             self.fail(f"'{value.name}' is not a constant ({vp.describe()} expected)")
             return False
-        if isinstance(arr, str):
-            self.fail(arr)
+        if vp.dtype is not None:
+            allowed = vp.dtype if isinstance(vp.dtype, tuple) else (vp.dtype,)
+            if tensor.dtype not in allowed:
+                self.fail(f"{vp.describe()}: '{value.name}' is {tensor.dtype}, not {', '.join(map(str, allowed))}")
+                return False
+        if vp.shape is not None and not self._match_shape(vp, vp.shape, ir.Shape(tensor.shape)):
             return False
+        if vp.pred is not None and not vp.pred(tensor.numpy()):
+            self.fail(f"{vp.describe()}: '{value.name}' (shape {list(tensor.shape)}) fails the predicate")
+            return False
+        return True
+
+    def _match_const(self, vp: ConstPattern, value: ir.Value) -> bool:
+        tensor = ir.convenience.get_const_tensor(value)
+        if tensor is None:
+            self.fail(f"'{value.name}' is not a constant ({vp.describe()} expected)")
+            return False
+        problem = _size_problem(vp, value, tensor.size)
+        if problem is not None:
+            self.fail(problem)
+            return False
+        if vp.value is None and vp.pred is None and vp.name is None:
+            return True  # any constant: nothing to read
+        arr = tensor.numpy()
         if vp.value is not None:
             try:
                 ok = np.allclose(arr.astype(np.float64), vp.value.astype(np.float64), rtol=vp.rtol, atol=vp.atol)

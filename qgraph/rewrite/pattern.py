@@ -24,6 +24,10 @@ value(s). Everything a pattern can say lives in this module:
   the Cast);
 * constants by value with a tolerance (plain Python numbers, or
   ``op.const(1e-6, rtol=...)``) or by predicate (``op.const(pred=..., name=...)``);
+* weights of any size (``op.weight("w", dtype=..., shape=("H", "H"), pred=...)``):
+  an initializer or Constant matched by its dtype and shape, read from disk
+  only when a predicate asks for its values, and bound as the graph value so
+  the replacement can reuse it;
 * dtype / shape / rank conditions on any value, with symbolic dims bound by
   name across the match (``x.where(shape=("B", "S", "H"))``).
 """
@@ -49,6 +53,7 @@ __all__ = [
     "PatternGraph",
     "ValuePattern",
     "Var",
+    "WeightPattern",
     "build_pattern",
 ]
 
@@ -60,6 +65,14 @@ COMMUTATIVE_OPS = frozenset(
 )
 
 _ids = itertools.count()
+
+# A scalar pattern value (``op.const(1.0)``) also matches a constant whose
+# every element equals it; to know that, the constant must be read. Weights
+# larger than this are not read for that comparison (every ``Mul(x, W)`` of a
+# model would otherwise load ``W``); the matcher reports such a constant as a
+# near miss that says so. Values given with their full shape, predicates and
+# ``op.weight`` have no size limit.
+SCALAR_COMPARISON_LIMIT = 4096
 
 
 @dataclasses.dataclass(eq=False)
@@ -146,9 +159,14 @@ class Var(ValuePattern):
 class ConstPattern(ValuePattern):
     """A constant (initializer or Constant node) tested by value or predicate.
 
-    ``value=None`` and ``pred=None`` accepts any constant. Values larger than
-    ``max_elements`` are not read (their weights stay on disk) and fail to
-    match, because a value test on a weight is never what a rule means.
+    ``value=None`` and ``pred=None`` accepts any constant without reading it.
+    A value is compared after its element count: the constant must have as
+    many elements as ``value``, or ``value`` is a scalar and the constant has
+    at most ``SCALAR_COMPARISON_LIMIT`` elements (a near miss says so
+    otherwise). A predicate reads the constant whatever its size; so does a
+    ``name``, which binds the array. ``max_elements`` optionally refuses
+    larger constants outright. For weights, ``WeightPattern`` binds the graph
+    value instead of its contents.
     """
 
     def __init__(
@@ -159,7 +177,7 @@ class ConstPattern(ValuePattern):
         atol: float = 0.0,
         pred: Callable[[np.ndarray], bool] | None = None,
         name: str | None = None,
-        max_elements: int = 4096,
+        max_elements: int | None = None,
     ) -> None:
         super().__init__()
         self.value = None if value is None else np.asarray(value)
@@ -173,6 +191,35 @@ class ConstPattern(ValuePattern):
         if self.value is not None:
             return f"constant {self.value.tolist()!r}"
         return f"constant '{self.name}'" if self.name else "a constant"
+
+
+class WeightPattern(Var):
+    """A weight: a constant graph value matched by dtype, shape and predicate.
+
+    It binds like a variable (``match[name]`` is the ``ir.Value``, so a
+    replacement can feed the same initializer to a new node, and a condition
+    reads ``value.const_value.numpy()`` only if it needs to). dtype and shape
+    come from the tensor's header, so a weight of any size stored on disk is
+    matched without being read; ``pred`` receives the array and does read it.
+    ``shape`` entries follow ``ValueConstraint`` (ints, dim names bound across
+    the match, ``None``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        dtype: ir.DataType | Sequence[ir.DataType] | None = None,
+        shape: Sequence[Any] | None = None,
+        pred: Callable[[np.ndarray], bool] | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.dtype = dtype if dtype is None or isinstance(dtype, ir.DataType) else tuple(dtype)
+        self.shape = None if shape is None else tuple(shape)
+        self.pred = pred
+
+    def describe(self) -> str:
+        return f"weight '{self.name}'"
 
 
 class AnyOf(ValuePattern):
@@ -310,6 +357,17 @@ class PatternBuilder:
         name: str | None = None,
     ) -> ConstPattern:
         return ConstPattern(value, rtol=rtol, atol=atol, pred=pred, name=name)
+
+    @staticmethod
+    def weight(
+        name: str,
+        *,
+        dtype: ir.DataType | Sequence[ir.DataType] | None = None,
+        shape: Sequence[Any] | None = None,
+        pred: Callable[[np.ndarray], bool] | None = None,
+    ) -> WeightPattern:
+        """A constant of any size, bound by ``name`` as a graph value (see ``WeightPattern``)."""
+        return WeightPattern(name, dtype=dtype, shape=shape, pred=pred)
 
     @staticmethod
     def capture(name: str) -> AttrCapture:

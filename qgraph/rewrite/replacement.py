@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.rewrite.schemas import RuleDefinitionError, op_problem
+
 __all__ = ["ReplacementBuilder"]
 
 
@@ -29,17 +31,21 @@ class ReplacementBuilder:
     subgraphs, where initializers are not allowed).
     """
 
-    def __init__(self, *, use_initializers: bool, name_prefix: str) -> None:
+    def __init__(self, *, use_initializers: bool, name_prefix: str, opset: int | None = None) -> None:
         self.nodes: list[ir.Node] = []
         self.initializers: list[ir.Value] = []
         self.domains: set[str] = set()
         self._use_initializers = use_initializers
         self._prefix = name_prefix
+        self._opset = opset
         self._count = 0
 
-    def _fresh(self, hint: str) -> str:
+    def fresh_name(self, hint: str) -> str:
+        """A name no other node or value of this replacement has."""
         self._count += 1
         return f"{self._prefix}/{hint}_{self._count}"
+
+    _fresh = fresh_name
 
     def __getattr__(self, op_type: str) -> Any:
         if op_type.startswith("_") or not op_type[:1].isupper():
@@ -49,6 +55,9 @@ class ReplacementBuilder:
             domain = kwargs.pop("_domain", "")
             num_outputs = kwargs.pop("_outputs", 1)
             attributes = {k: v for k, v in kwargs.items() if v is not None}
+            problem = op_problem(domain, op_type, attributes, self._opset)
+            if problem is not None:
+                raise RuleDefinitionError(f"replacement {problem}")
             node = ir.Node(
                 domain,
                 op_type,

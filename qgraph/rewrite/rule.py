@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from qgraph.rewrite.matcher import Binding
 from qgraph.rewrite.pattern import PatternGraph, build_pattern
+from qgraph.rewrite.schemas import RuleDefinitionError, op_problem
 
 __all__ = ["Match", "Rule", "RuleSet", "call_with_bindings"]
 
@@ -124,7 +125,8 @@ class Rule:
         opsets: domains (and versions) the replacement needs imported.
         doc: one line on what the rule does (the algebra, e.g. ``x*1 -> x``).
         example_inputs: for the rule self-check, ``{var: (dtype, shape)}`` of
-            variables that need a particular dtype or shape.
+            variables that need a particular dtype or shape; dtype is an
+            ``onnx_ir.DataType`` or a numpy dtype (``np.float32``).
         example_values: for the rule self-check, values of constants,
             captured attributes, or variables that must be constants; a
             variable's entry may also be a pattern-style function
@@ -135,6 +137,14 @@ class Rule:
             (``qgraph.custom_ops.attach_function``) when the rule fires, so
             the rewritten model -- and the rule self-check -- still runs in
             onnxruntime.
+        in_functions: also rewrite the bodies of model-local functions. Off
+            by default: a body is usually the definition of a custom op, and
+            a rule that emits that op would turn its body into a call of
+            itself.
+        opset: the default-domain opset the pattern's op types and attribute
+            names are checked against when the rule is defined (None: the
+            newest onnx knows; see ``qgraph.rewrite.schemas``). A typo raises
+            ``RuleDefinitionError`` naming the rule.
     """
 
     name: str
@@ -148,7 +158,15 @@ class Rule:
     example_inputs: Mapping[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     example_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     functions: tuple[Callable[[], ir.Function], ...] = ()
+    in_functions: bool = False
+    opset: int | None = None
     _graph: PatternGraph | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for node in self.pattern_graph.nodes:
+            problem = op_problem(node.domain, node.op_type, node.attributes, self.opset)
+            if problem is not None:
+                raise RuleDefinitionError(f"rule '{self.name}': pattern {problem}")
 
     @property
     def pattern_graph(self) -> PatternGraph:

@@ -3,7 +3,7 @@
 * :class:`NoCacheEngine` -- the plain export (``input_ids``, ``attention_mask``
   -> ``logits``): every step recomputes the whole prefix. The baseline the
   cached graphs are measured against.
-* :class:`ConcatEngine` -- concat-style KV cache (DESIGN.md; optimum's
+* :class:`ConcatEngine` -- concat-style KV cache (docs/design.md; optimum's
   names). ``present.*`` comes back as onnxruntime-owned OrtValues that are
   bound as the next step's ``past_key_values.*`` without a trip through
   numpy.

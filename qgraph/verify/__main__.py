@@ -21,9 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", help="replay these saved inputs (.npz) instead of drawing new ones")
     parser.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES, help="inputs to try")
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawn inputs")
+    parser.add_argument("--elementwise", action="store_true",
+                        help="judge each element against the dtype tolerance, not the output's range (as verify-rules does)")
     args = parser.parse_args(argv)
     if args.inputs:
-        return replay_files(args.reference, args.candidate, args.inputs)
+        return replay_files(args.reference, args.candidate, args.inputs, elementwise=args.elementwise)
     return check_files(args.reference, args.candidate, args.examples, seed=args.seed)
 
 

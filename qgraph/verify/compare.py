@@ -39,6 +39,7 @@ __all__ = [
     "compare_arrays",
     "compare_outputs",
     "default_tolerance",
+    "elementwise_tolerances",
 ]
 
 
@@ -87,6 +88,21 @@ def _is_float(dtype: np.dtype) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def elementwise_tolerances(model: Any) -> dict[str, Tolerance]:
+    """Each float output of ``model`` (an ``ir.Model``) judged element by element.
+
+    The default tolerance scales atol by the output's largest magnitude,
+    which suits whole models; for a small graph checked on inputs spread over
+    many decades (the rule self-check) a large element elsewhere would hide a
+    difference among small ones.
+    """
+    tolerances = {}
+    for out in model.graph.outputs:
+        if out.dtype is not None and out.dtype.is_floating_point():
+            tolerances[out.name] = dataclasses.replace(default_tolerance(out.dtype.numpy()), scale_atol=False)
+    return tolerances
 
 
 def default_tolerance(dtype: np.dtype | type) -> Tolerance:

@@ -6,7 +6,9 @@ Rules (the decision, written down):
   the same name. A candidate may need fewer inputs than the reference (a
   pass removed an unused one), never one the reference lacks. If no names
   match at all but both need the same number of inputs, they are paired by
-  position. Paired inputs must agree on element type and rank.
+  position. Paired inputs must agree on element type, rank and every dim
+  both fix to a number (a mismatch is bad input, exit 2, not a difference).
+  A pairing by position is said in the report.
 * Outputs: when both models have the same output names they are paired by
   name; otherwise, when they have the same number of outputs, by position
   (the report says so). Any other difference means the models do not
@@ -22,7 +24,7 @@ import onnx_ir as ir
 from qgraph.errors import BadInputError
 from qgraph.verify.roles import feedable_inputs
 
-__all__ = ["Correspondence", "correspond"]
+__all__ = ["Correspondence", "correspond", "matching_notes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,33 @@ def _check_pair(ref: ir.Value, cand: ir.Value, ref_label: str, cand_label: str) 
             f"input {cand.name!r} of {cand_label} has rank {cand_rank} but its counterpart "
             f"{ref.name!r} in {ref_label} has rank {ref_rank}"
         )
+    if ref_rank is not None and ref_rank == cand_rank:
+        fixed = [
+            (i, r, c) for i, (r, c) in enumerate(zip(ref.shape, cand.shape))
+            if isinstance(r, int) and isinstance(c, int) and r != c
+        ]
+        if fixed:
+            axis, r, c = fixed[0]
+            raise BadInputError(
+                f"input {cand.name!r} of {cand_label} has shape {_shape(cand)} but its counterpart "
+                f"{ref.name!r} in {ref_label} has shape {_shape(ref)} (dim {axis}: {c} vs {r})"
+            )
+
+
+def _shape(value: ir.Value) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else str(d.value or "?") for d in value.shape) + "]"
+
+
+def matching_notes(corr: Correspondence) -> list[str]:
+    """What a report says when inputs or outputs were paired by position (names differ)."""
+    notes = []
+    if corr.inputs_by == "position":
+        pairs = ", ".join(f"{c!r} <- {r!r}" for c, r in corr.inputs.items())
+        notes.append(f"inputs matched by position: {pairs}")
+    if corr.outputs_by == "position":
+        pairs = ", ".join(f"{r!r} ~ {c!r}" for r, c in corr.outputs)
+        notes.append(f"outputs matched by position: {pairs}")
+    return notes
 
 
 def correspond(

@@ -36,10 +36,13 @@ from hypothesis.errors import NoSuchExample, Unsatisfiable
 
 from qgraph import io as qio
 from qgraph.errors import BadInputError, PassFailure
+from qgraph.verify.artifacts import artifacts_folder
 from qgraph.verify.compare import ComparisonReport, Tolerance, compare_outputs
-from qgraph.verify.correspondence import Correspondence, correspond
+from qgraph.verify.correspondence import Correspondence, correspond, matching_notes
 from qgraph.verify.localize import Divergence, localize
+from qgraph.verify.padded_rows import skip_padding_rows
 from qgraph.verify.runner import OrtRunner, RunError
+from qgraph.verify.scratch import private_hypothesis_home
 from qgraph.verify.strategies import Example, InputOptions, input_strategy
 
 __all__ = [
@@ -85,6 +88,9 @@ class EquivalenceResult:
     reference_label: str = "the reference"
     candidate_label: str = "the candidate"
     seconds: float = 0.0
+    # How inputs/outputs were paired, examples the reference rejected,
+    # artifacts not kept: printed under the headline whatever the verdict.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.equivalent
@@ -104,9 +110,9 @@ class EquivalenceResult:
         return f"NOT EQUIVALENT: {self.candidate_label} differs from {self.reference_label}"
 
     def __str__(self) -> str:
-        lines = [self.headline()]
+        lines = [self.headline(), *self.notes]
         if self.equivalent:
-            return lines[0]
+            return "\n".join(lines)
         if self.shapes:
             dims = " ".join(f"{k}={v}" for k, v in self.dims.items()) or "none"
             shapes = ", ".join(f"{n}{list(s)}" for n, s in self.shapes.items())
@@ -148,6 +154,7 @@ class EquivalenceResult:
             "divergence": None if self.divergence is None else self.divergence.to_dict(),
             "localization_note": self.localization_note,
             "seconds": round(self.seconds, 3),
+            "notes": list(self.notes),
         }
 
 
@@ -251,6 +258,8 @@ class _PairRunner:
         self.valid_at_failure = 0
         self.rejections = 0
         self.max_rejections = max_rejections
+        self.padding_rows = 0  # output rows at padding query positions, not compared
+        self.skip_padding_queries = True
 
     def candidate_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _candidate_feeds(self.corr, feeds)
@@ -266,6 +275,8 @@ class _PairRunner:
             cand_out = self.cand.run(self.candidate_feeds(feeds))
         except RunError as exc:
             return _Outcome(True, None, str(exc))
+        if self.skip_padding_queries:
+            self.padding_rows += skip_padding_rows(feeds, ref_out, cand_out, self.corr.outputs)
         report = compare_outputs(
             ref_out,
             cand_out,
@@ -329,6 +340,7 @@ def check_equivalent(
     pass_name: str | None = None,
     reference_label: str | None = None,
     candidate_label: str | None = None,
+    compare_padding_queries: bool = False,
 ) -> EquivalenceResult:
     """Check that ``candidate`` computes what ``reference`` computes.
 
@@ -344,6 +356,9 @@ def check_equivalent(
     ``save_artifacts=False`` writes nothing (callers that only need the
     verdict, such as rule self-checks).
     ``max_shrink_runs`` bounds the graph runs spent shrinking.
+    Output rows at padding query positions have no defined meaning and are
+    not compared (:mod:`qgraph.verify.padded_rows`; the result notes how
+    many) unless ``compare_padding_queries``.
 
     Raises:
         BadInputError: a model cannot be read, the reference cannot be
@@ -383,6 +398,7 @@ def check_equivalent(
     except ValueError as exc:
         raise BadInputError(f"{ref_label}: {exc}") from None
     pair = _PairRunner(ref_runner, cand_runner, corr, tolerances, max_shrink_runs)
+    pair.skip_padding_queries = not compare_padding_queries
     settings = hypothesis.settings(
         max_examples=examples,
         database=None,
@@ -395,7 +411,8 @@ def check_equivalent(
     )
     failing: Example | None = None
     try:
-        failing = hypothesis.find(strategy, pair, settings=settings, random=random.Random(seed))
+        with private_hypothesis_home():
+            failing = hypothesis.find(strategy, pair, settings=settings, random=random.Random(seed))
     except (NoSuchExample, Unsatisfiable, _ReferenceRejectsEverything):
         failing = None
     finally:
@@ -403,6 +420,17 @@ def check_equivalent(
         cand_runner.close()
     result.examples = pair.valid_at_failure if failing is not None else pair.valid
     result.shrink_runs = pair.runs_since_failure or 0
+    result.notes.extend(matching_notes(corr))
+    if pair.padding_rows:
+        result.notes.append(
+            f"{pair.padding_rows} output row(s) at padding query positions (the query's own attention_mask "
+            "entry is 0) were not compared: they have no defined meaning"
+        )
+    if pair.rejections and pair.valid:
+        result.notes.append(
+            f"{pair.rejections} drawn example(s) rejected by the reference and not counted "
+            f"(last reason: {pair.last_rejection})"
+        )
     if pair.valid == 0:
         raise BadInputError(
             f"{ref_label}: onnxruntime rejected every drawn input ({pair.last_rejection}); "
@@ -584,33 +612,61 @@ def verify_step(
 
 
 def step_verifier(
-    *, examples: int = 10, seed: int | None = 0, **kwargs: Any
+    *,
+    examples: int = 10,
+    seed: int | None = 0,
+    keep: str | os.PathLike[str] | None = None,
+    clean_up: bool = False,
+    **kwargs: Any,
 ) -> Callable[..., None]:
     """A ``verify(before, after, pass_name, meaning="outputs")`` callable that raises on a change of meaning.
 
-    This is the shape ``qgraph.manager`` takes for ``--verify``. ``meaning``
+    This is the shape ``qgraph.manager`` takes for ``--verify``; it returns
+    one line saying what it proved, which the report's table shows. ``meaning``
     is the pass's declared ``Pass.meaning``: "outputs" compares outputs on
     drawn inputs (:func:`verify_step`); "fp16" runs ``after`` emulated in fp16
     against ``before`` in fp32 (:func:`qgraph.verify.fp16.check_fp16`);
     "sequence" replays token sequences through the cached ``after`` against
-    the no-cache ``before`` (DESIGN.md, KV-cache I/O contracts), because a
-    step that adds a KV cache changes the graph's signature.
+    the no-cache ``before`` (docs/design.md, KV-cache I/O contracts), because a
+    step that adds a KV cache changes the graph's signature; "approximate"
+    (a lossy pass) checks ``after`` against the pass's ``budget``
+    (:func:`qgraph.verify.budget.check_budget`). A failure's inputs go to
+    ``keep`` when given, else to a temporary folder that is removed when
+    ``clean_up`` (see :mod:`qgraph.verify.artifacts`).
     """
 
-    def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "outputs") -> None:
+    def verify(before: ir.Model, after: ir.Model, pass_name: str, meaning: str = "outputs",
+               budget: Any = None) -> str:
+        if meaning == "approximate":
+            return _verify_budget(before, after, pass_name, budget)
         if meaning == "sequence":
             _verify_cache_step(before, after, pass_name)
-        elif meaning == "fp16":
+            return f"cached replay gives the no-cache logits ({examples} drawn sequences, seed {seed})"
+        if meaning == "fp16":
             from qgraph.verify.fp16 import fp16_step_verifier
 
             fp16_step_verifier(examples=examples, seed=seed, **kwargs)(before, after, pass_name)
-        elif meaning == "outputs":
-            result = verify_step(before, after, examples=examples, pass_name=pass_name, seed=seed, **kwargs)
+            return f"fp16-emulated outputs match fp32 ({examples} drawn inputs, seed {seed})"
+        if meaning == "outputs":
+            with artifacts_folder(keep, clean_up, "--verify-keep DIR") as (folder, forget):
+                options = dict(kwargs, artifacts_dir=folder) if folder is not None else kwargs
+                result = verify_step(before, after, examples=examples, pass_name=pass_name, seed=seed, **options)
+                forget(result)
             if not result.equivalent:
                 raise NotEquivalentError(result)
+            return f"same outputs on {result.examples} drawn inputs (seed {result.seed})"
         else:
             raise PassFailure(f"pass '{pass_name}' declares meaning {meaning!r}, which --verify cannot check",
                               pass_name=pass_name)
+
+    def _verify_budget(before: ir.Model, after: ir.Model, pass_name: str, budget: Any) -> str:
+        from qgraph.verify.budget import Budget, check_budget
+
+        budget = budget if budget is not None else Budget()
+        result = check_budget(before, after, budget, examples=examples, seed=seed, pass_name=pass_name, **kwargs)
+        if not result.within:
+            raise PassFailure(f"pass '{pass_name}' went over its approximation budget: {result}", pass_name=pass_name)
+        return f"within its approximation budget: {result}"
 
     def _verify_cache_step(before: ir.Model, after: ir.Model, pass_name: str) -> None:
         from qgraph.verify.sequence import check_sequence_equivalence

@@ -1,6 +1,6 @@
-"""Recognize which KV-cache I/O contract of DESIGN.md a graph follows.
+"""Recognize which KV-cache I/O contract of docs/design.md a graph follows.
 
-Two styles (DESIGN.md, "KV-cache I/O contracts"):
+Two styles (docs/design.md, "KV-cache I/O contracts"):
 
 * **retained** (device style): inputs ``input_ids``, ``position_ids`` and per
   layer ``past_key.{i}``/``past_value.{i}`` [batch, n_kv_heads, ctx_len,
@@ -147,7 +147,7 @@ def detect_kv_layout(model: ir.Model, *, label: str = "the cached graph") -> KVL
         raise KVLayoutError(f"{label} has inputs of both KV styles (past_key.* and past_key_values.*)")
     if not retained and not concat:
         raise KVLayoutError(
-            f"{label} follows neither KV-cache contract of DESIGN.md: no cache inputs found.\n"
+            f"{label} follows neither KV-cache contract of docs/design.md: no cache inputs found.\n"
             "  retained style needs: inputs 'input_ids', 'position_ids', 'past_key.{i}', 'past_value.{i}'; "
             "outputs 'logits', 'past_key.{i}_RetainedState', 'past_value.{i}_RetainedState'\n"
             "  concat style needs: inputs 'input_ids', 'attention_mask', 'past_key_values.{i}.key'/'.value'; "

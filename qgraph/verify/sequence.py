@@ -1,6 +1,6 @@
 """Sequence equivalence of a KV-cache graph with its no-cache reference.
 
-DESIGN.md states the correctness of both cache styles as one property:
+docs/design.md states the correctness of both cache styles as one property:
 replaying any token sequence through the cached graph in any split (a
 prefill chunk, then chunks and single-token decode steps; batches with
 padding) gives, at every valid position, the logits the no-cache graph gives
@@ -79,6 +79,7 @@ from hypothesis.extra import numpy as hnp
 
 from qgraph import io as qio
 from qgraph.errors import BadInputError
+from qgraph.verify.scratch import private_hypothesis_home
 from qgraph.verify.compare import Tolerance, compare_arrays, default_tolerance
 from qgraph.verify.kv_contract import (
     KVLayout,
@@ -609,7 +610,7 @@ class SequenceReplayer:
 
         A reference without a position_ids input computes positions itself;
         a plain export counts them from column 0, so padding in front of a
-        token shifts its position. The cached graph's meaning is DESIGN.md's
+        token shifts its position. The cached graph's meaning is docs/design.md's
         (positions from position_ids, cumsum(mask) - 1): the sequence the row
         holds, unpadded. For a reference that computes cumsum(mask) - 1
         itself both are the same, so the rule holds for every reference.
@@ -973,7 +974,8 @@ def check_sequence_equivalence(
         )
         failing: ReplayCase | None
         try:
-            failing = hypothesis.find(strategy, tracker, settings=settings, random=random.Random(seed))
+            with private_hypothesis_home():
+                failing = hypothesis.find(strategy, tracker, settings=settings, random=random.Random(seed))
         except (NoSuchExample, Unsatisfiable):
             failing = None
         except _ReferenceFailed as exc:

@@ -15,12 +15,16 @@ fitting its role (:mod:`qgraph.verify.roles`):
   padding positions set to 1 (``masked_fill_(mask == 0, 1)``), taken over
   the last ``seq`` columns of the mask; without a mask they count 0, 1, ...
   over the valid tokens and mark padding with -1, qgraph's retained-state
-  convention (DESIGN.md, KV-cache I/O contracts);
+  convention (docs/design.md, KV-cache I/O contracts);
 * floats: an order of magnitude ``10**k`` is drawn per input (k in
   ``float_exponents``, shrinking towards 1) and the elements within it, so
   bugs that only show at small magnitudes (an epsilon) or large ones
   (overflow) are reachable; ``large_magnitudes`` widens the range up to the
-  dtype's finite maximum for fp16 work;
+  dtype's finite maximum for fp16 work; ``spread_magnitudes`` instead draws
+  every element's magnitude log-uniformly over the whole range
+  (:func:`spread_float_arrays`), so one array visits every decade -- what
+  the rule self-check uses, where a difference confined to one band of
+  inputs (an approximation of GELU) must show in a few examples;
 * other integers: a small range; bools: anything.
 
 Everything is drawn through hypothesis, so failures shrink: sizes towards
@@ -64,6 +68,7 @@ __all__ = [
     "input_strategy",
     "position_ids",
     "positions_from_mask",
+    "spread_float_arrays",
     "token_ids",
 ]
 
@@ -88,6 +93,8 @@ class InputOptions:
     padding: which side masks pad on; "both" draws a side per example.
     float_exponents: inclusive range of k in the magnitude ``10**k``.
     large_magnitudes: widen magnitudes up to the float dtype's maximum.
+    spread_magnitudes: draw each element's magnitude log-uniformly over
+        ``float_exponents`` instead of one magnitude per input.
     int_range: inclusive range of other integer inputs.
     """
 
@@ -98,6 +105,7 @@ class InputOptions:
     padding: Padding = "both"
     float_exponents: tuple[int, int] = (-3, 2)
     large_magnitudes: bool = False
+    spread_magnitudes: bool = False
     int_range: tuple[int, int] = (0, 3)
 
 
@@ -131,6 +139,21 @@ def _finite_max(dtype: np.dtype) -> float:
     return float(ml_dtypes.finfo(dtype).max)
 
 
+def _with_chosen_elements(draw: st.DrawFn, noise: np.ndarray, bound: float, dtype: np.dtype, scale: float = 1.0) -> np.ndarray:
+    """``noise`` with the elements hypothesis chooses (in ``[-bound, bound]``) written over it, scaled and clipped.
+
+    The chosen elements are what shrinking removes, so a failing array
+    shrinks towards pure noise (see the module docstring).
+    """
+    chosen = draw(
+        hnp.arrays(np.float32, noise.shape, elements=st.floats(-bound, bound, width=32),
+                   fill=st.just(np.float32(np.nan)))
+    )
+    unit = np.where(np.isnan(chosen), noise, chosen)
+    limit = _finite_max(dtype)
+    return np.clip(unit.astype(np.float64) * scale, -limit, limit).astype(dtype)
+
+
 @st.composite
 def float_arrays(
     draw: st.DrawFn,
@@ -144,16 +167,33 @@ def float_arrays(
     Dense uniform noise from a drawn seed, with the elements hypothesis
     chooses to set (zeros, +-1, tiny values, ...) written over it.
     """
-    np_dtype = _numpy_dtype(dtype)
     scale = 10.0 ** draw(st.integers(*exponents))
     noise = np.random.default_rng(draw(_SEED)).uniform(-1.0, 1.0, shape).astype(np.float32)
-    chosen = draw(
-        hnp.arrays(np.float32, shape, elements=st.floats(-1, 1, width=32), fill=st.just(np.float32(np.nan)))
-    )
-    unit = np.where(np.isnan(chosen), noise, chosen)
-    limit = _finite_max(np_dtype)
-    values = np.clip(unit.astype(np.float64) * scale, -limit, limit)
-    return values.astype(np_dtype)
+    return _with_chosen_elements(draw, noise, 1.0, _numpy_dtype(dtype), scale)
+
+
+@st.composite
+def spread_float_arrays(
+    draw: st.DrawFn,
+    shape: tuple[int, ...],
+    dtype: ir.DataType | np.dtype | type = np.float32,
+    *,
+    exponents: tuple[int, int] = (-3, 2),
+) -> np.ndarray:
+    """Floats whose magnitudes spread over every decade ``10**low .. 10**high``, both signs.
+
+    Each element is ``sign * 10**u`` with ``u`` uniform in ``exponents``, from
+    a drawn seed: an array of n elements puts about n / (high - low) of them
+    in each decade, so a behaviour confined to one band of inputs is met in
+    almost every example (64 elements over 5 decades miss a given decade with
+    probability 0.8**64 < 1e-6). Elements hypothesis chooses to set are
+    written on top, as in :func:`float_arrays`, and shrink away.
+    """
+    rng = np.random.default_rng(draw(_SEED))
+    low, high = exponents
+    magnitudes = 10.0 ** rng.uniform(low, high, shape)
+    noise = np.where(rng.random(shape) < 0.5, -magnitudes, magnitudes)
+    return _with_chosen_elements(draw, noise, 2.0, _numpy_dtype(dtype))
 
 
 @st.composite
@@ -344,7 +384,8 @@ def _examples(
                 masks.append(feeds[spec.name])
             continue
         if spec.role is Role.FLOAT:
-            value = draw(float_arrays(shape, dtype, exponents=exponents))
+            draw_floats = spread_float_arrays if options.spread_magnitudes else float_arrays
+            value = draw(draw_floats(shape, dtype, exponents=exponents))
         elif spec.role is Role.TOKEN_IDS:
             assert spec.vocab_size is not None
             value = draw(token_ids(shape, spec.vocab_size, dtype))

@@ -5,7 +5,7 @@ qgraph's wrapper (positions ``cumsum(mask) - 1`` given to the model) and as
 a plain ``torch.onnx.export`` of the Hugging Face model (the model counts
 positions itself: from column 0, or from the mask as OPT and BLOOM do) --
 goes through ``--passes kv-cache`` exactly as a user runs it (the manager runs the attention pass,
-and what it needs, as prerequisites). The property is DESIGN.md's: replaying
+and what it needs, as prerequisites). The property is docs/design.md's: replaying
 any token sequence through the cached graph -- hypothesis draws the tokens,
 the batch with left or right padding, the prefill chunk, later chunks and
 single-token decode steps -- gives at every valid position the logits of the
@@ -234,3 +234,20 @@ def test_probing_reads_weights_kept_in_external_data(cached_zoo: CachedZoo, tmp_
     cached = cached_zoo.get("llama", "torchscript", source=external, tag="external", style="retained",
                             ctx_len=CTX_LEN, logits="all")
     _assert_sequence_equivalent(cached)
+
+
+OTHERS = Path(__file__).resolve().parent.parent / "data" / "transformers-4.57"
+
+
+@pytest.mark.parametrize("style", ["retained", "concat"])
+@pytest.mark.parametrize("name", ["llama-dynamo", "opt-torchscript", "gemma2-dynamo", "bloom-torchscript"])
+def test_exports_of_another_transformers_release_replay(tmp_path: Path, name: str, style: str) -> None:
+    """Plain exports made with transformers 4.57 (tests/data): other rotary, mask and position code."""
+    reference = OTHERS / f"{name}.onnx"
+    model = qio.load(reference)
+    options = {"style": style, **({"ctx_len": CTX_LEN, "logits": "all"} if style == "retained" else {})}
+    PassManager(Pipeline([{"pass": "kv-cache", "options": options}])).run(model)
+    out = tmp_path / "model.onnx"
+    qio.save(model, out)
+    result = check_sequence_equivalence(out, reference, examples=EXAMPLES, require_greedy=True, max_len=CTX_LEN - 1)
+    assert result.equivalent, str(result)

@@ -428,7 +428,7 @@ def test_find_matches_does_not_modify_the_model():
     assert len(m.nodes) == 6
 
 
-def test_rewrite_inside_a_model_function():
+def test_rewrite_inside_a_model_function_when_the_rule_asks():
     fx = ir.val("fx", FLOAT, ir.Shape((4,)))
     relu = ir.node("Relu", [fx])
     neg = ir.node("Neg", [relu.outputs[0]])
@@ -439,7 +439,7 @@ def test_rewrite_inside_a_model_function():
     call.outputs[0].dtype = FLOAT
     graph = ir.Graph([x], [call.outputs[0]], nodes=[call], opset_imports={"": 23, "local": 1})
     model = ir.Model(graph, ir_version=10, functions=[function])
-    rules = RuleSet([Rule("neg-relu", lambda op, x: op.Neg(op.Relu(x)), lambda op, x: op.Neg(op.Max(x, op.const(np.float32(0)))))])
+    rules = RuleSet([Rule("neg-relu", lambda op, x: op.Neg(op.Relu(x)), lambda op, x: op.Neg(op.Max(x, op.const(np.float32(0)))), in_functions=True)])
     reference = model.clone()
     assert apply_rules(model, rules).total == 1
     assert [n.op_type for n in function] == ["Constant", "Max", "Neg"]

@@ -1,4 +1,4 @@
-"""A tiny causal attention "LM" in the three KV-cache forms of DESIGN.md, and mutants.
+"""A tiny causal attention "LM" in the three KV-cache forms of docs/design.md, and mutants.
 
 All three forms compute the same function with the same weights:
 
@@ -177,7 +177,7 @@ def retained_lm(
     mutant: str | None = None,
     seed: int = 0,
 ) -> onnx.ModelProto:
-    """The retained-state form (DESIGN.md); ``ctx_len=None`` leaves the cache length symbolic.
+    """The retained-state form (docs/design.md); ``ctx_len=None`` leaves the cache length symbolic.
 
     ``seq_len`` fixes the seq dim (a static specialization); ``last_logits``
     returns ``logits`` [batch, 1, vocab] at argmax(position_ids) per row.

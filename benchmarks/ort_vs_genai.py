@@ -1,0 +1,259 @@
+"""qgraph's ort graphs (fp32, int8, int4) against onnxruntime-genai's model builder (fp32, int4) on SmolLM2-135M.
+
+    .venv/bin/pip install onnxruntime-genai        # for this benchmark only; not a qgraph dependency
+    .venv/bin/python benchmarks/ort_vs_genai.py [--rounds 3] [--repeats 2] [--max-new-tokens 64]
+                                               [--out DIR] [--write] [--note TEXT]
+
+Both sides start from the same weights: the packaged Q4_1 GGUF dequantized to
+a float32 Hugging Face folder by qgraph's export cache. qgraph exports it
+(dynamo, cached), runs the presets ``ort``, ``ort-int8`` and ``ort-int4``
+exactly as ``qgraph demo`` runs a preset, and generates with
+``qgraph.runtime`` (the code behind ``qgraph generate``). The builder
+(``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu``) builds
+from the same folder, and onnxruntime-genai's own generator runs its graphs.
+
+Each measurement is a fresh child process (its peak RSS is its own): load,
+one short warm-up generation, then ``--repeats`` generations of
+``--max-new-tokens`` greedy tokens with end-of-sequence ignored, 2 threads.
+The configurations run in interleaved rounds (round 1: every graph, round
+2: every graph, ...) so load on the shared machine spreads over all of
+them; the table gives medians over every run of every round. TTFT = from
+the prompt's ids to the first new token; decode = tokens after the first /
+time from the first to the last. Model size = the files of the graph
+(model.onnx + external data).
+
+Targets of issue 19: decode tokens/s of qgraph's ort graph >= the builder's
+at fp32 and at int4, TTFT no worse, greedy tokens identical at fp32.
+``--write`` replaces the "ort vs onnxruntime-genai" section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import benchmark_parser, in_child, peak_rss_mib, ran_as_child
+from results_file import machine_description, publish
+
+SECTION = "ort vs onnxruntime-genai"
+MODEL = "smollm2-135m"
+PROMPT = "In a quiet village at the edge of the forest, there lived a"
+THREADS = 2
+QGRAPH_PRESETS = {"fp32": "ort", "int8": "ort-int8", "int4": "ort-int4"}
+BUILDER_PRECISIONS = ("fp32", "int4")
+INSTALL = "pip install onnxruntime-genai   (into qgraph's venv: .venv/bin/pip install onnxruntime-genai)"
+
+
+def _require_genai() -> None:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"this benchmark compares with onnxruntime-genai, which is not installed.\n"
+                         f"Install it for the benchmark only (it is not a qgraph dependency):\n    {INSTALL}") from None
+
+
+def _size_mib(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")) / 2**20
+
+
+# --- children -------------------------------------------------------------------------------------
+
+
+def _summary(runs: list[tuple[float, float]], tokens: list[int]) -> dict[str, Any]:
+    return {"ttft": [r[0] for r in runs], "decode": [r[1] for r in runs], "tokens": tokens,
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def _child_qgraph(task: dict[str, Any]) -> dict[str, Any]:
+    from qgraph.runtime.generate import load_generator
+
+    generator = load_generator(task["folder"], threads=THREADS)
+    generator.eos_token_ids = frozenset()
+    generator.generate([task["prompt"]], max_new_tokens=4)
+    runs, tokens = [], []
+    for _ in range(task["repeats"]):
+        result = generator.generate([task["prompt"]], max_new_tokens=task["tokens"])
+        runs.append((result.stats.ttft, result.stats.decode_tokens_per_second))
+        tokens = list(result.token_ids[0])
+    return _summary(runs, tokens)
+
+
+def _child_genai(task: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(task["folder"])
+    tokenizer = og.Tokenizer(model)
+    ids = np.asarray(tokenizer.encode(task["prompt"]), np.int32)
+
+    def once(n: int) -> tuple[float, float, list[int]]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + n, min_length=len(ids) + n)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(ids)
+        generator.generate_next_token()
+        first = time.perf_counter()
+        out = [int(generator.get_next_tokens()[0])]
+        while not generator.is_done():
+            generator.generate_next_token()
+            out.append(int(generator.get_next_tokens()[0]))
+        last = time.perf_counter()
+        decode = (len(out) - 1) / (last - first) if len(out) > 1 else float("nan")
+        return first - start, decode, out
+
+    once(4)
+    runs, tokens = [], []
+    for _ in range(task["repeats"]):
+        ttft, decode, tokens = once(task["tokens"])
+        runs.append((ttft, decode))
+    return _summary(runs, tokens)
+
+
+def _child(task: dict[str, Any]) -> dict[str, Any]:
+    return _child_genai(task) if task["kind"] == "genai" else _child_qgraph(task)
+
+
+# --- building the graphs --------------------------------------------------------------------------
+
+
+def _qgraph_graphs(out: Path) -> tuple[dict[str, Path], dict[str, float], Path]:
+    from qgraph.demo import run_preset
+    from qgraph.export import Progress, export_model
+    from qgraph.export.cache import cache_root
+    from qgraph.export.sources import dequantized_folder, resolve
+    from qgraph.registry import default_registry
+
+    registry = default_registry()
+    print(f"exporting {MODEL} (dynamo; cached after the first time) ...", file=sys.stderr)
+    exported = export_model(MODEL, out / "export", exporter="dynamo", progress=Progress())
+    graphs, seconds = {}, {}
+    for precision, preset in QGRAPH_PRESETS.items():
+        print(f"preset {preset} ...", file=sys.stderr)
+        run = run_preset(preset, exported.output_dir, out / "qgraph", registry)
+        graphs[precision], seconds[preset] = run.folder, run.report.seconds
+    hf_folder = dequantized_folder(resolve(MODEL), cache_root(None), Progress(enabled=False))
+    return graphs, seconds, hf_folder
+
+
+def _builder_graphs(hf_folder: Path, out: Path) -> dict[str, Path]:
+    graphs = {}
+    for precision in BUILDER_PRECISIONS:
+        folder = out / "genai" / precision
+        if not (folder / "genai_config.json").exists():
+            print(f"onnxruntime-genai builder, {precision} ...", file=sys.stderr)
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder),
+                            "-o", str(folder), "-p", precision, "-e", "cpu", "-c", str(out / "genai" / "cache")],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        config_path = folder / "genai_config.json"
+        config = json.loads(config_path.read_text())
+        config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = THREADS
+        config_path.write_text(json.dumps(config, indent=4))
+        graphs[precision] = folder
+    return graphs
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def _row(label: str, precision: str, folder: Path, results: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "label": label, "precision": precision,
+        "decode": statistics.median(d for r in results for d in r["decode"]),
+        "ttft_ms": 1000 * statistics.median(t for r in results for t in r["ttft"]),
+        "rss": statistics.median(r["peak_rss_mib"] for r in results),
+        "size": _size_mib(folder), "tokens": results[-1]["tokens"],
+    }
+
+
+def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, float]) -> str:
+    import onnxruntime_genai
+
+    by = {(r["label"], r["precision"]): r for r in rows}
+    lines = [
+        f"Command: `.venv/bin/python benchmarks/ort_vs_genai.py --rounds {args.rounds} --repeats {args.repeats} "
+        f"--max-new-tokens {args.max_new_tokens} --write` (onnxruntime-genai installed for it: `{INSTALL.split('   ')[0]}`)",
+        "",
+        f"Machine: {machine_description()}, onnxruntime-genai {onnxruntime_genai.__version__}. "
+        "The 2 cores were shared with other engineers' jobs while this ran: figures are noisy.",
+        "",
+        (f"SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized to float32 once; both sides start from that "
+         f"folder). Prompt {args.prompt!r}, {args.max_new_tokens} greedy tokens, end-of-sequence ignored, "
+         f"{THREADS} threads; each child process loads, warms up once, then generates {args.repeats} times; "
+         f"{args.rounds} interleaved rounds; medians over all runs (peak RSS: median over the rounds' processes)."),
+        "",
+        "| graph | precision | decode tok/s | TTFT ms | peak RSS MiB | model MiB | decode vs builder | TTFT vs builder |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ref = by.get(("onnxruntime-genai builder", r["precision"]))
+        vs = (f"{r['decode'] / ref['decode']:.2f}x | {r['ttft_ms'] / ref['ttft_ms']:.2f}x"
+              if ref is not None and r["label"] != ref["label"] else "- | -")
+        lines.append(f"| {r['label']} | {r['precision']} | {r['decode']:.1f} | {r['ttft_ms']:.1f} | {r['rss']:.0f} | "
+                     f"{r['size']:.0f} | {vs} |")
+    lines += ["", "qgraph preset pipelines on the export: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+              + ".", "", "Targets of issue 19:", ""]
+    for precision in BUILDER_PRECISIONS:
+        q, b = by[("qgraph ort", precision)], by[("onnxruntime-genai builder", precision)]
+        decode = "met" if q["decode"] >= b["decode"] else "NOT met"
+        ttft = "met" if q["ttft_ms"] <= b["ttft_ms"] else "NOT met"
+        lines.append(f"- {precision}: decode {q['decode']:.1f} vs {b['decode']:.1f} tok/s ({decode}); "
+                     f"TTFT {q['ttft_ms']:.1f} vs {b['ttft_ms']:.1f} ms ({ttft})")
+    q, b = by[("qgraph ort", "fp32")]["tokens"], by[("onnxruntime-genai builder", "fp32")]["tokens"]
+    same = sum(1 for x, y in zip(q, b) if x == y)
+    first = next((i for i, (x, y) in enumerate(zip(q, b)) if x != y), None)
+    lines.append(f"- greedy tokens at fp32: {same}/{len(q)} equal"
+                 + ("" if first is None else f" (first difference at token {first})")
+                 + (" (met)" if first is None and len(q) == len(b) else " (NOT met)"))
+    for precision in ("int8", "int4"):
+        t = by[("qgraph ort", precision)]["tokens"]
+        lines.append(f"- qgraph {precision} greedy tokens equal to qgraph fp32's: "
+                     f"{sum(1 for x, y in zip(t, q) if x == y)}/{len(q)}")
+    t = by[("onnxruntime-genai builder", "int4")]["tokens"]
+    lines.append(f"- builder int4 greedy tokens equal to builder fp32's: {sum(1 for x, y in zip(t, b) if x == y)}/{len(b)}")
+    if args.note:
+        lines += ["", args.note]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__, SECTION)
+    parser.add_argument("--rounds", type=int, default=3, metavar="N")
+    parser.add_argument("--repeats", type=int, default=2, metavar="N")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--out", metavar="DIR", help="keep the graphs here (and reuse the builder's on a rerun)")
+    args = parser.parse_args(argv)
+    if ran_as_child(args, _child):
+        return 0
+    _require_genai()
+    with tempfile.TemporaryDirectory(prefix="qgraph-ort-genai-") as scratch:
+        out = Path(args.out) if args.out else Path(scratch)
+        if (out / "qgraph").exists():
+            shutil.rmtree(out / "qgraph")
+        ours, seconds, hf_folder = _qgraph_graphs(out)
+        theirs = _builder_graphs(hf_folder, out)
+        configs = [("qgraph ort", p, "qgraph", f) for p, f in ours.items()]
+        configs += [("onnxruntime-genai builder", p, "genai", f) for p, f in theirs.items()]
+        results: dict[tuple[str, str], list[dict[str, Any]]] = {(c[0], c[1]): [] for c in configs}
+        for round_ in range(args.rounds):
+            for label, precision, kind, folder in configs:
+                print(f"round {round_ + 1}/{args.rounds}: {label} {precision} ...", file=sys.stderr)
+                task = {"kind": kind, "folder": str(folder), "prompt": args.prompt, "tokens": args.max_new_tokens,
+                        "repeats": args.repeats}
+                results[(label, precision)].append(in_child(__file__, task))
+        rows = [_row(label, precision, folder, results[(label, precision)]) for label, precision, _, folder in configs]
+        report = format_report(rows, args, seconds)
+    publish(SECTION, report, args.write)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

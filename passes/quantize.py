@@ -1,0 +1,329 @@
+"""Weight-only quantization: MatMuls with constant weights -> com.microsoft::MatMulNBits."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.pass_base import Option, Pass
+from qgraph.quant_blocks import BITS, BLOCK_SIZES, BlockQuantized, quantize_rtn
+from qgraph.rewrite.engine import PASS_KEY, RULE_KEY
+
+__all__ = ["QuantizePass"]
+
+MICROSOFT = "com.microsoft"
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+# --verify's default budget by bits: (least greedy agreement, largest perplexity rise). Measured
+# on SmolLM2-135M's fixed text (qgraph.verify.budget), round to nearest with blocks of 32:
+# 8 bits 100 % / +0.6 %, 4 bits 67.5 % / +77 % -- int4 RTN of a 135M model is that lossy.
+_DEFAULT_BUDGET = {8: (0.9, 0.05), 4: (0.6, 1.0)}
+
+
+def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")
+        return attr.as_tensor() if attr is not None else None
+    return None
+
+
+def _weight_source(value: ir.Value) -> tuple[ir.Value, bool] | None:
+    """(the constant the weight is read from, whether the MatMul sees it transposed)."""
+    if _constant(value) is not None:
+        return value, False
+    producer = value.producer()
+    if (producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx")
+            and list(producer.attributes.get_ints("perm", [1, 0])) == [1, 0]
+            and _constant(producer.inputs[0]) is not None):
+        return producer.inputs[0], True
+    return None
+
+
+def _embedding_tables(graph: ir.Graph) -> list[ir.Value]:
+    """Constant tables read by a Gather on axis 0 (token embeddings)."""
+    tables = []
+    for node in graph:
+        if (node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.attributes.get_int("axis", 0) == 0
+                and _constant(node.inputs[0]) is not None and node.inputs[0] not in tables):
+            tables.append(node.inputs[0])
+    return tables
+
+
+class QuantizePass(Pass):
+    """Quantize constant MatMul weights to com.microsoft::MatMulNBits (weight-only, round to nearest).
+
+    Every ``MatMul(A, W)`` of the main graph whose ``W`` is a 2-D float32 or
+    float16 constant (an initializer, a ``Constant``, or one of them
+    transposed) -- and every ``Gemm(A, W[, bias])`` with such a ``W``
+    (``transB`` either way, alpha 1, a constant 1-D bias with beta 1, which
+    MatMulNBits takes as its bias input) -- becomes ``MatMulNBits(A, B, scales[, zero_points])`` with
+    ``bits`` 4 or 8, blocks of ``block_size`` along K, symmetric (implicit
+    zero point) or with zero points; ``accuracy_level`` is passed on (4
+    lets onnxruntime compute with int8 activations, 0 leaves the choice to
+    it). Quantization is round-to-nearest per block (``qgraph.quant_blocks``
+    states the arithmetic and the layout).
+
+    ``exclude``: comma-separated shell patterns matched against the MatMul
+    node's name and the weight's name (``*lm_head*,*linear_14``); a match is
+    kept in float and noted. A weight shared by several MatMuls, and an LM
+    head tied to the token embedding (the same table, or the exporter's
+    transposed copy of it), is quantized once and its MatMulNBits inputs
+    shared. With ``tied_lookup=quantized`` (the default) the embedding's
+    Gather then reads those same blocks (``com.microsoft::GatherBlockQuantized``
+    over B seen as [N, K * bits / 8]; K must be a multiple of the block) and
+    the float table goes; ``float`` keeps the table for the lookup. Float
+    weights that no longer have a reader are dropped.
+
+    The result computes an approximation (``meaning = "approximate"``):
+    ``--verify`` checks the budget in the ``budget_*`` options instead of
+    equality (``qgraph.verify.budget``): on decoders, greedy next-token
+    agreement and the perplexity rise on a fixed text the float graph
+    writes itself (by default at least 90 % and at most +5 % at 8 bits,
+    60 % and +100 % at 4 bits); on other graphs, a per-output relative
+    error.
+    """
+
+    name = "quantize"
+    meaning = "approximate"
+    options = {
+        "bits": Option(int, 4, "bits per weight", choices=BITS),
+        "block_size": Option(int, 32, "weights per scale along K (a power of 2, 16-256)", choices=BLOCK_SIZES),
+        "symmetric": Option(bool, False, "no zero points (the implicit 2**(bits-1)); otherwise one per block"),
+        "accuracy_level": Option(
+            int, 0, "MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations",
+            choices=(0, 1, 2, 3, 4),
+        ),
+        "exclude": Option(str, "", "comma-separated shell patterns of MatMul node or weight names to keep in float"),
+        "tied_lookup": Option(
+            str, "quantized",
+            "an embedding tied to a quantized LM head: 'quantized' (its Gather reads the same blocks, "
+            "GatherBlockQuantized) or 'float' (the float table stays for the lookup)",
+            choices=("quantized", "float"),
+        ),
+        "budget_agreement": Option(
+            float, -1.0,
+            "--verify (decoders): least share of greedy next tokens equal to the float graph's "
+            "(negative: by bits, 0.9 at 8, 0.6 at 4)",
+        ),
+        "budget_perplexity_rise": Option(
+            float, -1.0,
+            "--verify (decoders): largest relative perplexity rise on the fixed text "
+            "(negative: by bits, 0.05 at 8, 1.0 at 4)",
+        ),
+        "budget_relative_error": Option(
+            float, 0.05, "--verify (other graphs): per output, |q - f| <= e * max(1, max|f|) + e * |f|"
+        ),
+        "budget_tokens": Option(int, 48, "--verify (decoders): length of the fixed text, in tokens"),
+    }
+
+    def verification_budget(self):
+        from qgraph.verify.budget import Budget
+
+        agreement, rise = _DEFAULT_BUDGET[self.config["bits"]]
+        given_agreement, given_rise = self.config["budget_agreement"], self.config["budget_perplexity_rise"]
+        return Budget(
+            token_agreement=agreement if given_agreement < 0 else given_agreement,
+            perplexity_rise=rise if given_rise < 0 else given_rise,
+            relative_error=self.config["budget_relative_error"],
+            text_tokens=self.config["budget_tokens"],
+        )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        patterns = [p.strip() for p in self.config["exclude"].split(",") if p.strip()]
+        tables = _embedding_tables(graph)
+        done: dict[tuple[int, bool], tuple[list[ir.Value], BlockQuantized]] = {}
+        keys: dict[tuple[int, bool], tuple[int, bool]] = {}
+        self._tied: dict[tuple[int, bool], ir.Value] = {}  # key -> the embedding table an LM head is tied to
+        replaced = 0
+        dropped: list[ir.Value] = []  # float weights (and their sources) that may have lost their last reader
+        for node in list(graph):
+            operands = self._operands(node)
+            if operands is None:
+                continue
+            a, w, flip, bias = operands
+            source = _weight_source(w) if w is not None else None
+            if a is None or source is None:
+                continue
+            source = (source[0], source[1] != flip)
+            tensor = _constant(source[0])  # dtype and rank from the data: a Transpose output may be untyped
+            if tensor.dtype not in _FLOATS or len(tensor.shape) != 2:
+                continue
+            if a.shape is not None and len(a.shape) < 2:
+                continue
+            names = [node.name or "", w.name or "", source[0].name or ""]
+            if any(fnmatch.fnmatchcase(n, p) for n in names if n for p in patterns):
+                self.report.notes.append(f"kept {node.op_type} '{node.name}' in float: excluded by 'exclude'")
+                continue
+            seen = (id(source[0]), source[1])
+            if seen not in keys:  # a tie is established (and noted) once per weight
+                keys[seen] = self._key(source, tables)
+            key = keys[seen]
+            if key not in done:
+                done[key] = self._quantize(graph, w, source)
+            else:
+                self.report.count("weights-shared")
+            inputs, quantized = done[key]
+            dropped.extend((w, source[0]))
+            self._replace(model, node, a, inputs, quantized, bias)
+            replaced += 1
+        if replaced:
+            model.opset_imports.setdefault(MICROSOFT, 1)
+            self.report.count("matmuls-quantized", replaced)
+            if self.config["tied_lookup"] == "quantized":
+                for key, table in self._tied.items():
+                    if key in done:
+                        self._share_with_lookups(graph, table, *done[key])
+                        dropped.append(table)
+            _drop_unread(graph, dropped)
+        return ir.passes.PassResult(model, replaced > 0)
+
+    def _operands(self, node: ir.Node) -> tuple[ir.Value | None, ir.Value | None, bool, ir.Value | None] | None:
+        """(A, W, whether W is read transposed, bias) of a MatMul or of a Gemm MatMulNBits can express."""
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "MatMul" and len(node.inputs) == 2:
+            return node.inputs[0], node.inputs[1], False, None
+        if node.op_type != "Gemm" or len(node.inputs) < 2:
+            return None
+        attrs = node.attributes
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        b = node.inputs[1]
+        width = None if b is None or b.shape is None or len(b.shape) != 2 else b.shape[0 if attrs.get_int("transB", 0) else 1]
+        reason = None
+        if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0:
+            reason = "transA or alpha"
+        elif bias is not None and (attrs.get_float("beta", 1.0) != 1.0 or _constant(bias) is None
+                                   or tuple(_constant(bias).shape) != (width,)):
+            reason = "its C is not a constant bias of one value per output column (or beta is not 1)"
+        if reason is not None:
+            self.report.notes.append(f"kept Gemm '{node.name}' in float: {reason}")
+            return None
+        return node.inputs[0], b, bool(attrs.get_int("transB", 0)), bias
+
+    def _key(self, source: tuple[ir.Value, bool], tables: list[ir.Value]) -> tuple[int, bool]:
+        """Weights that are one tensor (or an embedding table and its transposed copy) share a key."""
+        value, transposed = source
+        if value in tables:
+            if transposed:
+                self.report.notes.append(f"LM head reads the embedding table '{value.name}' (tied): quantized once")
+                self.report.count("tied-embeddings")
+                self._tied[(id(value), True)] = value
+            return id(value), transposed
+        for table in tables:
+            if (value.shape is not None and table.shape is not None and table.dtype == value.dtype
+                    and tuple(value.shape) == tuple(reversed(table.shape)) and not transposed):
+                if np.array_equal(_constant(value).numpy(), _constant(table).numpy().T):
+                    self.report.notes.append(
+                        f"weight '{value.name}' is the embedding table '{table.name}' transposed (tied): quantized once"
+                    )
+                    self.report.count("tied-embeddings")
+                    self._tied[(id(table), True)] = table
+                    return id(table), True
+        return id(value), transposed
+
+    def _share_with_lookups(self, graph: ir.Graph, table: ir.Value, inputs: list[ir.Value], q: BlockQuantized) -> None:
+        """Gather(table, ids) -> GatherBlockQuantized over the LM head's quantized blocks (B seen as [N, K*bits/8])."""
+        if q.k % q.block_size:
+            self.report.notes.append(f"embedding '{table.name}' keeps its float lookup: its width {q.k} is not "
+                                     f"a multiple of block_size {q.block_size}")
+            return
+        lookups = [u.node for u in table.uses() if u.node.op_type == "Gather" and u.idx == 0
+                   and u.node.domain in ("", "ai.onnx") and u.node.attributes.get_int("axis", 0) == 0]
+        if not lookups:
+            return
+        shape_name = _unique(graph, f"{inputs[0].name}.rows")
+        shape = ir.Value(name=shape_name, const_value=ir.tensor(np.array([q.n, q.k * q.bits // 8], np.int64),
+                                                                 name=shape_name),
+                         type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2]))
+        graph.register_initializer(shape)
+        rows = ir.node("Reshape", [inputs[0], shape], name=f"{table.name}/blocks_as_rows")
+        rows.outputs[0].name = f"{inputs[0].name}.as_rows"
+        rows.outputs[0].type, rows.outputs[0].shape = ir.TensorType(ir.DataType.UINT8), ir.Shape([q.n, q.k * q.bits // 8])
+        graph.insert_before(lookups[0], [rows])
+        for gather in lookups:
+            new = ir.node("GatherBlockQuantized", [rows.outputs[0], gather.inputs[1], *inputs[1:]],
+                          attributes={"bits": q.bits, "block_size": q.block_size, "gather_axis": 0, "quantize_axis": 1},
+                          domain=MICROSOFT, name=f"{gather.name}/q{q.bits}" if gather.name else None)
+            new.metadata_props[PASS_KEY] = self.name
+            new.metadata_props[RULE_KEY] = f"tied-gather-to-gather-block-quantized-{q.bits}"
+            self._swap(graph, gather, new)
+            self.report.count("lookups-shared")
+        self.report.notes.append(f"embedding '{table.name}': its {len(lookups)} lookup(s) read the LM head's "
+                                 f"{q.bits}-bit blocks (GatherBlockQuantized); the float table is dropped")
+
+    def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool]) -> tuple[list[ir.Value], BlockQuantized]:
+        value, transposed = source
+        array = _constant(value).numpy()
+        weight = array.T if transposed else array
+        quantized = quantize_rtn(weight, self.config["bits"], self.config["block_size"], symmetric=self.config["symmetric"])
+        del array, weight
+        b, scales, zero_points = quantized.matmul_nbits_inputs()
+        base = f"{value.name or w.name}.q{quantized.bits}"
+        inputs = []
+        for suffix, data in (("", b), (".scales", scales), (".zero_points", zero_points)):
+            if data is None:
+                continue
+            name = _unique(graph, base + suffix)
+            init = ir.Value(name=name, const_value=ir.tensor(data, name=name),
+                            type=ir.TensorType(ir.DataType.from_numpy(data.dtype)), shape=ir.Shape(data.shape))
+            graph.register_initializer(init)
+            inputs.append(init)
+        return inputs, quantized
+
+    def _replace(self, model: ir.Model, node: ir.Node, a: ir.Value, inputs: list[ir.Value], q: BlockQuantized,
+                 bias: ir.Value | None) -> None:
+        attributes = {**q.attributes(), "accuracy_level": self.config["accuracy_level"]}
+        operands = [a, *inputs]
+        if bias is not None:  # inputs 3 and 4 (zero points, g_idx) may be absent before it
+            operands += [None] * (5 - len(operands)) + [bias]
+        new = ir.node("MatMulNBits", operands, attributes=attributes, domain=MICROSOFT,
+                      name=f"{node.name}/q{q.bits}" if node.name else None)
+        new.metadata_props[PASS_KEY] = self.name
+        new.metadata_props[RULE_KEY] = f"matmul-to-matmul-nbits-{q.bits}"
+        for key in ("qgraph.layer", "qgraph.scope"):
+            if key in node.metadata_props:
+                new.metadata_props[key] = node.metadata_props[key]
+        self._swap(model.graph, node, new)
+
+    @staticmethod
+    def _swap(graph: ir.Graph, node: ir.Node, new: ir.Node) -> None:
+        """``new`` takes ``node``'s place: its output gets the old output's name, type and readers."""
+        old = node.outputs[0]
+        out = new.outputs[0]
+        out.type, out.shape = old.type, old.shape
+        graph.insert_before(node, [new])
+        name = old.name
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        old.name = None
+        out.name = name
+        graph.remove(node, safe=True)
+
+
+def _drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Remove the float weights no node reads any more: their Transpose/Constant producers, then initializers."""
+    for value in values:
+        producer = value.producer()
+        if (producer is not None and producer.op_type in ("Transpose", "Constant") and producer.graph is graph
+                and not value.uses() and not value.is_graph_output()):
+            graph.remove(producer, safe=True)
+    for value in values:
+        name = value.name
+        if (name in graph.initializers and graph.initializers[name] is value and not value.uses()
+                and not value.is_graph_input() and not value.is_graph_output()):
+            del graph.initializers[name]
+
+
+def _unique(graph: ir.Graph, name: str) -> str:
+    if name not in graph.initializers:
+        return name
+    i = 1
+    while f"{name}.{i}" in graph.initializers:
+        i += 1
+    return f"{name}.{i}"

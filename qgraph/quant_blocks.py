@@ -1,0 +1,138 @@
+"""Block-wise weight quantization and onnxruntime's ``MatMulNBits`` weight layout.
+
+A MatMul weight ``W`` [K, N] is quantized along K in blocks of
+``block_size`` (K padded with zeros to a whole number of blocks), one scale
+(and, asymmetric, one zero point) per block and output column::
+
+    W[k, n] ~ (code[n, k] - zero_point[n, k // block]) * scale[n, k // block]
+
+Round to nearest (RTN): symmetric blocks use ``scale = max|w| / (2**(bits-1) - 1)``
+and the implicit zero point ``2**(bits-1)`` (what MatMulNBits assumes when
+the zero-point input is absent); asymmetric blocks stretch ``[min(w, 0),
+max(w, 0)]`` over ``[0, 2**bits - 1]``. Codes are computed with the scale as
+it is stored (the weight's dtype), so dequantizing the stored tensors gives
+exactly the quantized weight.
+
+Layout (com.microsoft::MatMulNBits, inputs B, scales, zero_points):
+``B`` uint8 [N, n_blocks, block_size * bits / 8], 4-bit codes two to a byte,
+the even element in the low nibble; ``scales`` [N, n_blocks] in the
+weight's dtype; ``zero_points`` uint8 [N, ceil(n_blocks * bits / 8)], 4-bit
+ones packed two to a byte the same way, row by row. The same tensors (B
+seen as [N, K * bits / 8]) are what ``com.microsoft::GatherBlockQuantized``
+reads with ``quantize_axis=1``, so a tied embedding table shares them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["BITS", "BLOCK_SIZES", "BlockQuantized", "pack_codes", "quantize_rtn", "unpack_codes", "unpack_matmul_nbits"]
+
+BITS = (4, 8)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockQuantized:
+    """A quantized [K, N] weight: codes [N, n_blocks, block_size], scales and zero points [N, n_blocks]."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None  # None: symmetric, the implicit 2**(bits-1)
+    bits: int
+    block_size: int
+    k: int
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.codes.shape[1]
+
+    def dequantize(self) -> np.ndarray:
+        """The weight these blocks stand for, [K, N] in the scales' dtype."""
+        zero = (np.float32(2 ** (self.bits - 1)) if self.zero_points is None
+                else self.zero_points.astype(np.float32)[..., None])
+        blocks = (self.codes.astype(np.float32) - zero) * self.scales.astype(np.float32)[..., None]
+        return blocks.reshape(self.n, -1)[:, : self.k].T.astype(self.scales.dtype)
+
+    def matmul_nbits_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(B, scales, zero_points) as MatMulNBits takes them."""
+        b = pack_codes(self.codes.reshape(self.n * self.n_blocks, -1), self.bits).reshape(self.n, self.n_blocks, -1)
+        zero_points = None
+        if self.zero_points is not None:
+            zero_points = pack_codes(self.zero_points, self.bits)
+        return b, self.scales, zero_points
+
+    def attributes(self) -> dict[str, int]:
+        return {"K": self.k, "N": self.n, "bits": self.bits, "block_size": self.block_size}
+
+
+def _check(bits: int, block_size: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of 2 of at least 16, got {block_size}")
+
+
+def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, *, symmetric: bool) -> BlockQuantized:
+    """Round-to-nearest block quantization of a MatMul weight [K, N] (float16 or float32)."""
+    _check(bits, block_size)
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
+    k, n = weight.shape
+    n_blocks = -(-k // block_size)
+    padded = np.zeros((n, n_blocks * block_size), np.float32)
+    padded[:, :k] = weight.T
+    blocks = padded.reshape(n, n_blocks, block_size)
+    top = 2**bits - 1
+    if symmetric:
+        largest = 2 ** (bits - 1) - 1
+        scale = np.abs(blocks).max(axis=-1) / largest
+        zero = np.full(scale.shape, 2 ** (bits - 1), np.float32)
+    else:
+        low = np.minimum(blocks.min(axis=-1), 0.0)
+        high = np.maximum(blocks.max(axis=-1), 0.0)
+        scale = (high - low) / top
+    scale = np.where(scale > 0, scale, 1.0).astype(weight.dtype)  # an all-zero block: any scale is exact
+    stored = scale.astype(np.float32)
+    if not symmetric:
+        zero = np.clip(np.rint(-low / stored), 0, top)
+    codes = np.clip(np.rint(blocks / stored[..., None]) + zero[..., None], 0, top).astype(np.uint8)
+    zero_points = None if symmetric else zero.astype(np.uint8)
+    return BlockQuantized(codes, scale, zero_points, bits, block_size, k)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis of ``codes`` (uint8, values < 2**bits) into bytes: 4-bit pairs low nibble first."""
+    codes = np.asarray(codes, np.uint8)
+    if bits == 8:
+        return codes.copy()
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The inverse of :func:`pack_codes`: the first ``count`` codes of each row of the last axis."""
+    packed = np.asarray(packed, np.uint8)
+    if bits == 8:
+        return packed[..., :count].copy()
+    both = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    return both[..., :count]
+
+
+def unpack_matmul_nbits(
+    b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, k: int, n: int, bits: int, block_size: int
+) -> BlockQuantized:
+    """Read MatMulNBits initializers back into codes, scales and zero points."""
+    n_blocks = -(-k // block_size)
+    codes = unpack_codes(b.reshape(n * n_blocks, -1), bits, block_size).reshape(n, n_blocks, block_size)
+    zeros = None
+    if zero_points is not None:
+        zeros = unpack_codes(zero_points.reshape(n, -1), bits, n_blocks)
+    return BlockQuantized(codes, scales.reshape(n, n_blocks), zeros, bits, block_size, k)
