@@ -6,6 +6,12 @@
 from qgraph.lazy_exports import lazy_attributes
 
 _HOMES = {
+    "AutoModel": "auto",
+    "AutoModelForCausalLM": "auto",
+    "CommonLoader": "auto",
+    "ExecInfo": "auto",
+    "exec_kv": "auto",
+    "load_hf_tokenizer": "auto",
     "optimize": "api",
     "optimize_with_report": "api",
     "BadInputError": "errors",
@@ -33,6 +39,12 @@ _HOMES = {
 }
 
 __all__ = [
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "CommonLoader",
+    "ExecInfo",
+    "exec_kv",
+    "load_hf_tokenizer",
     "BadInputError",
     "Fixpoint",
     "Match",

@@ -69,6 +69,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(sub)
 
+    from qgraph.infer_command import add_infer_parsers  # argparse only: cheap
+
+    add_infer_parsers(sub)
+
     vr = sub.add_parser("verify-rules", help="self-check every registered rule: exit 0 all hold, 1 naming those that don't")
     vr.add_argument("--examples", type=int, default=8, metavar="N", help="inputs per pattern variant (default 8)")
     vr.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the drawn inputs (default 0)")
@@ -137,6 +141,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, out: TextIO)
             from qgraph.demo import run_demo_command
 
             return run_demo_command(args, out)
+        if args.command in ("infer", "compile", "execute"):
+            from qgraph.infer_command import run_infer_command
+
+            return run_infer_command(args, out)
     except QGraphError as exc:
         print(f"qgraph {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,0 +1,312 @@
+"""Compiled bundles: an export prepared for a target, verified, and stored with how it was made.
+
+A bundle is a self-contained folder::
+
+    model.onnx (+ model.onnx.data)     the graph after the target's preset
+    specializations.json, custom_io.yaml   device files (qaic target; encoders: one seq_len each)
+    config.json, tokenizer files, generation_config.json   copied from the export
+    manifest.json                      source, target, backend, options, qgraph version,
+                                       verification result, cache key
+
+Bundles live in qgraph's cache (``$QGRAPH_CACHE/bundles/<key>``) under a key
+made of the export's own content key, the target, every option, qgraph's
+version and the digest of qgraph's and the passes' sources: the same request
+returns the existing folder without running anything. A bundle is built in a
+staging folder and published by a rename only after its check passed, so a
+failed or interrupted compile leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qgraph.errors import BadInputError, PassFailure
+from qgraph.export import cache
+
+__all__ = [
+    "BUNDLE_MANIFEST",
+    "TARGETS",
+    "CompileOptions",
+    "CompiledBundle",
+    "EncoderOptions",
+    "compile_decoder",
+    "compile_encoder",
+    "read_bundle",
+]
+
+BUNDLE_MANIFEST = "manifest.json"
+TARGETS = ("qaic", "ort")
+KV_DTYPES = ("float16", "float32", "model")
+_LAYOUT = 1
+_NOT_COPIED = {"model.onnx", "model.onnx.data", "export.json"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What a decoder bundle is compiled with (checked on creation: bad values never reach a pass)."""
+
+    target: str = "qaic"
+    prefill_seq_len: int = 32
+    ctx_len: int = 128
+    batch_size: int = 1
+    kv_dtype: str = "float16"
+    pass_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    verify_examples: int = 3
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise BadInputError(f"unknown target {self.target!r}; qgraph compiles for: {', '.join(TARGETS)}")
+        for name in ("prefill_seq_len", "ctx_len", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadInputError(f"{name} must be a positive integer, got {value!r}")
+        if self.ctx_len <= self.prefill_seq_len:
+            raise BadInputError(f"ctx_len ({self.ctx_len}) must be larger than prefill_seq_len "
+                                f"({self.prefill_seq_len}): the cache has to hold the prompt and the tokens after it")
+        if self.kv_dtype not in KV_DTYPES:
+            raise BadInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+        if not isinstance(self.verify_examples, int) or self.verify_examples < 0:
+            raise BadInputError(f"verify_examples must be a non-negative integer, got {self.verify_examples!r}")
+        for pass_name, options in self.pass_options.items():
+            if not isinstance(options, Mapping):
+                raise BadInputError(f"options of pass {pass_name!r} must be a mapping of option name to value, "
+                                    f"got {options!r}")
+            if pass_name == "kv-cache" and set(options) & {"ctx_len", "prefill_len", "batch_size", "kv_dtype"}:
+                raise BadInputError("set ctx_len, prefill_seq_len, batch_size and kv_dtype as compile arguments, "
+                                    "not as kv-cache pass options")
+
+    def kv_options(self) -> dict[str, Any]:
+        return {"ctx_len": self.ctx_len, "prefill_len": self.prefill_seq_len, "batch_size": self.batch_size,
+                "kv_dtype": self.kv_dtype}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["pass_options"] = {k: dict(v) for k, v in sorted(self.pass_options.items())}
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderOptions:
+    """What an encoder bundle is compiled with: the sequence lengths it is specialized for."""
+
+    seq_lens: tuple[int, ...] = (32,)
+    verify_examples: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.seq_lens:
+            raise BadInputError("seq_len needs at least one length")
+        for value in self.seq_lens:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadInputError(f"seq_len must be positive integers, got {value!r}")
+        if not isinstance(self.verify_examples, int) or self.verify_examples < 0:
+            raise BadInputError(f"verify_examples must be a non-negative integer, got {self.verify_examples!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq_lens": sorted(set(self.seq_lens)), "verify_examples": self.verify_examples}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledBundle:
+    path: Path
+    manifest: dict[str, Any]
+    from_cache: bool  #: the bundle existed; nothing ran
+
+
+@functools.cache
+def _code_digest() -> str:
+    """Sources of qgraph and its passes: editing either makes new bundles."""
+    import qgraph_passes
+
+    sha = hashlib.sha256()
+    for base in (Path(__file__).parent, Path(qgraph_passes.__file__).parent):
+        for source in sorted(base.rglob("*.py")):
+            sha.update(str(source.relative_to(base)).encode() + b"\0" + source.read_bytes() + b"\0")
+    return sha.hexdigest()
+
+
+def _version() -> str:
+    import qgraph
+
+    return qgraph.__version__
+
+
+def read_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a bundle folder; BadInputError when ``path`` is not one."""
+    folder = Path(path)
+    manifest_path = folder / BUNDLE_MANIFEST
+    if not manifest_path.is_file() or not (folder / "model.onnx").is_file():
+        raise BadInputError(f"{folder}: not a qgraph bundle (no {BUNDLE_MANIFEST} and model.onnx); "
+                            "make one with qgraph compile or AutoModelForCausalLM.compile")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise BadInputError(f"{manifest_path}: cannot read it ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("qgraph_bundle") != _LAYOUT:
+        raise BadInputError(f"{manifest_path}: not a qgraph bundle manifest of layout {_LAYOUT}")
+    return manifest
+
+
+def _existing(entry: Path, key: str) -> dict[str, Any] | None:
+    try:
+        manifest = read_bundle(entry)
+    except BadInputError:
+        return None
+    return manifest if manifest.get("key") == key else None
+
+
+def _copy_side_files(export_dir: Path, folder: Path) -> None:
+    for item in export_dir.iterdir():  # tokenizer, config, generation config
+        if item.is_file() and item.name not in _NOT_COPIED:
+            shutil.copy2(item, folder / item.name)
+
+
+def _build_once(kind: str, export_dir: Path, options: dict[str, Any], root: Path | None,
+                build: Any) -> CompiledBundle:
+    """Look up the key of (export, kind, options); otherwise ``build(staging) -> manifest`` and publish."""
+    from qgraph.export.frontend import read_manifest
+
+    export_manifest = read_manifest(export_dir)
+    root = cache.cache_root(root)
+    key = cache.key_of({"layout": _LAYOUT, "kind": kind, "export": export_manifest.get("key"), "options": options,
+                        "qgraph": _version(), "code": _code_digest()})
+    entry = cache.entry_path(root, "bundles", key)
+    found = _existing(entry, key)
+    if found is not None:
+        return CompiledBundle(entry, found, True)
+    with cache.locked(root, "bundles", key):
+        found = _existing(entry, key)
+        if found is not None:
+            return CompiledBundle(entry, found, True)
+        staging = cache.staging_folder(root, "bundles")
+        try:
+            started = time.perf_counter()
+            manifest = build(staging)
+            manifest.update({
+                "qgraph_bundle": _LAYOUT, "key": key, "kind": kind, "qgraph_version": _version(),
+                "source": export_manifest.get("source"), "export": {
+                    "key": export_manifest.get("key"), "exporter": export_manifest.get("exporter"),
+                    "task": export_manifest.get("task"), "model_type": export_manifest.get("model_type"),
+                    "folder": os.fspath(export_dir)},
+                "options": options, "compile_seconds": round(time.perf_counter() - started, 3),
+                "files": sorted(p.name for p in staging.iterdir()) + [BUNDLE_MANIFEST],
+            })
+            (staging / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n",
+                                                   encoding="utf-8")
+            cache.publish(staging, entry)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return CompiledBundle(entry, manifest, False)
+
+
+def compile_decoder(export_dir: str | os.PathLike[str], options: CompileOptions, *,
+                    root: str | os.PathLike[str] | None = None, threads: int = 2,
+                    backend: str | None = None) -> CompiledBundle:
+    """The target's preset on a causal-LM export, checked by sequence replay, as a bundle."""
+    from qgraph.runtime.backend import DEFAULT_BACKEND, get_backend
+
+    from qgraph.export.progress import Progress
+
+    runtime = get_backend(backend or DEFAULT_BACKEND, target=options.target)
+    export_dir = Path(export_dir)
+    progress = Progress()
+
+    def build(staging: Path) -> dict[str, Any]:
+        from qgraph import io
+        from qgraph.manager import PassManager
+        from qgraph.pipeline import Pipeline
+        from qgraph.registry import default_registry
+        from qgraph.verify.sequence import check_sequence_equivalence
+
+        registry = default_registry()
+        pipeline = Pipeline.from_preset(options.target, registry)
+        pipeline.set_options({"kv-cache": options.kv_options(), **{k: dict(v) for k, v in options.pass_options.items()}})
+        with progress.step(f"running preset {options.target} and saving the result"):
+            model = io.load(export_dir / "model.onnx")
+            report = PassManager(pipeline, registry=registry).run(model)
+            io.save(model, staging / "model.onnx", external_data=True, protect=[export_dir / "model.onnx"])
+        if options.target == "ort":  # the concat graph's shapes are dynamic; still say what it was made for
+            _write_json(staging / "specializations.json", {"specializations": [
+                _symbols(options.batch_size, options.prefill_seq_len, options.ctx_len),
+                _symbols(options.batch_size, 1, options.ctx_len)]})
+        _copy_side_files(export_dir, staging)
+        verification: dict[str, Any] = {"method": "sequence replay against the no-cache export",
+                                        "examples": options.verify_examples}
+        if options.verify_examples:
+            started = time.perf_counter()
+            with progress.step(f"replaying {options.verify_examples} sequences against the export"):
+                verdict = check_sequence_equivalence(staging / "model.onnx", export_dir / "model.onnx",
+                                                     examples=options.verify_examples, threads=threads,
+                                                     cached_label=f"the {options.target} bundle",
+                                                     reference_label="the export")
+            if not verdict.equivalent:
+                raise PassFailure(f"the {options.target} preset changed the model's meaning; no bundle written:\n"
+                                  f"{verdict}")
+            verification.update(result="equivalent", headline=verdict.headline(),
+                                seconds=round(time.perf_counter() - started, 3))
+        else:
+            verification["result"] = "not checked"
+        return {"target": options.target, "backend": runtime.name, "verification": verification,
+                "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed}
+                           for r in report.passes],
+                "nodes": {"before": report.nodes_before, "after": report.nodes_after}}
+
+    return _build_once("causal-lm", export_dir, options.to_dict(), root, build)
+
+
+def compile_encoder(export_dir: str | os.PathLike[str], options: EncoderOptions, *,
+                    root: str | os.PathLike[str] | None = None, threads: int = 2,
+                    backend: str | None = None) -> CompiledBundle:
+    """The cleanup preset on an encoder export, checked on drawn inputs, with one specialization per seq_len."""
+    from qgraph.runtime.backend import DEFAULT_BACKEND, get_backend
+
+    runtime = get_backend(backend or DEFAULT_BACKEND, target="embedding")
+    export_dir = Path(export_dir)
+
+    def build(staging: Path) -> dict[str, Any]:
+        from qgraph import io
+        from qgraph.manager import PassManager
+        from qgraph.pipeline import Pipeline
+        from qgraph.registry import default_registry
+        from qgraph.verify.equivalence import check_equivalent
+
+        registry = default_registry()
+        model = io.load(export_dir / "model.onnx")
+        report = PassManager(Pipeline.from_preset("cleanup", registry), registry=registry).run(model)
+        io.save(model, staging / "model.onnx", external_data=True, protect=[export_dir / "model.onnx"])
+        lengths = sorted(set(options.seq_lens))
+        _write_json(staging / "specializations.json",
+                    {"specializations": [{"seq_len": str(n)} for n in lengths]})
+        _copy_side_files(export_dir, staging)
+        verification: dict[str, Any] = {"method": "outputs on drawn inputs against the export",
+                                        "examples": options.verify_examples}
+        if options.verify_examples:
+            verdict = check_equivalent(export_dir / "model.onnx", staging / "model.onnx",
+                                       examples=options.verify_examples, threads=threads, save_artifacts=False)
+            if not verdict.equivalent:
+                raise PassFailure(f"the cleanup preset changed the encoder's meaning; no bundle written:\n{verdict}")
+            verification["result"] = "equivalent"
+        else:
+            verification["result"] = "not checked"
+        return {"target": "embedding", "backend": runtime.name, "verification": verification,
+                "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed}
+                           for r in report.passes],
+                "nodes": {"before": report.nodes_before, "after": report.nodes_after}}
+
+    return _build_once("embedding", export_dir, options.to_dict(), root, build)
+
+
+def _symbols(batch: int, seq: int, ctx: int) -> dict[str, str]:
+    return {"batch_size": str(batch), "seq_len": str(seq), "ctx_len": str(ctx)}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
