@@ -16,7 +16,9 @@ Each pass is an ``onnx_ir`` pass called through its own ``__call__`` (so its
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -252,7 +254,8 @@ class PassManager:
         nodes_before = self._node_count(model)
         start = time.perf_counter()
         try:
-            result = p(model)
+            with _graph_frozen():
+                result = p(model)
         except QGraphError as exc:
             if isinstance(exc, PassFailure) and exc.pass_name is None:
                 exc.pass_name = p.name
@@ -316,6 +319,24 @@ class _Undo:
 
     snapshot: ir.Model
     first_record: int
+
+
+@contextlib.contextmanager
+def _graph_frozen():
+    """Run a pass with what exists before it out of the garbage collector's sight.
+
+    A pass allocates nodes and values as it goes, and every full collection
+    the allocations trigger scans every live object -- the whole model. That
+    made allocation-heavy passes superlinear in depth (lower-attention: 33x
+    the time for 16x the nodes). The model is live by definition, so the
+    objects that exist when a pass starts are frozen (``gc.freeze``) and
+    released to the collector again when it ends.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class _Stop(Exception):
