@@ -26,7 +26,7 @@ import re
 
 import numpy as np
 import onnx_ir as ir
-from qgraph_passes.kv_cache.positions import PositionAnalysis, analyze_positions
+from qgraph_passes.kv_cache.positions import TOKENS, PositionAnalysis, analyze_positions, dependencies
 from qgraph_passes.kv_cache.probe import (
     MaskMeaning,
     ProbeError,
@@ -35,6 +35,7 @@ from qgraph_passes.kv_cache.probe import (
     probe_masks,
     run_slice,
     sees_later_key,
+    zeroable_weights,
 )
 
 from qgraph.errors import BadInputError
@@ -297,7 +298,8 @@ def _read_masks(model: ir.Model, layers: list[Layer], past_inputs: set[ir.Value]
     probed: dict[ir.Value, np.ndarray] = {}
     kv: dict[ir.Value, np.ndarray] = {}
     if masks:
-        length, probed = _probe_masks(model, masks + unknown_kv, length, layers, past_inputs, notes)
+        length, probed = _probe_masks(model, masks + unknown_kv, length, layers, past_inputs, notes,
+                                      kv_only=frozenset(unknown_kv))
         kv = {v: probed.pop(v) for v in unknown_kv}
     valid = probe_masks(length)
     for layer in layers:
@@ -320,7 +322,8 @@ def _read_masks(model: ir.Model, layers: list[Layer], past_inputs: set[ir.Value]
     return kv
 
 
-def _probe_masks(model, masks, length, layers, past_inputs, notes) -> tuple[int, dict[ir.Value, np.ndarray]]:
+def _probe_masks(model, masks, length, layers, past_inputs, notes,
+                 kv_only: frozenset = frozenset()) -> tuple[int, dict[ir.Value, np.ndarray]]:
     """The masks (and whatever else is asked) on probe rows of ``length`` tokens, or of the longest length the graph can run.
 
     A mask slice that reads the embeddings (for their shape) cannot run longer
@@ -330,10 +333,18 @@ def _probe_masks(model, masks, length, layers, past_inputs, notes) -> tuple[int,
     def attempt(n: int) -> dict[ir.Value, np.ndarray] | ProbeError:
         _, feeds = _probe_feeds(model, n, layers, past_inputs)
         try:
-            return dict(zip(masks, run_slice(model, masks, feeds)))
+            return dict(zip(masks, run_slice(model, masks, feeds, zeroed=zeroed)))
         except ProbeError as exc:
             return exc
 
+    # Weights that only meet token data cannot change a mask that reads none; of the token-dependent
+    # values probed with the masks (K/V), only the shapes are used. Such weights need not be read.
+    ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
+    zeroed: set[ir.Value] = set()
+    if ids is not None:
+        deps = dependencies(model.graph, ids, None)
+        if not any(deps.get(m, 0) & TOKENS for m in masks if m not in kv_only):
+            zeroed = zeroable_weights(model, lambda v: bool(deps.get(v, 0) & TOKENS))
     result = attempt(length)
     if not isinstance(result, ProbeError):
         return length, result

@@ -23,17 +23,21 @@ by :mod:`kv_cache_positions`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "key_position_slopes", "mask_meaning", "sees_later_key", "probe_length", "run_slice", "shape_cuts"]
+__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "key_position_slopes", "mask_meaning", "sees_later_key", "probe_length", "run_slice", "shape_cuts", "zeroable_weights"]
 
 #: Integer constants above this are sentinels (INT64_MAX ends of Slice), not window sizes.
 _LARGEST_WINDOW_CONSTANT = 1 << 20
+
+
+#: Initializers above this size are zeros in a probe that does not need weight values.
+_ZEROED_WEIGHT_BYTES = 1 << 20
 
 
 class ProbeError(ValueError):
@@ -177,12 +181,34 @@ def shape_cuts(model: ir.Model) -> tuple[dict[ir.Node, list[onnx.NodeProto]], di
     return stand_ins, cut
 
 
+def zeroable_weights(model: ir.Model, token_dependent: Callable[[ir.Value], bool]) -> set[ir.Value]:
+    """Large initializers that only ever meet token data: their values reach no value that reads none.
+
+    A probe of values that read no token data gets the same answer with such
+    a weight zeroed, and a token-dependent value keeps its shape; a table
+    the masks or positions read themselves (a causal-mask buffer, a learned
+    position table) is read by a node whose result is not token-dependent,
+    so it is kept. Zeroing spares the probe session reading the model's
+    weights.
+    """
+    out = set()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes <= _ZEROED_WEIGHT_BYTES:
+            continue
+        uses = value.uses()
+        if uses and all(token_dependent(o) for use in uses for o in use.node.outputs):
+            out.add(value)
+    return out
+
+
 def run_slice(
     model: ir.Model,
     outputs: Sequence[ir.Value],
     feeds: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]],
     *,
     shapes_from_inputs: bool = True,
+    zeroed: Collection[ir.Value] = (),
 ) -> list:
     """Run only the part of ``model`` that computes ``outputs``, in onnxruntime.
 
@@ -192,6 +218,8 @@ def run_slice(
     without a feed is an error. ``shapes_from_inputs``: a ``Shape`` whose
     operand's declared shape names only the inputs' dims is computed from
     those (pass False when declared shapes may be stale).
+    ``zeroed``: initializers that become zeros of their shape, made at run
+    time, so the session does not read them (see :func:`zeroable_weights`).
     """
     several = not isinstance(feeds, dict)
     runs = list(feeds) if several else [feeds]
@@ -202,9 +230,16 @@ def run_slice(
         if missing:
             raise ProbeError(f"the subgraph reads inputs {missing}, which the probe does not know how to feed")
     tensors = []
+    zeros: list[onnx.NodeProto] = []
     weight_dir: str | None = None
     for value in initializers:
         tensor = value.const_value
+        if value in zeroed and tensor is not None:
+            fill = onnx.helper.make_tensor("value", tensor.dtype.value, [1], [0])
+            shape = onnx.numpy_helper.from_array(np.asarray(tensor.shape.numpy(), np.int64), f"{value.name}__shape")
+            tensors.append(shape)
+            zeros.append(onnx.helper.make_node("ConstantOfShape", [shape.name], [value.name], value=fill))
+            continue
         if isinstance(tensor, ir.ExternalTensor):
             # onnxruntime reads it from its file: the model comes as bytes, so
             # it is told the one folder relative locations are in (weights
@@ -215,7 +250,7 @@ def run_slice(
         proto = ir.serde.serialize_tensor(tensor)
         proto.name = value.name
         tensors.append(proto)
-    node_protos = []
+    node_protos = list(zeros)
     for n in nodes:
         node_protos.extend(stand_ins[n] if n in stand_ins else [ir.serde.serialize_node(n)])
     graph = onnx.helper.make_graph(
