@@ -32,6 +32,7 @@ from qgraph_passes.kv_cache.probe import (
     ProbeError,
     mask_meaning,
     probe_length,
+    longest_runnable,
     probe_masks,
     run_slice,
     sees_later_key,
@@ -345,20 +346,12 @@ def _probe_masks(model, masks, length, layers, past_inputs, notes,
         deps = dependencies(model.graph, ids, None)
         if not any(deps.get(m, 0) & TOKENS for m in masks if m not in kv_only):
             zeroed = zeroable_weights(model, lambda v: bool(deps.get(v, 0) & TOKENS))
-    result = attempt(length)
-    if not isinstance(result, ProbeError):
-        return length, result
-    low, high, best = 2, length, None
-    while high - low > 1:
-        middle = (low + high) // 2
-        tried = attempt(middle)
-        if isinstance(tried, ProbeError):
-            high = middle
-        else:
-            low, best = middle, tried
-    if best is None:
-        raise AnalysisError(f"could not run the exporter's attention masks: {result}")
-    notes.append(f"masks probed at {low} tokens, the longest the graph runs (at {length}: {result})")
+    first = attempt(length)
+    low, best = longest_runnable(attempt, length, shortest=2) if isinstance(first, ProbeError) else (length, first)
+    if low is None:
+        raise AnalysisError(f"could not run the exporter's attention masks: {best}")
+    if low != length:
+        notes.append(f"masks probed at {low} tokens, the longest the graph runs (at {length}: {first})")
     return low, best
 
 

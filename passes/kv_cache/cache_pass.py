@@ -92,6 +92,13 @@ def _reads_graph_inputs(value: ir.Value, limit: int = 64) -> bool:
     return False
 
 
+def _mask(b: GraphBuilder, layer: Layer, visible: ir.Value, key_positions) -> ir.Value:
+    """The layer's mask over the cache: the visibility, plus its ALiBi bias when the export's mask had one."""
+    if layer.meaning.slopes is None:
+        return visible
+    return b.key_position_bias(visible, key_positions(), layer.meaning.slopes, layer.dtype)
+
+
 def _fail(message: str) -> PassFailure:
     return PassFailure(f"pass 'kv-cache': {message}", pass_name="kv-cache")
 
@@ -328,14 +335,11 @@ class KVCachePass(Pass):
                 state.type, state.shape = ir.TensorType(layer.dtype), cache_shape
                 graph.outputs.append(state)
                 written.append(state)
-            meaning = layer.meaning
-            if meaning not in visibility:
-                visible = b.retained_visibility(positions, ctx_len, meaning.window)
-                if meaning.slopes is not None:
-                    visible = b.key_position_bias(visible, b.retained_key_positions(ctx_len), meaning.slopes,
-                                                  layer.dtype)
-                visibility[meaning] = visible
-            self._replace_attention(graph, b, layer, written[0], written[1], visibility[meaning])
+            if layer.meaning not in visibility:
+                visibility[layer.meaning] = _mask(
+                    b, layer, b.retained_visibility(positions, ctx_len, layer.meaning.window),
+                    lambda: b.retained_key_positions(ctx_len))
+            self._replace_attention(graph, b, layer, written[0], written[1], visibility[layer.meaning])
 
     def _write_concat(self, graph: ir.Graph, b: GraphBuilder, layers: list[Layer], mask_input, ids) -> None:
         mask_input.shape = ir.Shape(["batch_size", "total_sequence_length"])
@@ -352,14 +356,11 @@ class KVCachePass(Pass):
                 state.type, state.shape = ir.TensorType(layer.dtype), present_shape
                 graph.outputs.append(state)
                 joined.append(state)
-            meaning = layer.meaning
-            if meaning not in visibility:
-                visible = b.concat_visibility(mask_input, ids, meaning.window)
-                if meaning.slopes is not None:
-                    visible = b.key_position_bias(visible, b.concat_key_positions(mask_input), meaning.slopes,
-                                                  layer.dtype)
-                visibility[meaning] = visible
-            self._replace_attention(graph, b, layer, joined[0], joined[1], visibility[meaning])
+            if layer.meaning not in visibility:
+                visibility[layer.meaning] = _mask(
+                    b, layer, b.concat_visibility(mask_input, ids, layer.meaning.window),
+                    lambda: b.concat_key_positions(mask_input))
+            self._replace_attention(graph, b, layer, joined[0], joined[1], visibility[layer.meaning])
 
     @staticmethod
     def _drop_concat_source(graph: ir.Graph, layers: list[Layer], past_inputs: set[ir.Value]) -> None:

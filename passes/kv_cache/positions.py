@@ -41,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from qgraph_passes.kv_cache.probe import ProbeError, backward_slice, run_slice, shape_cuts
+from qgraph_passes.kv_cache.probe import ProbeError, backward_slice, longest_runnable, run_slice, shape_cuts
 
 __all__ = [
     "TOKENS",
@@ -448,20 +448,10 @@ def tabulate(model: ir.Model, dependent: Sequence[FrontierValue], length: int) -
         except ProbeError as exc:
             return exc
 
-    result = attempt(length)
-    if not isinstance(result, ProbeError):
-        return length, result
-    low, high, best = 1, length, None
-    while high - low > 1:
-        middle = (low + high) // 2
-        tried = attempt(middle)
-        if isinstance(tried, ProbeError):
-            high = middle
-        else:
-            low, best = middle, tried
-    if best is None:
-        raise ProbeError(f"the position-dependent values do not run on one row: {result}")
-    return low, best
+    rows, tables = longest_runnable(attempt, length)
+    if rows is None:
+        raise ProbeError(f"the position-dependent values do not run on one row: {tables}")
+    return rows, tables
 
 
 def table_replacement(b, f: FrontierValue, table: np.ndarray, clamped: ir.Value) -> ir.Value:

@@ -30,7 +30,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "key_position_slopes", "mask_meaning", "sees_later_key", "probe_length", "run_slice", "shape_cuts", "zeroable_weights"]
+__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "key_position_slopes", "longest_runnable", "mask_meaning", "sees_later_key", "probe_length", "run_slice", "shape_cuts", "zeroable_weights"]
 
 #: Integer constants above this are sentinels (INT64_MAX ends of Slice), not window sizes.
 _LARGEST_WINDOW_CONSTANT = 1 << 20
@@ -281,6 +281,27 @@ def run_slice(
     except Exception as exc:  # onnxruntime raises several types for a graph it cannot run
         raise ProbeError(f"onnxruntime cannot run the subgraph: {exc}") from exc
     return results if several else results[0]
+
+
+def longest_runnable(attempt: Callable[[int], object], length: int, shortest: int = 1):
+    """``(n, attempt(n))`` for ``n = length``, or for the longest shorter n that runs (bisection).
+
+    ``attempt`` returns a ProbeError instead of raising when the graph cannot
+    run at n tokens -- a slice that reads a learned position table cannot run
+    past the table. Returns ``(None, first error)`` when nothing runs.
+    """
+    result = attempt(length)
+    if not isinstance(result, ProbeError):
+        return length, result
+    low, high, best = shortest, length, None
+    while high - low > 1:
+        middle = (low + high) // 2
+        tried = attempt(middle)
+        if isinstance(tried, ProbeError):
+            high = middle
+        else:
+            low, best = middle, tried
+    return (None, result) if best is None else (low, best)
 
 
 def probe_length(model: ir.Model, values: Iterable[ir.Value], floor: int = 16, ceiling: int = 8192) -> int:
