@@ -107,6 +107,27 @@ def _rank(value: ir.Value) -> int | None:
 # -- the pattern --------------------------------------------------------------
 
 
+def _masked_softmax(op, scores, mask, keep, *more_masks):
+    """The part every core shares: optional additive or Where mask, Softmax over the keys, NaN guard, casts.
+
+    ``more_masks``: further spellings of the masked scores, tried after the
+    usual three. Eager attention's softmax(..., dtype=float32).to(q.dtype)
+    exports as one or two Casts.
+    """
+    masked = op.any_of(
+        op.Add(scores, mask),
+        op.Where(keep, scores, op.const(name="fill")),
+        scores,
+        *more_masks,
+        name="masking",
+    )
+    masked = op.optional(op.Cast(masked, to=op.capture("cast_in")), name="cast_before_softmax")
+    probs = op.Softmax(masked, axis=op.attr(lambda a: a in (-1, 3), name="softmax_axis"))
+    guarded = op.any_of(op.Where(op.IsNaN(probs), op.const(0.0), probs), probs, name="nan_guard")
+    cast = op.optional(op.Cast(guarded, to=op.capture("cast_out")), name="cast_after_softmax")
+    return op.optional(op.Cast(cast, to=op.capture("cast_out2")), name="cast_after_softmax2")
+
+
 def attention_core(op, q, kt, v, mask, keep):
     scores = op.MatMul(q, kt)
     scaled = op.any_of(
@@ -117,20 +138,9 @@ def attention_core(op, q, kt, v, mask, keep):
     )
     cap = op.const(name="cap")
     capped = op.any_of(op.Mul(op.Tanh(op.Div(scaled, cap)), cap), scaled, name="softcapping")
-    masked = op.any_of(
-        op.Add(capped, mask),
-        op.Where(keep, capped, op.const(name="fill")),
-        capped,
-        # GPT-Neo: the causal/local mask by Where, then the padding mask added.
-        op.Add(op.Where(keep, capped, op.const(name="fill")), mask),
-        name="masking",
-    )
-    masked = op.optional(op.Cast(masked, to=op.capture("cast_in")), name="cast_before_softmax")
-    probs = op.Softmax(masked, axis=op.attr(lambda a: a in (-1, 3), name="softmax_axis"))
-    guarded = op.any_of(op.Where(op.IsNaN(probs), op.const(0.0), probs), probs, name="nan_guard")
-    # Eager attention: softmax(..., dtype=float32).to(q.dtype) exports as one or two Casts.
-    cast = op.optional(op.Cast(guarded, to=op.capture("cast_out")), name="cast_after_softmax")
-    cast = op.optional(op.Cast(cast, to=op.capture("cast_out2")), name="cast_after_softmax2")
+    # GPT-Neo: the causal/local mask by Where, then the padding mask added.
+    gpt_neo = op.Add(op.Where(keep, capped, op.const(name="fill")), mask)
+    cast = _masked_softmax(op, capped, mask, keep, gpt_neo)
     return op.MatMul(cast, v)
 
 
@@ -358,17 +368,7 @@ def batched_heads_core(op, q, kt, v, bias_pre, bias_post, mask, keep, scores_sha
     )
     post = op.any_of(op.Add(scaled, bias_post), scaled, name="bias_after_scale")
     scores4 = op.Reshape(post, scores_shape, allowzero=op.capture("scores_allowzero"), _name="scores_view")
-    masked = op.any_of(
-        op.Add(scores4, mask),
-        op.Where(keep, scores4, op.const(name="fill")),
-        scores4,
-        name="masking",
-    )
-    masked = op.optional(op.Cast(masked, to=op.capture("cast_in")), name="cast_before_softmax")
-    probs = op.Softmax(masked, axis=op.attr(lambda a: a in (-1, 3), name="softmax_axis"))
-    guarded = op.any_of(op.Where(op.IsNaN(probs), op.const(0.0), probs), probs, name="nan_guard")
-    cast = op.optional(op.Cast(guarded, to=op.capture("cast_out")), name="cast_after_softmax")
-    cast = op.optional(op.Cast(cast, to=op.capture("cast_out2")), name="cast_after_softmax2")
+    cast = _masked_softmax(op, scores4, mask, keep)
     probs3 = op.Reshape(cast, probs_shape, allowzero=op.capture("probs_allowzero"), _name="probs_view")
     return op.MatMul(probs3, v)
 
@@ -524,17 +524,7 @@ def biased_core(op, q, kt, v, bias_pre, bias_post, mask, keep):
         op.Add(_scaled(op, op.MatMul(q, kt), "after"), bias_post),
         name="bias_placement",
     )
-    masked = op.any_of(
-        op.Add(biased, mask),
-        op.Where(keep, biased, op.const(name="fill")),
-        biased,
-        name="masking",
-    )
-    masked = op.optional(op.Cast(masked, to=op.capture("cast_in")), name="cast_before_softmax")
-    probs = op.Softmax(masked, axis=op.attr(lambda a: a in (-1, 3), name="softmax_axis"))
-    guarded = op.any_of(op.Where(op.IsNaN(probs), op.const(0.0), probs), probs, name="nan_guard")
-    cast = op.optional(op.Cast(guarded, to=op.capture("cast_out")), name="cast_after_softmax")
-    cast = op.optional(op.Cast(cast, to=op.capture("cast_out2")), name="cast_after_softmax2")
+    cast = _masked_softmax(op, biased, mask, keep)
     return op.MatMul(cast, v)
 
 
