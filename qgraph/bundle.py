@@ -235,8 +235,8 @@ def compile_decoder(export_dir: str | os.PathLike[str], options: CompileOptions,
             io.save(model, staging / "model.onnx", external_data=True, protect=[export_dir / "model.onnx"])
         if options.target == "ort":  # the concat graph's shapes are dynamic; still say what it was made for
             _write_json(staging / "specializations.json", {"specializations": [
-                _symbols(options.batch_size, options.prefill_seq_len, options.ctx_len),
-                _symbols(options.batch_size, 1, options.ctx_len)]})
+                {"name": "Prefill", "symbols": _symbols(options.batch_size, options.prefill_seq_len, options.ctx_len)},
+                {"name": "Decode", "symbols": _symbols(options.batch_size, 1, options.ctx_len)}]})
         _copy_side_files(export_dir, staging)
         verification: dict[str, Any] = {"method": "sequence replay against the no-cache export",
                                         "examples": options.verify_examples}
@@ -284,7 +284,8 @@ def compile_encoder(export_dir: str | os.PathLike[str], options: EncoderOptions,
         io.save(model, staging / "model.onnx", external_data=True, protect=[export_dir / "model.onnx"])
         lengths = sorted(set(options.seq_lens))
         _write_json(staging / "specializations.json",
-                    {"specializations": [{"seq_len": str(n)} for n in lengths]})
+                    {"specializations": [{"name": "Embedding" if len(lengths) == 1 else f"Embedding_{i}",
+                                          "symbols": {"seq_len": str(n)}} for i, n in enumerate(lengths)]})
         _copy_side_files(export_dir, staging)
         verification: dict[str, Any] = {"method": "outputs on drawn inputs against the export",
                                         "examples": options.verify_examples}

@@ -260,7 +260,8 @@ def test_encoder_vectors_equal_torch_and_the_embed_command(folders, export_cache
     np.testing.assert_allclose(cli, vectors, rtol=1e-4, atol=1e-5)
 
     specs = json.loads((bundle / "specializations.json").read_text())["specializations"]
-    assert specs == [{"seq_len": "16"}, {"seq_len": "32"}]
+    assert specs == [{"name": "Embedding_0", "symbols": {"seq_len": "16"}},
+                     {"name": "Embedding_1", "symbols": {"seq_len": "32"}}]
     with pytest.raises(qgraph.BadInputError, match="seq_len"):
         model.generate(["z" * 40])
 

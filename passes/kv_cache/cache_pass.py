@@ -41,7 +41,6 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qgraph_passes.kv_cache.analysis import AnalysisError, Layer, analyze_decoder, is_attention
 from qgraph_passes.kv_cache.build import GraphBuilder
-from qgraph_passes.kv_cache.ctx_scatter import CTX_SCATTER_DOMAIN, ctx_scatter_function
 from qgraph_passes.kv_cache.files import custom_io_yaml, specializations_json
 from qgraph_passes.kv_cache.positions import (
     PositionAnalysis,
@@ -52,8 +51,8 @@ from qgraph_passes.kv_cache.positions import (
     verify_rewired,
 )
 from qgraph_passes.kv_cache.probe import MaskMeaning, ProbeError
+from qgraph_passes.kv_cache.retained import RetainedForm, write_retained
 
-from qgraph.custom_ops import attach_function
 from qgraph.errors import BadInputError, PassFailure
 from qgraph.io import SIDECAR_PREFIX
 from qgraph.pass_base import Option, Pass, Prerequisite
@@ -109,17 +108,25 @@ class KVCachePass(Pass):
     name = "kv-cache"
     meaning = "sequence"
     options = {
-        "style": Option(str, "retained", "retained: fixed ctx_len cache written at position_ids; concat: "
+        "style": Option(str, "retained", "retained: cache written at position_ids, ctx_len symbolic; concat: "
                         "past_key_values -> present", ("retained", "concat")),
-        "ctx_len": Option(int, 128, "retained: cache slots (at most ctx_len - 1 tokens per sequence)"),
+        "ctx_len": Option(int, 128, "retained: the ctx_len compiled in specializations.json (the graph's is "
+                          "symbolic; a sequence holds at most ctx_len - 1 tokens)"),
         "logits": Option(str, "last", "retained: logits at each row's last valid token, or at every token",
                          ("last", "all")),
-        "scatter": Option(str, "scatternd", "retained: how new K/V are written (ctx-scatter: "
-                          "com.qualcomm.cloud::CtxScatter with its ScatterND body)", ("scatternd", "ctx-scatter")),
+        "scatter": Option(str, "scatternd", "retained: how the cache is written and read (ctx-scatter: "
+                          "com.qualcomm.cloud::CtxScatter/CtxGather with their bodies)", ("scatternd", "ctx-scatter")),
         "batch_size": Option(int, 1, "retained: batch_size in specializations.json"),
         "prefill_len": Option(int, 32, "retained: prefill seq_len in specializations.json (capped at ctx_len - 1)"),
+        "full_batch_size": Option(int, 0, "retained: continuous batching -- the cache has this many rows and the "
+                                  "batch_index input picks each running sequence's row (0: off)"),
+        "comp_ctx_lengths": Option(str, "", "retained: compute-context lengths, comma-separated (e.g. 64,128): "
+                                   "input comp_ctx_lengths (its length used) bounds the slots attention reads; "
+                                   "one specialization each for prefill and decode"),
+        "specializations": Option(str, "named", "retained: specializations.json as QEfficient's named graphs "
+                                  "({name, symbols}) or the older flat list", ("named", "flat")),
         "kv_dtype": Option(str, "float16", "retained: KV precision in custom_io.yaml (model: the graph's dtype)",
-                           ("float16", "float32", "model")),
+                           ("float16", "float32", "mxint8", "model")),
         "table_len": Option(int, 4096, "concat: positions a value is tabulated for when its subgraph cannot "
                             "take per-row positions (retained: ctx_len)"),
     }
@@ -155,8 +162,8 @@ class KVCachePass(Pass):
     def _rewrite(self, model: ir.Model) -> None:
         cfg = self.config
         retained = cfg["style"] == "retained"
-        if retained and cfg["ctx_len"] < 2:
-            raise BadInputError(f"option 'kv-cache.ctx_len': {cfg['ctx_len']} leaves no slot for a token")
+        if retained:
+            self._check_retained_options()
         graph = model.graph
         try:
             found = analyze_decoder(model, notes=self.report.notes,
@@ -309,37 +316,12 @@ class KVCachePass(Pass):
         b.created.append(new)
 
     def _write_retained(self, model: ir.Model, b: GraphBuilder, layers: list[Layer], positions: ir.Value) -> None:
-        graph, cfg = model.graph, self.config
-        ctx_len = cfg["ctx_len"]
-        # Padding (position -1) writes the reserved last slot, explicitly rather than by ScatterND's wrap.
-        is_pad = b.op("Less", positions, b.const(0))
-        slots = b.op("Where", is_pad, b.const(ctx_len - 1), positions, name=b.fresh("slots"))
-        indices: dict[int, ir.Value] = {}
-        visibility: dict[MaskMeaning, ir.Value] = {}
-        if cfg["scatter"] == "ctx-scatter":
-            attach_function(model, ctx_scatter_function())
-        for layer in layers:
-            cache_shape = ir.Shape(["batch_size", layer.kv_heads, ctx_len, layer.head_dim])
-            written = []
-            for kind, new in (("key", layer.key), ("value", layer.value)):
-                past = ir.Value(name=f"past_{kind}.{layer.index}", type=ir.TensorType(layer.dtype), shape=cache_shape)
-                graph.inputs.append(past)
-                out_name = f"past_{kind}.{layer.index}_RetainedState"
-                if cfg["scatter"] == "ctx-scatter":
-                    state = b.op("CtxScatter", past, slots, new, domain=CTX_SCATTER_DOMAIN, name=out_name,
-                                 rule="retained-write")
-                else:
-                    if layer.kv_heads not in indices:
-                        indices[layer.kv_heads] = b.scatter_indices(slots, layer.kv_heads)
-                    state = b.op("ScatterND", past, indices[layer.kv_heads], new, name=out_name, rule="retained-write")
-                state.type, state.shape = ir.TensorType(layer.dtype), cache_shape
-                graph.outputs.append(state)
-                written.append(state)
-            if layer.meaning not in visibility:
-                visibility[layer.meaning] = _mask(
-                    b, layer, b.retained_visibility(positions, ctx_len, layer.meaning.window),
-                    lambda: b.retained_key_positions(ctx_len))
-            self._replace_attention(graph, b, layer, written[0], written[1], visibility[layer.meaning])
+        cfg = self.config
+        form = RetainedForm(device_ops=cfg["scatter"] == "ctx-scatter",
+                            continuous_batching=cfg["full_batch_size"] > 0,
+                            compute_context=bool(self._compute_context_lengths()))
+        write_retained(model, b, layers, positions, form,
+                       lambda layer, key, value, mask: self._replace_attention(model.graph, b, layer, key, value, mask))
 
     def _write_concat(self, graph: ir.Graph, b: GraphBuilder, layers: list[Layer], mask_input, ids) -> None:
         mask_input.shape = ir.Shape(["batch_size", "total_sequence_length"])
@@ -443,17 +425,40 @@ class KVCachePass(Pass):
             raise _fail(f"Range node(s) {names} still feed the graph: positions counted from the chunk start would be "
                         "wrong after the first step; the pass cannot account for them")
 
+    def _compute_context_lengths(self) -> list[int]:
+        text = self.config["comp_ctx_lengths"].strip()
+        if not text:
+            return []
+        try:
+            lengths = sorted({int(part, 0) for part in text.split(",") if part.strip()})
+        except ValueError:
+            raise BadInputError(f"option 'kv-cache.comp_ctx_lengths': {text!r} is not a comma-separated list of "
+                                "integers") from None
+        ctx_len = self.config["ctx_len"]
+        bad = [n for n in lengths if not 1 <= n <= ctx_len]
+        if bad:
+            raise BadInputError(f"option 'kv-cache.comp_ctx_lengths': {bad} outside 1..ctx_len ({ctx_len})")
+        return lengths
+
+    def _check_retained_options(self) -> None:
+        cfg = self.config
+        if cfg["ctx_len"] < 2:
+            raise BadInputError(f"option 'kv-cache.ctx_len': {cfg['ctx_len']} leaves no slot for a token")
+        if cfg["full_batch_size"] < 0:
+            raise BadInputError(f"option 'kv-cache.full_batch_size': {cfg['full_batch_size']} is negative")
+        self._compute_context_lengths()
+
     def _device_files(self, model: ir.Model, layers: list[Layer]) -> None:
         cfg = self.config
         model.metadata_props[SIDECAR_PREFIX + "specializations.json"] = specializations_json(
             batch_size=cfg["batch_size"], prefill_len=min(cfg["prefill_len"], cfg["ctx_len"] - 1),
-            ctx_len=cfg["ctx_len"],
+            ctx_len=cfg["ctx_len"], full_batch_size=cfg["full_batch_size"] or None,
+            comp_ctx_lengths=self._compute_context_lengths(), named=cfg["specializations"] == "named",
         )
-        names = []
+        names = []  # QEfficient's order: each cache input, then the output that retains it
         for layer in layers:
             for kind in ("key", "value"):
-                names.append(f"past_{kind}.{layer.index}")
-        names += [f"{n}_RetainedState" for n in list(names)]
+                names += [f"past_{kind}.{layer.index}", f"past_{kind}.{layer.index}_RetainedState"]
         precision = cfg["kv_dtype"]
         if precision == "model":
             precision = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16"}.get(layers[0].dtype, "float32")

@@ -359,13 +359,19 @@ class MaskMeaning:
         return text
 
 
+_HIDDEN_GAP = 1.0e4
+
+
 def _visible(mask: np.ndarray, dtype_name: str) -> tuple[np.ndarray, np.ndarray | None]:
     """The visible entries, and the additive float mask when it adds anything but 0 to them."""
     if mask.dtype == np.bool_:
         return mask, None
     if np.issubdtype(mask.dtype, np.floating):
-        # lowest / 4: a fill of finfo.min / 2 plus a position bias is still hidden
-        visible = mask > np.finfo(mask.dtype).min / 4
+        # Hidden: at most lowest / 4 (a fill of finfo.min / 2 plus a position bias is still hidden), or
+        # _HIDDEN_GAP below the row's largest entry -- the fills -1e4 and -1e9 that exporters also write,
+        # whose softmax weight is exactly 0 in any float dtype. A position bias varies far less than that.
+        top = mask.max(axis=-1, keepdims=True)
+        visible = (mask > np.finfo(mask.dtype).min / 4) & (mask > top - _HIDDEN_GAP)
         return visible, (mask if np.any(visible & (mask != 0)) else None)
     raise ProbeError(f"a mask of dtype {mask.dtype} is neither bool nor an additive float mask")
 

@@ -49,6 +49,9 @@ def add_runtime_parsers(subparsers: Any) -> None:
                      help="prefill chunk length (default: the graph's fixed seq_len or specializations.json)")
     gen.add_argument("--cache-binding", choices=("auto", "alias", "swap"), default="auto",
                      help="retained cache buffers: alias input and output, or swap two sets (default: auto)")
+    gen.add_argument("--full-batch-size", type=int, metavar="N",
+                     help="continuous batching: keep the graph's N cache rows busy, each prompt prefilled into a row "
+                          "as soon as one is free (a graph made with kv-cache.full_batch_size=N)")
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
     gen.add_argument("--json", metavar="R.json", help="write the tokens, texts and statistics as JSON")
 
@@ -90,6 +93,8 @@ def run_generate(args: argparse.Namespace, out: TextIO) -> int:
     generator = load_generator(args.model, tokenizer=args.tokenizer, threads=args.threads, ctx_len=args.ctx_len,
                                prefill_chunk=args.prefill_chunk, cache_binding=args.cache_binding)
     print(f"# {generator.engine.label}: {generator.engine.describe()}; {sampling.describe()}", file=out)
+    if args.full_batch_size is not None:
+        return _serve(args, generator, prompts, sampling, out)
     stream = len(prompts) == 1 and not args.no_stream
     joint = "\n" if args.chat else ""  # a chat answer starts on its own line; a completion continues the prompt
     if stream:
@@ -113,6 +118,27 @@ def run_generate(args: argparse.Namespace, out: TextIO) -> int:
 
         data = {"model": str(generator.engine.label), "engine": generator.engine.describe(),
                 "sampling": sampling.describe(), "prompts": prompts, **result.to_dict()}
+        write_text_atomic(Path(args.json), json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+def _serve(args: argparse.Namespace, generator: Any, prompts: list[str], sampling: Any, out: TextIO) -> int:
+    """``--full-batch-size N``: the prompts as a stream of requests through N cache rows."""
+    from qgraph.runtime.batching import serve
+
+    ids = [generator.encode(p, chat=args.chat) for p in prompts]
+    result = serve(generator, ids, slots=args.full_batch_size, max_new_tokens=args.max_new_tokens,
+                   sampling=sampling)
+    joint = "\n" if args.chat else ""
+    for row, (prompt, text, reason) in enumerate(zip(prompts, result.texts, result.stop_reasons, strict=True)):
+        print(f"[{row}] {prompt}{joint}{text}  (stopped: {reason})", file=out)
+    print(result.stats.format(), file=out)
+    if args.json:
+        from qgraph.atomic import write_text_atomic
+
+        data = {"model": str(generator.engine.label), "engine": generator.engine.describe(),
+                "sampling": sampling.describe(), "full_batch_size": args.full_batch_size, "prompts": prompts,
+                **result.to_dict()}
         write_text_atomic(Path(args.json), json.dumps(data, indent=2) + "\n")
     return 0
 

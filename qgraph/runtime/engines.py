@@ -223,9 +223,10 @@ class RetainedEngine(Engine):
     kind = "retained KV cache"
 
     def __init__(self, session: ort.InferenceSession, layout: KVLayout, *, label: str, ctx_len: int,
-                 n_kv_heads: int, head_dim: int, prefill_len: int | None, binding: Literal["alias", "swap"]) -> None:
-        # Padding tokens write their K/V to the slot position -1 wraps to (the last one): valid
-        # tokens stay below it, so a row holds at most ctx_len - 1 tokens.
+                 n_kv_heads: int, head_dim: int, prefill_len: int | None, binding: Literal["alias", "swap"],
+                 compute_context_lengths: Sequence[int] = ()) -> None:
+        # Padding tokens leave the last slot as it is, and a valid token there would meet such a
+        # write in the same chunk, so a row holds at most ctx_len - 1 tokens.
         super().__init__(session, label=label, fixed_batch=layout.batch, max_tokens=ctx_len - 1)
         self.layout = layout
         self.ctx_len = ctx_len
@@ -234,9 +235,12 @@ class RetainedEngine(Engine):
         self.fixed_len = layout.seq_len  # every run is padded to this width when the graph fixes it
         self.prefill_len = prefill_len
         self.binding_mode = binding
+        # comp_ctx_lengths: each run takes the shortest compiled length that holds its rows' positions
+        self.compute_context_lengths = sorted(set(compute_context_lengths) | {ctx_len})
         self._binding = session.io_binding()
         self._cache: dict[str, ort.OrtValue] = {}
         self._spare: dict[str, ort.OrtValue] = {}
+        self._rows: np.ndarray | None = None  # cache rows of the next run (continuous batching)
 
     @property
     def default_chunk(self) -> int | None:
@@ -244,6 +248,7 @@ class RetainedEngine(Engine):
 
     def start(self, batch: int) -> None:
         super().start(batch)
+        self._rows = None
         shape = (batch, self.n_kv_heads, self.ctx_len, self.head_dim)
         names = [name for pair in self.layout.past for name in pair]
         self._cache = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.layout.cache_dtype)) for n in names}
@@ -258,6 +263,36 @@ class RetainedEngine(Engine):
                     b.bind_ortvalue_input(past, self._cache[past])
                     b.bind_ortvalue_output(ret, self._cache[past])
 
+    # -- continuous batching: one cache row per sequence, prefilled alone, decoded together ---------
+
+    def start_slots(self, slots: int) -> None:
+        """A cache of ``slots`` rows, all free (needs a graph with a ``batch_index`` input)."""
+        if not self.layout.continuous_batching:
+            raise BadInputError(f"{self.label} has no batch_index input: it is not a continuous-batching graph")
+        self.start(slots)
+
+    def prefill_slot(self, slot: int, tokens: Sequence[int], chunk: int | None = None) -> np.ndarray:
+        """A new sequence in cache row ``slot`` (whatever it held is forgotten); logits [V] at its last token."""
+        saved = self._seen
+        self._rows, self._seen = np.array([slot]), np.zeros(1, np.int64)
+        try:
+            logits = self.prefill(np.asarray(tokens, np.int64)[None], np.ones((1, len(tokens)), bool), chunk)
+        finally:
+            saved[slot] = self._seen[0]
+            self._seen, self._rows = saved, None
+        return logits[0]
+
+    def _serving_feeds(self, batch: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        if self.layout.continuous_batching:
+            rows = self._rows if self._rows is not None else np.arange(batch)
+            feeds["batch_index"] = rows.reshape(-1, 1).astype(np.int64)
+        if self.layout.compute_context:
+            needed = int(positions.max(initial=0)) + 1
+            length = next(n for n in self.compute_context_lengths if n >= needed)
+            feeds["comp_ctx_lengths"] = np.zeros(length, np.int64)
+        return feeds
+
     def _run(self, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
         positions = self._positions(valid)
         if self.fixed_len is not None:
@@ -270,6 +305,8 @@ class RetainedEngine(Engine):
         b = self._binding
         b.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, self.layout.ids_dtype))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, self.layout.positions_dtype))
+        for name, value in self._serving_feeds(tokens.shape[0], positions).items():
+            b.bind_cpu_input(name, value)
         b.bind_output("logits", "cpu")  # onnxruntime allocates it: its seq dim changes between runs
         if self.binding_mode == "swap":
             for (past_k, past_v), (ret_k, ret_v) in zip(self.layout.past, self.layout.present, strict=True):
@@ -301,16 +338,58 @@ def _hf_positions(mask: np.ndarray) -> np.ndarray:
 
 
 def alias_safe(model: ir.Model, layout: KVLayout) -> bool:
-    """Whether every reader of each ``past_*`` input is the scatter writing it (or a Shape)."""
+    """Whether ``past_*`` and its ``_RetainedState`` may share one buffer.
+
+    True when each cache input is read only by the scatter writing it (as
+    the data scattered into), by Shape, or by nodes whose every result flows
+    only into that scatter's other operands (the kv-cache pass reads the
+    last slot to keep it unchanged under padding). onnxruntime's sequential
+    executor runs a node's ancestors before it, so all those reads happen
+    before the in-place write.
+    """
     inputs = {v.name: v for v in model.graph.inputs}
     for pair in layout.past:
         for name in pair:
-            for node in inputs[name].consumers():
-                key = (node.domain, node.op_type)
-                if key not in _ALIAS_SAFE_READERS and node.op_type not in _SCATTER_CUSTOM_OPS:
+            past = inputs[name]
+            scatters = [n for n in past.consumers()
+                        if ((n.domain, n.op_type) in _ALIAS_SAFE_READERS or n.op_type in _SCATTER_CUSTOM_OPS)
+                        and n.op_type != "Shape" and n.inputs[0] is past]
+            if len(scatters) != 1:
+                return False
+            feeding = _ancestors(scatters[0])
+            for node in past.consumers():
+                if node is scatters[0] or node.op_type == "Shape":
+                    continue
+                if not _flows_only_into(node, feeding, scatters[0]):
                     return False
-                if node.op_type != "Shape" and node.inputs[0] is not inputs[name]:
-                    return False  # the cache is the updates or indices, not the data being scattered into
+    return True
+
+
+def _ancestors(node: ir.Node) -> set[ir.Node]:
+    found: set[ir.Node] = set()
+    stack = [x.producer() for x in node.inputs if x is not None]
+    while stack:
+        n = stack.pop()
+        if n is None or n in found:
+            continue
+        found.add(n)
+        stack.extend(x.producer() for x in n.inputs if x is not None)
+    return found
+
+
+def _flows_only_into(node: ir.Node, feeding: set[ir.Node], target: ir.Node) -> bool:
+    """Whether every node downstream of ``node`` is an ancestor of ``target`` (or ``target`` itself)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is target:
+            continue
+        if n not in feeding or any(o.is_graph_output() for o in n.outputs):
+            return False
+        stack.extend(user for o in n.outputs for user in o.consumers())
     return True
 
 
@@ -379,5 +458,7 @@ def make_engine(
         raise BadInputError(f"{shown}: the graph fixes ctx_len {layout.ctx_len}; --ctx-len {ctx_len} disagrees")
     if cache_binding == "auto":
         cache_binding = "alias" if alias_safe(model, layout) else "swap"
+    ccl = [s["comp_ctx_lengths"] for s in specializations if s.get("comp_ctx_lengths", 0) > 0]
     return RetainedEngine(session, layout, label=shown, ctx_len=ctx, n_kv_heads=n_kv, head_dim=head_dim,
-                          prefill_len=max(prefill) if prefill else None, binding=cache_binding)
+                          prefill_len=max(prefill) if prefill else None, binding=cache_binding,
+                          compute_context_lengths=[n for n in ccl if n <= ctx])

@@ -23,6 +23,7 @@ from typing import Any
 import onnxruntime as ort
 
 from qgraph.errors import BadInputError
+from qgraph.specializations import parse_specializations
 
 __all__ = ["DEFAULT_THREADS", "ModelFolder", "open_session"]
 
@@ -81,21 +82,19 @@ class ModelFolder:
         return self._json("export.json")
 
     def specializations(self) -> list[dict[str, int]]:
-        """The shapes of ``specializations.json`` (QEfficient's layout), values as ints; [] if absent."""
+        """The symbols of each shape in ``specializations.json``, values as ints; [] if absent.
+
+        Both of QEfficient's forms are read: the current named one
+        (``{"name": "Prefill", "symbols": {...}}``) and the older flat list.
+        """
+        return [symbols for _, symbols in self.named_specializations()]
+
+    def named_specializations(self) -> list[tuple[str | None, dict[str, int]]]:
+        """(graph name, or None in the flat form; symbols as ints) of each shape."""
         data = self._json(SPECIALIZATIONS_FILE)
         if data is None:
             return []
-        path = self.folder / SPECIALIZATIONS_FILE
-        entries = data.get("specializations")
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise BadInputError(f"{path}: expected {{\"specializations\": [{{...}}, ...]}}")
-        out = []
-        for entry in entries:
-            try:
-                out.append({str(k): int(v) for k, v in entry.items()})
-            except (TypeError, ValueError):
-                raise BadInputError(f"{path}: every value must be an integer, got {entry}") from None
-        return out
+        return parse_specializations(data, str(self.folder / SPECIALIZATIONS_FILE))
 
     def eos_token_ids(self, tokenizer: Any = None) -> set[int]:
         """End-of-sequence ids: ``generation_config.json`` first, then the config, then the tokenizer."""

@@ -32,6 +32,8 @@ __all__ = ["KVLayout", "KVLayoutError", "ReferenceLayout", "detect_kv_layout", "
 
 Style = Literal["retained", "concat"]
 
+# Inputs of the retained contract's serving variants (docs/design.md): continuous batching, compute-context length.
+SERVING_INPUTS = frozenset({"batch_index", "comp_ctx_lengths"})
 _RETAINED_PAST = re.compile(r"^past_(key|value)\.(\d+)$")
 _CONCAT_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
@@ -81,6 +83,11 @@ class KVLayout:
     mask_dtype: np.dtype | None
     past: tuple[tuple[str, str], ...]
     present: tuple[tuple[str, str], ...]
+    # retained serving variants: a batch_index input (continuous batching; the cache's first dim is then
+    # full_batch_size, its static value in cache_batch) and a comp_ctx_lengths input (compute-context length)
+    continuous_batching: bool = False
+    compute_context: bool = False
+    cache_batch: int | None = None
 
     @property
     def has_position_ids(self) -> bool:
@@ -168,6 +175,7 @@ def detect_kv_layout(model: ir.Model, *, label: str = "the cached graph") -> KVL
     }
     if style == "retained":
         allowed.discard("attention_mask")  # the retained contract has no mask input
+        allowed |= SERVING_INPUTS & in_names
     unknown = sorted(in_names - allowed)
     if unknown:
         raise KVLayoutError(f"{label} ({style} style) has inputs outside the contract, which the replay cannot feed: {unknown}")
@@ -208,6 +216,9 @@ def detect_kv_layout(model: ir.Model, *, label: str = "the cached graph") -> KVL
         mask_dtype=None if mask is None else _np_dtype(mask, np.int64),
         past=past,
         present=present,
+        continuous_batching="batch_index" in in_names,
+        compute_context="comp_ctx_lengths" in in_names,
+        cache_batch=cache_dims[0],
     )
 
 

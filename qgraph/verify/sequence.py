@@ -81,6 +81,7 @@ from qgraph import io as qio
 from qgraph.errors import BadInputError
 from qgraph.verify.scratch import private_hypothesis_home
 from qgraph.verify.compare import Tolerance, compare_arrays, default_tolerance
+from qgraph.specializations import compiled_ctx_len
 from qgraph.verify.kv_contract import (
     KVLayout,
     KVLayoutError,
@@ -457,8 +458,11 @@ class SequenceReplayer:
             if lay.ctx_len is not None and ctx_len is not None and ctx_len != lay.ctx_len:
                 raise KVLayoutError(f"ctx_len={ctx_len} given, but {self.cached_label} fixes it at {lay.ctx_len}")
             self.ctx_len = lay.ctx_len if lay.ctx_len is not None else ctx_len
+            if self.ctx_len is None:  # symbolic: the length its specializations compile
+                self.ctx_len = compiled_ctx_len(cached_model, cached)
             if self.ctx_len is None:
-                raise KVLayoutError(f"{self.cached_label}: ctx_len is symbolic in the cache inputs; pass ctx_len=")
+                raise KVLayoutError(f"{self.cached_label}: ctx_len is symbolic in the cache inputs and no "
+                                    "specializations.json names one; pass ctx_len=")
         else:
             self.ctx_len = None
             if lay.seq_len is not None:
@@ -472,6 +476,7 @@ class SequenceReplayer:
                 "to build the initial cache"
             )
         self.vocab = _vocab_of(lay, self.reference, reference_model)
+        self.compute_context_len: int | None = None  # comp_ctx_lengths fed (None: ctx_len, the whole cache)
         self._ref_model = reference_model
         self.ref_runner = OrtRunner(reference_model, threads=threads, label=self.reference_label)
         try:
@@ -527,6 +532,18 @@ class SequenceReplayer:
             past_len += fed_len
         return result
 
+    def reference_logits(self, tokens: np.ndarray) -> np.ndarray:
+        """The no-cache graph's logits [n, vocab] for one sequence alone (no padding)."""
+        ref = self.reference
+        tokens = np.asarray(tokens).reshape(1, -1)
+        feeds = {"input_ids": tokens.astype(ref.ids_dtype), "attention_mask": np.ones(tokens.shape, ref.mask_dtype)}
+        if ref.positions_dtype is not None:
+            feeds["position_ids"] = np.arange(tokens.shape[1])[None].astype(ref.positions_dtype)
+        try:
+            return self.ref_runner.run(feeds)["logits"][0]
+        except RunError as exc:
+            raise _ReferenceFailed(str(exc)) from None
+
     def close(self) -> None:
         self.ref_runner.close()
         self.cached_runner.close()
@@ -550,10 +567,24 @@ class SequenceReplayer:
                 f"{self.cached_label} takes at most {lay.seq_len} tokens a step (static seq dim); "
                 f"split {list(case.split)} has a longer chunk"
             )
+        if self.compute_context_len is not None and int(case.positions.max(initial=-1)) >= self.compute_context_len:
+            raise BadInputError(f"a row has {max(case.lengths)} valid tokens, more than the compute-context length "
+                                f"{self.compute_context_len} lets attention read")
         if self.ctx_len is not None and int(case.positions.max(initial=-1)) >= self.ctx_len:
             raise BadInputError(
                 f"a row has {max(case.lengths)} valid tokens, more than the cache holds (ctx_len {self.ctx_len})"
             )
+
+    def serving_feeds(self, batch: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``batch_index`` (row b owns cache row ``rows[b]``, default b) and ``comp_ctx_lengths``
+        (of length ``compute_context_len``, default ctx_len) where the graph has them."""
+        feeds: dict[str, np.ndarray] = {}
+        if self.layout.continuous_batching:
+            rows = np.arange(batch) if rows is None else np.asarray(rows)
+            feeds["batch_index"] = rows.reshape(-1, 1).astype(np.int64)
+        if self.layout.compute_context:
+            feeds["comp_ctx_lengths"] = np.zeros(self.compute_context_len or self.ctx_len, np.int64)
+        return feeds
 
     def _initial_state(self, batch: int) -> dict[str, np.ndarray]:
         lay = self.layout
@@ -575,6 +606,7 @@ class SequenceReplayer:
                 ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=PAD_TOKEN)
                 pos = np.pad(pos, ((0, 0), (0, extra)), constant_values=-1)
             feeds["position_ids"] = pos.astype(lay.positions_dtype)
+            feeds.update(self.serving_feeds(case.batch))
         else:
             fed_len = stop - start
             mask = case.valid[:, :stop]
@@ -919,6 +951,7 @@ def check_sequence_equivalence(
     max_batch: int = 3,
     padding: Literal["left", "right", "both", "none"] = "both",
     ctx_len: int | None = None,
+    compute_context_len: int | None = None,
     vocab: int | None = None,
     tolerance: Tolerance | None = None,
     require_greedy: bool = False,
@@ -935,6 +968,8 @@ def check_sequence_equivalence(
     ``ctx_len - 1`` (one slot left for the padding writes); a static batch
     or seq dim of the cached graph fixes the batch and caps the chunk length.
     ``vocab`` bounds token ids when neither graph declares it.
+    ``compute_context_len``: the length of ``comp_ctx_lengths`` fed to a
+    graph that has that input (default: ctx_len, the whole cache).
 
     Raises:
         BadInputError (KVLayoutError): a graph follows neither contract, or
@@ -946,6 +981,7 @@ def check_sequence_equivalence(
     replayer = SequenceReplayer(
         cached, reference, ctx_len=ctx_len, threads=threads, cached_label=cached_label, reference_label=reference_label
     )
+    replayer.compute_context_len = compute_context_len
     try:
         bound = vocab if vocab is not None else replayer.vocab
         if bound is None:

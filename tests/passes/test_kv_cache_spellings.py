@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from qgraph_passes.kv_cache import KVCachePass
-from qgraph_passes.kv_cache.ctx_scatter import ctx_scatter_function
+from qgraph_passes.kv_cache.ctx_ops import ctx_scatter_function
 
 from qgraph import io as qio
 from qgraph.cli import main as cli_main
@@ -201,20 +201,46 @@ def test_device_files_are_written_beside_the_model(tmp_path: Path) -> None:
                      "--option", "kv-cache.prefill_len=8", "--option", "kv-cache.batch_size=2"])
     assert code == 0
     specializations = json.loads((out.parent / "specializations.json").read_text())["specializations"]
-    assert specializations == [
-        {"batch_size": "2", "seq_len": "8", "ctx_len": str(CTX_LEN)},
-        {"batch_size": "2", "seq_len": "1", "ctx_len": str(CTX_LEN)},
+    assert specializations == [  # QEfficient's named form, values as strings
+        {"name": "Prefill", "symbols": {"batch_size": "2", "seq_len": "8", "ctx_len": str(CTX_LEN)}},
+        {"name": "Decode", "symbols": {"batch_size": "2", "seq_len": "1", "ctx_len": str(CTX_LEN)}},
     ]
     saved = qio.load(out)
     dims = {d.value for v in saved.graph.inputs for d in v.shape if isinstance(d, ir.SymbolicDim)}
-    assert {e for entry in specializations for e in entry} == dims | {"ctx_len"}  # every symbolic dim specialized
+    assert "ctx_len" in dims  # one graph for every compiled context length
+    assert {e for entry in specializations for e in entry["symbols"]} == dims  # every symbolic dim specialized
     custom_io = (out.parent / "custom_io.yaml").read_text()
     entries = [block.split("\n") for block in custom_io.strip().split("\n\n")]
     names = [line.split(": ")[1] for line, _ in entries]
     assert {line.split(": ")[1] for _, line in entries} == {"float16"}
-    cache_names = [v.name for v in saved.graph.inputs[2:]] + [v.name for v in saved.graph.outputs[1:]]
-    assert sorted(names) == sorted(cache_names)
+    layers = len([v for v in saved.graph.inputs if v.name.startswith("past_key.")])
+    assert names == [f"past_{kind}.{i}{suffix}" for i in range(layers) for kind in ("key", "value")
+                     for suffix in ("", "_RetainedState")]  # QEfficient's order: each input, then its output
+    assert set(names) == {v.name for v in saved.graph.inputs[2:]} | {v.name for v in saved.graph.outputs[1:]}
     assert not any(k.startswith(qio.SIDECAR_PREFIX) for k in saved.metadata_props)
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"specializations": "flat", "prefill_len": 8},
+     [{"batch_size": "1", "seq_len": "8", "ctx_len": "12"}, {"batch_size": "1", "seq_len": "1", "ctx_len": "12"}]),
+    ({"full_batch_size": 4, "prefill_len": 8},
+     [{"name": "Prefill", "symbols": {"batch_size": "1", "seq_len": "8", "ctx_len": "12", "full_batch_size": "4"}},
+      {"name": "Decode", "symbols": {"batch_size": "4", "seq_len": "1", "ctx_len": "12", "full_batch_size": "4"}}]),
+    ({"comp_ctx_lengths": "8,4", "prefill_len": 3},
+     [{"name": f"{phase}_{i}", "symbols": {"batch_size": "1", "seq_len": seq, "ctx_len": "12",
+                                          "comp_ctx_lengths": ccl}}
+      for phase, seq in (("Prefill", "3"), ("Decode", "1")) for i, ccl in enumerate(("4", "8"))]),
+])
+def test_specializations_follow_the_serving_options(options: dict, expected: list) -> None:
+    """Flat form on request; continuous batching prefills one row and decodes all; one entry per CCL."""
+    model, _ = _cache(graphs.decoder(), style="retained", ctx_len=CTX_LEN, **options)
+    assert json.loads(qio.sidecar_files(model)["specializations.json"])["specializations"] == expected
+
+
+def test_mxint8_kv_cache_is_written_to_custom_io() -> None:
+    model, _ = _cache(graphs.decoder(), style="retained", ctx_len=CTX_LEN, kv_dtype="mxint8")
+    text = qio.sidecar_files(model)["custom_io.yaml"]
+    assert text.count("Precision: mxint8") == text.count("IOName:") > 0
 
 
 def test_concat_style_writes_no_device_files() -> None:
