@@ -149,24 +149,36 @@ class AutoModelForCausalLM(_Loaded):
 
         ``hf_kwargs``: the export options ``attn_implementation``, ``wrapper``, ``opset``.
         """
-        _refuse_unbuilt(continuous_batching=continuous_batching)
         options = _split_hf_kwargs(hf_kwargs)
-        return cls(cls._resolve(name_or_path, exporter), exporter=exporter, export_options=options)
+        model = cls(cls._resolve(name_or_path, exporter), exporter=exporter, export_options=options)
+        model.continuous_batching = bool(continuous_batching)
+        return model
+
+    continuous_batching = False
 
     def compile(self, *, target: str = "qaic", prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1,
                 kv_dtype: str = "float16", full_batch_size: int | None = None,
-                num_speculative_tokens: int | None = None, verify_examples: int = 3,
-                **pass_options: Mapping[str, Any]) -> Path:
+                comp_ctx_lengths: Sequence[int] | None = None, num_speculative_tokens: int | None = None,
+                verify_examples: int = 3, **pass_options: Mapping[str, Any]) -> Path:
         """The target's preset, verified, as a bundle folder (a repeated request returns the same folder at once).
 
+        ``full_batch_size``: cache rows of a continuous-batching bundle (the
+        model loaded with ``continuous_batching=True``, as in QEfficient);
+        ``comp_ctx_lengths``: compute-context lengths, one specialization each.
         ``pass_options``: per pass, its options, the pass name with ``_`` for
         ``-`` (``fp16_clip={"activations": True}``).
         """
         from qgraph.bundle import CompileOptions, compile_decoder
 
-        _refuse_unbuilt(full_batch_size=full_batch_size, num_speculative_tokens=num_speculative_tokens)
+        _refuse_unbuilt(num_speculative_tokens=num_speculative_tokens)
+        if self.continuous_batching and full_batch_size is None:
+            raise BadInputError("full_batch_size is required: the model was loaded with continuous_batching=True")
+        if full_batch_size is not None and not self.continuous_batching:
+            raise BadInputError("full_batch_size needs a model loaded with continuous_batching=True")
         options = CompileOptions(target=target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len,
                                  batch_size=batch_size, kv_dtype=kv_dtype, verify_examples=verify_examples,
+                                 full_batch_size=full_batch_size,
+                                 comp_ctx_lengths=tuple(sorted(set(comp_ctx_lengths or ()))),
                                  pass_options={k.replace("_", "-"): v for k, v in pass_options.items()})
         compiled = compile_decoder(self.export(self.export_dir), options)
         self.bundle, self.manifest = compiled.path, compiled.manifest
@@ -369,6 +381,8 @@ def exec_kv(tokenizer: Any, bundle: str | os.PathLike[str], *, prompt: str | Seq
                                 f"{limit} tokens a row")
     out = out or sys.stdout
     max_new = generation_len or ctx_len
+    if options.get("full_batch_size"):
+        return _serve_bundle(generator, prompts, ids, int(options["full_batch_size"]), max_new, stream, out)
     tokens: list[list[int]] = []
     reasons: list[str] = []
     parts = []
@@ -394,6 +408,24 @@ def exec_kv(tokenizer: Any, bundle: str | os.PathLike[str], *, prompt: str | Seq
         print(file=out)
         for row, (p, text) in enumerate(zip(prompts, texts, strict=True)):
             print(f"[{row}] {p!r} -> {text!r}", file=out)
+        print(info.format_stats(), file=out, flush=True)
+    return info
+
+
+def _serve_bundle(generator: Any, prompts: list[str], ids: list[list[int]], slots: int, max_new: int, stream: bool,
+                  out: TextIO) -> ExecInfo:
+    """A continuous-batching bundle: the prompts as a stream of requests through its cache rows."""
+    from qgraph.runtime.batching import serve
+
+    result = serve(generator, ids, slots=slots, max_new_tokens=max_new)
+    s = result.stats
+    metrics = PerfMetrics(s.mean_ttft, s.prompt_tokens / s.prefill_seconds if s.prefill_seconds else float("nan"),
+                          s.decode_tokens_per_second, s.tokens_per_second, s.seconds)
+    info = ExecInfo(slots, result.texts, result.token_ids, metrics, prompts, result.stop_reasons, s)
+    if stream:
+        for row, (p, text) in enumerate(zip(prompts, result.texts, strict=True)):
+            print(f"[{row}] {p!r} -> {text!r}", file=out)
+        print(s.format(), file=out)
         print(info.format_stats(), file=out, flush=True)
     return info
 

@@ -45,7 +45,7 @@ __all__ = [
 
 BUNDLE_MANIFEST = "manifest.json"
 TARGETS = ("qaic", "ort")
-KV_DTYPES = ("float16", "float32", "model")
+KV_DTYPES = ("float16", "float32", "mxint8", "model")
 _LAYOUT = 1
 _NOT_COPIED = {"model.onnx", "model.onnx.data", "export.json"}
 
@@ -61,6 +61,8 @@ class CompileOptions:
     kv_dtype: str = "float16"
     pass_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     verify_examples: int = 3
+    full_batch_size: int | None = None  # continuous batching: cache rows (qaic target)
+    comp_ctx_lengths: tuple[int, ...] = ()  # compute-context lengths (qaic target)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -72,6 +74,17 @@ class CompileOptions:
         if self.ctx_len <= self.prefill_seq_len:
             raise BadInputError(f"ctx_len ({self.ctx_len}) must be larger than prefill_seq_len "
                                 f"({self.prefill_seq_len}): the cache has to hold the prompt and the tokens after it")
+        if self.full_batch_size is not None and (isinstance(self.full_batch_size, bool)
+                                                 or not isinstance(self.full_batch_size, int)
+                                                 or self.full_batch_size < 1):
+            raise BadInputError(f"full_batch_size must be a positive integer, got {self.full_batch_size!r}")
+        lengths = self.comp_ctx_lengths
+        if not isinstance(lengths, tuple) or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.ctx_len
+                                                 for n in lengths):
+            raise BadInputError(f"comp_ctx_lengths must be integers in 1..ctx_len ({self.ctx_len}), got {lengths!r}")
+        if (self.full_batch_size is not None or lengths) and self.target != "qaic":
+            raise BadInputError("continuous batching and compute-context lengths are device (retained-state) "
+                                f"features: compile with target='qaic', not {self.target!r}")
         if self.kv_dtype not in KV_DTYPES:
             raise BadInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if not isinstance(self.verify_examples, int) or self.verify_examples < 0:
@@ -80,13 +93,19 @@ class CompileOptions:
             if not isinstance(options, Mapping):
                 raise BadInputError(f"options of pass {pass_name!r} must be a mapping of option name to value, "
                                     f"got {options!r}")
-            if pass_name == "kv-cache" and set(options) & {"ctx_len", "prefill_len", "batch_size", "kv_dtype"}:
-                raise BadInputError("set ctx_len, prefill_seq_len, batch_size and kv_dtype as compile arguments, "
-                                    "not as kv-cache pass options")
+            if pass_name == "kv-cache" and set(options) & {"ctx_len", "prefill_len", "batch_size", "kv_dtype",
+                                                             "full_batch_size", "comp_ctx_lengths"}:
+                raise BadInputError("set ctx_len, prefill_seq_len, batch_size, kv_dtype, full_batch_size and "
+                                    "comp_ctx_lengths as compile arguments, not as kv-cache pass options")
 
     def kv_options(self) -> dict[str, Any]:
-        return {"ctx_len": self.ctx_len, "prefill_len": self.prefill_seq_len, "batch_size": self.batch_size,
-                "kv_dtype": self.kv_dtype}
+        options = {"ctx_len": self.ctx_len, "prefill_len": self.prefill_seq_len, "batch_size": self.batch_size,
+                   "kv_dtype": self.kv_dtype}
+        if self.full_batch_size is not None:
+            options["full_batch_size"] = self.full_batch_size
+        if self.comp_ctx_lengths:
+            options["comp_ctx_lengths"] = ",".join(map(str, self.comp_ctx_lengths))
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -252,6 +271,9 @@ def compile_decoder(export_dir: str | os.PathLike[str], options: CompileOptions,
                                   f"{verdict}")
             verification.update(result="equivalent", headline=verdict.headline(),
                                 seconds=round(time.perf_counter() - started, 3))
+            if options.full_batch_size is not None:
+                verification["slots"] = _check_slots(staging / "model.onnx", export_dir / "model.onnx", options,
+                                                     threads, progress)
         else:
             verification["result"] = "not checked"
         return {"target": options.target, "backend": runtime.name, "verification": verification,
@@ -303,6 +325,20 @@ def compile_encoder(export_dir: str | os.PathLike[str], options: EncoderOptions,
                 "nodes": {"before": report.nodes_before, "after": report.nodes_after}}
 
     return _build_once("embedding", export_dir, options.to_dict(), root, build)
+
+
+def _check_slots(cached: Path, reference: Path, options: CompileOptions, threads: int, progress: Any) -> str:
+    """Requests interleaved in the bundle's cache rows each give their logits alone (qgraph.verify.slots)."""
+    from qgraph.verify.sequence import SequenceReplayer
+    from qgraph.verify.slots import check_slots
+
+    with progress.step(f"serving {options.verify_examples} request streams through {options.full_batch_size} "
+                       "cache rows"), SequenceReplayer(cached, reference, threads=threads) as replayer:
+        failure = check_slots(replayer, examples=options.verify_examples, slots=options.full_batch_size)
+    if failure is not None:
+        raise PassFailure(f"continuous batching does not give each request its own logits; no bundle written:\n"
+                          f"{failure}")
+    return "equivalent: interleaved requests give each request's logits alone"
 
 
 def _symbols(batch: int, seq: int, ctx: int) -> dict[str, str]:

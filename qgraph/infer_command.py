@@ -34,9 +34,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx-len", type=int, default=128, metavar="N", help="context length (default 128)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts run together (default 1)")
     parser.add_argument("--full-batch-size", type=int, default=None, metavar="N",
-                        help="continuous batching (not implemented yet: refused)")
+                        help="continuous batching: N cache rows kept busy, each prompt prefilled into a row as soon "
+                             "as one is free (target qaic)")
     parser.add_argument("--kv-dtype", default="float16", metavar="DTYPE",
-                        help="KV precision for the device files: float16 (default), float32 or model")
+                        help="KV precision for the device files: float16 (default), float32, mxint8 or model")
     parser.add_argument("--exporter", default="dynamo", metavar="NAME", help="dynamo (default) or torchscript")
     parser.add_argument("--verify-examples", type=int, default=3, metavar="N",
                         help="sequences replayed against the export before the bundle is kept (default 3)")
@@ -69,16 +70,14 @@ def _model(args: argparse.Namespace) -> Any:
     spec = args.local_model_dir or args.model_name
     if not spec:
         raise BadInputError("give --model-name (a packaged name or a path) or --local-model-dir")
-    if args.full_batch_size is not None:
-        from qgraph.auto import _refuse_unbuilt
-
-        _refuse_unbuilt(full_batch_size=args.full_batch_size)
-    return AutoModelForCausalLM.from_pretrained(spec, exporter=args.exporter)
+    return AutoModelForCausalLM.from_pretrained(spec, exporter=args.exporter,
+                                                continuous_batching=args.full_batch_size is not None)
 
 
 def _compile(model: Any, args: argparse.Namespace) -> Path:
     return model.compile(target=args.target, prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len,
-                         batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples)
+                         batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples,
+                         full_batch_size=args.full_batch_size)
 
 
 def _check_prompts(args: argparse.Namespace) -> list[str]:
@@ -93,7 +92,8 @@ def _options(args: argparse.Namespace) -> Any:
     from qgraph.bundle import CompileOptions
 
     return CompileOptions(target=args.target, prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len,
-                          batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples)
+                          batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples,
+                          full_batch_size=args.full_batch_size)
 
 
 def _check_lengths(model: Any, prompts: list[str], options: Any) -> None:

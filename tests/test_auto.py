@@ -136,6 +136,25 @@ def test_generate_streams_text_and_prints_the_stats(causal) -> None:
     assert info.stats.generated_tokens == 4
 
 
+def test_continuous_batching_api_and_infer_give_the_export_tokens(folders, export_cache_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """The seeds' flow with continuous_batching=True: more prompts than cache rows, each with its own tokens."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QGRAPH_CACHE", str(export_cache_dir))
+        model = qgraph.AutoModelForCausalLM.from_pretrained(folders["llama"], continuous_batching=True)
+        bundle = model.compile(prefill_seq_len=4, ctx_len=24, full_batch_size=2, comp_ctx_lengths=[12, 24])
+        prompts = [*PROMPTS, "one more prompt"]
+        info = model.generate(prompts, generation_len=5, stream=False)
+    assert info.generated_ids == _reference_ids(model.export_dir, prompts, 5)
+    assert info.stats.requests == 4 and info.stats.slots == 2
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["verification"]["slots"].startswith("equivalent")
+    specs = {e["name"]: e["symbols"] for e in json.loads((bundle / "specializations.json").read_text())["specializations"]}
+    assert specs["Decode_1"] == {"batch_size": "2", "seq_len": "1", "ctx_len": "24", "full_batch_size": "2",
+                                 "comp_ctx_lengths": "24"}
+    assert specs["Prefill_0"]["batch_size"] == "1" and specs["Prefill_0"]["comp_ctx_lengths"] == "12"
+
+
 # --- bad arguments: a clear error, nothing written ---------------------------------------------------
 
 
@@ -145,7 +164,9 @@ def test_generate_streams_text_and_prints_the_stats(causal) -> None:
     {"prefill_seq_len": 8, "ctx_len": 4},
     {"batch_size": 0},
     {"kv_dtype": "int4"},
-    {"full_batch_size": 4},
+    {"full_batch_size": 4},  # without continuous_batching=True
+    {"comp_ctx_lengths": [256]},  # beyond ctx_len
+    {"target": "ort", "comp_ctx_lengths": [16]},  # a device feature
     {"num_speculative_tokens": 2},
     {"kv_cache": {"ctx_len": 64}},
 ])
@@ -154,7 +175,7 @@ def test_bad_compile_arguments_write_nothing(causal, export_cache_dir: Path, kwa
     with pytest.raises(qgraph.BadInputError) as error:
         causal.compile(**kwargs)
     assert _bundles(export_cache_dir) == before
-    if "full_batch_size" in kwargs or "num_speculative_tokens" in kwargs:
+    if "num_speculative_tokens" in kwargs:
         assert "not implemented" in str(error.value)
 
 
@@ -191,8 +212,8 @@ def test_an_encoder_is_not_a_causal_lm(folders) -> None:
         qgraph.AutoModelForCausalLM.from_pretrained(folders["bert"])
     with pytest.raises(qgraph.BadInputError, match="causal LM"):
         qgraph.AutoModel.from_pretrained(folders["llama"])
-    with pytest.raises(qgraph.BadInputError, match="continuous batching"):
-        qgraph.AutoModelForCausalLM.from_pretrained(folders["llama"], continuous_batching=True)
+    with pytest.raises(qgraph.BadInputError, match="full_batch_size is required"):
+        qgraph.AutoModelForCausalLM.from_pretrained(folders["llama"], continuous_batching=True).compile()
     with pytest.raises(qgraph.BadInputError, match="num_hidden_layers"):
         qgraph.AutoModelForCausalLM.from_pretrained(folders["llama"], num_hidden_layers=1)
 

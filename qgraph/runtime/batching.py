@@ -46,6 +46,18 @@ class ServingStats:
     decode_steps: int
     seconds: float
     busy_slot_steps: int  # decode steps x rows that held a request: how full the batch ran
+    prefill_seconds: float = 0.0  # in prefills (each until its request's first token)
+    decode_seconds: float = 0.0  # in decode steps
+
+    @property
+    def mean_ttft(self) -> float:
+        """Mean time of a request's prefill (its time to first token once it has a row)."""
+        return self.prefill_seconds / self.requests if self.requests else float("nan")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        tokens = self.generated_tokens - self.requests  # each request's first token comes from its prefill
+        return tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
     @property
     def tokens_per_second(self) -> float:
@@ -62,7 +74,8 @@ class ServingStats:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data.update(tokens_per_second=self.tokens_per_second, occupancy=self.occupancy)
+        data.update(tokens_per_second=self.tokens_per_second, occupancy=self.occupancy, mean_ttft=self.mean_ttft,
+                    decode_tokens_per_second=self.decode_tokens_per_second)
         return data
 
 
@@ -135,13 +148,15 @@ def serve(generator: Generator, prompt_ids: Sequence[Sequence[int]], *, slots: i
     active: dict[int, int] = {}  # cache row -> request
     last = np.full(slots, generator.pad_token_id, np.int64)
     prefill_runs = decode_steps = busy = 0
+    prefill_seconds = decode_seconds = 0.0
     while queue or active:
         while queue and free:
             request, slot = queue.popleft(), free.pop(0)
-            before = engine.runs
+            before, tick = engine.runs, clock()
             logits = engine.prefill_slot(slot, prompts[request], generator.prefill_chunk)
-            prefill_runs += engine.runs - before
             token = int(sampler(logits[None])[0])
+            prefill_runs += engine.runs - before
+            prefill_seconds += clock() - tick
             if accept(request, token):
                 free.append(slot)
             else:
@@ -150,10 +165,12 @@ def serve(generator: Generator, prompt_ids: Sequence[Sequence[int]], *, slots: i
             continue
         running = np.zeros(slots, bool)
         running[list(active)] = True
+        tick = clock()
         logits = engine.decode(np.where(running, last, generator.pad_token_id), running)
+        chosen = sampler(logits)
+        decode_seconds += clock() - tick
         decode_steps += 1
         busy += len(active)
-        chosen = sampler(logits)
         for slot in sorted(active):
             request = active[slot]
             if accept(request, int(chosen[slot])):
@@ -163,7 +180,7 @@ def serve(generator: Generator, prompt_ids: Sequence[Sequence[int]], *, slots: i
                 last[slot] = chosen[slot]
     seconds = clock() - started
     stats = ServingStats(len(prompts), slots, sum(map(len, prompts)), sum(map(len, generated)), prefill_runs,
-                         decode_steps, seconds, busy)
+                         decode_steps, seconds, busy, prefill_seconds, decode_seconds)
     texts = [generator.tokenizer.decode(t, skip_special_tokens=True) if generator.tokenizer is not None else ""
              for t in generated]
     return ServingResult(prompts, generated, texts, reasons, stats)
