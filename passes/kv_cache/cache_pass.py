@@ -123,6 +123,9 @@ class KVCachePass(Pass):
         "comp_ctx_lengths": Option(str, "", "retained: compute-context lengths, comma-separated (e.g. 64,128): "
                                    "input comp_ctx_lengths (its length used) bounds the slots attention reads; "
                                    "one specialization each for prefill and decode"),
+        "phase": Option(str, "both", "retained: one graph for prefill and decode, or a graph for one phase "
+                        "(disaggregated serving; same cache I/O, decode's seq_len fixed at 1, specializations of "
+                        "that phase only)", ("both", "prefill", "decode")),
         "specializations": Option(str, "named", "retained: specializations.json as QEfficient's named graphs "
                                   "({name, symbols}) or the older flat list", ("named", "flat")),
         "kv_dtype": Option(str, "float16", "retained: KV precision in custom_io.yaml (model: the graph's dtype)",
@@ -204,6 +207,8 @@ class KVCachePass(Pass):
         self._check_nothing_left(graph, b, mask_input, ranges=analysis is None)
         if retained:
             graph.inputs.remove(mask_input)
+            if cfg["phase"] == "decode":
+                self._fix_dim(graph, "seq_len", 1)
             self._device_files(model, layers)
         graph.sort()
         self.report.count("layers", len(layers))
@@ -281,6 +286,21 @@ class KVCachePass(Pass):
         for node in graph:
             for value in node.outputs:
                 renamed(value)
+
+    @staticmethod
+    def _fix_dim(graph: ir.Graph, name: str, size: int) -> None:
+        """The symbolic dim ``name`` becomes ``size`` on every value that declares it."""
+
+        def fixed(value: ir.Value) -> None:
+            if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value == name for d in value.shape):
+                value.shape = ir.Shape([size if isinstance(d, ir.SymbolicDim) and d.value == name else d
+                                        for d in value.shape])
+
+        for value in graph.inputs:
+            fixed(value)
+        for node in graph:
+            for value in node.outputs:
+                fixed(value)
 
     @staticmethod
     def _position_input(graph: ir.Graph, existing: ir.Value | None, dims: tuple[str, str], retained: bool) -> ir.Value:
@@ -454,6 +474,8 @@ class KVCachePass(Pass):
             batch_size=cfg["batch_size"], prefill_len=min(cfg["prefill_len"], cfg["ctx_len"] - 1),
             ctx_len=cfg["ctx_len"], full_batch_size=cfg["full_batch_size"] or None,
             comp_ctx_lengths=self._compute_context_lengths(), named=cfg["specializations"] == "named",
+            phases=("Prefill", "Decode") if cfg["phase"] == "both" else (cfg["phase"].capitalize(),),
+            fixed=("seq_len",) if cfg["phase"] == "decode" else (),
         )
         names = []  # QEfficient's order: each cache input, then the output that retains it
         for layer in layers:

@@ -25,30 +25,37 @@ __all__ = ["custom_io_yaml", "specialization_entries", "specializations_json"]
 
 def specialization_entries(*, batch_size: int, prefill_len: int, ctx_len: int, full_batch_size: int | None = None,
                            comp_ctx_lengths: Sequence[int] = (), decode_len: int = 1,
-                           extra: Mapping[str, Mapping[str, int]] | None = None) -> list[tuple[str, dict[str, str]]]:
+                           extra: Mapping[str, Mapping[str, int]] | None = None,
+                           phases: Sequence[str] = ("Prefill", "Decode"),
+                           fixed: Sequence[str] = ()) -> list[tuple[str, dict[str, str]]]:
     """(graph name, symbols) for every shape to compile, names made unique the way QEfficient does.
 
-    ``extra`` adds symbols per phase (``{"Prefill": {...}, "Decode": {...}}``).
+    ``extra`` adds symbols per phase (``{"Prefill": {...}, "Decode": {...}}``);
+    ``phases``: the phases this graph serves (one, for disaggregated serving);
+    ``fixed``: symbols the graph fixed to a number (not listed).
     """
-    phases = []
+    entries = []
     for name, seq in (("Prefill", prefill_len), ("Decode", decode_len)):
+        if name not in phases:
+            continue
         symbols = {"batch_size": batch_size, "seq_len": seq, "ctx_len": ctx_len}
         if full_batch_size:
             symbols["full_batch_size"] = full_batch_size
             if name == "Decode":
                 symbols["batch_size"] = full_batch_size
         symbols.update((extra or {}).get(name, {}))
-        if name == "Decode" and seq == prefill_len and not full_batch_size and not comp_ctx_lengths:
+        if name == "Decode" and "Prefill" in phases and seq == prefill_len and not full_batch_size \
+                and not comp_ctx_lengths:
             continue  # the same shape twice (a one-token prefill)
         for ccl in comp_ctx_lengths or (None,):
             entry = dict(symbols)
             if ccl is not None:
                 entry["comp_ctx_lengths"] = ccl
-            phases.append((name, {k: str(v) for k, v in entry.items()}))
-    counts = {n: sum(1 for m, _ in phases if m == n) for n, _ in phases}
+            entries.append((name, {k: str(v) for k, v in entry.items() if k not in fixed}))
+    counts = {n: sum(1 for m, _ in entries if m == n) for n, _ in entries}
     seen: dict[str, int] = {}
     named = []
-    for name, symbols in phases:
+    for name, symbols in entries:
         if counts[name] > 1:
             index = seen.get(name, 0)
             seen[name] = index + 1

@@ -49,7 +49,7 @@ __all__ = ["ConcatEngine", "Engine", "NoCacheEngine", "RetainedEngine", "RunFail
 CacheBinding = Literal["auto", "alias", "swap"]
 # Readers of a retained-state cache input that never observe it after the scatter wrote it.
 _ALIAS_SAFE_READERS = {("", "ScatterND"), ("ai.onnx", "ScatterND"), ("", "Shape"), ("ai.onnx", "Shape")}
-_SCATTER_CUSTOM_OPS = {"CtxScatter", "CtxScatterFunc"}
+_SCATTER_CUSTOM_OPS = {"CtxScatter", "CtxScatterFunc", "CtxScatterCB"}
 # What onnxruntime raises from a run: its pybind exception classes, and RuntimeError from run_with_iobinding.
 _ORT_ERRORS = (RuntimeError, *(
     cls for cls in vars(ort.capi.onnxruntime_pybind11_state).values()

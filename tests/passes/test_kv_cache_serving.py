@@ -36,10 +36,10 @@ SPELLINGS = ("scatternd", "ctx-scatter")
 
 
 def _cached(tmp_path, reference: onnx.ModelProto, **options):
-    model = ir.from_proto(reference)
-    KVCachePass(style="retained", ctx_len=CTX_LEN, **options)(model)
     from qgraph import io as qio
 
+    model = ir.from_proto(reference)
+    KVCachePass(style="retained", ctx_len=CTX_LEN, **options)(model)
     path = tmp_path / "cached" / "model.onnx"
     path.parent.mkdir(exist_ok=True)
     qio.save(model, path)
@@ -211,3 +211,45 @@ def test_serving_variants_compose(tmp_path) -> None:
     with SequenceReplayer(cached, reference) as replayer:
         replayer.compute_context_len = 11
         assert check_slots(replayer, examples=8, slots=2) is None
+
+
+# --- prefill-only and decode-only graphs -------------------------------------------------------------
+
+
+@settings(max_examples=8, deadline=None)
+@given(prompt=st.integers(1, 6), decode=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_a_prefill_graph_hands_its_cache_to_a_decode_graph(tmp_path_factory, prompt, decode, seed) -> None:
+    """Disaggregated serving: prefill on one graph, decode on the other, the logits of the whole sequence."""
+    import json
+
+    from qgraph import io as qio
+
+    tmp_path = tmp_path_factory.mktemp("phases")
+    reference = graphs.decoder(mask="window")
+    graphs_by_phase = {}
+    for phase in ("prefill", "decode"):
+        folder = tmp_path / phase
+        folder.mkdir()
+        graphs_by_phase[phase] = _cached(folder, reference, phase=phase, scatter="ctx-scatter")
+    decode_model = graphs_by_phase["decode"][2]
+    ids_input = next(v for v in decode_model.graph.inputs if v.name == "input_ids")
+    assert list(ids_input.shape) == ["batch_size", 1]
+    for phase, (_, _, model) in graphs_by_phase.items():
+        names = [e["name"] for e in json.loads(qio.sidecar_files(model)["specializations.json"])["specializations"]]
+        assert names == [phase.capitalize()]
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, graphs.VOCAB, prompt + decode)
+    want = ort.InferenceSession(reference.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input_ids": tokens[None], "attention_mask": np.ones((1, tokens.size), np.int64)})[0][0]
+    sessions = {phase: _session(path) for phase, (path, _, _) in graphs_by_phase.items()}
+    model = graphs_by_phase["prefill"][2]
+    state = {name: np.zeros((1, graphs.KV_HEADS, CTX_LEN, graphs.HEAD_DIM), np.float32) for name in _cache_inputs(model)}
+    outputs = [o.name for o in model.graph.outputs]
+    got = dict(zip(outputs, sessions["prefill"].run(outputs, {"input_ids": tokens[None, :prompt],
+                                                               "position_ids": np.arange(prompt)[None], **state})))
+    np.testing.assert_allclose(got["logits"][0, -1], want[prompt - 1], rtol=1e-4, atol=1e-4)
+    for position in range(prompt, prompt + decode):
+        state = {name: got[f"{name}_RetainedState"] for name in state}
+        got = dict(zip(outputs, sessions["decode"].run(outputs, {"input_ids": tokens[None, position:position + 1],
+                                                                  "position_ids": np.array([[position]]), **state})))
+        np.testing.assert_allclose(got["logits"][0, -1], want[position], rtol=1e-4, atol=1e-4)
