@@ -677,6 +677,16 @@ def step_verifier(
         )
         if not result.equivalent:
             raise PassFailure(str(result), pass_name=pass_name)
+        if any(v.name == "batch_index" for v in after.graph.inputs):  # continuous batching: requests in rows
+            from qgraph.verify.sequence import SequenceReplayer
+            from qgraph.verify.slots import check_slots
+
+            with SequenceReplayer(after, before, cached_label=f"the model after pass {pass_name!r}",
+                                  reference_label=f"the model before pass {pass_name!r}") as replayer:
+                failure = check_slots(replayer, examples=examples, seed=seed or 0)
+            if failure is not None:
+                raise PassFailure(f"requests served in the cache rows do not give their logits alone:\n{failure}",
+                                  pass_name=pass_name)
 
     return verify
 

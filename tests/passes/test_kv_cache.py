@@ -254,3 +254,34 @@ def test_exports_of_another_transformers_release_replay(tmp_path: Path, name: st
     qio.save(model, out)
     result = check_sequence_equivalence(out, reference, examples=EXAMPLES, require_greedy=True, max_len=CTX_LEN - 1)
     assert result.equivalent, str(result)
+
+
+# --- serving variants ----------------------------------------------------------------------------------
+# One architecture per way of reading positions and masks: rotary with GQA (llama), a learned table
+# (gpt2), ALiBi (bloom), a sliding window (mistral), OPT's offset positions, MQA (gpt_bigcode), and the
+# table fallback (gptj). Every variant shares the analysis the full-zoo tests above exercise.
+SERVING_ARCHS = ["llama", "gpt2", "bloom", "mistral", "opt", "gpt_bigcode", "gptj"]
+
+
+@pytest.mark.parametrize("arch", SERVING_ARCHS)
+def test_continuous_batching_serves_each_request_alone(cached_zoo: CachedZoo, arch: str) -> None:
+    """Requests interleaved in the cache rows (a row reused while others decode) each give their logits alone;
+    with compute-context lengths too, on the device's ops (CtxScatterCB / CtxGatherCB)."""
+    from qgraph.verify.sequence import SequenceReplayer
+    from qgraph.verify.slots import check_slots
+
+    cached = cached_zoo.get(arch, "dynamo", style="retained", ctx_len=CTX_LEN, scatter="ctx-scatter",
+                            full_batch_size=2, comp_ctx_lengths="6,12")
+    with SequenceReplayer(cached.path, cached.reference) as replayer:
+        replayer.compute_context_len = CTX_LEN
+        failure = check_slots(replayer, examples=4, slots=2)
+    assert failure is None, f"{failure}\npass notes: {cached.notes}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "bloom", "mistral"])
+def test_compute_context_logits_equal_the_full_context(cached_zoo: CachedZoo, arch: str) -> None:
+    cached = cached_zoo.get(arch, "torchscript", style="retained", ctx_len=CTX_LEN, comp_ctx_lengths="6,12",
+                            logits="all")
+    result = check_sequence_equivalence(cached.path, cached.reference, examples=4, require_greedy=True,
+                                        compute_context_len=6, max_len=5)
+    assert result.equivalent, f"{result}\npass notes: {cached.notes}"

@@ -253,3 +253,32 @@ def test_a_prefill_graph_hands_its_cache_to_a_decode_graph(tmp_path_factory, pro
         got = dict(zip(outputs, sessions["decode"].run(outputs, {"input_ids": tokens[None, position:position + 1],
                                                                   "position_ids": np.array([[position]]), **state})))
         np.testing.assert_allclose(got["logits"][0, -1], want[position], rtol=1e-4, atol=1e-4)
+
+
+def test_verify_serves_requests_through_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--verify`` of a continuous-batching step replays request streams; a write into the wrong row fails it."""
+    from qgraph_passes.kv_cache import retained
+
+    from qgraph.errors import PassFailure
+    from qgraph.verify import step_verifier
+
+    reference = ir.from_proto(graphs.decoder())
+    verify = step_verifier(examples=8)
+    good = ir.from_proto(graphs.decoder())
+    KVCachePass(style="retained", ctx_len=CTX_LEN, full_batch_size=2)(good)
+    verify(reference, good, "kv-cache", meaning=KVCachePass.meaning)
+
+    original = retained._Shared.scatter_indices
+
+    def wrong_rows(self, heads):
+        rows, self.rows = self.rows, None
+        try:
+            return original(self, heads)
+        finally:
+            self.rows = rows
+
+    monkeypatch.setattr(retained._Shared, "scatter_indices", wrong_rows)
+    bad = ir.from_proto(graphs.decoder())
+    KVCachePass(style="retained", ctx_len=CTX_LEN, full_batch_size=2)(bad)
+    with pytest.raises(PassFailure, match="cache rows"):
+        verify(reference, bad, "kv-cache", meaning=KVCachePass.meaning)
