@@ -28,10 +28,18 @@ import numpy as np
 
 from qgraph.errors import BadInputError
 from qgraph.runtime.engines import RetainedEngine
-from qgraph.runtime.generate import STOP_CONTEXT, STOP_EOS, STOP_LENGTH, Generator, SamplingConfig, TokenSampler
+from qgraph.runtime.generate import (
+    STOP_CONTEXT,
+    STOP_EOS,
+    STOP_LENGTH,
+    GenerationResult,
+    Generator,
+    SamplingConfig,
+    TokenSampler,
+)
 from qgraph.runtime.stats import Clock
 
-__all__ = ["ServingResult", "ServingStats", "serve"]
+__all__ = ["ServingStats", "serve"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,26 +87,12 @@ class ServingStats:
         return data
 
 
-@dataclasses.dataclass
-class ServingResult:
-    prompt_ids: list[list[int]]
-    token_ids: list[list[int]]
-    texts: list[str]
-    stop_reasons: list[str]
-    stats: ServingStats
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rows": [{"prompt_ids": p, "token_ids": t, "text": x, "stop_reason": r}
-                         for p, t, x, r in zip(self.prompt_ids, self.token_ids, self.texts, self.stop_reasons,
-                                               strict=True)],
-                "stats": self.stats.to_dict()}
-
-
 def serve(generator: Generator, prompt_ids: Sequence[Sequence[int]], *, slots: int, max_new_tokens: int = 64,
-          sampling: SamplingConfig | None = None, on_token=None, clock: Clock | None = None) -> ServingResult:
+          sampling: SamplingConfig | None = None, on_token=None, clock: Clock | None = None) -> GenerationResult:
     """Generate every prompt through ``slots`` cache rows, a new request entering as soon as a row is free.
 
-    ``on_token(request, token)`` sees each token as it is chosen.
+    ``on_token(request, token)`` sees each token as it is chosen. The
+    result's ``stats`` are :class:`ServingStats`.
     """
     import time
 
@@ -183,4 +177,4 @@ def serve(generator: Generator, prompt_ids: Sequence[Sequence[int]], *, slots: i
                          decode_steps, seconds, busy, prefill_seconds, decode_seconds)
     texts = [generator.tokenizer.decode(t, skip_special_tokens=True) if generator.tokenizer is not None else ""
              for t in generated]
-    return ServingResult(prompts, generated, texts, reasons, stats)
+    return GenerationResult(prompts, generated, texts, reasons, stats)

@@ -127,20 +127,25 @@ def test_interleaved_requests_in_slots_give_each_sequence_alone(tmp_path, scatte
     assert failure is None, str(failure)
 
 
-def test_a_slot_that_ignores_batch_index_is_caught(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The slot replay has teeth: writing row b instead of row batch_index[b] fails it."""
+def _write_rows_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken pass: the ScatterND writes row b of the batch into cache row b, not row batch_index[b]."""
     from qgraph_passes.kv_cache import retained
 
-    original_indices = retained._Shared.scatter_indices
+    original = retained._Shared.scatter_indices
 
-    def wrong_indices(self, heads):
+    def wrong_rows(self, heads):
         rows, self.rows = self.rows, None
         try:
-            return original_indices(self, heads)
+            return original(self, heads)
         finally:
             self.rows = rows
 
-    monkeypatch.setattr(retained._Shared, "scatter_indices", wrong_indices)
+    monkeypatch.setattr(retained._Shared, "scatter_indices", wrong_rows)
+
+
+def test_a_slot_that_ignores_batch_index_is_caught(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slot replay has teeth: writing row b instead of row batch_index[b] fails it."""
+    _write_rows_in_order(monkeypatch)
     cached, reference, _ = _cached(tmp_path, graphs.decoder(), full_batch_size=2)
     schedule = SlotSchedule((SlotRequest((1, 2, 3, 4), 2), SlotRequest((5, 6, 7), 1), SlotRequest((8, 9), 1)), 2)
     with SequenceReplayer(cached, reference) as replayer:
@@ -257,8 +262,6 @@ def test_a_prefill_graph_hands_its_cache_to_a_decode_graph(tmp_path_factory, pro
 
 def test_verify_serves_requests_through_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--verify`` of a continuous-batching step replays request streams; a write into the wrong row fails it."""
-    from qgraph_passes.kv_cache import retained
-
     from qgraph.errors import PassFailure
     from qgraph.verify import step_verifier
 
@@ -268,16 +271,7 @@ def test_verify_serves_requests_through_the_rows(monkeypatch: pytest.MonkeyPatch
     KVCachePass(style="retained", ctx_len=CTX_LEN, full_batch_size=2)(good)
     verify(reference, good, "kv-cache", meaning=KVCachePass.meaning)
 
-    original = retained._Shared.scatter_indices
-
-    def wrong_rows(self, heads):
-        rows, self.rows = self.rows, None
-        try:
-            return original(self, heads)
-        finally:
-            self.rows = rows
-
-    monkeypatch.setattr(retained._Shared, "scatter_indices", wrong_rows)
+    _write_rows_in_order(monkeypatch)
     bad = ir.from_proto(graphs.decoder())
     KVCachePass(style="retained", ctx_len=CTX_LEN, full_batch_size=2)(bad)
     with pytest.raises(PassFailure, match="cache rows"):
