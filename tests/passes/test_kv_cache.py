@@ -285,3 +285,17 @@ def test_compute_context_logits_equal_the_full_context(cached_zoo: CachedZoo, ar
     result = check_sequence_equivalence(cached.path, cached.reference, examples=4, require_greedy=True,
                                         compute_context_len=6, max_len=5)
     assert result.equivalent, f"{result}\npass notes: {cached.notes}"
+
+
+def test_serving_signature_is_qefficients(cached_zoo: CachedZoo) -> None:
+    """QEfficient's export order and dim names: input_ids, position_ids, the cache, comp_ctx_lengths, batch_index."""
+    graph = cached_zoo.get("llama", "dynamo", style="retained", ctx_len=CTX_LEN, scatter="ctx-scatter",
+                           full_batch_size=2, comp_ctx_lengths="6,12").model.graph
+    layers = TINY_ARCHS["llama"].make_config().num_hidden_layers
+    cache = [f"past_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
+    assert [v.name for v in graph.inputs] == ["input_ids", "position_ids", *cache, "comp_ctx_lengths", "batch_index"]
+    shapes = {v.name: list(v.shape) for v in graph.inputs}
+    assert shapes["batch_index"] == ["batch_size", 1] and shapes["comp_ctx_lengths"] == ["comp_ctx_lengths"]
+    assert all(shapes[name][0] == "full_batch_size" and shapes[name][2] == "ctx_len" for name in cache)
+    assert [v.name for v in graph.outputs] == ["logits", *(f"{n}_RetainedState" for n in cache)]
+    assert {n.op_type for n in graph if n.domain == "com.qualcomm.cloud"} == {"CtxScatterCB", "CtxGatherCB"}
