@@ -16,9 +16,11 @@ when there is one) and ``qgraph.scope`` in its metadata.
 What is matched (``attention_core``): MatMul(q, kt) -> optional scalar
 Mul/Div -> optional soft-cap ``Tanh(x / c) * c`` -> optional additive mask
 (Add) or boolean mask (Where) -> Softmax over the last axis -> optional
-IsNaN/Where guard -> MatMul with v. The condition walks from q, kt and v
-to Q, K, V (``attention_operands``), proving every Reshape/Expand it
-crosses (``attention_dims``); rotary embeddings and q/k norms before that
+IsNaN/Where guard -> MatMul with v. The condition is a list of named
+predicates (``attention_core_checks``: casts, scale, soft-cap, operands,
+ranks, head groups, mask, layer), the first that fails being the core's
+near miss; it walks from q, kt and v to Q, K, V (``attention_operands``),
+proving every Reshape/Expand it crosses (``attention_dims``); rotary embeddings and q/k norms before that
 are left as they are. What onnxruntime needs of the mask, and how padding
 keeps its meaning, is in ``attention_masks``.
 
