@@ -1,4 +1,4 @@
-"""Peak memory of `qgraph optimize` and `qgraph inspect` on a model with its weights inline vs in external data.
+"""Peak memory of `qgraph optimize`, `inspect`, `--verify` and `check` on a model with its weights inline vs in external data.
 
     .venv/bin/python benchmarks/inline_memory.py [--tensors N] [--mib M] [--write] [--note TEXT]
 
@@ -8,7 +8,10 @@ inside the .onnx file, and with the weights in ``model.onnx.data``. Each
 command then runs in a fresh process (``qgraph.cli.main``), so peak RSS
 (VmHWM, ``harness.peak_rss_mib``) is the command's own, interpreter and
 imports included. The target (issue 18): peak RSS at most 1.5x the model
-size with inline weights, at most 0.3x with external data.
+size with inline weights, at most 0.3x with external data. ``--verify`` and
+``check`` hold two onnxruntime sessions of the model at once: their weights
+are mapped once and shared (``qgraph.verify.shared_weights``), so they need
+about one model's size on top of the interpreter, not one per session.
 
 ``--write`` replaces the "inline weights memory" section of benchmarks/RESULTS.md.
 """
@@ -81,17 +84,23 @@ def main(argv: list[str] | None = None) -> int:
         made = in_child(__file__, {"kind": "make", "folder": tmp, "tensors": args.tensors, "mib": args.mib})
         for layout, path in made["paths"].items():
             size = sum(p.stat().st_size for p in Path(path).parent.iterdir()) / MIB
+            verified = str(Path(tmp) / f"verified-{layout}.onnx")
             for label, argv_ in (
                 ("inspect", ["inspect", path]),
                 ("optimize --passes rmsnorm attention", ["optimize", path, "-o", str(Path(tmp) / f"out-{layout}.onnx"),
                                                           "--passes", "rmsnorm", "attention"]),
                 ("optimize (cleanup preset)", ["optimize", path, "-o", str(Path(tmp) / f"clean-{layout}.onnx")]),
+                # Verification runs the model before and after the pass side by side in onnxruntime.
+                ("optimize --passes shape-inference --verify", ["optimize", path, "-o", verified,
+                                                              "--passes", "shape-inference", "--verify"]),
+                ("check IN OUT (OUT: the verified output)", ["check", path, verified, "--examples", "5"]),
             ):
                 print(f"{layout}: {label} ...", file=sys.stderr)
                 row = in_child(__file__, {"kind": "run", "argv": argv_})
                 rows.append({"layout": layout, "command": label, "size_mib": size, **row})
-                for p in Path(tmp).glob("*-*.onnx*"):
-                    p.unlink()
+                if not label.endswith("--verify"):
+                    for p in Path(tmp).glob("*-*.onnx*"):
+                        p.unlink()
     publish(SECTION, _report(rows, made["weights_mib"], args.note), args.write)
     return 0
 
@@ -103,7 +112,8 @@ def _report(rows: list[dict[str, Any]], weights_mib: float, note: str) -> str:
         f"`python benchmarks/inline_memory.py`: a synthetic chain of MatMul + Add blocks, {weights_mib:.0f} MiB of "
         "float32 weights, saved once with the weights inline and once in `model.onnx.data`. Each command is a fresh "
         "process running `qgraph.cli.main`; *peak RSS* is its VmHWM, interpreter and imports included; *ratio* is "
-        "peak RSS over the size of the model's files. Targets: <= 1.5 inline, <= 0.3 external.",
+        "peak RSS over the size of the model's files. Targets: <= 1.5 inline, <= 0.3 external (optimize, inspect); "
+        "`--verify` and `check` run the model in onnxruntime, which reads every weight once.",
         "",
         "| layout | command | model MiB | exit | peak RSS MiB | ratio |",
         "|---|---|---:|---:|---:|---:|",

@@ -16,9 +16,11 @@ when there is one) and ``qgraph.scope`` in its metadata.
 What is matched (``attention_core``): MatMul(q, kt) -> optional scalar
 Mul/Div -> optional soft-cap ``Tanh(x / c) * c`` -> optional additive mask
 (Add) or boolean mask (Where) -> Softmax over the last axis -> optional
-IsNaN/Where guard -> MatMul with v. The condition walks from q, kt and v
-to Q, K, V (``attention_operands``), proving every Reshape/Expand it
-crosses (``attention_dims``); rotary embeddings and q/k norms before that
+IsNaN/Where guard -> MatMul with v. The condition is a list of named
+predicates (``attention_core_checks``: casts, scale, soft-cap, operands,
+ranks, head groups, mask, layer), the first that fails being the core's
+near miss; it walks from q, kt and v to Q, K, V (``attention_operands``),
+proving every Reshape/Expand it crosses (``attention_dims``); rotary embeddings and q/k norms before that
 are left as they are. What onnxruntime needs of the mask, and how padding
 keeps its meaning, is in ``attention_masks``.
 
@@ -61,20 +63,29 @@ reported, not fused; the property tests draw float32 only.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx_ir as ir
 from qgraph_passes.attention_batched import dims4, key_of_transposed, merges_batch_and_heads, pins_element_count, splits_batch_and_heads, unmerge_heads
 from qgraph_passes.attention_bias import MASK_BIAS_KEY, POSITION, bias_as_4d, bias_broadcasts, reads_only_mask_and_shapes
-from qgraph_passes.attention_dims import dim_of, product, traced_dim
-from qgraph_passes.attention_masks import fill_needs_clamp, reuse, safe_fill, stamp
-from qgraph_passes.attention_operands import (
-    peel_key_transpose,
-    peel_repeat_kv,
-    peel_scale,
-    scalar_constant,
+from qgraph_passes.attention_core_checks import (
+    casts_keep_the_dtype,
+    core_located,
+    is_float,
+    layer_of,
+    mask_has_an_attention_form,
+    mask_plan,
+    mask_spans_queries_and_keys,
+    operands_are_4d_float,
+    operands_before_scale_transpose_and_repeat_kv,
+    query_heads_group_kv_heads,
+    rank,
+    scores_scale,
+    scores_scale_is_a_scalar,
+    softcap_is_a_positive_scalar,
 )
+from qgraph_passes.attention_dims import dim_of, product, traced_dim
+from qgraph_passes.attention_masks import reuse, safe_fill, stamp
+from qgraph_passes.attention_operands import peel_repeat_kv, peel_scale
 from qgraph_passes.opset_upgrade import opset_at_least
 
 from qgraph.rewrite import Match, Rule, RuleSet, apply_rules, explain
@@ -84,24 +95,6 @@ __all__ = ["AttentionFusionPass", "layer_of"]
 
 LAYER_KEY = "qgraph.layer"
 SCOPE_KEY = "qgraph.scope"
-_LAYER = re.compile(r"(?:^|[./_ ])(?:layers|layer|h|blocks|block)[._](\d+)(?=[./_ ]|$)")
-
-
-def layer_of(node: ir.Node) -> str | None:
-    """The layer index named by the exporter's scopes (TorchScript names, dynamo metadata)."""
-    for text in (node.metadata_props.get("pkg.torch.onnx.name_scopes", ""), node.name or ""):
-        found = _LAYER.findall(text)
-        if found:
-            return found[-1]
-    return None
-
-
-def _is_float(value: ir.Value) -> bool:
-    return value.dtype is not None and value.dtype.is_floating_point()
-
-
-def _rank(value: ir.Value) -> int | None:
-    return len(value.shape) if value.shape is not None else None
 
 
 # -- the pattern --------------------------------------------------------------
@@ -144,151 +137,22 @@ def attention_core(op, q, kt, v, mask, keep):
     return op.MatMul(cast, v)
 
 
-def _scalar(name: str, array) -> float | str:
-    if array is None:
-        return 1.0
-    if array.size != 1:
-        return f"{name} has {array.size} elements, not one"
-    return float(array.reshape(-1)[0])
-
-
-def _casts_reason(q: ir.Value, v: ir.Value, casts) -> str | None:
-    dtypes = {int(x.dtype) for x in (q, v) if x.dtype is not None}
-    casts = {c for c in casts if c is not None}
-    if casts and (len(dtypes) != 1 or casts != dtypes):
-        return f"Casts around the Softmax change the dtype (to {sorted(casts)}, operands {sorted(dtypes)})"
-    return None
-
-
-def _scores_scale(qk_scaling: int, qk_scale, qk_divisor) -> float | str:
-    """The factor the scores are multiplied by (alternative 0) or divided by (1), or 1."""
-    if qk_scaling == 0:
-        return _scalar("the scores' scale", qk_scale)
-    if qk_scaling == 1:
-        divisor = _scalar("the scores' divisor", qk_divisor)
-        return divisor if isinstance(divisor, str) else (1.0 / divisor if divisor else "the scores are divided by 0")
-    return 1.0
-
-
-def _mask_plan(masking: int, mask, keep, fill, dtype: np.dtype):
-    """How the exporter's mask becomes the Attention's (additive, Where or none), or why it cannot."""
-    if masking == 0:
-        if mask.dtype is not None and not mask.dtype.is_floating_point():
-            return f"additive mask '{mask.name}' is {mask.dtype}"
-        return ("additive", mask, _mask_fill_plan(mask, dtype))
-    if masking == 1:
-        fill_value = _scalar("the masked fill", fill)
-        if isinstance(fill_value, str):
-            return fill_value
-        if not np.isneginf(fill_value) and fill_value > -1e4:
-            return f"Where fills masked scores with {fill_value}, not a large negative value"
-        return ("where", keep, fill_value)
-    if masking == 3:
-        fill_value = _scalar("the masked fill", fill)
-        if isinstance(fill_value, str):
-            return fill_value
-        if mask.dtype is not None and not mask.dtype.is_floating_point():
-            return f"additive mask '{mask.name}' is {mask.dtype}"
-        if not np.isneginf(fill_value) and fill_value > -1e4:
-            return f"Where fills masked scores with {fill_value}, not a large negative value"
-        return ("where-then-add", keep, (fill_value, mask))
-    return None
-
-
 def check_core(match: Match, q, kt, v, mask=None, keep=None, qk_scaling=2, softcapping=1, masking=2,
                nan_guard=1, softmax_axis=-1, qk_scale=None, qk_divisor=None, cap=None, fill=None,
                cast_in=None, cast_out=None, cast_out2=None):
-    """Prove the operands and collect the attributes; a string says which check failed."""
-    reason = _casts_reason(q, v, (cast_in, cast_out, cast_out2))
-    if reason:
-        return reason
-    scale = _scores_scale(qk_scaling, qk_scale, qk_divisor)
-    if isinstance(scale, str):
-        return scale
-    softcap = 0.0
-    if softcapping == 0:
-        softcap = _scalar("the soft-cap", cap)
-        if isinstance(softcap, str):
-            return softcap
-        if softcap <= 0:
-            return f"soft-cap {softcap} is not positive"
+    """The facts that make a matched core one ``Attention``; the first that fails is its near miss.
 
-    query, q_scale = peel_scale(q)
-    kt_inner, kt_scale = peel_scale(kt)
-    key = peel_key_transpose(kt_inner)
-    if isinstance(key, str):
-        return key
-    k_rep, k_scale = peel_scale(key.value)
-    repeated = peel_repeat_kv(k_rep)
-    if isinstance(repeated, str):
-        return repeated
-    k, n_rep = (k_rep, 1) if repeated is None else repeated
-    k, k_scale2 = peel_scale(k) if repeated is not None else (k, 1.0)
-    repeated_v = peel_repeat_kv(v)
-    if isinstance(repeated_v, str):
-        return repeated_v
-    value, v_rep = (v, 1) if repeated_v is None else repeated_v
-    if v_rep != n_rep:
-        return f"K is repeated {n_rep}x but V {v_rep}x"
-    if key.key_format == "BSHD" and n_rep != 1:
-        return "a [B, T, H, D] key with repeat_kv is not supported"
-
-    for name, x in (("Q", query), ("K", k), ("V", value)):
-        rank = _rank(x)
-        if rank is None:
-            return f"rank of {name} ('{x.name}') is unknown"
-        if rank != 4:
-            return f"{name} ('{x.name}') is {rank}-D, not 4-D"
-        if not _is_float(x):
-            return f"{name} ('{x.name}') is not a float tensor"
-
-    match["query"], match["key"], match["value_"] = query, k, value
-    match["key_format"] = key.key_format
-    match["scale"] = float(scale * q_scale * kt_scale * k_scale * k_scale2)
-    match["softcap"] = softcap or None
-
-    heads_q = dim_of(query, 1)
-    heads_kv = dim_of(k, 2 if key.key_format == "BSHD" else 1)
-    if isinstance(heads_q, int) and isinstance(heads_kv, int):
-        if heads_q % heads_kv:
-            return f"{heads_q} query heads are not a multiple of {heads_kv} kv heads"
-        match["heads"] = (heads_q, heads_kv)
-    else:
-        match["heads"] = None
-
-    plan = _mask_plan(masking, mask, keep, fill, query.dtype.numpy())
-    if isinstance(plan, str):
-        return plan
-    match["mask_plan"] = plan
-    # onnxruntime needs the mask's query axis to be S (a [B, 1, 1, T] padding mask is rejected);
-    # a sum of two masks spans when either does.
-    spans = [_mask_spans(x, query, k, key.key_format) for x in (mask, keep) if x is not None]
-    match["mask_dims_ok"] = not spans or any(spans)
-    root = match.root
-    softmax = next(n for n in match.nodes if n.op_type == "Softmax")
-    match["layer"] = layer_of(softmax) or layer_of(root)
-    match["scope"] = softmax.metadata_props.get("namespace") or softmax.name or root.name or ""
-    return None
-
-
-def _mask_spans(mask: ir.Value, query: ir.Value, key: ir.Value, key_format: str) -> bool:
-    """The mask's last two dims are provably Q's and K's sequence lengths."""
-    if _rank(mask) is None or _rank(mask) < 2:
-        return False
-    t_axis = 1 if key_format == "BSHD" else 2
-    return dim_of(mask, -2) == dim_of(query, 2) and dim_of(mask, -1) == dim_of(key, t_axis)
-
-
-def _mask_fill_plan(mask: ir.Value, dtype: np.dtype):
-    """How an additive mask must be adjusted for onnxruntime (see attention_masks)."""
-    node = mask.producer()
-    if node is not None and node.op_type == "Where":
-        a, b = scalar_constant(node.inputs[1]), scalar_constant(node.inputs[2])
-        if a is not None and b is not None:
-            if not (fill_needs_clamp(a, dtype) or fill_needs_clamp(b, dtype)):
-                return None
-            return ("rewhere", node.inputs[0], safe_fill(a, dtype), safe_fill(b, dtype))
-    return ("clamp",)
+    Each predicate (``attention_core_checks``) checks one fact and records
+    what it proves in the match, for the replacement.
+    """
+    return (casts_keep_the_dtype(q, v, (cast_in, cast_out, cast_out2))
+            or scores_scale_is_a_scalar(match, qk_scaling, qk_scale, qk_divisor)
+            or softcap_is_a_positive_scalar(match, softcapping, cap)
+            or operands_before_scale_transpose_and_repeat_kv(match, q, kt, v)
+            or operands_are_4d_float(match)
+            or query_heads_group_kv_heads(match)
+            or mask_has_an_attention_form(match, masking, mask, keep, fill)
+            or core_located(match))
 
 
 # -- the replacement ------------------------------------------------------------
@@ -378,12 +242,12 @@ def check_batched(match: Match, q, kt, v, scores_view: ir.Node, probs_view: ir.N
                   masking=2, qk_scale=None, qk_divisor=None, fill=None, cast_in=None, cast_out=None,
                   cast_out2=None, **_):
     """Prove every Reshape between the 3-D products and the 4-D Attention; fold the biases."""
-    reason = _casts_reason(q, v, (cast_in, cast_out, cast_out2))
+    reason = casts_keep_the_dtype(q, v, (cast_in, cast_out, cast_out2))
     if reason:
         return reason
-    scores_scale = _scores_scale(qk_scaling, qk_scale, qk_divisor)
-    if isinstance(scores_scale, str):
-        return scores_scale
+    scores_factor = scores_scale(qk_scaling, qk_scale, qk_divisor)
+    if isinstance(scores_factor, str):
+        return scores_factor
 
     q3, q_scale = peel_scale(q)
     query = unmerge_heads(q3, "query")
@@ -398,7 +262,7 @@ def check_batched(match: Match, q, kt, v, scores_view: ir.Node, probs_view: ir.N
     if isinstance(value, str):
         return value
     for name, x in (("Q", query), ("K", key), ("V", value)):
-        if not _is_float(x):
+        if not is_float(x):
             return f"{name} ('{x.name}') is not a float tensor"
 
     qd, kd, vd = dims4(query), dims4(key), dims4(value)
@@ -425,13 +289,13 @@ def check_batched(match: Match, q, kt, v, scores_view: ir.Node, probs_view: ir.N
     key = key if repeated_k is None else repeated_k[0]
     value = value if repeated_v is None else repeated_v[0]
 
-    plan = _mask_plan(masking, mask, keep, fill, query.dtype.numpy())
+    plan = mask_plan(masking, mask, keep, fill, query.dtype.numpy())
     if isinstance(plan, str):
         return plan
     exporter_mask = mask if masking == 0 else keep if masking == 1 else None
     biases = []
     scores3 = [batch_heads, qd[2], kd[2]]
-    for bias, factor in ((bias_pre if bias_before_scale == 0 else None, scores_scale),
+    for bias, factor in ((bias_pre if bias_before_scale == 0 else None, scores_factor),
                          (bias_post if bias_after_scale == 0 else None, 1.0)):
         if bias is None:
             continue
@@ -442,16 +306,13 @@ def check_batched(match: Match, q, kt, v, scores_view: ir.Node, probs_view: ir.N
         biases.append((bias, factor))
 
     match["query"], match["key"], match["value_"] = query, key, value
-    match["scale"] = float(scores_scale * q_scale * kt_scale * k_scale)
+    match["scale"] = float(scores_factor * q_scale * kt_scale * k_scale)
     heads_q, heads_kv = dim_of(query, 1), dim_of(key, 1)
     match["heads"] = (heads_q, heads_kv) if isinstance(heads_q, int) and isinstance(heads_kv, int) else None
     match["mask_plan"] = plan
     match["biases"] = biases
-    match["mask_dims_ok"] = exporter_mask is None or _mask_spans(exporter_mask, query, key, "BHSD")
-    softmax = next(n for n in match.nodes if n.op_type == "Softmax")
-    match["layer"] = layer_of(softmax) or layer_of(match.root)
-    match["scope"] = softmax.metadata_props.get("namespace") or softmax.name or match.root.name or ""
-    return None
+    match["mask_dims_ok"] = exporter_mask is None or mask_spans_queries_and_keys(exporter_mask, query, key, "BHSD")
+    return core_located(match)
 
 
 def _additive(op, plan, dtype: np.dtype) -> ir.Value | None:
@@ -539,13 +400,13 @@ def check_biased(match: Match, q, kt, v, bias_pre=None, bias_post=None, mask=Non
                         cast_out2=cast_out2)
     if reason:
         return reason
-    scores_scale = _scores_scale(qk_scaling, qk_scale, qk_divisor)
+    scores_factor = scores_scale(qk_scaling, qk_scale, qk_divisor)
     query, key = match["query"], match["key"]
     t_axis = 1 if match["key_format"] == "BSHD" else 2
     scores4 = [traced_dim(query, 0), traced_dim(query, 1), traced_dim(query, 2), traced_dim(key, t_axis)]
     exporter_mask = mask if masking == 0 else keep if masking == 1 else None
     biases = []
-    for bias, factor in ((bias_pre if tag in ("both", "before") else None, scores_scale),
+    for bias, factor in ((bias_pre if tag in ("both", "before") else None, scores_factor),
                          (bias_post if tag in ("both", "after") else None, 1.0)):
         if bias is None:
             continue
@@ -555,7 +416,7 @@ def check_biased(match: Match, q, kt, v, bias_pre=None, bias_post=None, mask=Non
             return reason
         biases.append((bias, factor))
     match["biases"] = biases
-    match["mask_dims_ok"] = exporter_mask is not None and _mask_spans(exporter_mask, query, key, match["key_format"])
+    match["mask_dims_ok"] = exporter_mask is not None and mask_spans_queries_and_keys(exporter_mask, query, key, match["key_format"])
     return None
 
 
@@ -591,7 +452,7 @@ def existing_attention_masked(op, q, k, v, mask):
 def check_absorb(match: Match, attention: ir.Node, k, v):
     if any(out.uses() or out.is_graph_output() for out in attention.outputs[1:]):
         return "the Attention's present-key/value or qk outputs are used"
-    if "q_num_heads" in attention.attributes and _rank(k) == 3:
+    if "q_num_heads" in attention.attributes and rank(k) == 3:
         return "3-D Attention inputs"
     rk, rv = peel_repeat_kv(k), peel_repeat_kv(v)
     for name, r in (("K", rk), ("V", rv)):

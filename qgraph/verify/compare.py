@@ -230,6 +230,61 @@ def _as_float64(x: np.ndarray) -> np.ndarray:
     return np.asarray(x).astype(np.float64)
 
 
+#: Elements compared at a time: float64 temporaries of a large output (an LM's
+#: logits, tens of millions of elements) would otherwise cost several times
+#: the output itself, and a verification of a real model ran out of budget on them.
+_CHUNK = 1 << 16
+
+
+class _Totals:
+    """The comparison's statistics accumulated over chunks of the flattened arrays, in element order."""
+
+    def __init__(self) -> None:
+        self.nonfinite_bad = 0
+        self.first_nonfinite_bad = 0
+        self.outside = 0
+        self.finite = 0
+        self.diff_sum = 0.0
+        self.max_diff = 0.0
+        self.worst = 0
+        self.max_rel = 0.0
+        self.required = 0.0
+
+    def add(self, offset: int, reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> None:
+        a, b = _as_float64(reference), _as_float64(candidate)
+        finite = np.isfinite(a) & np.isfinite(b)
+        # Non-finite positions agree only when both are NaN or both the same Inf.
+        nonfinite_agree = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+        nonfinite_bad = ~finite & ~nonfinite_agree
+        bad = int(nonfinite_bad.sum())
+        if bad and not self.nonfinite_bad:
+            self.first_nonfinite_bad = offset + int(np.argmax(nonfinite_bad))
+        self.nonfinite_bad += bad
+        abs_ref = np.abs(a)
+        with np.errstate(invalid="ignore", over="ignore"):
+            if reference.dtype.kind in "iu":  # int64 differences are exact before the cast
+                delta = (reference.astype(np.int64) - candidate.astype(np.int64)).astype(np.float64)
+            else:
+                delta = a - b
+            diff = np.where(finite, np.abs(delta), 0.0)
+            # Relative error over elements whose reference is nonzero; a zero
+            # reference has no meaningful relative error (atol covers it).
+            nonzero = finite & (abs_ref > 0)
+            rel = np.where(nonzero, diff / np.where(nonzero, abs_ref, 1.0), 0.0)
+        if _is_float(reference.dtype):
+            outside = finite & (diff > atol + rtol * abs_ref)
+        else:  # exact, and without the float64 round trip that hides int64 differences
+            outside = np.asarray(reference != candidate)
+        self.outside += int(outside.sum())
+        self.finite += int(finite.sum())
+        self.diff_sum += float(diff[finite].sum())
+        top = int(np.argmax(diff))
+        if diff[top] > self.max_diff or offset == 0:
+            self.max_diff, self.worst = float(diff[top]), offset + top
+        self.max_rel = max(self.max_rel, float(rel.max()))
+        self.required = max(self.required, float(np.max(np.where(finite, diff - rtol * abs_ref, 0.0))))
+
+
 def compare_arrays(
     name: str,
     reference: np.ndarray,
@@ -273,51 +328,35 @@ def compare_arrays(
             report.message = f"{report.mismatches} string elements differ"
         return report
 
-    a = _as_float64(reference)
-    b = _as_float64(candidate)
-    finite = np.isfinite(a) & np.isfinite(b)
-    # Non-finite positions agree only when both are NaN or both the same Inf.
-    nonfinite_agree = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
-    nonfinite_bad = ~finite & ~nonfinite_agree
-    report.nonfinite_mismatches = int(nonfinite_bad.sum())
-
-    abs_ref = np.abs(a)
+    ref_flat, cand_flat = reference.reshape(-1), candidate.reshape(-1)
+    chunks = [slice(i, i + _CHUNK) for i in range(0, ref_flat.size, _CHUNK)]
     if tol.scale_atol:
-        finite_ref = abs_ref[np.isfinite(a)]
-        scale = max(tol.atol_floor, float(finite_ref.max())) if finite_ref.size else tol.atol_floor
+        peaks = [np.abs(x[np.isfinite(x)]).max(initial=-np.inf) for x in map(_as_float64, (ref_flat[c] for c in chunks))]
+        peak = max(peaks)
+        scale = max(tol.atol_floor, float(peak)) if np.isfinite(peak) else tol.atol_floor
         report.atol = tol.atol * scale
-    with np.errstate(invalid="ignore", over="ignore"):
-        if reference.dtype.kind in "iu":  # int64 differences are exact before the cast
-            delta = (reference.astype(np.int64) - candidate.astype(np.int64)).astype(np.float64)
-        else:
-            delta = a - b
-        diff = np.where(finite, np.abs(delta), 0.0)
-        # Relative error over elements whose reference is nonzero; a zero
-        # reference has no meaningful relative error (atol covers it).
-        nonzero = finite & (abs_ref > 0)
-        rel = np.where(nonzero, diff / np.where(nonzero, abs_ref, 1.0), 0.0)
-    if _is_float(reference.dtype):
-        outside = finite & (diff > report.atol + tol.rtol * abs_ref)
-    else:  # exact, and without the float64 round trip that hides int64 differences
-        outside = np.asarray(reference != candidate)
-    report.mismatches = int(outside.sum()) + report.nonfinite_mismatches
-    report.mean_abs_error = float(diff[finite].mean()) if finite.any() else 0.0
-    report.max_abs_error = float(diff.max())
-    report.max_rel_error = float(rel.max())
-    report.required_atol = float(max(0.0, float(np.max(np.where(finite, diff - tol.rtol * abs_ref, 0.0)))))
+    stats = _Totals()
+    for c in chunks:
+        stats.add(c.start, ref_flat[c], cand_flat[c], report.atol, tol.rtol)
+    report.nonfinite_mismatches = stats.nonfinite_bad
+    report.mismatches = stats.outside + report.nonfinite_mismatches
+    report.mean_abs_error = stats.diff_sum / stats.finite if stats.finite else 0.0
+    report.max_abs_error = stats.max_diff
+    report.max_rel_error = stats.max_rel
+    report.required_atol = float(max(0.0, stats.required))
 
     if report.nonfinite_mismatches:
-        worst = int(np.argmax(nonfinite_bad.reshape(-1)))
+        worst = stats.first_nonfinite_bad
         report.max_abs_error = float("inf")
         report.max_rel_error = float("inf")
         report.required_atol = float("inf")
         report.message = "non-finite values where the other graph is finite, or NaN vs Inf"
     else:
-        worst = int(np.argmax(diff.reshape(-1)))
+        worst = stats.worst
     idx = np.unravel_index(worst, reference.shape)
     report.max_error_index = tuple(int(i) for i in idx)
-    report.reference_value = float(a[idx])
-    report.candidate_value = float(b[idx])
+    report.reference_value = float(reference[idx])
+    report.candidate_value = float(candidate[idx])
     report.passed = report.mismatches == 0
     return report
 

@@ -628,7 +628,9 @@ def step_verifier(
     against ``before`` in fp32 (:func:`qgraph.verify.fp16.check_fp16`);
     "sequence" replays token sequences through the cached ``after`` against
     the no-cache ``before`` (docs/design.md, KV-cache I/O contracts), because a
-    step that adds a KV cache changes the graph's signature; "approximate"
+    step that adds a KV cache changes the graph's signature -- or, when
+    ``before`` has a cache itself (a conversion between cache forms), through
+    both caches on the same tokens; "approximate"
     (a lossy pass) checks ``after`` against the pass's ``budget``
     (:func:`qgraph.verify.budget.check_budget`). A failure's inputs go to
     ``keep`` when given, else to a temporary folder that is removed when
@@ -640,8 +642,7 @@ def step_verifier(
         if meaning == "approximate":
             return _verify_budget(before, after, pass_name, budget)
         if meaning == "sequence":
-            _verify_cache_step(before, after, pass_name)
-            return f"cached replay gives the no-cache logits ({examples} drawn sequences, seed {seed})"
+            return _verify_cache_step(before, after, pass_name)
         if meaning == "fp16":
             from qgraph.verify.fp16 import fp16_step_verifier
 
@@ -668,16 +669,21 @@ def step_verifier(
             raise PassFailure(f"pass '{pass_name}' went over its approximation budget: {result}", pass_name=pass_name)
         return f"within its approximation budget: {result}"
 
-    def _verify_cache_step(before: ir.Model, after: ir.Model, pass_name: str) -> None:
+    def _verify_cache_step(before: ir.Model, after: ir.Model, pass_name: str) -> str:
+        from qgraph.verify.kv_contract import has_kv_cache
         from qgraph.verify.sequence import check_sequence_equivalence
 
+        # A graph that had a cache before (optimum's concat form converted to the retained one) has
+        # no no-cache graph to compare with: the replay drives both caches on the same tokens.
+        reference = "the logits of the input's own cache" if has_kv_cache(before) else "the no-cache logits"
         result = check_sequence_equivalence(
             after, before, examples=examples, seed=seed,
             cached_label=f"the model after pass {pass_name!r}", reference_label=f"the model before pass {pass_name!r}",
         )
         if not result.equivalent:
             raise PassFailure(str(result), pass_name=pass_name)
-        if any(v.name == "batch_index" for v in after.graph.inputs):  # continuous batching: requests in rows
+        if any(v.name == "batch_index" for v in after.graph.inputs) and not has_kv_cache(before):
+            # continuous batching: request streams served through the cache rows, each against itself alone
             from qgraph.verify.sequence import SequenceReplayer
             from qgraph.verify.slots import check_slots
 
@@ -687,6 +693,8 @@ def step_verifier(
             if failure is not None:
                 raise PassFailure(f"requests served in the cache rows do not give their logits alone:\n{failure}",
                                   pass_name=pass_name)
+            reference += "; request streams in the cache rows give each request's logits alone"
+        return f"cached replay gives {reference} ({examples} drawn sequences, seed {seed})"
 
     return verify
 

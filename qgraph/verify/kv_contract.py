@@ -14,7 +14,8 @@ Two styles (docs/design.md, "KV-cache I/O contracts"):
 :func:`detect_kv_layout` reads names, dtypes and static dims from the graph
 signature only; it never runs the model. :func:`reference_layout` checks the
 no-cache reference (``input_ids``, ``attention_mask``, optional
-``position_ids`` -> ``logits``).
+``position_ids`` -> ``logits``); :func:`has_kv_cache` tells a reference that
+has a cache itself (replayed through it, :mod:`qgraph.verify.cache_steps`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import onnx_ir as ir
 
 from qgraph.errors import BadInputError
 
-__all__ = ["KVLayout", "KVLayoutError", "ReferenceLayout", "detect_kv_layout", "reference_layout"]
+__all__ = ["KVLayout", "KVLayoutError", "ReferenceLayout", "detect_kv_layout", "has_kv_cache", "reference_layout"]
 
 Style = Literal["retained", "concat"]
 
@@ -220,6 +221,11 @@ def detect_kv_layout(model: ir.Model, *, label: str = "the cached graph") -> KVL
         compute_context="comp_ctx_lengths" in in_names,
         cache_batch=cache_dims[0],
     )
+
+
+def has_kv_cache(model: ir.Model) -> bool:
+    """Whether ``model`` has cache inputs of either style (names only; :func:`detect_kv_layout` checks the rest)."""
+    return any(v.name and (_RETAINED_PAST.match(v.name) or _CONCAT_PAST.match(v.name)) for v in model.graph.inputs)
 
 
 def reference_layout(model: ir.Model, *, label: str = "the reference") -> ReferenceLayout:

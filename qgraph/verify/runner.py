@@ -10,6 +10,12 @@
   refers to the external files, with onnxruntime told the folder they live
   in; only when they live in several folders, or an in-memory model is too
   big for one protobuf, is the model written to a temporary folder.
+* Weights on disk are mapped once per process (:mod:`qgraph.verify.shared_weights`):
+  every session handed the same bytes of the same file uses one memory map
+  of them, and weight prepacking (a private copy of every MatMul weight per
+  session) is off. A verification holds two sessions of one model -- and
+  ``--verify`` a pair per pass -- so without this a 652 MB model peaked at
+  several times its size.
 * Tensors numpy has no type for in onnxruntime's binding (bfloat16, fp8) go
   in and out as raw ``OrtValue`` buffers reinterpreted with ml_dtypes.
 """
@@ -25,6 +31,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+
+from qgraph.verify.shared_weights import share_external_weights
 
 __all__ = ["OrtRunner", "RunError", "with_outputs"]
 
@@ -107,6 +115,15 @@ def _session_options(threads: int) -> ort.SessionOptions:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No arena: it keeps the largest buffers a run ever needed (an LM head's packed
+    # operand, 100+ MB) for the session's life, once per session; verification's
+    # runs are few and small, so plain allocations cost nothing noticeable.
+    so.enable_cpu_mem_arena = False
+    # No prepacking: it gives every session a private copy of each MatMul weight (the
+    # copies shared weights avoid, qgraph.verify.shared_weights), and a prepacked GEMM
+    # rounds differently (~1e-5 relative) from an unpacked one, so it is off for every
+    # verification session alike -- both sides of a comparison take the same kernels.
+    so.add_session_config_entry("session.disable_prepacking", "1")
     # Fatal only: a rejected input is reported through the exception, and
     # onnxruntime's own log lines would land in the user's terminal.
     so.log_severity_level = 4
@@ -146,6 +163,7 @@ class OrtRunner:
         self.label = label
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         options = _session_options(threads)
+        self._shared: list[object] = []  # the mapped weights this session reads: alive as long as it is
         try:
             payload = self._payload(model, list(extra_outputs), options)
             self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
@@ -169,6 +187,7 @@ class OrtRunner:
                 options.add_session_config_entry(
                     "session.model_external_initializers_file_folder_path", dirs.pop()
                 )
+                self._shared = share_external_weights(model, options)
             return proto.SerializeToString()
         # Several weight folders or a >2 GB in-memory model: write a copy.
         runnable = with_outputs(model, extra_outputs)
@@ -189,8 +208,11 @@ class OrtRunner:
         return {name: _ortvalue_to_numpy(v) for name, v in zip(self.output_names, values, strict=True)}
 
     def close(self) -> None:
-        if self._tmp is not None:
+        if self._tmp is not None or self._shared:
+            # The session reads the mapped weights and the written copy: it goes before them.
             self.session = None  # type: ignore[assignment]
+        self._shared = []
+        if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
 

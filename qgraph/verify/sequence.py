@@ -39,6 +39,12 @@ contract's default: the row's last valid position, argmax of position_ids)
 is compared at each row's last valid column of the chunk; a row without a
 valid token in the chunk is not compared.
 
+A reference that has a KV cache itself (the graph before ``kv-cache``
+converted optimum's concat cache to the retained form) is replayed through
+its own cache on the same tokens and split
+(:class:`qgraph.verify.cache_steps.CachedReference`): both cached graphs are
+then checked against each other, as there is no no-cache graph.
+
 One reference run suffices. The reference runs once on the full sequence
 with its attention mask (``reference_mode="full"``), not once per step on
 the prefix: in a causal LM the logits at column t depend only on the tokens
@@ -82,11 +88,21 @@ from qgraph.errors import BadInputError
 from qgraph.verify.scratch import private_hypothesis_home
 from qgraph.verify.compare import Tolerance, compare_arrays, default_tolerance
 from qgraph.specializations import compiled_ctx_len
+from qgraph.verify.cache_steps import (
+    PAD_TOKEN,
+    CachedReference,
+    CacheStepError,
+    hf_positions,
+    initial_state,
+    next_state,
+    step_feeds,
+)
 from qgraph.verify.kv_contract import (
     KVLayout,
     KVLayoutError,
     ReferenceLayout,
     detect_kv_layout,
+    has_kv_cache,
     reference_layout,
 )
 from qgraph.verify.roles import describe_inputs
@@ -111,7 +127,6 @@ ReferenceMode = Literal["full", "prefix"]
 
 DEFAULT_MAX_LEN = 8
 DEFAULT_EXAMPLES = 25
-PAD_TOKEN = 0  # token id fed in the slots a static-seq chunk is padded with
 
 
 # --- cases ---------------------------------------------------------------------
@@ -130,11 +145,7 @@ def padding_mask(lengths: Sequence[int] | np.ndarray, total_len: int, side: Padd
     raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
 
 
-def _hf_positions(mask: np.ndarray, seq_len: int) -> np.ndarray:
-    """Hugging Face's position ids for the last ``seq_len`` columns: cumsum(mask) - 1, padding 1."""
-    m = mask.astype(np.int64)
-    pos = np.where(m == 0, 1, np.cumsum(m, axis=1) - 1)
-    return pos[:, m.shape[1] - seq_len :]
+_hf_positions = hf_positions  # the name the tests and older callers use
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -430,6 +441,34 @@ def _label(source: Any, default: str) -> str:
     return str(source) if isinstance(source, str) else default
 
 
+def _replayable(layout: KVLayout, ctx_len: int | None, label: str, *, fallback_ctx_len: int | None = None) -> int | None:
+    """The cache length a replay of ``layout`` uses (None for concat); raises KVLayoutError when it cannot replay.
+
+    A retained graph needs its ctx_len (static, or ``ctx_len``, or for a
+    cached reference the candidate's), a concat graph a dynamic seq dim, and
+    both static head counts and head dims to build the first, empty cache.
+    """
+    if layout.style == "retained":
+        if layout.ctx_len is not None and ctx_len is not None and ctx_len != layout.ctx_len:
+            raise KVLayoutError(f"ctx_len={ctx_len} given, but {label} fixes it at {layout.ctx_len}")
+        resolved = next((c for c in (layout.ctx_len, ctx_len, fallback_ctx_len) if c is not None), None)
+        if resolved is None:
+            raise KVLayoutError(f"{label}: ctx_len is symbolic in the cache inputs and no specializations.json "
+                                "names one; pass ctx_len=")
+    else:
+        resolved = None
+        if layout.seq_len is not None:
+            raise KVLayoutError(
+                f"{label}: a concat-style graph with a static seq dim ({layout.seq_len}) "
+                "cannot be replayed in arbitrary splits"
+            )
+    if layout.n_kv_heads is None or layout.head_dim is None:
+        raise KVLayoutError(
+            f"{label}: n_kv_heads and head_dim must be static in {layout.past[0][0]} to build the initial cache"
+        )
+    return resolved
+
+
 class SequenceReplayer:
     """Both graphs loaded once in onnxruntime; :meth:`run` replays one case.
 
@@ -452,29 +491,26 @@ class SequenceReplayer:
         cached_model = qio.load(cached)
         reference_model = qio.load(reference)
         self.layout: KVLayout = detect_kv_layout(cached_model, label=self.cached_label)
-        self.reference: ReferenceLayout = reference_layout(reference_model, label=self.reference_label)
         lay = self.layout
-        if lay.style == "retained":
-            if lay.ctx_len is not None and ctx_len is not None and ctx_len != lay.ctx_len:
-                raise KVLayoutError(f"ctx_len={ctx_len} given, but {self.cached_label} fixes it at {lay.ctx_len}")
-            self.ctx_len = lay.ctx_len if lay.ctx_len is not None else ctx_len
-            if self.ctx_len is None:  # symbolic: the length its specializations compile
-                self.ctx_len = compiled_ctx_len(cached_model, cached)
-            if self.ctx_len is None:
-                raise KVLayoutError(f"{self.cached_label}: ctx_len is symbolic in the cache inputs and no "
-                                    "specializations.json names one; pass ctx_len=")
-        else:
-            self.ctx_len = None
-            if lay.seq_len is not None:
-                raise KVLayoutError(
-                    f"{self.cached_label}: a concat-style graph with a static seq dim ({lay.seq_len}) "
-                    "cannot be replayed in arbitrary splits"
-                )
-        if lay.n_kv_heads is None or lay.head_dim is None:
-            raise KVLayoutError(
-                f"{self.cached_label}: n_kv_heads and head_dim must be static in {lay.past[0][0]} "
-                "to build the initial cache"
+        # a symbolic ctx_len: the length the graph's specializations compile
+        self.ctx_len = _replayable(lay, ctx_len, self.cached_label,
+                                   fallback_ctx_len=compiled_ctx_len(cached_model, cached))
+        #: The reference's own KV layout when it has a cache (a conversion between cache forms), else None.
+        self.reference_cache: KVLayout | None = None
+        if has_kv_cache(reference_model):
+            ref_cache = detect_kv_layout(reference_model, label=self.reference_label)
+            ref_ctx = _replayable(ref_cache, None, self.reference_label, fallback_ctx_len=ctx_len or self.ctx_len)
+            self.reference_cache = ref_cache
+            self._reference_ctx_len = ref_ctx
+            self.reference = ReferenceLayout(
+                ids_dtype=ref_cache.ids_dtype,
+                mask_dtype=ref_cache.mask_dtype if ref_cache.mask_dtype is not None else np.dtype(np.int64),
+                positions_dtype=ref_cache.positions_dtype,
+                vocab=ref_cache.vocab,
+                seq_len=None,
             )
+        else:
+            self.reference = reference_layout(reference_model, label=self.reference_label)
         self.vocab = _vocab_of(lay, self.reference, reference_model)
         self.compute_context_len: int | None = None  # comp_ctx_lengths fed (None: ctx_len, the whole cache)
         self._ref_model = reference_model
@@ -484,6 +520,11 @@ class SequenceReplayer:
         except RunError:
             self.ref_runner.close()
             raise
+        self._cached_reference = None
+        if self.reference_cache is not None:
+            self._cached_reference = CachedReference(
+                self.reference_cache, self.ref_runner, self._reference_ctx_len, self.reference_label
+            )
 
     # -- public --------------------------------------------------------------------
 
@@ -587,36 +628,23 @@ class SequenceReplayer:
         return feeds
 
     def _initial_state(self, batch: int) -> dict[str, np.ndarray]:
-        lay = self.layout
-        length = self.ctx_len if lay.style == "retained" else 0
-        shape = (batch, lay.n_kv_heads, length, lay.head_dim)
-        return {name: np.zeros(shape, lay.cache_dtype) for pair in lay.past for name in pair}
+        return initial_state(self.layout, batch, self.ctx_len)
 
     def _feeds(
         self, case: ReplayCase, start: int, stop: int, state: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], int]:
-        lay = self.layout
-        ids = case.tokens[:, start:stop]
-        feeds: dict[str, np.ndarray] = dict(state)
-        if lay.style == "retained":
-            pos = case.positions[:, start:stop]
-            fed_len = lay.seq_len if lay.seq_len is not None else stop - start
-            extra = fed_len - (stop - start)
-            if extra:
-                ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=PAD_TOKEN)
-                pos = np.pad(pos, ((0, 0), (0, extra)), constant_values=-1)
-            feeds["position_ids"] = pos.astype(lay.positions_dtype)
+        feeds, fed_len = step_feeds(self.layout, case, start, stop, state)
+        if self.layout.style == "retained":
             feeds.update(self.serving_feeds(case.batch))
-        else:
-            fed_len = stop - start
-            mask = case.valid[:, :stop]
-            feeds["attention_mask"] = mask.astype(lay.mask_dtype)
-            if lay.has_position_ids:
-                feeds["position_ids"] = _hf_positions(mask, fed_len).astype(lay.positions_dtype)
-        feeds["input_ids"] = ids.astype(lay.ids_dtype)
         return feeds, fed_len
 
     def _reference(self, case: ReplayCase, stop: int) -> np.ndarray:
+        if self._cached_reference is not None:
+            # Columns [0, stop) replayed through the reference's own cache, in the case's split.
+            try:
+                return self._cached_reference.logits(case, case.split, stop)
+            except (RunError, CacheStepError) as exc:
+                raise _ReferenceFailed(str(exc)) from None
         ref = self.reference
         mask = case.valid[:, :stop]
         feeds = {
@@ -723,21 +751,7 @@ class SequenceReplayer:
     def _next_state(
         self, out: dict[str, np.ndarray], state: dict[str, np.ndarray], past_len: int, fed_len: int
     ) -> dict[str, np.ndarray]:
-        nxt: dict[str, np.ndarray] = {}
-        for past_pair, present_pair in zip(self.layout.past, self.layout.present):
-            for past_name, present_name in zip(past_pair, present_pair):
-                value = out[present_name]
-                before = state[past_name].shape
-                if self.layout.style == "retained":
-                    expected = before
-                    what = "the same shape as its input"
-                else:
-                    expected = (*before[:2], past_len + fed_len, before[3])
-                    what = f"past {past_len} + seq {fed_len} = {past_len + fed_len} positions on axis 2"
-                if tuple(value.shape) != tuple(expected):
-                    raise ValueError(f"{present_name} has shape {tuple(value.shape)}; expected {tuple(expected)} ({what})")
-                nxt[past_name] = value
-        return nxt
+        return next_state(self.layout, out, state, past_len, fed_len)
 
 
 def _tolerance_for(*dtypes: np.dtype) -> Tolerance:

@@ -237,8 +237,14 @@ def retained_lm(
     return _model(b, inputs, outputs)
 
 
-def concat_lm(*, layers: int = 1, heads: int = 1, mutant: str | None = None, seed: int = 0) -> onnx.ModelProto:
-    """The concat form (optimum / onnxruntime-genai names)."""
+def concat_lm(*, layers: int = 1, heads: int = 1, mutant: str | None = None, seed: int = 0,
+              positions: str = "input") -> onnx.ModelProto:
+    """The concat form (optimum / onnxruntime-genai names).
+
+    ``positions="columns"``: no ``position_ids`` input; the graph counts
+    positions from column 0 (past + arange(seq)), as a plain export does, so
+    a left-padded row sees shifted positions.
+    """
     if mutant not in (None, *CONCAT_MUTANTS):
         raise ValueError(f"unknown concat mutant {mutant!r}")
     b = _Builder(_weights(layers, seed))
@@ -248,8 +254,9 @@ def concat_lm(*, layers: int = 1, heads: int = 1, mutant: str | None = None, see
     inputs = [
         _vi("input_ids", T.INT64, ["batch", "seq"]),
         _vi("attention_mask", T.INT64, ["batch", "total"]),
-        _vi("position_ids", T.INT64, ["batch", "seq"]),
     ]
+    if positions == "input":
+        inputs.append(_vi("position_ids", T.INT64, ["batch", "seq"]))
     outputs = [_vi("logits", T.FLOAT, ["batch", "seq", VOCAB])]
     for i in range(layers):
         inputs += [_vi(f"past_key_values.{i}.key", T.FLOAT, past_shape),
@@ -257,9 +264,13 @@ def concat_lm(*, layers: int = 1, heads: int = 1, mutant: str | None = None, see
         outputs += [_vi(f"present.{i}.key", T.FLOAT, present_shape), _vi(f"present.{i}.value", T.FLOAT, present_shape)]
 
     zero, one = b.const(0), b.const(1)
-    x = _embed(b, "input_ids", "position_ids")
     seq = b.op("Gather", b.op("Shape", "input_ids"), one)
     past = b.op("Gather", b.op("Shape", "past_key_values.0.key"), b.const(2))
+    if positions == "input":
+        x = _embed(b, "input_ids", "position_ids")
+    else:
+        columns = b.op("Range", past, b.op("Add", past, seq), one)  # [S], broadcast over the batch
+        x = _embed(b, "input_ids", b.op("Unsqueeze", columns, b.const([0])))
     total = b.op("Gather", b.op("Shape", "attention_mask"), one)
     offset = zero if mutant == "ignore_past" else past
     query_abs = b.op("Add", b.op("Range", zero, seq, one), offset)  # [S]

@@ -7,6 +7,8 @@ import json
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qgraph.verify import Tolerance, compare_arrays, compare_outputs, default_tolerance
 
@@ -122,3 +124,38 @@ def test_per_output_tolerance_overrides_the_dtype_default() -> None:
     cand = {"y": np.full(2, 1.01, np.float32)}
     assert not compare_outputs(ref, cand, [("y", "y")]).passed
     assert compare_outputs(ref, cand, [("y", "y")], tolerances={"y": Tolerance(0.0, 0.02)}).passed
+
+
+_SPECIAL = st.sampled_from([np.nan, np.inf, -np.inf, 0.0, 1e30, -1e-30])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.lists(st.tuples(st.floats(-1e3, 1e3), st.floats(-1e-2, 1e-2), st.integers(0, 6), _SPECIAL),
+                  min_size=1, max_size=60),
+    chunk=st.integers(1, 9),
+)
+def test_comparing_in_chunks_reports_what_comparing_at_once_does(data, chunk):
+    """Large outputs are compared a chunk at a time (memory); every statistic must be the whole array's."""
+    import qgraph.verify.compare as compare
+
+    ref = np.array([x for x, _, _, _ in data], np.float32)
+    cand = ref + np.array([d for _, d, _, _ in data], np.float32)
+    for i, (_, _, where, special) in enumerate(data):  # a few non-finite or extreme elements on either side
+        if where == 0:
+            ref[i] = special
+        elif where == 1:
+            cand[i] = special
+    whole = compare.compare_arrays("y", ref, cand)
+    saved = compare._CHUNK
+    compare._CHUNK = chunk
+    try:
+        chunked = compare.compare_arrays("y", ref, cand)
+    finally:
+        compare._CHUNK = saved
+    for field in ("passed", "mismatches", "nonfinite_mismatches", "max_abs_error", "max_rel_error", "required_atol",
+                  "atol", "max_error_index", "message"):
+        assert getattr(chunked, field) == getattr(whole, field), field
+    both = [whole.reference_value, chunked.reference_value]
+    assert both[0] == both[1] or (np.isnan(both[0]) and np.isnan(both[1]))
+    assert chunked.mean_abs_error == pytest.approx(whole.mean_abs_error, rel=1e-9, abs=1e-12)
