@@ -17,7 +17,9 @@ Layout (com.microsoft::MatMulNBits, inputs B, scales, zero_points):
 ``B`` uint8 [N, n_blocks, block_size * bits / 8], 4-bit codes two to a byte,
 the even element in the low nibble; ``scales`` [N, n_blocks] in the
 weight's dtype; ``zero_points`` uint8 [N, ceil(n_blocks * bits / 8)], 4-bit
-ones packed two to a byte the same way, row by row. The same tensors (B
+ones packed two to a byte the same way, row by row -- or, when a zero point
+is not a whole code (GGUF's Q4_1, ``qgraph.gguf_blocks``), [N, n_blocks] in
+the scales' dtype, which onnxruntime also accepts. The same tensors (B
 seen as [N, K * bits / 8]) are what ``com.microsoft::GatherBlockQuantized``
 reads with ``quantize_axis=1``, so a tied embedding table shares them.
 """
@@ -40,7 +42,7 @@ class BlockQuantized:
 
     codes: np.ndarray
     scales: np.ndarray
-    zero_points: np.ndarray | None  # None: symmetric, the implicit 2**(bits-1)
+    zero_points: np.ndarray | None  # None: symmetric, the implicit 2**(bits-1); float: not whole codes (GGUF Q4_1)
     bits: int
     block_size: int
     k: int
@@ -64,7 +66,9 @@ class BlockQuantized:
         """(B, scales, zero_points) as MatMulNBits takes them."""
         b = pack_codes(self.codes.reshape(self.n * self.n_blocks, -1), self.bits).reshape(self.n, self.n_blocks, -1)
         zero_points = None
-        if self.zero_points is not None:
+        if self.zero_points is not None and self.zero_points.dtype.kind == "f":
+            zero_points = self.zero_points.astype(self.scales.dtype)  # onnxruntime takes them unpacked, like scales
+        elif self.zero_points is not None:
             zero_points = pack_codes(self.zero_points, self.bits)
         return b, self.scales, zero_points
 
@@ -133,6 +137,8 @@ def unpack_matmul_nbits(
     n_blocks = -(-k // block_size)
     codes = unpack_codes(b.reshape(n * n_blocks, -1), bits, block_size).reshape(n, n_blocks, block_size)
     zeros = None
-    if zero_points is not None:
+    if zero_points is not None and zero_points.dtype.kind == "f":
+        zeros = zero_points.reshape(n, n_blocks)
+    elif zero_points is not None:
         zeros = unpack_codes(zero_points.reshape(n, -1), bits, n_blocks)
     return BlockQuantized(codes, scales.reshape(n, n_blocks), zeros, bits, block_size, k)
