@@ -155,19 +155,22 @@ class AutoModelForCausalLM(_Loaded):
 
     def compile(self, *, target: str = "qaic", prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1,
                 kv_dtype: str = "float16", full_batch_size: int | None = None,
-                num_speculative_tokens: int | None = None, verify_examples: int = 3,
+                num_speculative_tokens: int | None = None, verify_examples: int = 3, precision: str = "fp32",
                 **pass_options: Mapping[str, Any]) -> Path:
         """The target's preset, verified, as a bundle folder (a repeated request returns the same folder at once).
 
-        ``pass_options``: per pass, its options, the pass name with ``_`` for
-        ``-`` (``fp16_clip={"activations": True}``).
+        ``precision``: "fp32", or (target ``ort``) "int8" / "int4": the
+        ``ort-int8`` / ``ort-int4`` preset, weight-only MatMulNBits; part of
+        the bundle's key. ``pass_options``: per pass, its options, the pass
+        name with ``_`` for ``-`` (``fp16_clip={"activations": True}``,
+        ``quantize={"symmetric": True}``).
         """
         from qgraph.bundle import CompileOptions, compile_decoder
 
         _refuse_unbuilt(full_batch_size=full_batch_size, num_speculative_tokens=num_speculative_tokens)
         options = CompileOptions(target=target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len,
                                  batch_size=batch_size, kv_dtype=kv_dtype, verify_examples=verify_examples,
-                                 pass_options={k.replace("_", "-"): v for k, v in pass_options.items()})
+                                 precision=precision, pass_options={k.replace("_", "-"): v for k, v in pass_options.items()})
         compiled = compile_decoder(self.export(self.export_dir), options)
         self.bundle, self.manifest = compiled.path, compiled.manifest
         return compiled.path

@@ -30,6 +30,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-model-dir", metavar="DIR",
                         help="the model's local folder (or GGUF file); --model-name is then only its label")
     parser.add_argument("--target", default="qaic", metavar="NAME", help="qaic (default) or ort")
+    parser.add_argument("--precision", default="fp32", metavar="P",
+                        help="weights: fp32 (default), or int8 / int4 on target ort (MatMulNBits)")
     parser.add_argument("--prompt-len", type=int, default=32, metavar="N", help="prefill seq_len (default 32)")
     parser.add_argument("--ctx-len", type=int, default=128, metavar="N", help="context length (default 128)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts run together (default 1)")
@@ -78,7 +80,8 @@ def _model(args: argparse.Namespace) -> Any:
 
 def _compile(model: Any, args: argparse.Namespace) -> Path:
     return model.compile(target=args.target, prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len,
-                         batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples)
+                         batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples,
+                         precision=args.precision)
 
 
 def _check_prompts(args: argparse.Namespace) -> list[str]:
@@ -93,7 +96,8 @@ def _options(args: argparse.Namespace) -> Any:
     from qgraph.bundle import CompileOptions
 
     return CompileOptions(target=args.target, prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len,
-                          batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples)
+                          batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples,
+                         precision=args.precision)
 
 
 def _check_lengths(model: Any, prompts: list[str], options: Any) -> None:

@@ -108,6 +108,28 @@ def test_a_repeated_compile_runs_nothing(causal, export_cache_dir: Path, monkeyp
     assert other != first and runs == [1]
 
 
+def test_precision_runs_the_quantized_preset_and_is_part_of_the_key(causal) -> None:
+    import onnx
+
+    fp32 = causal.compile(target="ort", prefill_seq_len=4, ctx_len=20, batch_size=1)
+    int8 = causal.compile(target="ort", prefill_seq_len=4, ctx_len=20, batch_size=1, precision="int8")
+    assert int8 != fp32
+    manifest = json.loads((int8 / "manifest.json").read_text())
+    assert manifest["preset"] == "ort-int8" and manifest["options"]["precision"] == "int8"
+    assert manifest["verification"]["result"] == "equivalent"  # replayed against the export quantized alike
+    assert manifest["verification"]["quantization_budget"]["agreement"] >= 0.9
+    assert "quantize" in [p["name"] for p in manifest["passes"]]
+    assert not (int8 / ".quantized-export").exists()
+    ops = {n.op_type for n in onnx.load(int8 / "model.onnx", load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    assert "MatMulNBits" not in {n.op_type for n in onnx.load(fp32 / "model.onnx", load_external_data=False).graph.node}
+    symmetric = causal.compile(target="ort", prefill_seq_len=4, ctx_len=20, batch_size=1, precision="int8",
+                               quantize={"symmetric": True})
+    assert symmetric not in (int8, fp32)
+    info = causal.generate(["hello there"], generation_len=3, stream=False)
+    assert len(info.generated_ids[0]) == 3
+
+
 @pytest.fixture(scope="module")
 def batch_bundles(causal, export_cache_dir: Path) -> dict[int, Path]:
     with pytest.MonkeyPatch.context() as mp:
@@ -148,6 +170,9 @@ def test_generate_streams_text_and_prints_the_stats(causal) -> None:
     {"full_batch_size": 4},
     {"num_speculative_tokens": 2},
     {"kv_cache": {"ctx_len": 64}},
+    {"target": "ort", "precision": "int3"},
+    {"target": "qaic", "precision": "int4"},
+    {"target": "ort", "quantize": {"bits": 8}},  # quantize options with fp32: no quantize pass to take them
 ])
 def test_bad_compile_arguments_write_nothing(causal, export_cache_dir: Path, kwargs: dict) -> None:
     before = _bundles(export_cache_dir)
