@@ -160,14 +160,20 @@ class AutoModelForCausalLM(_Loaded):
         """The target's preset, verified, as a bundle folder (a repeated request returns the same folder at once).
 
         ``precision``: "fp32", or (target ``ort``) "int8" / "int4": the
-        ``ort-int8`` / ``ort-int4`` preset, weight-only MatMulNBits; part of
-        the bundle's key. ``pass_options``: per pass, its options, the pass
+        ``ort-int8`` / ``ort-int4`` preset, weight-only MatMulNBits rounded
+        to nearest, or "gguf" (a GGUF model): ``ort-int4`` with the file's
+        own Q4_0/Q4_1/Q8_0 blocks; part of the bundle's key. ``pass_options``: per pass, its options, the pass
         name with ``_`` for ``-`` (``fp16_clip={"activations": True}``,
         ``quantize={"symmetric": True}``).
         """
         from qgraph.bundle import CompileOptions, compile_decoder
 
         _refuse_unbuilt(full_batch_size=full_batch_size, num_speculative_tokens=num_speculative_tokens)
+        if precision == "gguf":  # the GGUF's own blocks, found by value in the export (qgraph.gguf_blocks)
+            if self.source.kind != "gguf":
+                raise BadInputError(f"precision gguf keeps a GGUF file's blocks; {self.source.spec} is not a GGUF model")
+            pass_options = {**pass_options, "quantize": {**pass_options.get("quantize", {}),
+                                                         "gguf": str(self.source.path)}}
         options = CompileOptions(target=target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len,
                                  batch_size=batch_size, kv_dtype=kv_dtype, verify_examples=verify_examples,
                                  precision=precision, pass_options={k.replace("_", "-"): v for k, v in pass_options.items()})

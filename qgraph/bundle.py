@@ -47,8 +47,9 @@ __all__ = [
 BUNDLE_MANIFEST = "manifest.json"
 TARGETS = ("qaic", "ort")
 #: ``compile(precision=...)``: the weights of an ``ort`` bundle. fp32 is the ``ort`` preset,
-#: int8 / int4 its ``ort-int8`` / ``ort-int4`` forms (weight-only MatMulNBits).
-PRECISIONS = ("fp32", "int8", "int4")
+#: int8 / int4 its ``ort-int8`` / ``ort-int4`` forms (weight-only MatMulNBits, round to nearest);
+#: gguf runs ``ort-int4`` with the GGUF source's own Q4_0/Q4_1/Q8_0 blocks (``quantize.gguf``).
+PRECISIONS = ("fp32", "int8", "int4", "gguf")
 KV_DTYPES = ("float16", "float32", "model")
 _LAYOUT = 1
 _NOT_COPIED = {"model.onnx", "model.onnx.data", "export.json"}
@@ -82,6 +83,9 @@ class CompileOptions:
         if self.precision != "fp32" and self.target != "ort":
             raise BadInputError(f"precision {self.precision} is for target ort (weight-only MatMulNBits, an "
                                 f"onnxruntime op); target {self.target} compiles float weights: use precision fp32")
+        if self.precision == "gguf" and not dict(self.pass_options.get("quantize", {})).get("gguf"):
+            raise BadInputError("precision gguf keeps a GGUF file's blocks: compile a model loaded from a GGUF "
+                                "file (or set quantize={'gguf': PATH})")
         if "quantize" in self.pass_options and self.precision == "fp32":
             raise BadInputError("quantize options need precision int8 or int4 (fp32 runs no quantize pass)")
         if self.kv_dtype not in KV_DTYPES:
@@ -99,7 +103,9 @@ class CompileOptions:
     @property
     def preset(self) -> str:
         """The preset the bundle runs: the target's, at this precision."""
-        return self.target if self.precision == "fp32" else f"{self.target}-{self.precision}"
+        if self.precision == "fp32":
+            return self.target
+        return f"{self.target}-{'int4' if self.precision == 'gguf' else self.precision}"
 
     def kv_options(self) -> dict[str, Any]:
         return {"ctx_len": self.ctx_len, "prefill_len": self.prefill_seq_len, "batch_size": self.batch_size,

@@ -31,7 +31,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model's local folder (or GGUF file); --model-name is then only its label")
     parser.add_argument("--target", default="qaic", metavar="NAME", help="qaic (default) or ort")
     parser.add_argument("--precision", default="fp32", metavar="P",
-                        help="weights: fp32 (default), or int8 / int4 on target ort (MatMulNBits)")
+                        help="weights: fp32 (default), or on target ort int8 / int4 (MatMulNBits, rounded) "
+                             "or gguf (a GGUF model's own blocks)")
     parser.add_argument("--prompt-len", type=int, default=32, metavar="N", help="prefill seq_len (default 32)")
     parser.add_argument("--ctx-len", type=int, default=128, metavar="N", help="context length (default 128)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts run together (default 1)")

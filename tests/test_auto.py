@@ -172,6 +172,7 @@ def test_generate_streams_text_and_prints_the_stats(causal) -> None:
     {"kv_cache": {"ctx_len": 64}},
     {"target": "ort", "precision": "int3"},
     {"target": "qaic", "precision": "int4"},
+    {"target": "ort", "precision": "gguf"},  # the tiny model is a folder, not a GGUF file
     {"target": "ort", "quantize": {"bits": 8}},  # quantize options with fp32: no quantize pass to take them
 ])
 def test_bad_compile_arguments_write_nothing(causal, export_cache_dir: Path, kwargs: dict) -> None:

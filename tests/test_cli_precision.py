@@ -41,3 +41,14 @@ def test_precision_with_a_pass_list_is_bad_usage_and_writes_nothing(tiny_zoo, tm
     code = main(["optimize", str(source), "-o", str(tmp_path / "q.onnx"), "--passes", "cse", "--precision", "int4"],
                 out=io.StringIO())
     assert code == 2 and not (tmp_path / "q.onnx").exists()
+
+
+def test_precision_gguf_needs_the_gguf_file():
+    from qgraph.bundle import CompileOptions
+
+    with pytest.raises(BadInputError, match="GGUF"):
+        CompileOptions(target="ort", precision="gguf")
+    options = CompileOptions(target="ort", precision="gguf", pass_options={"quantize": {"gguf": "/m.gguf"}})
+    assert options.preset == "ort-int4"
+    assert CompileOptions(target="ort", precision="int8").preset == "ort-int8"
+    assert CompileOptions(target="ort").preset == "ort" and CompileOptions(target="qaic").preset == "qaic"
