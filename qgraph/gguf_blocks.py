@@ -93,9 +93,14 @@ class GgufMatch:
     blocks: BlockQuantized
 
 
+#: Columns a row fingerprint reads: enough to tell trained rows apart; a collision can only cost a
+#: match (every match is checked bit for bit), never place a wrong block.
+_HASHED_COLUMNS = 64
+
+
 def _row_hashes(rows: np.ndarray) -> np.ndarray:
-    """A 64-bit fingerprint of each float32 row's bits (candidates only: matches are checked exactly)."""
-    bits = np.ascontiguousarray(rows, np.float32).view(np.uint32)
+    """A 64-bit fingerprint of each float32 row's first bits (candidates only: matches are checked exactly)."""
+    bits = np.ascontiguousarray(rows[:, :_HASHED_COLUMNS], np.float32).view(np.uint32)
     weights = np.random.default_rng(0x6767).integers(1, 2**63, bits.shape[1], dtype=np.uint64) | np.uint64(1)
     out = np.empty(bits.shape[0], np.uint64)
     for start in range(0, bits.shape[0], 4096):  # bounded temporaries for a 49k-row embedding
