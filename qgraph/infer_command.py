@@ -96,9 +96,11 @@ def _check_prompts(args: argparse.Namespace) -> list[str]:
 def _options(args: argparse.Namespace) -> Any:
     from qgraph.bundle import CompileOptions
 
+    # precision gguf: the file is the model's own, known once it is resolved (compile checks it is GGUF)
+    gguf = {"quantize": {"gguf": "(the model's GGUF file)"}} if args.precision == "gguf" else {}
     return CompileOptions(target=args.target, prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len,
                           batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples,
-                         precision=args.precision)
+                          precision=args.precision, pass_options=gguf)
 
 
 def _check_lengths(model: Any, prompts: list[str], options: Any) -> None:
