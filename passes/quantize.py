@@ -98,9 +98,10 @@ class QuantizePass(Pass):
     that tensor's own codes and scales (``qgraph.gguf_blocks``: Q4_0/Q4_1
     -> 4 bits, Q8_0 -> 8 bits, blocks of 32; ``bits`` and ``block_size`` do
     not apply), so the graph computes what llama.cpp computes; any other
-    weight stays float, noted. Q4_1's zero points are float, which
-    GatherBlockQuantized cannot read, so such a tied embedding keeps its
-    float lookup. The default budget is then tight (95 %, +1 %).
+    weight stays float, noted. Q4_1's minimum ``m`` is not a zero point:
+    MatMulNBits (zero points 0) is followed by ``+ (A @ block_sums) @ m``,
+    two small float MatMuls, and such a tied embedding keeps its float
+    lookup. The default budget is then tight (95 %, +1 %).
     """
 
     name = "quantize"
@@ -155,6 +156,8 @@ class QuantizePass(Pass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self._source = GgufWeights(self.config["gguf"]) if self.config["gguf"] else None
+        self._offsets: dict[int, ir.Value] = {}  # id(blocks with offsets) -> offsets^T [n_blocks, N]
+        self._block_sums: dict[tuple[int, int, ir.DataType], ir.Value] = {}  # (K, block, dtype) -> [K, n_blocks]
         patterns = [p.strip() for p in self.config["exclude"].split(",") if p.strip()]
         tables = _embedding_tables(graph)
         done: dict[tuple[int, bool], tuple[list[ir.Value], BlockQuantized] | None] = {}
@@ -251,9 +254,9 @@ class QuantizePass(Pass):
 
     def _share_with_lookups(self, graph: ir.Graph, table: ir.Value, inputs: list[ir.Value], q: BlockQuantized) -> None:
         """Gather(table, ids) -> GatherBlockQuantized over the LM head's quantized blocks (B seen as [N, K*bits/8])."""
-        if q.zero_points is not None and q.zero_points.dtype.kind == "f":
-            self.report.notes.append(f"embedding '{table.name}' keeps its float lookup: its blocks have float zero "
-                                     "points (GGUF Q4_1), which GatherBlockQuantized cannot read")
+        if q.offsets is not None:
+            self.report.notes.append(f"embedding '{table.name}' keeps its float lookup: its blocks add an offset "
+                                     "(GGUF Q4_1's minimum), which GatherBlockQuantized cannot")
             return
         if q.k % q.block_size:
             self.report.notes.append(f"embedding '{table.name}' keeps its float lookup: its width {q.k} is not "
@@ -307,6 +310,8 @@ class QuantizePass(Pass):
                             type=ir.TensorType(ir.DataType.from_numpy(data.dtype)), shape=ir.Shape(data.shape))
             graph.register_initializer(init)
             inputs.append(init)
+        if quantized.offsets is not None:
+            self._offsets[id(quantized)] = _initializer(graph, base + ".offsets", np.ascontiguousarray(quantized.offsets.T))
         return inputs, quantized
 
     def _from_gguf(self, value: ir.Value, weight: np.ndarray) -> BlockQuantized | None:
@@ -327,20 +332,41 @@ class QuantizePass(Pass):
             operands += [None] * (5 - len(operands)) + [bias]
         new = ir.node("MatMulNBits", operands, attributes=attributes, domain=MICROSOFT,
                       name=f"{node.name}/q{q.bits}" if node.name else None)
-        new.metadata_props[PASS_KEY] = self.name
-        new.metadata_props[RULE_KEY] = f"matmul-to-matmul-nbits-{q.bits}"
-        for key in ("qgraph.layer", "qgraph.scope"):
-            if key in node.metadata_props:
-                new.metadata_props[key] = node.metadata_props[key]
-        self._swap(model.graph, node, new)
+        nodes = [new]
+        if q.offsets is not None:  # + (A @ block_sums) @ offsets: each block's offset times its sum of A
+            sums = ir.node("MatMul", [a, self._block_sum(model.graph, q)],
+                           name=f"{node.name}/block_sums" if node.name else None)
+            added = ir.node("MatMul", [sums.outputs[0], self._offsets[id(q)]],
+                            name=f"{node.name}/offsets" if node.name else None)
+            nodes += [sums, added, ir.node("Add", [new.outputs[0], added.outputs[0]],
+                                           name=f"{node.name}/plus_offsets" if node.name else None)]
+            for helper in nodes[:-1]:
+                helper.outputs[0].type = node.outputs[0].type
+        for made in nodes:
+            made.metadata_props[PASS_KEY] = self.name
+            made.metadata_props[RULE_KEY] = f"matmul-to-matmul-nbits-{q.bits}" + ("-offsets" if q.offsets is not None
+                                                                                  else "")
+            for key in ("qgraph.layer", "qgraph.scope"):
+                if key in node.metadata_props:
+                    made.metadata_props[key] = node.metadata_props[key]
+        self._swap(model.graph, node, *nodes)
+
+    def _block_sum(self, graph: ir.Graph, q: BlockQuantized) -> ir.Value:
+        """[K, n_blocks] of ones where row k belongs to block column k // block_size (shared per K)."""
+        key = (q.k, q.block_size, ir.DataType.from_numpy(q.scales.dtype))
+        if key not in self._block_sums:
+            ones = np.zeros((q.k, q.n_blocks), q.scales.dtype)
+            ones[np.arange(q.k), np.arange(q.k) // q.block_size] = 1
+            self._block_sums[key] = _initializer(graph, f"quantize.block_sums.k{q.k}.b{q.block_size}", ones)
+        return self._block_sums[key]
 
     @staticmethod
-    def _swap(graph: ir.Graph, node: ir.Node, new: ir.Node) -> None:
-        """``new`` takes ``node``'s place: its output gets the old output's name, type and readers."""
+    def _swap(graph: ir.Graph, node: ir.Node, *made: ir.Node) -> None:
+        """``made`` (the last computes the result) takes ``node``'s place: the old output's name, type and readers."""
         old = node.outputs[0]
-        out = new.outputs[0]
+        out = made[-1].outputs[0]
         out.type, out.shape = old.type, old.shape
-        graph.insert_before(node, [new])
+        graph.insert_before(node, list(made))
         name = old.name
         old.replace_all_uses_with(out, replace_graph_outputs=True)
         old.name = None
@@ -360,6 +386,14 @@ def _drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
         if (name in graph.initializers and graph.initializers[name] is value and not value.uses()
                 and not value.is_graph_input() and not value.is_graph_output()):
             del graph.initializers[name]
+
+
+def _initializer(graph: ir.Graph, name: str, data: np.ndarray) -> ir.Value:
+    name = _unique(graph, name)
+    value = ir.Value(name=name, const_value=ir.tensor(data, name=name),
+                     type=ir.TensorType(ir.DataType.from_numpy(data.dtype)), shape=ir.Shape(data.shape))
+    graph.register_initializer(value)
+    return value
 
 
 def _unique(graph: ir.Graph, name: str) -> str:

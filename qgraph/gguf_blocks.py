@@ -10,16 +10,18 @@ again. Per block of 32 codes ``q``:
 GGUF type   llama.cpp's weight                  MatMulNBits (``(code - zero_point) * scale``)
 ==========  ==================================  ==================================================
 Q4_0        ``d * (q - 8)``, q in 0..15          bits 4, scale d, no zero points (implicit 8)
-Q4_1        ``d * q + m``, q in 0..15            bits 4, scale d, a float zero point ``-m / d``
+Q4_1        ``d * q + m``, q in 0..15            bits 4, scale d, zero points 0, plus offset m
 Q8_0        ``d * q``, q in -128..127 (int8)     bits 8, codes ``q + 128``, scale d, implicit 128
 ==========  ==================================  ==================================================
 
-``d`` and ``m`` are float16 in the file and exact in float32. The codes and
-scales are the file's bits; only Q4_1's zero point is computed (onnxruntime
-takes zero points in the scales' dtype), so ``(q + m/d) * d`` differs from
-``d * q + m`` by float rounding only. A Q4_1 block with ``d == 0`` is the
-constant ``m`` whatever its codes: it is stored as codes 0, scale 1, zero
-point ``-m``, which is exact. In a block of 32, GGUF puts the first 16
+``d`` and ``m`` are float16 in the file and exact in float32; codes, scales
+and offsets are the file's bits. Q4_1's ``m`` is not a whole number of
+steps, so it is not a zero point: a float zero point ``-m/d`` would be
+allowed by onnxruntime but sends MatMulNBits to a path that dequantizes
+the whole weight on every call (about 1000x slower here). It is kept as a
+per-block offset instead (``BlockQuantized.offsets``), which the quantize
+pass adds as ``(A @ block_sums) @ m`` beside the MatMulNBits -- two small
+float MatMuls, 1/32 of the weight's size. In a block of 32, GGUF puts the first 16
 weights in the low nibbles and the last 16 in the high nibbles; MatMulNBits
 pairs neighbours, so codes are unpacked here and packed again by
 :mod:`qgraph.quant_blocks`.
@@ -76,12 +78,8 @@ def blocks_from_gguf(raw: np.ndarray, qtype: str, k: int, dtype: type = np.float
     if qtype == "Q4_0":
         return BlockQuantized(codes, d.astype(dtype), None, 4, GGUF_BLOCK, k)
     m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    flat = d == 0
-    scale = np.where(flat, np.float32(1), d)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        zero = np.where(flat, -m, -m / scale).astype(np.float32)
-    codes = np.where(flat[..., None], np.uint8(0), codes)
-    return BlockQuantized(codes, scale.astype(dtype), zero.astype(dtype), 4, GGUF_BLOCK, k)
+    zero = np.zeros(d.shape, np.uint8)  # whole codes: onnxruntime's prepacked kernel takes them
+    return BlockQuantized(codes, d.astype(dtype), zero, 4, GGUF_BLOCK, k, offsets=m.astype(dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,4 +188,6 @@ class GgufWeights:
 
 def _rows_taken(blocks: BlockQuantized, perm: np.ndarray) -> BlockQuantized:
     zero = None if blocks.zero_points is None else blocks.zero_points[perm]
-    return dataclasses.replace(blocks, codes=blocks.codes[perm], scales=blocks.scales[perm], zero_points=zero)
+    offsets = None if blocks.offsets is None else blocks.offsets[perm]
+    return dataclasses.replace(blocks, codes=blocks.codes[perm], scales=blocks.scales[perm], zero_points=zero,
+                               offsets=offsets)

@@ -17,9 +17,9 @@ Layout (com.microsoft::MatMulNBits, inputs B, scales, zero_points):
 ``B`` uint8 [N, n_blocks, block_size * bits / 8], 4-bit codes two to a byte,
 the even element in the low nibble; ``scales`` [N, n_blocks] in the
 weight's dtype; ``zero_points`` uint8 [N, ceil(n_blocks * bits / 8)], 4-bit
-ones packed two to a byte the same way, row by row -- or, when a zero point
-is not a whole code (GGUF's Q4_1, ``qgraph.gguf_blocks``), [N, n_blocks] in
-the scales' dtype, which onnxruntime also accepts. The same tensors (B
+ones packed two to a byte the same way, row by row. Blocks may also carry an offset
+added to every weight (GGUF's Q4_1, ``qgraph.gguf_blocks``), which
+MatMulNBits has no input for: the quantize pass adds it beside. The same tensors (B
 seen as [N, K * bits / 8]) are what ``com.microsoft::GatherBlockQuantized``
 reads with ``quantize_axis=1``, so a tied embedding table shares them.
 """
@@ -42,10 +42,13 @@ class BlockQuantized:
 
     codes: np.ndarray
     scales: np.ndarray
-    zero_points: np.ndarray | None  # None: symmetric, the implicit 2**(bits-1); float: not whole codes (GGUF Q4_1)
+    zero_points: np.ndarray | None  # None: symmetric, the implicit 2**(bits-1)
     bits: int
     block_size: int
     k: int
+    #: [N, n_blocks] added to every weight of a block (GGUF's Q4_1 minimum ``m``), or None. MatMulNBits
+    #: has no such input: the quantize pass adds ``blocksum(A) @ offsets`` beside it.
+    offsets: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -60,15 +63,15 @@ class BlockQuantized:
         zero = (np.float32(2 ** (self.bits - 1)) if self.zero_points is None
                 else self.zero_points.astype(np.float32)[..., None])
         blocks = (self.codes.astype(np.float32) - zero) * self.scales.astype(np.float32)[..., None]
+        if self.offsets is not None:
+            blocks = blocks + self.offsets.astype(np.float32)[..., None]
         return blocks.reshape(self.n, -1)[:, : self.k].T.astype(self.scales.dtype)
 
     def matmul_nbits_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(B, scales, zero_points) as MatMulNBits takes them."""
         b = pack_codes(self.codes.reshape(self.n * self.n_blocks, -1), self.bits).reshape(self.n, self.n_blocks, -1)
         zero_points = None
-        if self.zero_points is not None and self.zero_points.dtype.kind == "f":
-            zero_points = self.zero_points.astype(self.scales.dtype)  # onnxruntime takes them unpacked, like scales
-        elif self.zero_points is not None:
+        if self.zero_points is not None:
             zero_points = pack_codes(self.zero_points, self.bits)
         return b, self.scales, zero_points
 
@@ -137,8 +140,6 @@ def unpack_matmul_nbits(
     n_blocks = -(-k // block_size)
     codes = unpack_codes(b.reshape(n * n_blocks, -1), bits, block_size).reshape(n, n_blocks, block_size)
     zeros = None
-    if zero_points is not None and zero_points.dtype.kind == "f":
-        zeros = zero_points.reshape(n, n_blocks)
-    elif zero_points is not None:
+    if zero_points is not None:
         zeros = unpack_codes(zero_points.reshape(n, -1), bits, n_blocks)
     return BlockQuantized(codes, scales.reshape(n, n_blocks), zeros, bits, block_size, k)
