@@ -94,7 +94,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="qgraph-gguf-bench-"))
     try:
         float_sess = session(export)
+        started = time.perf_counter()
         float_tokens = greedy(float_sess, prompt, TOKENS)
+        float_step = (time.perf_counter() - started) / TOKENS
         float_text = logits(float_sess, text)
         float_prompt = logits(float_sess, prompt)
         float_ppl = perplexity(float_text, text)
@@ -111,7 +113,9 @@ def main() -> None:
             qio.save(model, out, external_data=True, protect=[export])
             del model
             sess = session(out)
+            started = time.perf_counter()
             tokens = greedy(sess, prompt, TOKENS)
+            step_ms = (time.perf_counter() - started) / TOKENS * 1000
             same = next((i for i, (a, b) in enumerate(zip(tokens, float_tokens)) if a != b), TOKENS)
             ppl = perplexity(logits(sess, text), text)
             gap = float(np.abs(logits(sess, prompt) - float_prompt).max())
@@ -121,7 +125,7 @@ def main() -> None:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(step.report.rule_matches.items()) if k.startswith("gguf"))
             rows.append(f"| {label} | {kinds or 'rounded'} | {seconds:.1f} | {size:.0f} | {same}/{TOKENS} | "
                         f"{ppl:.3f} ({(ppl / float_ppl - 1):+.2%}) | {budget.agreement:.1%}, "
-                        f"{budget.perplexity_rise:+.2%} | {gap:.2e} |")
+                        f"{budget.perplexity_rise:+.2%} | {gap:.2e} | {step_ms:.0f} |")
             print(rows[-1], file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -136,12 +140,14 @@ def main() -> None:
         f"*ppl*: teacher-forced perplexity of a fixed {len(text)}-token English paragraph (float graph "
         f"{float_ppl:.3f}). *budget text*: `qgraph.verify.budget`'s fixed text (the float graph's own greedy "
         f"continuation), greedy agreement and perplexity rise. *max |dlogit|*: on the prompt, against the float "
-        f"graph (logits up to ~{float(np.abs(float_prompt).max()):.0f}).",
+        f"graph (logits up to ~{float(np.abs(float_prompt).max()):.0f}). *ms/token*: one greedy step of the "
+        f"no-cache graph (the whole sequence again, 14-46 tokens; float graph {float_step * 1000:.0f} ms).",
         "",
         machine_description(("onnx", "onnxruntime", "onnx-ir", "gguf")),
         "",
-        "| weights | GGUF blocks placed | pass s | MiB | greedy | ppl (vs float) | budget text | max abs dlogit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| weights | GGUF blocks placed | pass s | MiB | greedy | ppl (vs float) | budget text | max abs dlogit "
+        "| ms/token |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
     if args.note:
