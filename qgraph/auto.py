@@ -162,7 +162,8 @@ class AutoModelForCausalLM(_Loaded):
         ``precision``: "fp32", or (target ``ort``) "int8" / "int4": the
         ``ort-int8`` / ``ort-int4`` preset, weight-only MatMulNBits rounded
         to nearest, or "gguf" (a GGUF model): ``ort-int4`` with the file's
-        own Q4_0/Q4_1/Q8_0 blocks; part of the bundle's key. ``pass_options``: per pass, its options, the pass
+        own Q4_0/Q4_1/Q8_0 blocks and float activations (accuracy_level 0
+        unless ``quantize`` says otherwise); part of the bundle's key. ``pass_options``: per pass, its options, the pass
         name with ``_`` for ``-`` (``fp16_clip={"activations": True}``,
         ``quantize={"symmetric": True}``).
         """
@@ -172,7 +173,9 @@ class AutoModelForCausalLM(_Loaded):
         if precision == "gguf":  # the GGUF's own blocks, found by value in the export (qgraph.gguf_blocks)
             if self.source.kind != "gguf":
                 raise BadInputError(f"precision gguf keeps a GGUF file's blocks; {self.source.spec} is not a GGUF model")
-            pass_options = {**pass_options, "quantize": {**pass_options.get("quantize", {}),
+            # accuracy_level 0: onnxruntime's float path. At 4 (the preset's, int8 activations) SmolLM2's greedy
+            # tokens leave the float graph's after 9 of 32 (benchmarks/RESULTS.md); the blocks alone keep all 32.
+            pass_options = {**pass_options, "quantize": {"accuracy_level": 0, **pass_options.get("quantize", {}),
                                                          "gguf": str(self.source.path)}}
         options = CompileOptions(target=target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len,
                                  batch_size=batch_size, kv_dtype=kv_dtype, verify_examples=verify_examples,
