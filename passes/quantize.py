@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.pass_base import Option, Pass
+from qgraph.gguf_blocks import GgufWeights
 from qgraph.quant_blocks import BITS, BLOCK_SIZES, BlockQuantized, quantize_rtn
 from qgraph.rewrite.engine import PASS_KEY, RULE_KEY
 
@@ -19,6 +20,9 @@ _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 # on SmolLM2-135M's fixed text (qgraph.verify.budget), round to nearest with blocks of 32:
 # 8 bits 100 % / +0.6 %, 4 bits 67.5 % / +77 % -- int4 RTN of a 135M model is that lossy.
 _DEFAULT_BUDGET = {8: (0.9, 0.05), 4: (0.6, 1.0)}
+# With ``gguf``, the float graph already holds the GGUF's dequantized weights: the blocks change
+# nothing but float rounding (and accuracy_level's int8 activations), hence the tight budget.
+_GGUF_BUDGET = (0.95, 0.01)
 
 
 def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
@@ -87,6 +91,17 @@ class QuantizePass(Pass):
     writes itself (by default at least 90 % and at most +5 % at 8 bits,
     60 % and +100 % at 4 bits); on other graphs, a per-output relative
     error.
+
+    ``gguf=PATH`` takes the blocks from a GGUF file instead of rounding: a
+    weight whose float values are exactly a Q4_0, Q4_1 or Q8_0 tensor of the
+    file (as ``qgraph export`` dequantized it, rows possibly permuted) gets
+    that tensor's own codes and scales (``qgraph.gguf_blocks``: Q4_0/Q4_1
+    -> 4 bits, Q8_0 -> 8 bits, blocks of 32; ``bits`` and ``block_size`` do
+    not apply), so the graph computes what llama.cpp computes; any other
+    weight stays float, noted. Q4_1's minimum ``m`` is not a zero point:
+    MatMulNBits (zero points 0) is followed by ``+ (A @ block_sums) @ m``,
+    two small float MatMuls, and such a tied embedding keeps its float
+    lookup. The default budget is then tight (95 %, +1 %).
     """
 
     name = "quantize"
@@ -105,6 +120,10 @@ class QuantizePass(Pass):
             "an embedding tied to a quantized LM head: 'quantized' (its Gather reads the same blocks, "
             "GatherBlockQuantized) or 'float' (the float table stays for the lookup)",
             choices=("quantized", "float"),
+        ),
+        "gguf": Option(
+            str, "", "a GGUF file whose Q4_0/Q4_1/Q8_0 blocks become the MatMulNBits weights of the float "
+            "weights they dequantize to (others stay float); empty: round to nearest",
         ),
         "budget_agreement": Option(
             float, -1.0,
@@ -125,7 +144,7 @@ class QuantizePass(Pass):
     def verification_budget(self):
         from qgraph.verify.budget import Budget
 
-        agreement, rise = _DEFAULT_BUDGET[self.config["bits"]]
+        agreement, rise = _GGUF_BUDGET if self.config["gguf"] else _DEFAULT_BUDGET[self.config["bits"]]
         given_agreement, given_rise = self.config["budget_agreement"], self.config["budget_perplexity_rise"]
         return Budget(
             token_agreement=agreement if given_agreement < 0 else given_agreement,
@@ -136,9 +155,12 @@ class QuantizePass(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        self._source = GgufWeights(self.config["gguf"]) if self.config["gguf"] else None
+        self._offsets: dict[int, ir.Value] = {}  # id(blocks with offsets) -> offsets^T [n_blocks, N]
+        self._block_sums: dict[tuple[int, int, ir.DataType], ir.Value] = {}  # (K, block, dtype) -> [K, n_blocks]
         patterns = [p.strip() for p in self.config["exclude"].split(",") if p.strip()]
         tables = _embedding_tables(graph)
-        done: dict[tuple[int, bool], tuple[list[ir.Value], BlockQuantized]] = {}
+        done: dict[tuple[int, bool], tuple[list[ir.Value], BlockQuantized] | None] = {}
         keys: dict[tuple[int, bool], tuple[int, bool]] = {}
         self._tied: dict[tuple[int, bool], ir.Value] = {}  # key -> the embedding table an LM head is tied to
         replaced = 0
@@ -167,8 +189,10 @@ class QuantizePass(Pass):
             key = keys[seen]
             if key not in done:
                 done[key] = self._quantize(graph, w, source)
-            else:
+            elif done[key] is not None:
                 self.report.count("weights-shared")
+            if done[key] is None:
+                continue
             inputs, quantized = done[key]
             dropped.extend((w, source[0]))
             self._replace(model, node, a, inputs, quantized, bias)
@@ -178,7 +202,7 @@ class QuantizePass(Pass):
             self.report.count("matmuls-quantized", replaced)
             if self.config["tied_lookup"] == "quantized":
                 for key, table in self._tied.items():
-                    if key in done:
+                    if done.get(key) is not None:
                         self._share_with_lookups(graph, table, *done[key])
                         dropped.append(table)
             _drop_unread(graph, dropped)
@@ -230,6 +254,10 @@ class QuantizePass(Pass):
 
     def _share_with_lookups(self, graph: ir.Graph, table: ir.Value, inputs: list[ir.Value], q: BlockQuantized) -> None:
         """Gather(table, ids) -> GatherBlockQuantized over the LM head's quantized blocks (B seen as [N, K*bits/8])."""
+        if q.offsets is not None:
+            self.report.notes.append(f"embedding '{table.name}' keeps its float lookup: its blocks add an offset "
+                                     "(GGUF Q4_1's minimum), which GatherBlockQuantized cannot")
+            return
         if q.k % q.block_size:
             self.report.notes.append(f"embedding '{table.name}' keeps its float lookup: its width {q.k} is not "
                                      f"a multiple of block_size {q.block_size}")
@@ -258,11 +286,18 @@ class QuantizePass(Pass):
         self.report.notes.append(f"embedding '{table.name}': its {len(lookups)} lookup(s) read the LM head's "
                                  f"{q.bits}-bit blocks (GatherBlockQuantized); the float table is dropped")
 
-    def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool]) -> tuple[list[ir.Value], BlockQuantized]:
+    def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool]
+                  ) -> tuple[list[ir.Value], BlockQuantized] | None:
         value, transposed = source
         array = _constant(value).numpy()
         weight = array.T if transposed else array
-        quantized = quantize_rtn(weight, self.config["bits"], self.config["block_size"], symmetric=self.config["symmetric"])
+        if self._source is not None:
+            quantized = self._from_gguf(value, weight)
+            if quantized is None:
+                return None
+        else:
+            quantized = quantize_rtn(weight, self.config["bits"], self.config["block_size"],
+                                     symmetric=self.config["symmetric"])
         del array, weight
         b, scales, zero_points = quantized.matmul_nbits_inputs()
         base = f"{value.name or w.name}.q{quantized.bits}"
@@ -275,7 +310,19 @@ class QuantizePass(Pass):
                             type=ir.TensorType(ir.DataType.from_numpy(data.dtype)), shape=ir.Shape(data.shape))
             graph.register_initializer(init)
             inputs.append(init)
+        if quantized.offsets is not None:
+            self._offsets[id(quantized)] = _initializer(graph, base + ".offsets", np.ascontiguousarray(quantized.offsets.T))
         return inputs, quantized
+
+    def _from_gguf(self, value: ir.Value, weight: np.ndarray) -> BlockQuantized | None:
+        """The GGUF blocks of the tensor ``weight`` [K, N] is (rows of the GGUF's [N, K]), or None (noted)."""
+        match = self._source.find(np.ascontiguousarray(weight.T))
+        if match is None:
+            self.report.notes.append(f"kept '{value.name}' {list(weight.shape)} in float: no Q4_0/Q4_1/Q8_0 tensor "
+                                     f"of {self._source.path.name} dequantizes to it")
+            return None
+        self.report.count(f"gguf-{match.qtype.lower()}")
+        return match.blocks
 
     def _replace(self, model: ir.Model, node: ir.Node, a: ir.Value, inputs: list[ir.Value], q: BlockQuantized,
                  bias: ir.Value | None) -> None:
@@ -285,20 +332,41 @@ class QuantizePass(Pass):
             operands += [None] * (5 - len(operands)) + [bias]
         new = ir.node("MatMulNBits", operands, attributes=attributes, domain=MICROSOFT,
                       name=f"{node.name}/q{q.bits}" if node.name else None)
-        new.metadata_props[PASS_KEY] = self.name
-        new.metadata_props[RULE_KEY] = f"matmul-to-matmul-nbits-{q.bits}"
-        for key in ("qgraph.layer", "qgraph.scope"):
-            if key in node.metadata_props:
-                new.metadata_props[key] = node.metadata_props[key]
-        self._swap(model.graph, node, new)
+        nodes = [new]
+        if q.offsets is not None:  # + (A @ block_sums) @ offsets: each block's offset times its sum of A
+            sums = ir.node("MatMul", [a, self._block_sum(model.graph, q)],
+                           name=f"{node.name}/block_sums" if node.name else None)
+            added = ir.node("MatMul", [sums.outputs[0], self._offsets[id(q)]],
+                            name=f"{node.name}/offsets" if node.name else None)
+            nodes += [sums, added, ir.node("Add", [new.outputs[0], added.outputs[0]],
+                                           name=f"{node.name}/plus_offsets" if node.name else None)]
+            for helper in nodes[:-1]:
+                helper.outputs[0].type = node.outputs[0].type
+        for made in nodes:
+            made.metadata_props[PASS_KEY] = self.name
+            made.metadata_props[RULE_KEY] = f"matmul-to-matmul-nbits-{q.bits}" + ("-offsets" if q.offsets is not None
+                                                                                  else "")
+            for key in ("qgraph.layer", "qgraph.scope"):
+                if key in node.metadata_props:
+                    made.metadata_props[key] = node.metadata_props[key]
+        self._swap(model.graph, node, *nodes)
+
+    def _block_sum(self, graph: ir.Graph, q: BlockQuantized) -> ir.Value:
+        """[K, n_blocks] of ones where row k belongs to block column k // block_size (shared per K)."""
+        key = (q.k, q.block_size, ir.DataType.from_numpy(q.scales.dtype))
+        if key not in self._block_sums:
+            ones = np.zeros((q.k, q.n_blocks), q.scales.dtype)
+            ones[np.arange(q.k), np.arange(q.k) // q.block_size] = 1
+            self._block_sums[key] = _initializer(graph, f"quantize.block_sums.k{q.k}.b{q.block_size}", ones)
+        return self._block_sums[key]
 
     @staticmethod
-    def _swap(graph: ir.Graph, node: ir.Node, new: ir.Node) -> None:
-        """``new`` takes ``node``'s place: its output gets the old output's name, type and readers."""
+    def _swap(graph: ir.Graph, node: ir.Node, *made: ir.Node) -> None:
+        """``made`` (the last computes the result) takes ``node``'s place: the old output's name, type and readers."""
         old = node.outputs[0]
-        out = new.outputs[0]
+        out = made[-1].outputs[0]
         out.type, out.shape = old.type, old.shape
-        graph.insert_before(node, [new])
+        graph.insert_before(node, list(made))
         name = old.name
         old.replace_all_uses_with(out, replace_graph_outputs=True)
         old.name = None
@@ -318,6 +386,14 @@ def _drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
         if (name in graph.initializers and graph.initializers[name] is value and not value.uses()
                 and not value.is_graph_input() and not value.is_graph_output()):
             del graph.initializers[name]
+
+
+def _initializer(graph: ir.Graph, name: str, data: np.ndarray) -> ir.Value:
+    name = _unique(graph, name)
+    value = ir.Value(name=name, const_value=ir.tensor(data, name=name),
+                     type=ir.TensorType(ir.DataType.from_numpy(data.dtype)), shape=ir.Shape(data.shape))
+    graph.register_initializer(value)
+    return value
 
 
 def _unique(graph: ir.Graph, name: str) -> str:

@@ -159,14 +159,19 @@ class AutoModelForCausalLM(_Loaded):
     def compile(self, *, target: str = "qaic", prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1,
                 kv_dtype: str = "float16", full_batch_size: int | None = None,
                 comp_ctx_lengths: Sequence[int] | None = None, num_speculative_tokens: int | None = None,
-                verify_examples: int = 3, **pass_options: Mapping[str, Any]) -> Path:
+                verify_examples: int = 3, precision: str = "fp32", **pass_options: Mapping[str, Any]) -> Path:
         """The target's preset, verified, as a bundle folder (a repeated request returns the same folder at once).
 
         ``full_batch_size``: cache rows of a continuous-batching bundle (the
         model loaded with ``continuous_batching=True``, as in QEfficient);
         ``comp_ctx_lengths``: compute-context lengths, one specialization each.
+        ``precision``: "fp32", or (target ``ort``) "int8" / "int4": the
+        ``ort-int8`` / ``ort-int4`` preset, weight-only MatMulNBits rounded
+        to nearest, or "gguf" (a GGUF model): ``ort-int4`` with the file's
+        own Q4_0/Q4_1/Q8_0 blocks and float activations (accuracy_level 0
+        unless ``quantize`` says otherwise); part of the bundle's key.
         ``pass_options``: per pass, its options, the pass name with ``_`` for
-        ``-`` (``fp16_clip={"activations": True}``).
+        ``-`` (``fp16_clip={"activations": True}``, ``quantize={"symmetric": True}``).
         """
         from qgraph.bundle import CompileOptions, compile_decoder
 
@@ -175,10 +180,17 @@ class AutoModelForCausalLM(_Loaded):
             raise BadInputError("full_batch_size is required: the model was loaded with continuous_batching=True")
         if full_batch_size is not None and not self.continuous_batching:
             raise BadInputError("full_batch_size needs a model loaded with continuous_batching=True")
+        if precision == "gguf":  # the GGUF's own blocks, found by value in the export (qgraph.gguf_blocks)
+            if self.source.kind != "gguf":
+                raise BadInputError(f"precision gguf keeps a GGUF file's blocks; {self.source.spec} is not a GGUF model")
+            # accuracy_level 0: onnxruntime's float path. At 4 (the preset's, int8 activations) SmolLM2's greedy
+            # tokens leave the float graph's after 9 of 32 (benchmarks/RESULTS.md); the blocks alone keep all 32.
+            pass_options = {**pass_options, "quantize": {"accuracy_level": 0, **pass_options.get("quantize", {}),
+                                                         "gguf": str(self.source.path)}}
         options = CompileOptions(target=target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len,
                                  batch_size=batch_size, kv_dtype=kv_dtype, verify_examples=verify_examples,
                                  full_batch_size=full_batch_size,
-                                 comp_ctx_lengths=tuple(sorted(set(comp_ctx_lengths or ()))),
+                                 comp_ctx_lengths=tuple(sorted(set(comp_ctx_lengths or ()))), precision=precision,
                                  pass_options={k.replace("_", "-"): v for k, v in pass_options.items()})
         compiled = compile_decoder(self.export(self.export_dir), options)
         self.bundle, self.manifest = compiled.path, compiled.manifest

@@ -38,6 +38,7 @@ __all__ = [
     "CompileOptions",
     "CompiledBundle",
     "EncoderOptions",
+    "PRECISIONS",
     "compile_decoder",
     "compile_encoder",
     "read_bundle",
@@ -45,6 +46,10 @@ __all__ = [
 
 BUNDLE_MANIFEST = "manifest.json"
 TARGETS = ("qaic", "ort")
+#: ``compile(precision=...)``: the weights of an ``ort`` bundle. fp32 is the ``ort`` preset,
+#: int8 / int4 its ``ort-int8`` / ``ort-int4`` forms (weight-only MatMulNBits, round to nearest);
+#: gguf runs ``ort-int4`` with the GGUF source's own Q4_0/Q4_1/Q8_0 blocks (``quantize.gguf``).
+PRECISIONS = ("fp32", "int8", "int4", "gguf")
 KV_DTYPES = ("float16", "float32", "mxint8", "model")
 _LAYOUT = 1
 _NOT_COPIED = {"model.onnx", "model.onnx.data", "export.json"}
@@ -63,6 +68,7 @@ class CompileOptions:
     verify_examples: int = 3
     full_batch_size: int | None = None  # continuous batching: cache rows (qaic target)
     comp_ctx_lengths: tuple[int, ...] = ()  # compute-context lengths (qaic target)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -85,6 +91,16 @@ class CompileOptions:
         if (self.full_batch_size is not None or lengths) and self.target != "qaic":
             raise BadInputError("continuous batching and compute-context lengths are device (retained-state) "
                                 f"features: compile with target='qaic', not {self.target!r}")
+        if self.precision not in PRECISIONS:
+            raise BadInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "fp32" and self.target != "ort":
+            raise BadInputError(f"precision {self.precision} is for target ort (weight-only MatMulNBits, an "
+                                f"onnxruntime op); target {self.target} compiles float weights: use precision fp32")
+        if self.precision == "gguf" and not dict(self.pass_options.get("quantize", {})).get("gguf"):
+            raise BadInputError("precision gguf keeps a GGUF file's blocks: compile a model loaded from a GGUF "
+                                "file (or set quantize={'gguf': PATH})")
+        if "quantize" in self.pass_options and self.precision == "fp32":
+            raise BadInputError("quantize options need precision int8 or int4 (fp32 runs no quantize pass)")
         if self.kv_dtype not in KV_DTYPES:
             raise BadInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if not isinstance(self.verify_examples, int) or self.verify_examples < 0:
@@ -97,6 +113,13 @@ class CompileOptions:
                                                              "full_batch_size", "comp_ctx_lengths"}:
                 raise BadInputError("set ctx_len, prefill_seq_len, batch_size, kv_dtype, full_batch_size and "
                                     "comp_ctx_lengths as compile arguments, not as kv-cache pass options")
+
+    @property
+    def preset(self) -> str:
+        """The preset the bundle runs: the target's, at this precision."""
+        if self.precision == "fp32":
+            return self.target
+        return f"{self.target}-{'int4' if self.precision == 'gguf' else self.precision}"
 
     def kv_options(self) -> dict[str, Any]:
         options = {"ctx_len": self.ctx_len, "prefill_len": self.prefill_seq_len, "batch_size": self.batch_size,
@@ -246,12 +269,15 @@ def compile_decoder(export_dir: str | os.PathLike[str], options: CompileOptions,
         from qgraph.verify.sequence import check_sequence_equivalence
 
         registry = default_registry()
-        pipeline = Pipeline.from_preset(options.target, registry)
+        pipeline = Pipeline.from_preset(options.preset, registry)
         pipeline.set_options({"kv-cache": options.kv_options(), **{k: dict(v) for k, v in options.pass_options.items()}})
-        with progress.step(f"running preset {options.target} and saving the result"):
+        with progress.step(f"running preset {options.preset} and saving the result"):
             model = io.load(export_dir / "model.onnx")
             report = PassManager(pipeline, registry=registry).run(model)
             io.save(model, staging / "model.onnx", external_data=True, protect=[export_dir / "model.onnx"])
+        reference, budget = export_dir / "model.onnx", None
+        if options.precision != "fp32":  # replay against the export with the same quantized weights
+            reference, budget = _quantized_reference(export_dir, pipeline, staging, progress)
         if options.target == "ort":  # the concat graph's shapes are dynamic; still say what it was made for
             _write_json(staging / "specializations.json", {"specializations": [
                 {"name": "Prefill", "symbols": _symbols(options.batch_size, options.prefill_seq_len, options.ctx_len)},
@@ -262,10 +288,11 @@ def compile_decoder(export_dir: str | os.PathLike[str], options: CompileOptions,
         if options.verify_examples:
             started = time.perf_counter()
             with progress.step(f"replaying {options.verify_examples} sequences against the export"):
-                verdict = check_sequence_equivalence(staging / "model.onnx", export_dir / "model.onnx",
+                verdict = check_sequence_equivalence(staging / "model.onnx", reference,
                                                      examples=options.verify_examples, threads=threads,
                                                      cached_label=f"the {options.target} bundle",
-                                                     reference_label="the export")
+                                                     reference_label="the export" if budget is None
+                                                     else "the export, quantized alike")
             if not verdict.equivalent:
                 raise PassFailure(f"the {options.target} preset changed the model's meaning; no bundle written:\n"
                                   f"{verdict}")
@@ -276,12 +303,48 @@ def compile_decoder(export_dir: str | os.PathLike[str], options: CompileOptions,
                                                      threads, progress)
         else:
             verification["result"] = "not checked"
-        return {"target": options.target, "backend": runtime.name, "verification": verification,
+        if budget is not None:
+            verification["quantization_budget"] = budget
+            shutil.rmtree(reference.parent, ignore_errors=True)
+        return {"target": options.target, "preset": options.preset, "backend": runtime.name,
+                "verification": verification,
                 "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed}
                            for r in report.passes],
                 "nodes": {"before": report.nodes_before, "after": report.nodes_after}}
 
     return _build_once("causal-lm", export_dir, options.to_dict(), root, build)
+
+
+def _quantized_reference(export_dir: Path, pipeline: Any, staging: Path, progress: Any) -> tuple[Path, dict[str, Any]]:
+    """The no-cache export through the preset's own ``quantize`` step, and how far that moved it.
+
+    A quantized bundle cannot equal the float export; it must equal the
+    export with the same weights. The quantize pass is deterministic, so the
+    export quantized alike is the replay's reference, and the lossy step
+    itself is held to its budget (``QuantizePass.verification_budget``).
+    """
+    from qgraph import io
+    from qgraph.manager import PassManager
+    from qgraph.pipeline import Pipeline
+    from qgraph.registry import default_registry
+    from qgraph.verify.budget import check_budget
+
+    (step,) = [s for s in pipeline.pass_steps() if s.name == "quantize"]
+    registry = default_registry()
+    folder = staging / ".quantized-export"
+    folder.mkdir()
+    with progress.step("quantizing the export alike (the replay's reference)"):
+        model = io.load(export_dir / "model.onnx")
+        PassManager(Pipeline([{"pass": "quantize", "options": dict(step.options)}]), registry=registry).run(model)
+        io.save(model, folder / "model.onnx", external_data=True, protect=[export_dir / "model.onnx"])
+    budget = registry.create("quantize", step.options).verification_budget()
+    with progress.step(f"checking the quantization budget ({budget.describe()})"):
+        result = check_budget(export_dir / "model.onnx", folder / "model.onnx", budget)
+    if not result.within:
+        raise PassFailure(f"quantization left its budget; no bundle written: {result}")
+    summary = {"budget": budget.describe(), "agreement": result.agreement,
+               "perplexity_before": result.perplexity_before, "perplexity_after": result.perplexity_after}
+    return folder / "model.onnx", summary
 
 
 def compile_encoder(export_dir: str | os.PathLike[str], options: EncoderOptions, *,

@@ -35,6 +35,8 @@ def _build_parser() -> argparse.ArgumentParser:
     which.add_argument("--preset", metavar="NAME", help="a named pipeline (default: cleanup)")
     which.add_argument("--passes", nargs="+", metavar="P", help="passes to run, in order")
     which.add_argument("--pipeline", metavar="FILE.toml", help="a pipeline file (steps, options, fixpoint groups)")
+    opt.add_argument("--precision", choices=("fp32", "int8", "int4"), default=None,
+                     help="weights of the ort preset: fp32, or int8 / int4 (its ort-int8 / ort-int4 forms)")
     opt.add_argument("--option", action="append", default=[], metavar="PASS.KEY=VALUE", help="set a pass option (repeatable)")
     opt.add_argument("--verify", action="store_true", help="check equivalence after every pass that changed the model")
     opt.add_argument("--verify-examples", type=int, default=5, metavar="N", help="examples per --verify check (default 5)")
@@ -167,6 +169,20 @@ def _load_plugins(specs: list[str]) -> None:
     load_plugins([*plugins_from_environment(), *specs], default_registry())
 
 
+def _preset_at_precision(preset: str | None, precision: str | None) -> str:
+    """--preset NAME --precision P: the preset of that target at that precision (ort + int4 -> ort-int4)."""
+    if precision is None:
+        return preset or "cleanup"
+    base = (preset or "").removesuffix("-int8").removesuffix("-int4")
+    if base != "ort":
+        raise BadInputError(f"--precision is an option of the ort preset (int8/int4 quantize its weights); "
+                            f"got --preset {preset or '(none)'}")
+    chosen = base if precision == "fp32" else f"{base}-{precision}"
+    if preset != base and preset != chosen:
+        raise BadInputError(f"--preset {preset} and --precision {precision} disagree; give one of them")
+    return chosen
+
+
 def _optimize(args: argparse.Namespace, out: TextIO) -> int:
     from qgraph import io
     from qgraph.explain_rule import ExplainHook
@@ -181,12 +197,15 @@ def _optimize(args: argparse.Namespace, out: TextIO) -> int:
         raise BadInputError("--verify-examples must be at least 1")
 
     registry = default_registry()
+    if args.precision and (args.passes or args.pipeline):
+        raise BadInputError("--precision picks a form of the ort preset; with --passes or --pipeline, "
+                            "add the quantize pass (--option quantize.bits=8|4) instead")
     if args.passes:
         pipeline = Pipeline(args.passes, name="command line")
     elif args.pipeline:
         pipeline = Pipeline.from_toml(args.pipeline)
     else:
-        pipeline = Pipeline.from_preset(args.preset or "cleanup", registry)
+        pipeline = Pipeline.from_preset(_preset_at_precision(args.preset, args.precision), registry)
     pipeline.set_options(parse_option_assignments(args.option))
 
     explain_hook = ExplainHook(args.explain, out, stop_after=args.output is None) if args.explain else None

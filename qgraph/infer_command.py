@@ -30,6 +30,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-model-dir", metavar="DIR",
                         help="the model's local folder (or GGUF file); --model-name is then only its label")
     parser.add_argument("--target", default="qaic", metavar="NAME", help="qaic (default) or ort")
+    parser.add_argument("--precision", default="fp32", metavar="P",
+                        help="weights: fp32 (default), or on target ort int8 / int4 (MatMulNBits, rounded) "
+                             "or gguf (a GGUF model's own blocks)")
     parser.add_argument("--prompt-len", type=int, default=32, metavar="N", help="prefill seq_len (default 32)")
     parser.add_argument("--ctx-len", type=int, default=128, metavar="N", help="context length (default 128)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts run together (default 1)")
@@ -77,7 +80,7 @@ def _model(args: argparse.Namespace) -> Any:
 def _compile(model: Any, args: argparse.Namespace) -> Path:
     return model.compile(target=args.target, prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len,
                          batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples,
-                         full_batch_size=args.full_batch_size)
+                         full_batch_size=args.full_batch_size, precision=args.precision)
 
 
 def _check_prompts(args: argparse.Namespace) -> list[str]:
@@ -91,9 +94,11 @@ def _check_prompts(args: argparse.Namespace) -> list[str]:
 def _options(args: argparse.Namespace) -> Any:
     from qgraph.bundle import CompileOptions
 
+    # precision gguf: the file is the model's own, known once it is resolved (compile checks it is GGUF)
+    gguf = {"quantize": {"gguf": "(the model's GGUF file)"}} if args.precision == "gguf" else {}
     return CompileOptions(target=args.target, prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len,
                           batch_size=args.batch_size, kv_dtype=args.kv_dtype, verify_examples=args.verify_examples,
-                          full_batch_size=args.full_batch_size)
+                          full_batch_size=args.full_batch_size, precision=args.precision, pass_options=gguf)
 
 
 def _check_lengths(model: Any, prompts: list[str], options: Any) -> None:

@@ -548,9 +548,10 @@ def files_read_by(model: ir.Model) -> set[Path]:
     source = model.meta.get(SOURCE_PATH_KEY)
     if source:
         files.add(Path(os.path.realpath(source)))
-    for site in _tensor_sites(model):
-        if isinstance(site.tensor, ir.ExternalTensor):
-            files.add(Path(os.path.realpath(site.tensor.path)))
+    # Resolve each distinct spelling once: a model's hundreds of weights name one or two files,
+    # and realpath costs a few system calls (it was a visible share of `qgraph optimize`).
+    spellings = {site.tensor.path for site in _tensor_sites(model) if isinstance(site.tensor, ir.ExternalTensor)}
+    files.update(Path(os.path.realpath(spelling)) for spelling in spellings)
     return files
 
 

@@ -17,7 +17,9 @@ Layout (com.microsoft::MatMulNBits, inputs B, scales, zero_points):
 ``B`` uint8 [N, n_blocks, block_size * bits / 8], 4-bit codes two to a byte,
 the even element in the low nibble; ``scales`` [N, n_blocks] in the
 weight's dtype; ``zero_points`` uint8 [N, ceil(n_blocks * bits / 8)], 4-bit
-ones packed two to a byte the same way, row by row. The same tensors (B
+ones packed two to a byte the same way, row by row. Blocks may also carry an offset
+added to every weight (GGUF's Q4_1, ``qgraph.gguf_blocks``), which
+MatMulNBits has no input for: the quantize pass adds it beside. The same tensors (B
 seen as [N, K * bits / 8]) are what ``com.microsoft::GatherBlockQuantized``
 reads with ``quantize_axis=1``, so a tied embedding table shares them.
 """
@@ -44,6 +46,9 @@ class BlockQuantized:
     bits: int
     block_size: int
     k: int
+    #: [N, n_blocks] added to every weight of a block (GGUF's Q4_1 minimum ``m``), or None. MatMulNBits
+    #: has no such input: the quantize pass adds ``blocksum(A) @ offsets`` beside it.
+    offsets: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -58,6 +63,8 @@ class BlockQuantized:
         zero = (np.float32(2 ** (self.bits - 1)) if self.zero_points is None
                 else self.zero_points.astype(np.float32)[..., None])
         blocks = (self.codes.astype(np.float32) - zero) * self.scales.astype(np.float32)[..., None]
+        if self.offsets is not None:
+            blocks = blocks + self.offsets.astype(np.float32)[..., None]
         return blocks.reshape(self.n, -1)[:, : self.k].T.astype(self.scales.dtype)
 
     def matmul_nbits_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

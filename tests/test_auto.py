@@ -108,6 +108,28 @@ def test_a_repeated_compile_runs_nothing(causal, export_cache_dir: Path, monkeyp
     assert other != first and runs == [1]
 
 
+def test_precision_runs_the_quantized_preset_and_is_part_of_the_key(causal) -> None:
+    import onnx
+
+    fp32 = causal.compile(target="ort", prefill_seq_len=4, ctx_len=20, batch_size=1)
+    int8 = causal.compile(target="ort", prefill_seq_len=4, ctx_len=20, batch_size=1, precision="int8")
+    assert int8 != fp32
+    manifest = json.loads((int8 / "manifest.json").read_text())
+    assert manifest["preset"] == "ort-int8" and manifest["options"]["precision"] == "int8"
+    assert manifest["verification"]["result"] == "equivalent"  # replayed against the export quantized alike
+    assert manifest["verification"]["quantization_budget"]["agreement"] >= 0.9
+    assert "quantize" in [p["name"] for p in manifest["passes"]]
+    assert not (int8 / ".quantized-export").exists()
+    ops = {n.op_type for n in onnx.load(int8 / "model.onnx", load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    assert "MatMulNBits" not in {n.op_type for n in onnx.load(fp32 / "model.onnx", load_external_data=False).graph.node}
+    symmetric = causal.compile(target="ort", prefill_seq_len=4, ctx_len=20, batch_size=1, precision="int8",
+                               quantize={"symmetric": True})
+    assert symmetric not in (int8, fp32)
+    info = causal.generate(["hello there"], generation_len=3, stream=False)
+    assert len(info.generated_ids[0]) == 3
+
+
 @pytest.fixture(scope="module")
 def batch_bundles(causal, export_cache_dir: Path) -> dict[int, Path]:
     with pytest.MonkeyPatch.context() as mp:
@@ -169,6 +191,10 @@ def test_continuous_batching_api_and_infer_give_the_export_tokens(folders, expor
     {"target": "ort", "comp_ctx_lengths": [16]},  # a device feature
     {"num_speculative_tokens": 2},
     {"kv_cache": {"ctx_len": 64}},
+    {"target": "ort", "precision": "int3"},
+    {"target": "qaic", "precision": "int4"},
+    {"target": "ort", "precision": "gguf"},  # the tiny model is a folder, not a GGUF file
+    {"target": "ort", "quantize": {"bits": 8}},  # quantize options with fp32: no quantize pass to take them
 ])
 def test_bad_compile_arguments_write_nothing(causal, export_cache_dir: Path, kwargs: dict) -> None:
     before = _bundles(export_cache_dir)
@@ -201,8 +227,8 @@ def test_unknown_target_exits_2_in_the_command(folders, export_cache_dir: Path) 
     before = _bundles(export_cache_dir)
     assert main(["infer", "--local-model-dir", str(folders["llama"]), "--prompt", "hi", "--target", "aic100"],
                 out=io.StringIO()) == 2
-    assert main(["infer", "--local-model-dir", str(folders["llama"]), "--prompt", "hi", "--full-batch-size", "4"],
-                out=io.StringIO()) == 2
+    assert main(["infer", "--local-model-dir", str(folders["llama"]), "--prompt", "hi", "--full-batch-size", "4",
+                 "--target", "ort"], out=io.StringIO()) == 2  # continuous batching is a device feature
     assert main(["execute", str(folders["llama"]), "--prompt", "hi"], out=io.StringIO()) == 2  # not a bundle
     assert _bundles(export_cache_dir) == before
 
