@@ -18,10 +18,12 @@ from collections.abc import Sequence
 __all__ = ["custom_io_yaml", "specializations_json"]
 
 
-def specializations_json(*, batch_size: int, prefill_len: int, ctx_len: int) -> str:
+def specializations_json(*, batch_size: int, prefill_len: int, ctx_len: int,
+                         extra_symbols: tuple[dict[str, str], dict[str, str]] = ({}, {})) -> str:
+    """``extra_symbols``: (prefill, decode) symbols an option adds or overrides (speculative decoding's)."""
     entries = [
-        {"batch_size": str(batch_size), "seq_len": str(prefill_len), "ctx_len": str(ctx_len)},
-        {"batch_size": str(batch_size), "seq_len": "1", "ctx_len": str(ctx_len)},
+        {"batch_size": str(batch_size), "seq_len": str(prefill_len), "ctx_len": str(ctx_len), **extra_symbols[0]},
+        {"batch_size": str(batch_size), "seq_len": "1", "ctx_len": str(ctx_len), **extra_symbols[1]},
     ]
     return json.dumps({"specializations": entries}, indent=2) + "\n"
 

@@ -81,6 +81,7 @@ class KVLayout:
     mask_dtype: np.dtype | None
     past: tuple[tuple[str, str], ...]
     present: tuple[tuple[str, str], ...]
+    keeps_logits: bool = False  # retained: a num_logits_to_keep input (logits at the last n valid tokens)
 
     @property
     def has_position_ids(self) -> bool:
@@ -168,6 +169,7 @@ def detect_kv_layout(model: ir.Model, *, label: str = "the cached graph") -> KVL
     }
     if style == "retained":
         allowed.discard("attention_mask")  # the retained contract has no mask input
+        allowed.add("num_logits_to_keep")  # a speculative-decoding target's (only its length is read)
     unknown = sorted(in_names - allowed)
     if unknown:
         raise KVLayoutError(f"{label} ({style} style) has inputs outside the contract, which the replay cannot feed: {unknown}")
@@ -208,6 +210,7 @@ def detect_kv_layout(model: ir.Model, *, label: str = "the cached graph") -> KVL
         mask_dtype=None if mask is None else _np_dtype(mask, np.int64),
         past=past,
         present=present,
+        keeps_logits="num_logits_to_keep" in in_names,
     )
 
 

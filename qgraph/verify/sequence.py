@@ -38,6 +38,10 @@ position of the chunk; one returning [batch, 1, vocab] (the retained
 contract's default: the row's last valid position, argmax of position_ids)
 is compared at each row's last valid column of the chunk; a row without a
 valid token in the chunk is not compared.
+A retained graph with a ``num_logits_to_keep`` input (a speculative-decoding
+target) is fed one of length ``logits_to_keep`` (default 1) every step and
+returns [batch, n, vocab] at the columns QEfficient's contract names
+(:func:`kept_columns`); each valid one is compared.
 
 One reference run suffices. The reference runs once on the full sequence
 with its attention mask (``reference_mode="full"``), not once per step on
@@ -99,6 +103,7 @@ __all__ = [
     "SequenceReplayer",
     "StepReport",
     "check_sequence_equivalence",
+    "kept_columns",
     "padding_mask",
     "replay",
     "replay_cases",
@@ -114,6 +119,18 @@ PAD_TOKEN = 0  # token id fed in the slots a static-seq chunk is padded with
 
 
 # --- cases ---------------------------------------------------------------------
+
+
+def kept_columns(positions: np.ndarray, n: int) -> np.ndarray:
+    """[batch, n] columns of a chunk whose logits a ``num_logits_to_keep`` graph returns (QEfficient's TLM rule).
+
+    The n columns ending at each row's last valid one (the first column of
+    its largest position), or the first n when fewer columns lead up to it;
+    a column past the chunk reads the chunk's last (n > chunk length).
+    """
+    last = np.argmax(positions, axis=1)[:, None]
+    lower = np.where(last < n, 0, last + 1 - n)
+    return np.minimum(lower + np.arange(n)[None, :], positions.shape[1] - 1)
 
 
 def padding_mask(lengths: Sequence[int] | np.ndarray, total_len: int, side: Padding = "right") -> np.ndarray:
@@ -445,6 +462,7 @@ class SequenceReplayer:
         threads: int = 1,
         cached_label: str | None = None,
         reference_label: str | None = None,
+        logits_to_keep: int | None = None,
     ) -> None:
         self.cached_label = cached_label or _label(cached, "the cached graph")
         self.reference_label = reference_label or _label(reference, "the reference")
@@ -471,6 +489,12 @@ class SequenceReplayer:
                 f"{self.cached_label}: n_kv_heads and head_dim must be static in {lay.past[0][0]} "
                 "to build the initial cache"
             )
+        if logits_to_keep is not None and not lay.keeps_logits:
+            raise KVLayoutError(f"logits_to_keep={logits_to_keep} given, but {self.cached_label} has no "
+                                "'num_logits_to_keep' input")
+        if logits_to_keep is not None and logits_to_keep < 1:
+            raise KVLayoutError(f"logits_to_keep must be at least 1, got {logits_to_keep}")
+        self.logits_to_keep = (logits_to_keep or 1) if lay.keeps_logits else None
         self.vocab = _vocab_of(lay, self.reference, reference_model)
         self._ref_model = reference_model
         self.ref_runner = OrtRunner(reference_model, threads=threads, label=self.reference_label)
@@ -575,6 +599,8 @@ class SequenceReplayer:
                 ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=PAD_TOKEN)
                 pos = np.pad(pos, ((0, 0), (0, extra)), constant_values=-1)
             feeds["position_ids"] = pos.astype(lay.positions_dtype)
+            if self.logits_to_keep is not None:  # only its length is read
+                feeds["num_logits_to_keep"] = np.arange(self.logits_to_keep, dtype=np.int64).reshape(-1, 1)
         else:
             fed_len = stop - start
             mask = case.valid[:, :stop]
@@ -648,7 +674,18 @@ class SequenceReplayer:
                 f"logits have shape {logits.shape}; expected [{case.batch}, {fed_len} or 1, {ref_logits.shape[2]}]"
             )
             return
-        if logits.shape[1] == fed_len:
+        n = self.logits_to_keep
+        if n is not None:
+            if logits.shape[1] != n:
+                step.error = f"logits have {logits.shape[1]} positions; expected num_logits_to_keep's length {n}"
+                return
+            step.logits_at = f"last {n} valid position(s)"
+            fed = case.positions[:, step.start : step.stop]
+            fed = np.pad(fed, ((0, 0), (0, fed_len - k)), constant_values=-1)
+            columns = kept_columns(fed, n)
+            wanted = [(b, int(j), out) for b in range(case.batch) for out, j in enumerate(columns[b])
+                      if j < k and case.valid[b, step.start + j]]
+        elif logits.shape[1] == fed_len:
             step.logits_at = "every position"
             wanted = [(b, j, j) for b in range(case.batch) for j in range(k) if case.valid[b, step.start + j]]
         elif logits.shape[1] == 1:
@@ -927,6 +964,7 @@ def check_sequence_equivalence(
     threads: int = 1,
     cached_label: str | None = None,
     reference_label: str | None = None,
+    logits_to_keep: int | None = None,
 ) -> SequenceCheckResult:
     """Replay ``examples`` drawn cases through ``cached``; on failure return the shrunk case and its report.
 
@@ -944,7 +982,8 @@ def check_sequence_equivalence(
     if seed is None:
         seed = random.randrange(2**32)
     replayer = SequenceReplayer(
-        cached, reference, ctx_len=ctx_len, threads=threads, cached_label=cached_label, reference_label=reference_label
+        cached, reference, ctx_len=ctx_len, threads=threads, cached_label=cached_label, reference_label=reference_label,
+        logits_to_keep=logits_to_keep,
     )
     try:
         bound = vocab if vocab is not None else replayer.vocab
