@@ -103,6 +103,11 @@ class Engine:
             raise RunFailure(f"{self.label}: onnxruntime failed on a step of {tokens.shape[1]} column(s) "
                              f"after {self.runs} run(s): {first}") from error
 
+    @property
+    def seen(self) -> np.ndarray:
+        """Valid tokens each row has fed so far (the next one's position)."""
+        return self._seen
+
     def _positions(self, valid: np.ndarray) -> np.ndarray:
         """Positions of the columns ``valid`` [B, w] (-1 on padding); advances each row's count."""
         counts = np.cumsum(valid, axis=1, dtype=np.int64)
@@ -237,6 +242,7 @@ class RetainedEngine(Engine):
         self._binding = session.io_binding()
         self._cache: dict[str, ort.OrtValue] = {}
         self._spare: dict[str, ort.OrtValue] = {}
+        self.keep = 1  #: length of num_logits_to_keep fed to a speculative target (logits at the last n tokens)
 
     @property
     def default_chunk(self) -> int | None:
@@ -270,6 +276,8 @@ class RetainedEngine(Engine):
         b = self._binding
         b.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, self.layout.ids_dtype))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, self.layout.positions_dtype))
+        if self.layout.keeps_logits:
+            b.bind_cpu_input("num_logits_to_keep", np.zeros((self.keep, 1), np.int64))
         b.bind_output("logits", "cpu")  # onnxruntime allocates it: its seq dim changes between runs
         if self.binding_mode == "swap":
             for (past_k, past_v), (ret_k, ret_v) in zip(self.layout.past, self.layout.present, strict=True):
@@ -281,6 +289,17 @@ class RetainedEngine(Engine):
         if self.binding_mode == "swap":
             self._cache, self._spare = self._spare, self._cache
         return b.get_outputs()[0].numpy()
+
+    def rewind(self, seen: np.ndarray) -> None:
+        """Forget each row's tokens from position ``seen[b]`` on (speculative decoding's rejected ones).
+
+        Nothing in the cache changes: a query at position p reads slots <= p,
+        and the next tokens write those slots before any query reads them.
+        """
+        seen = np.asarray(seen, np.int64)
+        if seen.shape != self._seen.shape or (seen > self._seen).any() or (seen < 0).any():
+            raise ValueError(f"rewind to {seen.tolist()} from {self._seen.tolist()}: only back, per row")
+        self._seen = seen.copy()
 
     def cache_array(self, name: str) -> np.ndarray:
         """The current content of one cache buffer (for tests and debugging)."""
