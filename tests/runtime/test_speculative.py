@@ -145,3 +145,38 @@ def test_rewind_only_goes_back(engines) -> None:
         engine.rewind(np.array([4]))
     engine.rewind(np.array([1]))
     assert engine.seen.tolist() == [1]
+
+
+def test_generate_cli_with_a_draft_prints_acceptance_and_the_plain_tokens(tiny_zoo, graphs, tmp_path, capsys) -> None:
+    import io
+    import json
+    import shutil
+
+    from qgraph.cli import main
+
+    export = Path(tiny_zoo.export("llama", "dynamo").output_dir)
+    target = tmp_path / "target"
+    shutil.copytree(graphs["target"].parent, target)
+    reports = {}
+    for name, extra in (("plain", []), ("spec", ["--draft", graphs["first-layer"].parent, "--speculative-tokens", 3])):
+        out = io.StringIO()
+        reports[name] = tmp_path / f"{name}.json"
+        code = main([str(a) for a in ("generate", target, "--tokenizer", export, "--prompt", "Once upon",
+                                      "--max-new-tokens", 10, "--threads", 1, "--json", reports[name], *extra)],
+                    out=out)
+        assert code == 0, capsys.readouterr().err
+        if name == "spec":
+            assert "speculative (K=3): acceptance" in out.getvalue()
+    plain, spec = (json.loads(reports[n].read_text()) for n in ("plain", "spec"))
+    assert spec["rows"][0]["token_ids"] == plain["rows"][0]["token_ids"]
+    assert spec["speculative"]["k"] == 3 and spec["speculative"]["proposed"] > 0
+
+
+def test_generate_cli_refuses_a_concat_draft_with_exit_2(tiny_zoo, graphs, capsys) -> None:
+    from qgraph.cli import main
+
+    export = Path(tiny_zoo.export("llama", "dynamo").output_dir)
+    code = main(["generate", str(graphs["target"].parent), "--tokenizer", str(export), "--prompt", "a",
+                 "--draft", str(export)])
+    assert code == 2
+    assert "retained-state" in capsys.readouterr().err
