@@ -52,6 +52,7 @@ class SpeculativeStats:
     proposed: int = 0  # draft tokens scored by the target, summed over rows
     accepted: int = 0  # of those, the ones the target agreed with
     emitted: int = 0  # tokens produced by rounds (accepted + the target's own), summed over rows
+    row_rounds: int = 0  # rounds summed over the rows taking part in them
     draft_runs: int = 0
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
@@ -64,8 +65,6 @@ class SpeculativeStats:
     def tokens_per_round(self) -> float:
         """Tokens a row gains per target run (1 = no gain over plain decoding), averaged over row-rounds."""
         return self.emitted / self.row_rounds if self.row_rounds else float("nan")
-
-    row_rounds: int = 0
 
     def format(self) -> str:
         return (f"speculative (K={self.k}): acceptance {self.accepted}/{self.proposed} = {self.acceptance_rate:.1%}, "
@@ -182,6 +181,7 @@ class SpeculativeGenerator(Generator):
                 for r in rows:
                     feed[r, :len(pending[r])] = pending[r]
                     fed[r, :len(pending[r])] = True
+                # _step: one run of any width, rows without a valid token included (prefill() refuses those)
                 proposals[:, 0] = _last_valid_logits(draft._step(feed, fed), fed).argmax(-1)
                 for j in range(1, k):
                     proposals[:, j] = draft.decode(np.where(active, proposals[:, j - 1], self.pad_token_id),
