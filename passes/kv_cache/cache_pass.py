@@ -469,7 +469,7 @@ class KVCachePass(Pass):
         model.metadata_props[SIDECAR_PREFIX + "specializations.json"] = specializations_json(
             batch_size=cfg["batch_size"], prefill_len=min(cfg["prefill_len"], cfg["ctx_len"] - 1),
             ctx_len=cfg["ctx_len"],
-            extra_symbols=speculative_symbols(cfg["num_speculative_tokens"]),
+            extra=speculative_symbols(cfg["num_speculative_tokens"]),
         )
         names = []
         for layer in layers:

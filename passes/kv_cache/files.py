@@ -13,17 +13,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = ["custom_io_yaml", "specializations_json"]
 
 
 def specializations_json(*, batch_size: int, prefill_len: int, ctx_len: int,
-                         extra_symbols: tuple[dict[str, str], dict[str, str]] = ({}, {})) -> str:
-    """``extra_symbols``: (prefill, decode) symbols an option adds or overrides (speculative decoding's)."""
+                         extra: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """``extra``: symbols an option adds or overrides per phase (``{"Prefill": {...}, "Decode": {...}}``)."""
+    extra = extra or {}
     entries = [
-        {"batch_size": str(batch_size), "seq_len": str(prefill_len), "ctx_len": str(ctx_len), **extra_symbols[0]},
-        {"batch_size": str(batch_size), "seq_len": "1", "ctx_len": str(ctx_len), **extra_symbols[1]},
+        {"batch_size": str(batch_size), "seq_len": str(prefill_len), "ctx_len": str(ctx_len),
+         **extra.get("Prefill", {})},
+        {"batch_size": str(batch_size), "seq_len": "1", "ctx_len": str(ctx_len), **extra.get("Decode", {})},
     ]
     return json.dumps({"specializations": entries}, indent=2) + "\n"
 

@@ -84,9 +84,9 @@ def gather_last_k_valid(b, hidden: ir.Value, positions: ir.Value, keep: ir.Value
     return b.op("GatherElements", hidden, index, axis=1)
 
 
-def speculative_symbols(num_speculative_tokens: int) -> tuple[dict[str, str], dict[str, str]]:
-    """The extra specialization symbols of (Prefill, Decode): one kept logit, then K+1 (and seq_len K+1)."""
+def speculative_symbols(num_speculative_tokens: int) -> dict[str, dict[str, str]]:
+    """The extra specialization symbols per phase: Prefill keeps 1 logit, Decode K+1 (and seq_len K+1)."""
     k = num_speculative_tokens
     if k == 0:
-        return {}, {}
-    return {NUM_LOGITS_TO_KEEP: "1"}, {"seq_len": str(k + 1), NUM_LOGITS_TO_KEEP: str(k + 1)}
+        return {}
+    return {"Prefill": {NUM_LOGITS_TO_KEEP: "1"}, "Decode": {"seq_len": str(k + 1), NUM_LOGITS_TO_KEEP: str(k + 1)}}
