@@ -42,6 +42,13 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qgraph_passes.kv_cache.analysis import AnalysisError, Layer, analyze_decoder, is_attention
 from qgraph_passes.kv_cache.build import GraphBuilder
 from qgraph_passes.kv_cache.files import custom_io_yaml, specializations_json
+from qgraph_passes.kv_cache.logits import (
+    NUM_LOGITS_TO_KEEP,
+    add_num_logits_to_keep,
+    check_speculative_options,
+    gather_last_k_valid,
+    speculative_symbols,
+)
 from qgraph_passes.kv_cache.positions import (
     PositionAnalysis,
     retype_downstream,
@@ -130,6 +137,9 @@ class KVCachePass(Pass):
                                   "({name, symbols}) or the older flat list", ("named", "flat")),
         "kv_dtype": Option(str, "float16", "retained: KV precision in custom_io.yaml (model: the graph's dtype)",
                            ("float16", "float32", "mxint8", "model")),
+        "num_speculative_tokens": Option(int, 0, "retained: K > 0 makes a speculative-decoding target: input "
+                                         "num_logits_to_keep (its length n), logits at each row's last n valid "
+                                         "tokens, decode specialization seq_len K+1 (0: off)"),
         "table_len": Option(int, 4096, "concat: positions a value is tabulated for when its subgraph cannot "
                             "take per-row positions (retained: ctx_len)"),
     }
@@ -167,6 +177,8 @@ class KVCachePass(Pass):
         retained = cfg["style"] == "retained"
         if retained:
             self._check_retained_options()
+        check_speculative_options(cfg["num_speculative_tokens"], style=cfg["style"], logits=cfg["logits"],
+                                  prefill_len=min(cfg["prefill_len"], cfg["ctx_len"] - 1), ctx_len=cfg["ctx_len"])
         graph = model.graph
         try:
             found = analyze_decoder(model, notes=self.report.notes,
@@ -207,8 +219,8 @@ class KVCachePass(Pass):
         self._check_nothing_left(graph, b, mask_input, ranges=analysis is None)
         if retained:
             graph.inputs.remove(mask_input)
-            if cfg["phase"] == "decode":
-                self._fix_dim(graph, "seq_len", 1)
+            if cfg["phase"] == "decode":  # one token a step, or a speculative target's K + 1
+                self._fix_dim(graph, "seq_len", cfg["num_speculative_tokens"] + 1)
             self._device_files(model, layers)
         graph.sort()
         self.report.count("layers", len(layers))
@@ -404,27 +416,36 @@ class KVCachePass(Pass):
                 break
             value = variable[0]
             chain.append(value)
+        keep = add_num_logits_to_keep(graph) if self.config["num_speculative_tokens"] else None
+
+        def gather(hidden: ir.Value) -> ir.Value:
+            if keep is None:
+                return b.gather_last_valid(hidden, positions)
+            return gather_last_k_valid(b, hidden, positions, keep)
+
         if head is not None:
-            head.replace_input_with(0, b.gather_last_valid(head.inputs[0], positions))
+            head.replace_input_with(0, gather(head.inputs[0]))
             where = f"before the LM head (MatMul {head.name!r})"
         else:  # no head found: gather at the output (the head then runs on every token)
             index = graph.outputs.index(logits)
             logits.name = b.fresh("logits_every_token")
-            gathered = b.gather_last_valid(logits, positions)
+            gathered = gather(logits)
             gathered.name, gathered.type = "logits", logits.type
             graph.outputs[index] = gathered
             chain = [gathered]
             where = "at the logits output (no LM head MatMul found)"
         for v in chain:
             if v.shape is not None and v.shape.rank() == 3:
-                v.shape = ir.Shape([v.shape[0], 1, v.shape[2]])
-        self.report.notes.append(f"logits gathered at each row's last valid token {where}")
+                v.shape = ir.Shape([v.shape[0], 1 if keep is None else NUM_LOGITS_TO_KEEP, v.shape[2]])
+        kept = "last valid token" if keep is None else "last len(num_logits_to_keep) valid tokens"
+        self.report.notes.append(f"logits gathered at each row's {kept} {where}")
 
     @staticmethod
     def _set_logits_shape(graph: ir.Graph, retained: bool, dims: tuple[str, str]) -> None:
         logits = next(o for o in graph.outputs if o.name == "logits")
         if logits.shape is not None and logits.shape.rank() == 3:
-            seq = logits.shape[1] if isinstance(logits.shape[1], int) else dims[1]
+            kept = str(logits.shape[1]) == NUM_LOGITS_TO_KEEP  # a speculative target's [B, n, V]
+            seq = logits.shape[1] if isinstance(logits.shape[1], int) or kept else dims[1]
             logits.shape = ir.Shape([dims[0], seq, logits.shape[2]])
 
     @staticmethod
@@ -476,6 +497,8 @@ class KVCachePass(Pass):
             comp_ctx_lengths=self._compute_context_lengths(), named=cfg["specializations"] == "named",
             phases=("Prefill", "Decode") if cfg["phase"] == "both" else (cfg["phase"].capitalize(),),
             fixed=("seq_len",) if cfg["phase"] == "decode" else (),
+            decode_len=cfg["num_speculative_tokens"] + 1,
+            extra=speculative_symbols(cfg["num_speculative_tokens"]),
         )
         names = []  # QEfficient's order: each cache input, then the output that retains it
         for layer in layers:

@@ -52,6 +52,11 @@ def add_runtime_parsers(subparsers: Any) -> None:
     gen.add_argument("--full-batch-size", type=int, metavar="N",
                      help="continuous batching: keep the graph's N cache rows busy, each prompt prefilled into a row "
                           "as soon as one is free (a graph made with kv-cache.full_batch_size=N)")
+    gen.add_argument("--draft", metavar="DRAFT",
+                     help="greedy speculative decoding: a smaller retained-state draft graph (folder or .onnx) "
+                          "proposes tokens the target (DIR, kv-cache num_speculative_tokens=K) scores in one run")
+    gen.add_argument("--speculative-tokens", type=int, default=4, metavar="K",
+                     help="with --draft: draft tokens proposed per target run (default 4)")
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
     gen.add_argument("--json", metavar="R.json", help="write the tokens, texts and statistics as JSON")
 
@@ -90,8 +95,20 @@ def run_generate(args: argparse.Namespace, out: TextIO) -> int:
         raise BadInputError(f"--prefill-chunk must be at least 1, got {args.prefill_chunk}")
     _check_threads(args.threads)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    generator = load_generator(args.model, tokenizer=args.tokenizer, threads=args.threads, ctx_len=args.ctx_len,
-                               prefill_chunk=args.prefill_chunk, cache_binding=args.cache_binding)
+    if args.draft is not None and args.full_batch_size is not None:
+        raise BadInputError("--draft with --full-batch-size: the runtime does not yet drive speculative decoding "
+                            "through continuous-batching rows (the graphs compose; run one or the other)")
+    if args.draft is not None:
+        from qgraph.runtime.speculative import load_speculative_generator
+
+        if args.speculative_tokens < 0:
+            raise BadInputError(f"--speculative-tokens must be >= 0, got {args.speculative_tokens}")
+        generator = load_speculative_generator(args.model, args.draft, args.speculative_tokens,
+                                               tokenizer=args.tokenizer, threads=args.threads, ctx_len=args.ctx_len,
+                                               prefill_chunk=args.prefill_chunk, cache_binding=args.cache_binding)
+    else:
+        generator = load_generator(args.model, tokenizer=args.tokenizer, threads=args.threads, ctx_len=args.ctx_len,
+                                   prefill_chunk=args.prefill_chunk, cache_binding=args.cache_binding)
     print(f"# {generator.engine.label}: {generator.engine.describe()}; {sampling.describe()}", file=out)
     if args.full_batch_size is not None:
         return _serve(args, generator, prompts, sampling, out)
@@ -113,11 +130,16 @@ def run_generate(args: argparse.Namespace, out: TextIO) -> int:
     reasons = ", ".join(f"{r}" for r in result.stop_reasons) if len(prompts) > 1 else result.stop_reasons[0]
     print(f"\n(stopped: {reasons})", file=out)
     print(result.stats.format(), file=out)
+    speculation = getattr(generator, "speculation", None)
+    if speculation is not None:
+        print(speculation.format(), file=out)
     if args.json:
         from qgraph.atomic import write_text_atomic
 
         data = {"model": str(generator.engine.label), "engine": generator.engine.describe(),
                 "sampling": sampling.describe(), "prompts": prompts, **result.to_dict()}
+        if speculation is not None:
+            data["speculative"] = speculation.to_dict()
         write_text_atomic(Path(args.json), json.dumps(data, indent=2) + "\n")
     return 0
 

@@ -37,6 +37,7 @@ import onnxruntime as ort
 from qgraph import io as qio
 from qgraph.errors import BadInputError, QGraphError
 from qgraph.runtime.session import DEFAULT_THREADS, open_session
+from qgraph.specializations import compiled_ctx_len
 from qgraph.verify.kv_contract import (
     KVLayout,
     KVLayoutError,
@@ -102,6 +103,11 @@ class Engine:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RunFailure(f"{self.label}: onnxruntime failed on a step of {tokens.shape[1]} column(s) "
                              f"after {self.runs} run(s): {first}") from error
+
+    @property
+    def seen(self) -> np.ndarray:
+        """Valid tokens each row has fed so far (the next one's position)."""
+        return self._seen
 
     def _positions(self, valid: np.ndarray) -> np.ndarray:
         """Positions of the columns ``valid`` [B, w] (-1 on padding); advances each row's count."""
@@ -241,6 +247,7 @@ class RetainedEngine(Engine):
         self._cache: dict[str, ort.OrtValue] = {}
         self._spare: dict[str, ort.OrtValue] = {}
         self._rows: np.ndarray | None = None  # cache rows of the next run (continuous batching)
+        self.keep = 1  #: length of num_logits_to_keep fed to a speculative target (logits at the last n tokens)
 
     @property
     def default_chunk(self) -> int | None:
@@ -307,6 +314,8 @@ class RetainedEngine(Engine):
         b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, self.layout.positions_dtype))
         for name, value in self._serving_feeds(tokens.shape[0], positions).items():
             b.bind_cpu_input(name, value)
+        if self.layout.keeps_logits:
+            b.bind_cpu_input("num_logits_to_keep", np.zeros((self.keep, 1), np.int64))
         b.bind_output("logits", "cpu")  # onnxruntime allocates it: its seq dim changes between runs
         if self.binding_mode == "swap":
             for (past_k, past_v), (ret_k, ret_v) in zip(self.layout.past, self.layout.present, strict=True):
@@ -318,6 +327,17 @@ class RetainedEngine(Engine):
         if self.binding_mode == "swap":
             self._cache, self._spare = self._spare, self._cache
         return b.get_outputs()[0].numpy()
+
+    def rewind(self, seen: np.ndarray) -> None:
+        """Forget each row's tokens from position ``seen[b]`` on (speculative decoding's rejected ones).
+
+        Nothing in the cache changes: a query at position p reads slots <= p,
+        and the next tokens write those slots before any query reads them.
+        """
+        seen = np.asarray(seen, np.int64)
+        if seen.shape != self._seen.shape or (seen > self._seen).any() or (seen < 0).any():
+            raise ValueError(f"rewind to {seen.tolist()} from {self._seen.tolist()}: only back, per row")
+        self._seen = seen.copy()
 
     def cache_array(self, name: str) -> np.ndarray:
         """The current content of one cache buffer (for tests and debugging)."""
@@ -451,6 +471,8 @@ def make_engine(
     prefill = [s["seq_len"] for s in specializations if s.get("seq_len", 1) > 1]
     spec_ctx = {s["ctx_len"] for s in specializations if "ctx_len" in s}
     ctx = layout.ctx_len or ctx_len or (max(spec_ctx) if spec_ctx else None)
+    if ctx is None:  # the specializations.json written beside the model (or carried as its sidecar)
+        ctx = compiled_ctx_len(model, source if isinstance(source, (str, os.PathLike)) else None)
     if ctx is None:
         raise BadInputError(f"{shown}: the retained cache's ctx_len is symbolic and neither specializations.json "
                             "nor --ctx-len gives it")

@@ -89,6 +89,7 @@ class KVLayout:
     continuous_batching: bool = False
     compute_context: bool = False
     cache_batch: int | None = None
+    keeps_logits: bool = False  # retained: a num_logits_to_keep input (logits at the last n valid tokens)
 
     @property
     def has_position_ids(self) -> bool:
@@ -177,6 +178,7 @@ def detect_kv_layout(model: ir.Model, *, label: str = "the cached graph") -> KVL
     if style == "retained":
         allowed.discard("attention_mask")  # the retained contract has no mask input
         allowed |= SERVING_INPUTS & in_names
+        allowed.add("num_logits_to_keep")  # a speculative-decoding target's (only its length is read)
     unknown = sorted(in_names - allowed)
     if unknown:
         raise KVLayoutError(f"{label} ({style} style) has inputs outside the contract, which the replay cannot feed: {unknown}")
@@ -220,6 +222,7 @@ def detect_kv_layout(model: ir.Model, *, label: str = "the cached graph") -> KVL
         continuous_batching="batch_index" in in_names,
         compute_context="comp_ctx_lengths" in in_names,
         cache_batch=cache_dims[0],
+        keeps_logits="num_logits_to_keep" in in_names,
     )
 
 

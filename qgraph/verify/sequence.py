@@ -38,6 +38,10 @@ position of the chunk; one returning [batch, 1, vocab] (the retained
 contract's default: the row's last valid position, argmax of position_ids)
 is compared at each row's last valid column of the chunk; a row without a
 valid token in the chunk is not compared.
+A retained graph with a ``num_logits_to_keep`` input (a speculative-decoding
+target) is fed one of length ``logits_to_keep`` (default 1) every step and
+returns [batch, n, vocab] at the columns QEfficient's contract names
+(:func:`kept_columns`); each valid one is compared.
 
 A reference that has a KV cache itself (the graph before ``kv-cache``
 converted optimum's concat cache to the retained form) is replayed through
@@ -116,6 +120,7 @@ __all__ = [
     "SequenceReplayer",
     "StepReport",
     "check_sequence_equivalence",
+    "kept_columns",
     "padding_mask",
     "replay",
     "replay_cases",
@@ -130,6 +135,18 @@ DEFAULT_EXAMPLES = 25
 
 
 # --- cases ---------------------------------------------------------------------
+
+
+def kept_columns(positions: np.ndarray, n: int) -> np.ndarray:
+    """[batch, n] columns of a chunk whose logits a ``num_logits_to_keep`` graph returns (QEfficient's TLM rule).
+
+    The n columns ending at each row's last valid one (the first column of
+    its largest position), or the first n when fewer columns lead up to it;
+    a column past the chunk reads the chunk's last (n > chunk length).
+    """
+    last = np.argmax(positions, axis=1)[:, None]
+    lower = np.where(last < n, 0, last + 1 - n)
+    return np.minimum(lower + np.arange(n)[None, :], positions.shape[1] - 1)
 
 
 def padding_mask(lengths: Sequence[int] | np.ndarray, total_len: int, side: Padding = "right") -> np.ndarray:
@@ -485,6 +502,7 @@ class SequenceReplayer:
         threads: int = 1,
         cached_label: str | None = None,
         reference_label: str | None = None,
+        logits_to_keep: int | None = None,
     ) -> None:
         self.cached_label = cached_label or _label(cached, "the cached graph")
         self.reference_label = reference_label or _label(reference, "the reference")
@@ -511,6 +529,12 @@ class SequenceReplayer:
             )
         else:
             self.reference = reference_layout(reference_model, label=self.reference_label)
+        if logits_to_keep is not None and not lay.keeps_logits:
+            raise KVLayoutError(f"logits_to_keep={logits_to_keep} given, but {self.cached_label} has no "
+                                "'num_logits_to_keep' input")
+        if logits_to_keep is not None and logits_to_keep < 1:
+            raise KVLayoutError(f"logits_to_keep must be at least 1, got {logits_to_keep}")
+        self.logits_to_keep = (logits_to_keep or 1) if lay.keeps_logits else None
         self.vocab = _vocab_of(lay, self.reference, reference_model)
         self.compute_context_len: int | None = None  # comp_ctx_lengths fed (None: ctx_len, the whole cache)
         self._ref_model = reference_model
@@ -617,14 +641,16 @@ class SequenceReplayer:
             )
 
     def serving_feeds(self, batch: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """``batch_index`` (row b owns cache row ``rows[b]``, default b) and ``comp_ctx_lengths``
-        (of length ``compute_context_len``, default ctx_len) where the graph has them."""
+        """``batch_index`` (row b owns cache row ``rows[b]``, default b), ``comp_ctx_lengths`` (of length
+        ``compute_context_len``, default ctx_len) and ``num_logits_to_keep`` where the graph has them."""
         feeds: dict[str, np.ndarray] = {}
         if self.layout.continuous_batching:
             rows = np.arange(batch) if rows is None else np.asarray(rows)
             feeds["batch_index"] = rows.reshape(-1, 1).astype(np.int64)
         if self.layout.compute_context:
             feeds["comp_ctx_lengths"] = np.zeros(self.compute_context_len or self.ctx_len, np.int64)
+        if self.logits_to_keep is not None:  # a speculative target's: only its length is read
+            feeds["num_logits_to_keep"] = np.arange(self.logits_to_keep, dtype=np.int64).reshape(-1, 1)
         return feeds
 
     def _initial_state(self, batch: int) -> dict[str, np.ndarray]:
@@ -708,7 +734,18 @@ class SequenceReplayer:
                 f"logits have shape {logits.shape}; expected [{case.batch}, {fed_len} or 1, {ref_logits.shape[2]}]"
             )
             return
-        if logits.shape[1] == fed_len:
+        n = self.logits_to_keep
+        if n is not None:
+            if logits.shape[1] != n:
+                step.error = f"logits have {logits.shape[1]} positions; expected num_logits_to_keep's length {n}"
+                return
+            step.logits_at = f"last {n} valid position(s)"
+            fed = case.positions[:, step.start : step.stop]
+            fed = np.pad(fed, ((0, 0), (0, fed_len - k)), constant_values=-1)
+            columns = kept_columns(fed, n)
+            wanted = [(b, int(j), out) for b in range(case.batch) for out, j in enumerate(columns[b])
+                      if j < k and case.valid[b, step.start + j]]
+        elif logits.shape[1] == fed_len:
             step.logits_at = "every position"
             wanted = [(b, j, j) for b in range(case.batch) for j in range(k) if case.valid[b, step.start + j]]
         elif logits.shape[1] == 1:
@@ -974,6 +1011,7 @@ def check_sequence_equivalence(
     threads: int = 1,
     cached_label: str | None = None,
     reference_label: str | None = None,
+    logits_to_keep: int | None = None,
 ) -> SequenceCheckResult:
     """Replay ``examples`` drawn cases through ``cached``; on failure return the shrunk case and its report.
 
@@ -993,7 +1031,8 @@ def check_sequence_equivalence(
     if seed is None:
         seed = random.randrange(2**32)
     replayer = SequenceReplayer(
-        cached, reference, ctx_len=ctx_len, threads=threads, cached_label=cached_label, reference_label=reference_label
+        cached, reference, ctx_len=ctx_len, threads=threads, cached_label=cached_label, reference_label=reference_label,
+        logits_to_keep=logits_to_keep,
     )
     replayer.compute_context_len = compute_context_len
     try:
