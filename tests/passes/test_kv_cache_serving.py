@@ -276,3 +276,17 @@ def test_verify_serves_requests_through_the_rows(monkeypatch: pytest.MonkeyPatch
     KVCachePass(style="retained", ctx_len=CTX_LEN, full_batch_size=2)(bad)
     with pytest.raises(PassFailure, match="cache rows"):
         verify(reference, bad, "kv-cache", meaning=KVCachePass.meaning)
+
+
+def test_speculative_target_with_continuous_batching_and_compute_context(tmp_path) -> None:
+    """The serving options compose on one graph: K+1 kept logits equal the no-cache ones, and requests in rows
+    each give their own logits (one kept logit), with a compute-context length fed."""
+    cached, reference, model = _cached(tmp_path, graphs.decoder(mask="window"), scatter="ctx-scatter",
+                                       full_batch_size=2, comp_ctx_lengths="6,11", num_speculative_tokens=2,
+                                       prefill_len=4)
+    assert {"batch_index", "comp_ctx_lengths", "num_logits_to_keep"} <= {v.name for v in model.graph.inputs}
+    result = check_sequence_equivalence(cached, reference, examples=6, logits_to_keep=3, require_greedy=True,
+                                        max_len=10)
+    assert result.equivalent, str(result)
+    with SequenceReplayer(cached, reference) as replayer:
+        assert check_slots(replayer, examples=6, slots=2) is None
