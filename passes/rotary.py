@@ -55,8 +55,7 @@ def rotary(op, x, cos, sin):
 
 
 def partial_rotary(op, q, cos, sin):
-    turned = op.RotaryEmbedding(_last_axis_slice(op, q, "rot"), cos, sin, interleaved=0, num_heads=op.capture("num_heads"),
-                                rotary_embedding_dim=op.capture("rotary_dim"))
+    turned = op.RotaryEmbedding(_last_axis_slice(op, q, "rot"), cos, sin, interleaved=0)
     return op.Concat(turned, _last_axis_slice(op, q, "pass"), axis=op.capture("cat_axis"))
 
 
@@ -140,14 +139,17 @@ def check_rotary(match, x, cos, sin, cat_axis) -> str | None:
     return None
 
 
-def check_partial(match, q, cat_axis, rotary_dim, num_heads) -> str | None:
+def check_partial(match, q, cat_axis) -> str | None:
     d = _head_size(q)
     if isinstance(d, str):
         return d
     if cat_axis not in (-1, 3):
         return f"the pass-through channels are concatenated on axis {cat_axis}, not the last"
-    if num_heads not in (None, 0) or rotary_dim not in (None, 0):
-        return "the inner RotaryEmbedding already has num_heads or rotary_embedding_dim set"
+    inner = next(n for n in match.nodes if n.op_type == "RotaryEmbedding")
+    # num_heads / rotary_embedding_dim have no schema default, so the pattern cannot say "absent"
+    if any(inner.attributes.get(name) is not None and inner.attributes[name].value
+           for name in ("num_heads", "rotary_embedding_dim")):
+        return f"the inner RotaryEmbedding '{inner.name}' already sets num_heads or rotary_embedding_dim"
     rot = _int(match, "rot_end")
     if rot is None or not 0 < rot < d or rot % 2:
         return f"the rotated slice ends at {rot}, not an even channel inside the head size {d}"
@@ -208,7 +210,7 @@ _EXAMPLE_PARTIAL = {
     "rot_axes": np.array([-1], np.int64), "rot_steps": np.array([1], np.int64),
     "pass_start": np.array([4], np.int64), "pass_end": np.array([_INT64_MAX], np.int64),
     "pass_axes": np.array([-1], np.int64), "pass_steps": np.array([1], np.int64),
-    "cat_axis": -1, "num_heads": 0, "rotary_dim": 0,
+    "cat_axis": -1,
 }
 
 RULES = RuleSet(
@@ -241,7 +243,9 @@ class RotaryFusionPass(RewritePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
         for cand in explain(model, RuleSet([RULES.get("rotary-half")], name=self.name)):
-            if not cand.matched and cand.nodes_matched > 1:
+            # The root Add and one product match any residual x*a + y; a candidate that got the
+            # second product too is an x*a + y*b, the shape of a rotary: its refusal is worth reading.
+            if not cand.matched and cand.nodes_matched > 2:
                 where = f"{cand.graph}/{cand.node}" if cand.graph else cand.node
                 self.report.notes.append(f"rotary candidate '{where}' not fused: {cand.reason}")
         return result
