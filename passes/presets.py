@@ -46,6 +46,7 @@ ORT: dict = {
     "steps": [
         *_CANONICALIZE_ORT,
         {"pass": "kv-cache", "options": {"style": "concat"}},
+        {"pass": "attention-io"},
         {"pass": "skip-rmsnorm"},
         *_FINISH,
     ]
