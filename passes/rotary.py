@@ -242,6 +242,8 @@ class RotaryFusionPass(RewritePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
+        if not any(node.op_type == "Neg" for node in ir.traversal.RecursiveGraphIterator(model.graph)):
+            return result  # no rotate_half left to explain: skip the second sweep
         for cand in explain(model, RuleSet([RULES.get("rotary-half")], name=self.name)):
             # The root Add and one product match any residual x*a + y; a candidate that got the
             # second product too is an x*a + y*b, the shape of a rotary: its refusal is worth reading.

@@ -92,6 +92,13 @@ RULES = RuleSet(
 )
 
 
+def _normalizes_a_sum(node: ir.Node) -> bool:
+    if node.op_type != "RMSNormalization" or not node.inputs or node.inputs[0] is None:
+        return False
+    producer = node.inputs[0].producer()
+    return producer is not None and producer.op_type == "Add"
+
+
 class SkipRMSNormPass(RewritePass):
     """Lower residual Add + RMSNormalization to com.microsoft::SkipSimplifiedLayerNormalization (onnxruntime).
 
@@ -106,6 +113,8 @@ class SkipRMSNormPass(RewritePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
+        if not any(_normalizes_a_sum(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)):
+            return result  # every candidate was lowered: skip the second sweep
         for cand in explain(model, self.rule_set()):
             if not cand.matched and cand.nodes_matched > 1:
                 where = f"{cand.graph}/{cand.node}" if cand.graph else cand.node
