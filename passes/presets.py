@@ -36,7 +36,9 @@ _CANONICALIZE = [_FOLD, {"pass": "rmsnorm"}, {"pass": "attention"}]
 # For onnxruntime the canonical form goes further: RotaryEmbedding (opset 23)
 # and packed sibling projections (Q/K/V, gate/up). The qaic preset stops at
 # _CANONICALIZE: its compiler takes opset <= 17, which has no RotaryEmbedding.
-_CANONICALIZE_ORT = [*_CANONICALIZE, {"pass": "rotary"}, {"pass": "pack-matmuls"}]
+# cse right after: each rotary's slice of the shared cos/sin tables is one node
+# again before kv-cache reads the graph (half the kv-cache pass's time).
+_CANONICALIZE_ORT = [*_CANONICALIZE, {"pass": "rotary"}, {"pass": "pack-matmuls"}, {"pass": "cse"}]
 
 # onnxruntime: canonical ops kept (it runs RMSNormalization, Attention and
 # RotaryEmbedding natively), the KV cache in the concat form
