@@ -12,7 +12,8 @@ product in either operand order::
 ``sin`` are ``[B | 1, 1, S, D]`` tables whose halves are equal by
 construction (``cos(cat(freqs, freqs))``, read by ``rotary_tables``);
 ``cos'`` is their first half without the head axis, ``[B, S, D/2]``,
-broadcast to x's batch when the table has one row. The second rule makes a
+expanded to x's batch and sequence dims where shape inference does not show
+them equal (a table shared by the batch; TorchScript's unrelated symbols). The second rule makes a
 partial rotary (Phi, GPT-NeoX's ``rotary_pct``: only the first r of the D
 channels turn) one node: the first rule has already fused the rotated
 slice, and the pass-through channels are put back by ``rotary_embedding_dim``.
@@ -20,7 +21,7 @@ slice, and the pass-through channels are put back by ``rotary_embedding_dim``.
 Not fused, and reported (which node, which check failed): slices that are
 not the two halves of the last axis, a table whose halves are not known to
 be equal (its first half would not be what the graph multiplies by), a table
-that is not ``[B | 1, 1, S, D]``, an unknown or odd head size.
+that is not ``[B | 1, 1, S | 1, D]``, an unknown or odd head size.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 from qgraph_passes.opset_upgrade import opset_at_least
 from qgraph_passes.rotary_tables import halves_equal_reason
+from qgraph_passes.shape_values import static_value
 
 from qgraph import RewritePass, Rule, RuleSet
 from qgraph.rewrite import explain
@@ -66,8 +68,8 @@ def _int(match, name: str) -> int | None:
     value = match.get(name) if name in match else None
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
-    array = np.asarray(tensor.numpy()).reshape(-1) if tensor is not None else np.zeros(0)
+    array = static_value(value)  # a constant, or computed from x's static head size (TorchScript's x.shape[-1] // 2)
+    array = np.asarray(array).reshape(-1) if array is not None else np.zeros(0)
     return int(array[0]) if array.size == 1 else None
 
 
@@ -76,7 +78,8 @@ def _slice_reason(match, prefix: str, start: int, end: int, width: int) -> str |
     got = {k: _int(match, f"{prefix}_{k}") for k in ("start", "end", "axes")}
     steps = _int(match, f"{prefix}_steps") if f"{prefix}_steps" in match else 1
     if None in got.values() or steps is None:
-        return f"a Slice of x has starts/ends/axes that are not one constant each ({prefix} half)"
+        return (f"a Slice of x has starts/ends/axes that are not one number each, from constants and static dims "
+                f"({prefix} half)")
     if got["axes"] not in (-1, 3) or steps != 1:
         return f"a Slice of x runs over axis {got['axes']} with step {steps}, not the last axis with step 1"
     got_end = got["end"] if got["end"] < width or got["end"] > _INT64_MAX // 2 else width
@@ -112,10 +115,6 @@ def _table_reason(table: ir.Value, x: ir.Value, d: int, what: str) -> str | None
     dims = table.shape.dims
     if dims[1] != 1 or dims[3] != d:
         return f"the {what} table '{table.name}' has shape {table.shape}, not [B, 1, S, {d}]"
-    if not _same_dim(dims[2], x.shape[2]):
-        return f"the {what} table's sequence dim {dims[2]} is not x's {x.shape[2]}"
-    if dims[0] != 1 and not _same_dim(dims[0], x.shape[0]):
-        return f"the {what} table's batch dim {dims[0]} is neither 1 nor x's {x.shape[0]}"
     reason = halves_equal_reason(table)
     return None if reason is None else f"the {what} table's two halves are not known to be equal: {reason}"
 
@@ -135,7 +134,9 @@ def check_rotary(match, x, cos, sin, cat_axis) -> str | None:
         if reason is not None:
             return reason
     match["half"] = d // 2
-    match["broadcast_batch"] = cos.shape[0] == 1 or sin.shape[0] == 1
+    # RotaryEmbedding reads one table row per (batch, position) of x; where shape inference does not
+    # show the table's batch and sequence dims to be x's, the table is expanded to them, as Mul broadcast it.
+    match["broadcast"] = not all(_same_dim(t.shape[i], x.shape[i]) for t in (cos, sin) for i in (0, 2))
     return None
 
 
@@ -164,7 +165,7 @@ def check_partial(match, q, cat_axis) -> str | None:
 # -- replacements --------------------------------------------------------------
 
 
-def _first_half(op, table, x, half: int, broadcast_batch: bool):
+def _first_half(op, table, x, half: int, broadcast: bool):
     # Constant nodes, not initializers: cse merges equal Constant nodes, so the layers' copies of
     # this slice of one shared table become one.
     def ints(*v):
@@ -172,16 +173,16 @@ def _first_half(op, table, x, half: int, broadcast_batch: bool):
 
     first = op.Squeeze(op.Slice(table, ints(0), ints(half), ints(-1)), ints(1))
     first.shape = ir.Shape([table.shape[0], table.shape[2], half])  # inference does not read Constant-node axes
-    if not broadcast_batch:
+    if not broadcast:
         return first
-    # RotaryEmbedding reads one table row per batch row; a table shared by the batch is repeated.
-    shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(first, start=1, end=3), axis=0)
-    return op.Expand(first, shape)
+    shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(x, start=2, end=3), op.Constant(value_ints=[half]), axis=0)
+    expanded = op.Expand(first, shape)
+    expanded.shape = ir.Shape([x.shape[0], x.shape[2], half])
+    return expanded
 
 
-def to_rotary(op, x, cos, sin, half, broadcast_batch):
-    return op.RotaryEmbedding(x, _first_half(op, cos, x, half, broadcast_batch),
-                              _first_half(op, sin, x, half, broadcast_batch))
+def to_rotary(op, x, cos, sin, half, broadcast):
+    return op.RotaryEmbedding(x, _first_half(op, cos, x, half, broadcast), _first_half(op, sin, x, half, broadcast))
 
 
 def to_partial(op, q, cos, sin, rot):
@@ -218,7 +219,8 @@ RULES = RuleSet(
         Rule("rotary-half", rotary, to_rotary, check_rotary, opsets={"": 23},
              doc="x*cos + rotate_half(x)*sin -> RotaryEmbedding(x, cos[..., :D/2], sin[..., :D/2])",
              example_inputs=_EXAMPLE_INPUTS, example_values=_EXAMPLE_VALUES),
-        Rule("rotary-partial", partial_rotary, to_partial, check_partial, opsets={"": 23},
+        # keep_shared: a table expanded to the rotated slice's shape still reads that slice's Shape.
+        Rule("rotary-partial", partial_rotary, to_partial, check_partial, opsets={"": 23}, keep_shared=True,
              doc="Concat(RotaryEmbedding(x[..., :r]), x[..., r:]) -> RotaryEmbedding(x, rotary_embedding_dim=r)",
              example_inputs=_EXAMPLE_PARTIAL_INPUTS, example_values=_EXAMPLE_PARTIAL),
     ],

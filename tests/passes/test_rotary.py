@@ -34,6 +34,8 @@ def rotary_cases(draw) -> dict:
         "swap_add": draw(st.booleans()),
         "table_batch": draw(st.sampled_from(["B", 1])),  # one table row per batch row, or shared
         "table_cast": draw(st.booleans()),  # cos(emb).to(dtype) as the dynamo export spells it
+        # the half as TorchScript writes x.shape[-1] // 2: Unsqueeze(Div(Gather(Shape(x), 3), 2))
+        "computed_half": draw(st.booleans()),
         "equal_halves": True,
     }
 
@@ -48,8 +50,23 @@ def build(case: dict) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
         return name
 
+    def half_of(src, out):
+        """src.shape[-1] // 2 as a 1-D tensor, computed in the graph."""
+        nodes.append(helper.make_node("Shape", [src], [f"{out}_shape"]))
+        inits.append(numpy_helper.from_array(np.array(3, np.int64), f"{out}_three"))
+        inits.append(numpy_helper.from_array(np.array(2, np.int64), f"{out}_two"))
+        nodes.append(helper.make_node("Gather", [f"{out}_shape", f"{out}_three"], [f"{out}_dim"], axis=0))
+        nodes.append(helper.make_node("Div", [f"{out}_dim", f"{out}_two"], [f"{out}_half"]))
+        nodes.append(helper.make_node("Unsqueeze", [f"{out}_half", const(f"{out}_ax0", [0])], [out]))
+        return out
+
+    def bound(src, value, out):
+        if case["computed_half"] and value == half and src == x:
+            return half_of(src, out)
+        return const(out, [value])
+
     def slice_(src, start, end, out):
-        ins = [src, const(f"{out}_s", [start]), const(f"{out}_e", [end]), const(f"{out}_a", [-1])]
+        ins = [src, bound(src, start, f"{out}_s"), bound(src, end, f"{out}_e"), const(f"{out}_a", [-1])]
         if case["steps"]:
             ins.append(const(f"{out}_st", [1]))
         nodes.append(helper.make_node("Slice", ins, [out]))
