@@ -64,6 +64,10 @@ def check_cache_concat(match, q, k, past_k) -> str | None:
     node = _attention_node(match)
     if len(node.outputs) > 1 and any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
         return f"Attention '{node.name}' already has present or qk outputs in use"
+    if "is_causal" in node.attributes and node.attributes["is_causal"].value:
+        # where the causal diagonal sits once the keys come in two parts is not a question to leave
+        # to a kernel: only an explicit mask (what kv-cache writes) is moved
+        return f"Attention '{node.name}' is is_causal, not masked explicitly"
     for value in (q, k, past_k):
         if value.shape is None or len(value.shape) != 4:
             return f"'{value.name}' is not known to be 4-D (the concat axis 2 must be the sequence axis)"
