@@ -188,7 +188,11 @@ RULES = RuleSet(
              example_values={"x_shape": _shape(0, 0, 3, 4), "x_shape_allowzero": 0}),
         Rule("attention-packed-heads", attention_of_heads, on_packed_heads, check_attention_of_heads,
              doc="merge(Attention(heads(q3), heads(k3), heads(v3), ...)) -> Attention(q3, k3, v3, ..., q/kv_num_heads)",
-             example_inputs={"q3": (_F, (_B, _S, 16)), "k3": (_F, (_B, _S, 8)), "v3": (_F, (_B, _S, 8)), **_PAST, **_MASK},
+             # static dims: onnx infers Attention's present shapes only from known lengths, and the
+             # self-check needs every output of the pattern typed and shaped
+             example_inputs={"q3": (_F, (2, 3, 16)), "k3": (_F, (2, 3, 8)), "v3": (_F, (2, 3, 8)),
+                             "past_k": (_F, (2, 2, 4, 4)), "past_v": (_F, (2, 2, 4, 4)),
+                             "mask_past": (_F, (2, 1, 3, 4)), "mask_new": (_F, (2, 1, 3, 3))},
              example_values={**_MASK_VALUE, "q_shape": _shape(0, 0, 4, 4), "k_shape": _shape(0, 0, 2, 4), "v_shape": _shape(0, 0, 2, 4),
                              "out_shape": _shape(0, 0, 16), "q_shape_allowzero": 0, "k_shape_allowzero": 0,
                              "v_shape_allowzero": 0, "out_allowzero": 0}),

@@ -132,9 +132,7 @@ def test_an_attention_whose_scores_are_used_is_kept_and_the_reason_reported():
     assert "attention-cache-inputs" in notes and "graph output" in notes, notes
 
 
-@pytest.mark.parametrize("rule", [r for r in RULES.rules if r.name != "attention-packed-heads"], ids=lambda r: r.name)
+@pytest.mark.parametrize("rule", RULES.rules, ids=lambda r: r.name)
 def test_each_rule_holds_on_its_own(rule):
-    # attention-packed-heads returns Attention's present outputs, which onnx's shape inference leaves
-    # unshaped, so the self-check cannot build it as a model; the property test above covers it.
     result = check_rule(rule, examples=2)
     assert result.ok, str(result)
