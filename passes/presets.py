@@ -33,13 +33,23 @@ CLEANUP: dict = {"steps": list(_FINISH)}
 # fusions then see the same shapes whichever exporter made the graph.
 _CANONICALIZE = [_FOLD, {"pass": "rmsnorm"}, {"pass": "attention"}]
 
-# onnxruntime: canonical ops kept (it runs RMSNormalization and Attention
-# natively), the KV cache in the concat form onnxruntime-genai and optimum
-# use, fp32.
+# For onnxruntime the canonical form goes further: RotaryEmbedding (opset 23)
+# and packed sibling projections (Q/K/V, gate/up). The qaic preset stops at
+# _CANONICALIZE: its compiler takes opset <= 17, which has no RotaryEmbedding.
+# cse right after: each rotary's slice of the shared cos/sin tables is one node
+# again before kv-cache reads the graph (half the kv-cache pass's time).
+_CANONICALIZE_ORT = [*_CANONICALIZE, {"pass": "rotary"}, {"pass": "pack-matmuls"}, {"pass": "cse"}]
+
+# onnxruntime: canonical ops kept (it runs RMSNormalization, Attention and
+# RotaryEmbedding natively), the KV cache in the concat form
+# onnxruntime-genai and optimum use, the residual add fused into the next
+# norm (com.microsoft::SkipSimplifiedLayerNormalization), fp32.
 ORT: dict = {
     "steps": [
-        *_CANONICALIZE,
+        *_CANONICALIZE_ORT,
         {"pass": "kv-cache", "options": {"style": "concat"}},
+        {"pass": "attention-io"},
+        {"pass": "skip-rmsnorm"},
         *_FINISH,
     ]
 }

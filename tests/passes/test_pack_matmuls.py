@@ -1,0 +1,84 @@
+"""pack-matmuls: sibling MatMuls of one input by constant weights become one MatMul and a Split, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from builders import feeds_for, session
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from qgraph_passes.pack_matmuls import RULES
+
+import qgraph
+from qgraph import io as qio
+from qgraph.verify.rule_check import check_rule
+
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def projections(draw) -> dict:
+    k = draw(st.sampled_from([4, 8]))
+    return {
+        "k": k,
+        "widths": draw(st.lists(st.sampled_from([2, 4, 6]), min_size=2, max_size=3)),
+        "rank": draw(st.sampled_from([2, 3])),
+        "input_weight": draw(st.booleans()),  # one more sibling whose weight is a graph input: never packed
+    }
+
+
+def build(case: dict) -> onnx.ModelProto:
+    k, rng = case["k"], np.random.default_rng(0)
+    x_dims = ["B", "S", k] if case["rank"] == 3 else ["T", k]
+    nodes, inits, inputs = [], [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims)]
+    outputs = []
+    for i, n in enumerate(case["widths"]):
+        inits.append(numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [*x_dims[:-1], n]))
+    if case["input_weight"]:
+        inputs.append(helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [k, 3]))
+        nodes.append(helper.make_node("MatMul", ["x", "w_in"], ["y_in"]))
+        outputs.append(helper.make_tensor_value_info("y_in", TensorProto.FLOAT, [*x_dims[:-1], 3]))
+    graph = helper.make_graph(nodes, "siblings", inputs, outputs, inits)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+@SETTINGS
+@given(case=projections(), data=st.data())
+def test_siblings_pack_into_one_matmul_and_the_outputs_are_bit_identical(case, data, tmp_path_factory):
+    proto = build(case)
+    packed, report = qgraph.optimize_with_report(ir.from_proto(proto), ["pack-matmuls"])
+    ops = [n.op_type for n in packed.graph]
+    expected_matmuls = 1 + (1 if case["input_weight"] else 0)
+    assert ops.count("MatMul") == expected_matmuls and ops.count("Split") == 1, ops
+    rule = "pack-three-matmuls" if len(case["widths"]) == 3 else "pack-two-matmuls"
+    assert report.passes[-1].rule_matches == {rule: 1}
+    # the packed weight is lazy: saving writes the concatenation
+    path = tmp_path_factory.mktemp("packed") / "model.onnx"
+    qio.save(packed, path)
+    before, after = session(proto), session(str(path))
+    for _ in range(3):
+        feeds = data.draw(feeds_for(proto))
+        for expected, actual in zip(before.run(None, feeds), after.run(None, feeds)):
+            np.testing.assert_array_equal(actual, expected)
+
+
+def test_weights_of_different_dtypes_are_not_packed():
+    proto = build({"k": 4, "widths": [2, 2], "rank": 2, "input_weight": False})
+    model = ir.from_proto(proto)
+    w1 = model.graph.initializers["w1"]
+    w1.const_value = ir.tensor(w1.const_value.numpy().astype(np.float16))
+    w1.dtype = ir.DataType.FLOAT16
+    _, report = qgraph.optimize_with_report(model, ["pack-matmuls"])
+    assert report.passes[-1].rule_matches == {}
+    assert any("not one dtype" in n for n in report.passes[-1].notes), report.passes[-1].notes
+
+
+@pytest.mark.parametrize("rule", RULES.rules, ids=lambda r: r.name)
+def test_each_rule_holds_on_its_own(rule):
+    result = check_rule(rule, examples=2)
+    assert result.ok, str(result)
