@@ -103,15 +103,17 @@ def test_interface_and_specializations(tiny_zoo, tmp_path_factory) -> None:
     logits = next(v for v in model.graph.outputs if v.name == "logits")
     assert [str(d) for d in logits.shape][:2] == ["batch_size", "num_logits_to_keep"]
     specs = json.loads(model.metadata_props[qio.SIDECAR_PREFIX + "specializations.json"])["specializations"]
-    assert specs[0]["seq_len"] == "8" and specs[0]["num_logits_to_keep"] == "1"
-    assert specs[1]["seq_len"] == str(K + 1) and specs[1]["num_logits_to_keep"] == str(K + 1)
+    assert [s["name"] for s in specs] == ["Prefill", "Decode"]
+    prefill, decode = (s["symbols"] for s in specs)
+    assert prefill["seq_len"] == "8" and prefill["num_logits_to_keep"] == "1"
+    assert decode["seq_len"] == str(K + 1) and decode["num_logits_to_keep"] == str(K + 1)
 
 
 def test_without_the_option_nothing_changes(tiny_zoo, tmp_path_factory) -> None:
     _, _, model = _target(tiny_zoo, tmp_path_factory, "llama", num_speculative_tokens=0)
     assert "num_logits_to_keep" not in {v.name for v in model.graph.inputs}
     specs = json.loads(model.metadata_props[qio.SIDECAR_PREFIX + "specializations.json"])["specializations"]
-    assert all("num_logits_to_keep" not in s for s in specs) and specs[1]["seq_len"] == "1"
+    assert all("num_logits_to_keep" not in s["symbols"] for s in specs) and specs[1]["symbols"]["seq_len"] == "1"
 
 
 @pytest.mark.parametrize(("options", "named"), [
