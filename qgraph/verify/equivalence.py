@@ -628,7 +628,9 @@ def step_verifier(
     against ``before`` in fp32 (:func:`qgraph.verify.fp16.check_fp16`);
     "sequence" replays token sequences through the cached ``after`` against
     the no-cache ``before`` (docs/design.md, KV-cache I/O contracts), because a
-    step that adds a KV cache changes the graph's signature; "approximate"
+    step that adds a KV cache changes the graph's signature; "sampling"
+    (pass ``sampler``) checks that greedy ``next_tokens`` are the argmax of
+    ``before``'s logits (:mod:`qgraph.verify.sampling`); "approximate"
     (a lossy pass) checks ``after`` against the pass's ``budget``
     (:func:`qgraph.verify.budget.check_budget`). A failure's inputs go to
     ``keep`` when given, else to a temporary folder that is removed when
@@ -642,6 +644,10 @@ def step_verifier(
         if meaning == "sequence":
             _verify_cache_step(before, after, pass_name)
             return f"cached replay gives the no-cache logits ({examples} drawn sequences, seed {seed})"
+        if meaning == "sampling":  # pass 'sampler': logits -> next_tokens
+            from qgraph.verify.sampling import check_greedy_sampler
+
+            return check_greedy_sampler(before, after, examples=examples, seed=seed, pass_name=pass_name)
         if meaning == "fp16":
             from qgraph.verify.fp16 import fp16_step_verifier
 
