@@ -114,3 +114,20 @@ def test_seeded_sampling_on_the_device_repeats_itself(engines) -> None:
     other = Generator(device).generate_ids([[1, 2, 3], [4]], max_new_tokens=8,
                                            sampling=SamplingConfig(temperature=1.5, top_k=6, top_p=0.9, seed=8))
     assert other.token_ids != runs[0]  # the random numbers do reach the graph
+
+
+def test_penalty_flags_are_refused_for_a_graph_that_samples_on_the_host(engines) -> None:
+    import argparse
+
+    from qgraph.errors import BadInputError
+    from qgraph.runtime.command import _device_penalties
+
+    plain, device = engines
+    args = argparse.Namespace(repetition_penalty=1.4, presence_penalty=None, min_p=0.1)
+    with pytest.raises(BadInputError, match="--repetition-penalty, --min-p: only for a graph that samples on the device"):
+        _device_penalties(args, plain)
+    try:
+        _device_penalties(args, device)
+        assert device.penalties == DevicePenalties(repetition_penalty=1.4, min_p=0.1)
+    finally:
+        device.penalties = DevicePenalties()
