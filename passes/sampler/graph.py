@@ -61,6 +61,7 @@ class SamplerValues:
     top_ps: ir.Value
     min_ps: ir.Value
     random_numbers: ir.Value  # [B, max_top_k_ids] float in (0, 1)
+    token_bitmasks: ir.Value | None = None  # [B, V] bool: tokens allowed (guided decoding)
 
 
 def _mark_tokens(o: Ops, rows: ir.Value, tokens: ir.Value, valid: ir.Value) -> ir.Value:
@@ -177,6 +178,9 @@ def build_sampler(o: Ops, v: SamplerValues, *, max_top_k: int, return_pdfs: bool
                   ) -> tuple[ir.Value, ir.Value | None, ir.Value, ir.Value]:
     """(next_tokens [B, S, 1] int64, probs or None, repetition buffer, presence buffer)."""
     logits = v.logits if v.logits.dtype == ir.DataType.FLOAT else o.cast(v.logits, ir.DataType.FLOAT)
+    if v.token_bitmasks is not None:  # guided decoding: disallowed tokens get float16's lowest logit
+        allowed = o.unsqueeze(o.cast(v.token_bitmasks, ir.DataType.BOOL), [1])
+        logits = o.op("Where", allowed, logits, o.const(FP16_MIN, np.float32))
     repetition, presence = update_penalty_buffers(o, v)
     logits = apply_penalties(o, logits, repetition, presence, v)
     greedy = o.op("ArgMax", logits, axis=2, keepdims=1)

@@ -15,7 +15,8 @@ continuous batching: the buffers then have ``full_batch_size`` rows):
 ``past_presence_penalty_buffer`` bool [batch_size | full_batch_size, V],
 ``presence_penalties``, ``temperatures`` float [batch_size, 1],
 ``top_ks`` int32 [batch_size, 1], ``top_ps``, ``min_ps`` float
-[batch_size, 1], ``random_numbers`` float [batch_size, max_top_k_ids];
+[batch_size, 1], ``random_numbers`` float [batch_size, max_top_k_ids]
+(and ``token_bitmasks`` bool [batch_size, V] with ``include_guided_decoding``);
 outputs: ``logits`` is replaced by ``next_tokens`` int64 [B, S, 1] (with
 ``probs`` float [B, S, V] before it when ``return_pdfs``), and
 ``past_repetition_penalty_buffer_RetainedState`` and
@@ -58,6 +59,8 @@ class SamplerPass(Pass):
         "max_top_k_ids": Option(int, 512, "largest top-k a request may ask for: the random branch works on this many "
                                 "of the largest logits (capped at the vocabulary); random_numbers has this many columns"),
         "return_pdfs": Option(bool, False, "also output probs [B, S, V], the distribution the token is drawn from"),
+        "include_guided_decoding": Option(bool, False, "add input token_bitmasks [B, V] bool: only tokens marked "
+                                          "True may be chosen"),
     }
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -84,7 +87,7 @@ class SamplerPass(Pass):
         opset = default_opset(model) or 0
         if opset < _MIN_OPSET:
             raise _fail(f"the default-domain opset is {opset}; the sampler needs >= {_MIN_OPSET}")
-        taken = sorted(set(SAMPLER_INPUTS) & set(inputs))
+        taken = sorted({*SAMPLER_INPUTS, "token_bitmasks"} & set(inputs))
         if taken:
             raise _fail(f"input(s) {', '.join(map(repr, taken))} already exist")
 
@@ -118,6 +121,8 @@ class SamplerPass(Pass):
             min_ps=new_input("min_ps", f32, [batch, 1]),
             random_numbers=new_input("random_numbers", f32, [batch, max_top_k]),
         )
+        if self.config["include_guided_decoding"]:
+            values.token_bitmasks = new_input("token_bitmasks", ir.DataType.BOOL, [batch, vocab])
         o = Ops(graph, opset)
         next_tokens, probs, repetition, presence = build_sampler(
             o, values, max_top_k=max_top_k, return_pdfs=self.config["return_pdfs"])
@@ -139,6 +144,9 @@ class SamplerPass(Pass):
         graph.outputs.extend(new_outputs)
 
         kind = f"{shape[1]} positions" if shape[1] != 1 else "the last token"
+        if not isinstance(shape[1], int):
+            self.report.notes.append("logits at every token: every step has as many columns as positions, so the "
+                                     "buffers read it as decode (the prompt counts as generated for presence)")
         cb = ", buffers indexed by batch_index (continuous batching)" if batch_index is not None else ""
         self.report.count("sampler")
         self.report.notes.append(f"sampling at {kind} of each row, top-k window {max_top_k}{cb}")

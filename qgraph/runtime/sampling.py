@@ -34,7 +34,7 @@ __all__ = ["DeviceSamplingEngine", "DevicePenalties", "is_sampler_graph", "sampl
 BUFFERS = ("past_repetition_penalty_buffer", "past_presence_penalty_buffer")
 #: The inputs pass 'sampler' adds (QEfficient's names), and the outputs other than next_tokens.
 SAMPLER_INPUTS = ("last_accepted_output_tokens", *BUFFERS, "repetition_penalties", "presence_penalties",
-                  "temperatures", "top_ks", "top_ps", "min_ps", "random_numbers")
+                  "temperatures", "top_ks", "top_ps", "min_ps", "random_numbers", "token_bitmasks")
 _SAMPLER_OUTPUTS = {"probs", *(f"{b}_RetainedState" for b in BUFFERS)}
 
 
@@ -92,6 +92,7 @@ class DeviceSamplingEngine(RetainedEngine):
         super().__init__(session, layout, **kwargs)
         self.vocab = vocab
         self.max_top_k = max_top_k
+        self.guided = "token_bitmasks" in {i.name for i in session.get_inputs()}
         self.penalties = DevicePenalties()
         self._settings: dict[str, np.ndarray] = {}
         self._buffers: dict[str, np.ndarray] = {}
@@ -147,6 +148,8 @@ class DeviceSamplingEngine(RetainedEngine):
         b.bind_cpu_input("last_accepted_output_tokens", np.ascontiguousarray(tokens, np.int64))
         for name, value in self._settings.items():
             b.bind_cpu_input(name, value)
+        if self.guided:  # no grammar here: every token allowed
+            b.bind_cpu_input("token_bitmasks", np.ones((tokens.shape[0], self.vocab), bool))
         uniform = self._rng.uniform(np.nextafter(0, 1), 1, (tokens.shape[0], self.max_top_k)).astype(np.float32)
         b.bind_cpu_input("random_numbers", np.maximum(uniform, np.float32(np.nextafter(0, 1))))
         b.bind_output("next_tokens", "cpu")  # onnxruntime allocates these: their shapes change between runs

@@ -69,6 +69,8 @@ def _feeds(before: ir.Model, after: ir.Model, rng: np.random.Generator) -> tuple
             extra[value.name] = feeds["input_ids"].astype(np.int64)
         elif value.name == "random_numbers":
             extra[value.name] = rng.uniform(0.01, 0.99, shape).astype(np.float32)
+        elif value.name == "token_bitmasks":
+            extra[value.name] = np.ones(shape, bool)
         else:  # top_ks (0: no top-k) and the penalty buffers (empty)
             extra[value.name] = np.zeros(shape, value.dtype.numpy())
     return feeds, extra

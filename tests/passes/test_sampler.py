@@ -4,7 +4,7 @@
   (and scaled) logits, and the retained penalty buffers are the reference's
   seen-token sets -- a hypothesis property over drawn logits, penalties,
   prompts with padding, prefill and decode, 1 or K+1 positions, with and
-  without ``batch_index``;
+  without ``batch_index``, with and without ``token_bitmasks``;
 * ``probs`` (``return_pdfs``) is the reference distribution, drawn settings;
 * the samples' distribution is the reference's (chi-square over many draws
   of ``random_numbers``), and the same test rejects a sampler that ignores
@@ -63,6 +63,7 @@ class Step:
     top_p: np.ndarray
     min_p: np.ndarray
     random: np.ndarray  # [B, max_top_k] in (0, 1)
+    allowed: np.ndarray | None = None  # [B, V] token_bitmasks (guided decoding), None: the input is absent
 
     def feeds(self) -> dict[str, np.ndarray]:
         vocab = self.logits.shape[2]
@@ -84,6 +85,8 @@ class Step:
         }
         if self.batch_index:
             feeds["batch_index"] = column(self.rows, np.int64)
+        if self.allowed is not None:
+            feeds["token_bitmasks"] = self.allowed
         return feeds
 
     def reference_buffers(self) -> tuple[list[set[int]], list[set[int]]]:
@@ -93,13 +96,17 @@ class Step:
 
     def reference_penalized(self) -> np.ndarray:
         repetition, presence = self.reference_buffers()
+        logits = self.logits
+        if self.allowed is not None:  # a disallowed token's logit is float16's lowest, then penalized as any other
+            logits = np.where(self.allowed[:, None, :], logits, np.float32(np.finfo(np.float16).min))
         return np.stack([
-            np.stack([ref.penalize(self.logits[b, s], repetition[row], presence[row], self.rp[b], self.pp[b])
+            np.stack([ref.penalize(logits[b, s], repetition[row], presence[row], self.rp[b], self.pp[b])
                       for s in range(self.logits.shape[1])])
             for b, row in enumerate(self.rows)])
 
 
 def _run(step: Step, **options) -> dict[str, np.ndarray]:
+    options["include_guided_decoding"] = step.allowed is not None
     session = _session(step.logits.shape[2], batch_index=step.batch_index, positions=None, **options)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, step.feeds()), strict=True))
@@ -141,6 +148,11 @@ def steps(draw, *, greedy: bool) -> tuple[Step, int]:
     top_k = per_row(st.integers(-1, max_top_k + 2))
     if greedy:  # temperature 0 or top-k 1 on every row
         top_k = np.where(temperature == 0, top_k, 1)
+    allowed = None
+    if draw(st.booleans()):  # guided decoding: at least one allowed token per row
+        allowed = np.array(draw(st.lists(st.lists(st.booleans(), min_size=vocab, max_size=vocab),
+                                         min_size=batch, max_size=batch)), bool)
+        allowed[np.arange(batch), draw(st.lists(st.integers(0, vocab - 1), min_size=batch, max_size=batch))] = True
     step = Step(
         logits=np.array(logits, np.float32).reshape(batch, positions, vocab),
         input_ids=np.array(ids, np.int64), position_ids=np.array(position_ids, np.int64),
@@ -151,6 +163,7 @@ def steps(draw, *, greedy: bool) -> tuple[Step, int]:
         min_p=per_row(f32(0.0, 1.0)),
         random=np.array(draw(st.lists(uniform, min_size=batch * max_top_k, max_size=batch * max_top_k)),
                         np.float32).reshape(batch, max_top_k),
+        allowed=allowed,
     )
     return step, max_top_k
 
