@@ -136,7 +136,7 @@ class SamplerPass(Pass):
                     (presence, f"{BUFFERS[1]}_RetainedState", ir.DataType.BOOL, [rows, vocab])]
         for value, name, dtype, dims in renamed:
             value.name, value.type, value.shape = name, ir.TensorType(dtype), ir.Shape(dims)
-        new_outputs = [o for o in graph.outputs if o is not logits]
+        new_outputs = [v for v in graph.outputs if v is not logits]
         head = [probs, next_tokens] if probs is not None else [next_tokens]
         new_outputs[index:index] = head
         new_outputs += [repetition, presence]
@@ -144,7 +144,7 @@ class SamplerPass(Pass):
         graph.outputs.extend(new_outputs)
 
         kind = f"{shape[1]} positions" if shape[1] != 1 else "the last token"
-        if not isinstance(shape[1], int):
+        if not isinstance(shape[1], int) and str(shape[1]) == str(seq):
             self.report.notes.append("logits at every token: every step has as many columns as positions, so the "
                                      "buffers read it as decode (the prompt counts as generated for presence)")
         cb = ", buffers indexed by batch_index (continuous batching)" if batch_index is not None else ""

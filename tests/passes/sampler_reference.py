@@ -21,15 +21,15 @@ from onnx import TensorProto as T
 from onnx import helper as oh
 
 
-def logits_graph(*, vocab: int, positions: int | None = 1, batch_index: bool = False, opset: int = 17
-                 ) -> onnx.ModelProto:
+def logits_graph(*, vocab: int, positions: int | None = 1, batch_index: bool = False, opset: int = 17,
+                 dtype: int = T.FLOAT) -> onnx.ModelProto:
     """``input_ids``, ``position_ids`` [, ``batch_index``], ``logits_in`` -> ``logits`` = logits_in."""
     inputs = [oh.make_tensor_value_info("input_ids", T.INT64, ["batch_size", "seq_len"]),
               oh.make_tensor_value_info("position_ids", T.INT64, ["batch_size", "seq_len"])]
     if batch_index:
         inputs.append(oh.make_tensor_value_info("batch_index", T.INT64, ["batch_size", 1]))
-    inputs.append(oh.make_tensor_value_info("logits_in", T.FLOAT, ["batch_size", positions or "positions", vocab]))
-    out = oh.make_tensor_value_info("logits", T.FLOAT, ["batch_size", positions or "positions", vocab])
+    inputs.append(oh.make_tensor_value_info("logits_in", dtype, ["batch_size", positions or "positions", vocab]))
+    out = oh.make_tensor_value_info("logits", dtype, ["batch_size", positions or "positions", vocab])
     graph = oh.make_graph([oh.make_node("Identity", ["logits_in"], ["logits"])], "logits", inputs, [out])
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=8)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -271,6 +272,23 @@ def test_the_chi_square_p_value_is_the_textbook_one() -> None:
     for statistic, dof, p in ((3.841, 1, 0.05), (18.307, 10, 0.05), (23.209, 10, 0.01)):
         q = ref._regularized_upper_gamma(dof / 2, statistic / 2)
         assert abs(q - p) < 2e-4, (statistic, dof, q)
+
+
+@settings(max_examples=20, deadline=None)
+@given(logits=st.lists(f32(-60000, 60000), min_size=2 * 20, max_size=2 * 20))
+def test_float16_logits_at_opset_23_are_sampled_in_float32(logits) -> None:
+    """A device graph's fp16 logits: greedy is the argmax of the same fp16 values, read as float32."""
+    model = ir.from_proto(ref.logits_graph(vocab=20, opset=23, dtype=onnx.TensorProto.FLOAT16))
+    SamplerPass(max_top_k_ids=5)(model)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    half = np.array(logits, np.float16).reshape(2, 1, 20)
+    step = Step(logits=half, input_ids=np.zeros((2, 1), np.int64), position_ids=np.full((2, 1), 3),
+                last_accepted=np.zeros((2, 1), np.int64), repetition=[set(), set()], presence=[set(), set()],
+                rows=[0, 1], batch_index=False, rp=np.ones(2), pp=np.zeros(2), temperature=np.zeros(2),
+                top_k=np.zeros(2), top_p=np.ones(2), min_p=np.zeros(2), random=np.full((2, 5), 0.5, np.float32))
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, step.feeds()), strict=True))
+    np.testing.assert_array_equal(out["next_tokens"][:, 0, 0], half.astype(np.float32)[:, 0].argmax(axis=1))
 
 
 # --- refusals ---------------------------------------------------------------------------------------------
