@@ -94,7 +94,6 @@ class DeviceSamplingEngine(RetainedEngine):
         self.max_top_k = max_top_k
         self.guided = "token_bitmasks" in {i.name for i in session.get_inputs()}
         self.penalties = DevicePenalties()
-        self._settings: dict[str, np.ndarray] = {}
         self._buffers: dict[str, np.ndarray] = {}
         self._rng = np.random.default_rng()
         self._config = None
@@ -105,6 +104,7 @@ class DeviceSamplingEngine(RetainedEngine):
 
     def start(self, batch: int) -> None:
         Engine.start(self, batch)
+        self._rows = None
         shape = (batch, self.n_kv_heads, self.ctx_len, self.head_dim)
         names = [name for pair in self.layout.past for name in pair]
         new = lambda: {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.layout.cache_dtype))  # noqa: E731
@@ -121,16 +121,25 @@ class DeviceSamplingEngine(RetainedEngine):
                 for past, ret in ((past_k, ret_k), (past_v, ret_v)):
                     b.bind_ortvalue_input(past, self._cache[past])
                     b.bind_ortvalue_output(ret, self._cache[past])
+        # one buffer row per cache row: batch_size rows, or full_batch_size (= slots) under continuous batching
         self._buffers = {name: np.zeros((batch, self.vocab), bool) for name in BUFFERS}
+
+    def _sampling_feeds(self, batch: int) -> dict[str, np.ndarray]:
+        """The per-row settings for a run of ``batch`` rows (1 when one slot is prefilled)."""
         config, p = self._config, self.penalties
         column = lambda x, dtype=np.float32: np.full((batch, 1), x, dtype)  # noqa: E731
-        self._settings = {
+        feeds = {
             "temperatures": column(config.temperature if config is not None else 0.0),
             "top_ks": column(config.top_k if config is not None and config.top_k else 0, np.int32),
             "top_ps": column(config.top_p if config is not None and config.top_p else 1.0),
             "min_ps": column(p.min_p), "repetition_penalties": column(p.repetition_penalty),
             "presence_penalties": column(p.presence_penalty),
         }
+        uniform = self._rng.uniform(np.nextafter(0, 1), 1, (batch, self.max_top_k)).astype(np.float32)
+        feeds["random_numbers"] = np.maximum(uniform, np.float32(np.nextafter(0, 1)))  # never 0 in float32
+        if self.guided:  # no grammar here: every token allowed
+            feeds["token_bitmasks"] = np.ones((batch, self.vocab), bool)
+        return feeds
 
     def _run(self, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
         positions = self._positions(valid)
@@ -146,12 +155,9 @@ class DeviceSamplingEngine(RetainedEngine):
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, self.layout.positions_dtype))
         b.bind_cpu_input("last_accepted_output_tokens", np.ascontiguousarray(tokens, np.int64))
-        for name, value in self._settings.items():
+        for name, value in {**self._serving_feeds(tokens.shape[0], positions),
+                            **self._sampling_feeds(tokens.shape[0])}.items():
             b.bind_cpu_input(name, value)
-        if self.guided:  # no grammar here: every token allowed
-            b.bind_cpu_input("token_bitmasks", np.ones((tokens.shape[0], self.vocab), bool))
-        uniform = self._rng.uniform(np.nextafter(0, 1), 1, (tokens.shape[0], self.max_top_k)).astype(np.float32)
-        b.bind_cpu_input("random_numbers", np.maximum(uniform, np.float32(np.nextafter(0, 1))))
         b.bind_output("next_tokens", "cpu")  # onnxruntime allocates these: their shapes change between runs
         for name, value in self._buffers.items():
             b.bind_cpu_input(name, value)

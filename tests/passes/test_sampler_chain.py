@@ -66,10 +66,10 @@ def test_generate_on_the_pipelines_graph_gives_the_plain_graphs_tokens() -> None
     sampled, _ = _pipeline()
     plain = ir.from_proto(graphs.decoder())
     PassManager(PIPELINE[:1]).run(plain)
-    device = make_engine(ir.to_proto(sampled), threads=1)
+    device = make_engine(ir.to_proto(sampled), threads=1, ctx_len=CTX_LEN)
     assert isinstance(device, DeviceSamplingEngine)
     prompts = [[3, 1, 4, 1, 5], [9, 2], [6]]
-    want = Generator(make_engine(ir.to_proto(plain), threads=1)).generate_ids(prompts, max_new_tokens=6)
+    want = Generator(make_engine(ir.to_proto(plain), threads=1, ctx_len=CTX_LEN)).generate_ids(prompts, max_new_tokens=6)
     got = Generator(device).generate_ids(prompts, max_new_tokens=6)
     assert got.token_ids == want.token_ids
 
@@ -91,3 +91,57 @@ def test_the_cli_runs_the_sampler_with_its_options(tmp_path: Path) -> None:
     assert random_numbers.type.tensor_type.shape.dim[1].dim_value == 8
     passes = json.loads(report.read_text())["passes"]
     assert passes[-1]["name"] == "sampler"
+
+
+def test_continuous_batching_slots_keep_their_own_penalty_buffers() -> None:
+    """kv-cache full_batch_size=3 -> sampler: buffers of full_batch_size rows, addressed by batch_index.
+
+    Requests are prefilled into slots one at a time between decode steps of
+    the others; with repetition and presence penalties on, each slot's tokens
+    must be those of a host loop applying the numpy reference to the plain
+    continuous-batching graph's logits with that slot's own seen-token sets.
+    A prefill clearing every row's presence buffer (as QEfficient's export
+    does) or writing the wrong row would change the tokens.
+    """
+    import numpy as np
+    import sampler_reference as ref
+
+    from qgraph.runtime.sampling import DevicePenalties
+
+    pipeline = [{"pass": "kv-cache", "options": {"style": "retained", "ctx_len": CTX_LEN, "full_batch_size": 3}},
+                {"pass": "sampler", "options": {"max_top_k_ids": 16}}]
+    sampled, plain = ir.from_proto(graphs.decoder()), ir.from_proto(graphs.decoder())
+    PassManager(pipeline).run(sampled)
+    PassManager(pipeline[:1]).run(plain)
+    host = make_engine(ir.to_proto(plain), threads=1, ctx_len=CTX_LEN)
+    device = make_engine(ir.to_proto(sampled), threads=1, ctx_len=CTX_LEN)
+    rp, pp = 3.0, 2.5
+    device.penalties = DevicePenalties(repetition_penalty=rp, presence_penalty=pp)
+    prompts = {0: [3, 1, 4, 1, 5], 2: [9, 2, 6], 1: [7]}
+    seen = {s: set(p) for s, p in prompts.items()}
+    generated: dict[int, set[int]] = {s: set() for s in prompts}
+    want: dict[int, list[int]] = {s: [] for s in prompts}
+    got: dict[int, list[int]] = {s: [] for s in prompts}
+
+    def host_pick(slot: int, logits) -> int:
+        token = int(ref.penalize(logits, seen[slot], generated[slot], rp, pp).argmax())
+        seen[slot].add(token)
+        generated[slot].add(token)
+        return token
+
+    host.start_slots(3)
+    device.start_slots(3)
+    active = np.zeros(3, bool)
+    for step, slot in enumerate([0, None, 2, None, 1, None, None]):
+        if slot is not None:  # a new request in its slot
+            want[slot].append(host_pick(slot, host.prefill_slot(slot, prompts[slot])))
+            got[slot].append(int(device.prefill_slot(slot, prompts[slot])))
+            active[slot] = True
+        else:
+            feed = np.array([want[s][-1] if active[s] else 0 for s in range(3)])
+            logits = host.decode(feed, active)
+            tokens = device.decode(np.array([got[s][-1] if active[s] else 0 for s in range(3)]), active)
+            for s in np.flatnonzero(active):
+                want[s].append(host_pick(s, logits[s]))
+                got[s].append(int(tokens[s]))
+    assert got == want
