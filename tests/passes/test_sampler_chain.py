@@ -93,7 +93,8 @@ def test_the_cli_runs_the_sampler_with_its_options(tmp_path: Path) -> None:
     assert passes[-1]["name"] == "sampler"
 
 
-def test_continuous_batching_slots_keep_their_own_penalty_buffers() -> None:
+@pytest.mark.parametrize(("rp", "pp"), [(3.0, 0.0), (1.0, 50.0)], ids=["repetition", "presence"])
+def test_continuous_batching_slots_keep_their_own_penalty_buffers(rp: float, pp: float) -> None:
     """kv-cache full_batch_size=3 -> sampler: buffers of full_batch_size rows, addressed by batch_index.
 
     Requests are prefilled into slots one at a time between decode steps of
@@ -115,7 +116,6 @@ def test_continuous_batching_slots_keep_their_own_penalty_buffers() -> None:
     PassManager(pipeline[:1]).run(plain)
     host = make_engine(ir.to_proto(plain), threads=1, ctx_len=CTX_LEN)
     device = make_engine(ir.to_proto(sampled), threads=1, ctx_len=CTX_LEN)
-    rp, pp = 3.0, 2.5
     device.penalties = DevicePenalties(repetition_penalty=rp, presence_penalty=pp)
     prompts = {0: [3, 1, 4, 1, 5], 2: [9, 2, 6], 1: [7]}
     seen = {s: set(p) for s, p in prompts.items()}
@@ -132,7 +132,7 @@ def test_continuous_batching_slots_keep_their_own_penalty_buffers() -> None:
     host.start_slots(3)
     device.start_slots(3)
     active = np.zeros(3, bool)
-    for step, slot in enumerate([0, None, 2, None, 1, None, None]):
+    for slot in [0, None, None, 2, None, None, 1, None, None]:
         if slot is not None:  # a new request in its slot
             want[slot].append(host_pick(slot, host.prefill_slot(slot, prompts[slot])))
             got[slot].append(int(device.prefill_slot(slot, prompts[slot])))
