@@ -42,6 +42,12 @@ def add_runtime_parsers(subparsers: Any) -> None:
     gen.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
     gen.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of probability >= P")
     gen.add_argument("--seed", type=int, metavar="S", help="seed of the sampler (same seed, same text)")
+    gen.add_argument("--repetition-penalty", type=float, metavar="R",
+                     help="graphs that sample on the device (pass sampler): divide seen tokens' logits by R")
+    gen.add_argument("--presence-penalty", type=float, metavar="P",
+                     help="graphs that sample on the device: subtract P from generated tokens' logits")
+    gen.add_argument("--min-p", type=float, metavar="M",
+                     help="graphs that sample on the device: drop tokens below M times the top probability")
     gen.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the model's folder)")
     gen.add_argument("--threads", type=int, default=2, metavar="N", help="onnxruntime intra-op threads (default 2)")
     gen.add_argument("--ctx-len", type=int, metavar="N", help="retained cache length when the graph leaves it symbolic")
@@ -109,8 +115,11 @@ def run_generate(args: argparse.Namespace, out: TextIO) -> int:
     else:
         generator = load_generator(args.model, tokenizer=args.tokenizer, threads=args.threads, ctx_len=args.ctx_len,
                                    prefill_chunk=args.prefill_chunk, cache_binding=args.cache_binding)
+    _device_penalties(args, generator.engine)
     print(f"# {generator.engine.label}: {generator.engine.describe()}; {sampling.describe()}", file=out)
     if args.full_batch_size is not None:
+        if getattr(generator.engine, "samples_on_device", False):  # serve() samples the logits on the host
+            raise BadInputError("--full-batch-size: not implemented yet for a graph that samples on the device")
         return _serve(args, generator, prompts, sampling, out)
     stream = len(prompts) == 1 and not args.no_stream
     joint = "\n" if args.chat else ""  # a chat answer starts on its own line; a completion continues the prompt
@@ -163,6 +172,21 @@ def _serve(args: argparse.Namespace, generator: Any, prompts: list[str], samplin
                 **result.to_dict()}
         write_text_atomic(Path(args.json), json.dumps(data, indent=2) + "\n")
     return 0
+
+
+def _device_penalties(args: argparse.Namespace, engine: Any) -> None:
+    """--repetition-penalty / --presence-penalty / --min-p: only a graph that samples on the device has them."""
+    given = {k: v for k, v in (("repetition_penalty", args.repetition_penalty),
+                                ("presence_penalty", args.presence_penalty), ("min_p", args.min_p)) if v is not None}
+    if not given:
+        return
+    if not getattr(engine, "samples_on_device", False):
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise BadInputError(f"{flags}: only for a graph that samples on the device (pass 'sampler'); "
+                            f"{engine.label} outputs logits")
+    from qgraph.runtime.sampling import DevicePenalties
+
+    engine.penalties = DevicePenalties(**given)
 
 
 def run_embed(args: argparse.Namespace, out: TextIO) -> int:

@@ -441,8 +441,12 @@ def make_engine(
     """
     shown = label or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the model")
     model = qio.load(source)
+    from qgraph.runtime import sampling  # a graph that samples on the device (pass 'sampler')
+
+    on_device = sampling.is_sampler_graph(model)
     try:
-        layout: KVLayout | None = detect_kv_layout(model, label=shown)
+        layout: KVLayout | None = (sampling.sampler_layout(model, shown) if on_device
+                                   else detect_kv_layout(model, label=shown))
     except KVLayoutError as cached_error:
         names = {v.name for v in model.graph.inputs}
         if any(n.startswith("past_") for n in names):
@@ -481,6 +485,9 @@ def make_engine(
     if cache_binding == "auto":
         cache_binding = "alias" if alias_safe(model, layout) else "swap"
     ccl = [s["comp_ctx_lengths"] for s in specializations if s.get("comp_ctx_lengths", 0) > 0]
-    return RetainedEngine(session, layout, label=shown, ctx_len=ctx, n_kv_heads=n_kv, head_dim=head_dim,
-                          prefill_len=max(prefill) if prefill else None, binding=cache_binding,
-                          compute_context_lengths=[n for n in ccl if n <= ctx])
+    engine, extra = RetainedEngine, {}
+    if on_device:
+        engine, extra = sampling.DeviceSamplingEngine, sampling.sampler_dims(model, shown)
+    return engine(session, layout, label=shown, ctx_len=ctx, n_kv_heads=n_kv, head_dim=head_dim,
+                  prefill_len=max(prefill) if prefill else None, binding=cache_binding,
+                  compute_context_lengths=[n for n in ccl if n <= ctx], **extra)

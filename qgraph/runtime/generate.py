@@ -255,10 +255,15 @@ class Generator:
                     continue
                 done[row] = True
 
+        # A graph that samples on the device (pass 'sampler') returns token ids, not logits.
+        on_device = getattr(self.engine, "samples_on_device", False)
+        choose = (lambda ids: ids) if on_device else sampler
+        if on_device:
+            self.engine.use_sampling(sampler.config, sampler.rng)
         self.engine.start(batch)
         recorder.prefill_start()
         logits = self.engine.prefill(tokens, valid, self.prefill_chunk)
-        chosen = sampler(logits)
+        chosen = choose(logits)
         recorder.prefill_runs = self.engine.runs
         recorder.first_token()
         accept(chosen)
@@ -266,7 +271,7 @@ class Generator:
             active = ~done
             feed = np.where(active, chosen, self.pad_token_id)
             logits = self.engine.decode(feed, active)
-            chosen = sampler(logits)
+            chosen = choose(logits)
             recorder.decode_step()
             accept(chosen)
         stats = recorder.finish(batch=real, prompt_tokens=sum(len(p) for p in prompts[:real]),

@@ -630,7 +630,9 @@ def step_verifier(
     the no-cache ``before`` (docs/design.md, KV-cache I/O contracts), because a
     step that adds a KV cache changes the graph's signature -- or, when
     ``before`` has a cache itself (a conversion between cache forms), through
-    both caches on the same tokens; "approximate"
+    both caches on the same tokens; "sampling" (pass ``sampler``) checks that
+    greedy ``next_tokens`` are the argmax of ``before``'s logits
+    (:mod:`qgraph.verify.sampling`); "approximate"
     (a lossy pass) checks ``after`` against the pass's ``budget``
     (:func:`qgraph.verify.budget.check_budget`). A failure's inputs go to
     ``keep`` when given, else to a temporary folder that is removed when
@@ -643,6 +645,10 @@ def step_verifier(
             return _verify_budget(before, after, pass_name, budget)
         if meaning == "sequence":
             return _verify_cache_step(before, after, pass_name)
+        if meaning == "sampling":  # pass 'sampler': logits -> next_tokens
+            from qgraph.verify.sampling import check_greedy_sampler
+
+            return check_greedy_sampler(before, after, examples=examples, seed=seed, pass_name=pass_name)
         if meaning == "fp16":
             from qgraph.verify.fp16 import fp16_step_verifier
 
