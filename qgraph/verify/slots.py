@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
 
 import hypothesis
 import numpy as np
@@ -27,6 +26,7 @@ from hypothesis import strategies as st
 
 from qgraph.errors import BadInputError
 from qgraph.verify.compare import Tolerance, compare_arrays
+from qgraph.verify.runner import RunError
 from qgraph.verify.scratch import private_hypothesis_home
 from qgraph.verify.sequence import SequenceReplayer, _tolerance_for
 
@@ -189,7 +189,7 @@ def replay_slots(replayer: SequenceReplayer, schedule: SlotSchedule, *,
                 if entry[1] == len(schedule.requests[index].tokens):
                     del active[slot]
                     free.append(slot)
-    except Exception as exc:  # an onnxruntime failure is a verdict, reported with the schedule
+    except (RunError, BadInputError) as exc:  # a failed run mid-schedule is a verdict, reported with it
         if isinstance(exc, BadInputError) and not slots.result.checks:
             raise
         slots.result.error = f"{type(exc).__name__}: {exc}"
@@ -237,7 +237,3 @@ def check_slots(replayer: SequenceReplayer, *, examples: int = 10, slots: int | 
         except AssertionError:
             return failure[0]
     return None
-
-
-def requests_from(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> tuple[SlotRequest, ...]:
-    return tuple(SlotRequest(tuple(int(t) for t in s), p) for s, p in zip(sequences, prompt_lens))
