@@ -181,8 +181,8 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
         f"Command: `.venv/bin/python benchmarks/ort_vs_genai.py --rounds {args.rounds} --repeats {args.repeats} "
         f"--max-new-tokens {args.max_new_tokens} --write` (onnxruntime-genai installed for it: `{INSTALL.split('   ')[0]}`)",
         "",
-        f"Machine: {machine_description()}, onnxruntime-genai {onnxruntime_genai.__version__}. "
-        "The 2 cores were shared with other engineers' jobs while this ran: figures are noisy.",
+        f"Machine: {machine_description()}, onnxruntime-genai {onnxruntime_genai.__version__} "
+        "(how busy it was: see the note at the end).",
         "",
         (f"SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized to float32 once; both sides start from that "
          f"folder). Prompt {args.prompt!r}, {args.max_new_tokens} greedy tokens, end-of-sequence ignored, "
