@@ -117,6 +117,11 @@ def serve(generator: Generator, prompt_ids: Sequence[Sequence[int]], *, slots: i
                                 f"{engine.max_tokens}")
     clock = clock or time.perf_counter
     sampler = TokenSampler(sampling or SamplingConfig())
+    # A graph with the sampler inside (pass 'sampler') returns token ids, each row with its own penalty buffers.
+    on_device = getattr(engine, "samples_on_device", False)
+    if on_device:
+        engine.use_sampling(sampler.config, sampler.rng)
+    choose = (lambda out: np.asarray(out, np.int64)) if on_device else sampler
     capacity = engine.max_tokens
     limits = [max_new_tokens if capacity is None else min(max_new_tokens, capacity - len(p) + 1) for p in prompts]
     generated: list[list[int]] = [[] for _ in prompts]
@@ -148,7 +153,7 @@ def serve(generator: Generator, prompt_ids: Sequence[Sequence[int]], *, slots: i
             request, slot = queue.popleft(), free.pop(0)
             before, tick = engine.runs, clock()
             logits = engine.prefill_slot(slot, prompts[request], generator.prefill_chunk)
-            token = int(sampler(logits[None])[0])
+            token = int(choose(np.asarray(logits)[None])[0])
             prefill_runs += engine.runs - before
             prefill_seconds += clock() - tick
             if accept(request, token):
@@ -161,7 +166,7 @@ def serve(generator: Generator, prompt_ids: Sequence[Sequence[int]], *, slots: i
         running[list(active)] = True
         tick = clock()
         logits = engine.decode(np.where(running, last, generator.pad_token_id), running)
-        chosen = sampler(logits)
+        chosen = choose(logits)
         decode_seconds += clock() - tick
         decode_steps += 1
         busy += len(active)

@@ -118,8 +118,6 @@ def run_generate(args: argparse.Namespace, out: TextIO) -> int:
     _device_penalties(args, generator.engine)
     print(f"# {generator.engine.label}: {generator.engine.describe()}; {sampling.describe()}", file=out)
     if args.full_batch_size is not None:
-        if getattr(generator.engine, "samples_on_device", False):  # serve() samples the logits on the host
-            raise BadInputError("--full-batch-size: not implemented yet for a graph that samples on the device")
         return _serve(args, generator, prompts, sampling, out)
     stream = len(prompts) == 1 and not args.no_stream
     joint = "\n" if args.chat else ""  # a chat answer starts on its own line; a completion continues the prompt

@@ -145,3 +145,25 @@ def test_continuous_batching_slots_keep_their_own_penalty_buffers(rp: float, pp:
                 want[s].append(host_pick(s, logits[s]))
                 got[s].append(int(tokens[s]))
     assert got == want
+
+
+def test_serving_a_sampler_graph_through_its_rows_gives_each_request_alone() -> None:
+    """``serve()`` (``generate --full-batch-size``) on kv-cache full_batch_size=3 -> sampler: more requests than
+    rows, a row reused while others decode; with a repetition penalty, each request's tokens are those the
+    same graph gives it alone -- so a row's penalty buffer holds that request's tokens only."""
+    from qgraph.runtime.batching import serve
+    from qgraph.runtime.sampling import DevicePenalties
+
+    pipeline = [{"pass": "kv-cache", "options": {"style": "retained", "ctx_len": CTX_LEN, "full_batch_size": 3}},
+                {"pass": "sampler", "options": {"max_top_k_ids": 16}}]
+    model = ir.from_proto(graphs.decoder())
+    PassManager(pipeline).run(model)
+    engine = make_engine(ir.to_proto(model), threads=1, ctx_len=CTX_LEN)
+    assert isinstance(engine, DeviceSamplingEngine)
+    engine.penalties = DevicePenalties(repetition_penalty=3.0)
+    generator = Generator(engine)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [7], [8, 8, 2], [5, 3]]
+    served = serve(generator, prompts, slots=3, max_new_tokens=6)
+    alone = [serve(generator, [p], slots=3, max_new_tokens=6).token_ids[0] for p in prompts]
+    assert served.token_ids == alone
+    assert served.stats.decode_steps < sum(len(t) - 1 for t in alone)  # the rows did run together
