@@ -1,4 +1,6 @@
-"""The subgraphs the KV-cache pass adds: cache writes, masks from positions, last-token gather.
+"""The subgraphs the KV-cache pass adds: masks from positions, position biases, last-token gather.
+
+(The retained form's writes, reads and masks are in :mod:`.retained`.)
 
 Every mask here is a comparison of positions (or of columns, in the concat
 form) -- never a Trilu -- because a device compiler with a fixed context
@@ -111,35 +113,6 @@ class GraphBuilder:
     def scalar_dim(self, value: ir.Value, axis: int) -> ir.Value:
         return self.op("Squeeze", self.dim(value, axis), self.const([0]))
 
-    # --- retained form -------------------------------------------------------------
-
-    def scatter_indices(self, slots: ir.Value, heads: int) -> ir.Value:
-        """ScatterND indices [B, heads, S, 3] = (b, h, slots[b, s]) for a [B, heads, C, D] cache."""
-        zero, one = self.const(0), self.const(1)
-        batch, seq = self.dim(slots, 0), self.dim(slots, 1)
-        grid = self.op("Concat", batch, self.const([heads]), seq, axis=0)
-        b_index = self.op("Reshape", self.op("Range", zero, self.scalar_dim(slots, 0), one), self.const([-1, 1, 1]))
-        h_index = self.const(np.arange(heads).reshape(1, heads, 1), hint="heads")
-        s_index = self.op("Unsqueeze", slots, self.const([1]))
-        parts = [self.op("Unsqueeze", self.op("Expand", x, grid), self.const([-1])) for x in (b_index, h_index, s_index)]
-        return self.op("Concat", *parts, axis=-1, name=self.fresh("scatter_indices"))
-
-    def retained_visibility(self, positions: ir.Value, ctx_len: int, window: int | None) -> ir.Value:
-        """bool [B, 1, S, ctx_len]: slot c visible to the query at position p iff c <= p (and p - c < window).
-
-        A padding query (p = -1) is treated as position 0: it sees slot 0
-        and so never has an all-masked row, whose softmax is 0/0 in
-        runtimes that do not special-case it; its output is never used.
-        """
-        query = self.op("Unsqueeze", self.op("Max", positions, self.const(0)), self.const([1, 3]))  # [B,1,S,1]
-        slots = self.const(np.arange(ctx_len).reshape(1, 1, 1, ctx_len), hint="slots")
-        visible = self.op("LessOrEqual", slots, query)
-        if window is not None:
-            recent = self.op("Greater", slots, self.op("Sub", query, self.const(window)))
-            visible = self.op("And", visible, recent)
-        visible.shape = ir.Shape([positions.shape[0], 1, positions.shape[1], ctx_len])
-        return visible
-
     # --- concat form -------------------------------------------------------------------
 
     def concat_visibility(self, attention_mask: ir.Value, input_ids: ir.Value, window: int | None) -> ir.Value:
@@ -174,10 +147,6 @@ class GraphBuilder:
         bias = self.op("Mul", heads, self.op("Cast", key_positions, to=dtype))
         fill = self.const(np.finfo(np_dtype).min / 2, dtype=np_dtype, hint="hidden")
         return self.op("Where", visible, bias, fill)
-
-    def retained_key_positions(self, ctx_len: int) -> ir.Value:
-        """[1, 1, 1, ctx_len]: slot c holds the token at position c."""
-        return self.const(np.arange(ctx_len).reshape(1, 1, 1, ctx_len), hint="slot_positions")
 
     def concat_key_positions(self, attention_mask: ir.Value) -> ir.Value:
         """[B, 1, 1, T]: cumsum(mask) - 1 of every column, past and current."""

@@ -93,7 +93,6 @@ from qgraph.verify.scratch import private_hypothesis_home
 from qgraph.verify.compare import Tolerance, compare_arrays, default_tolerance
 from qgraph.specializations import compiled_ctx_len
 from qgraph.verify.cache_steps import (
-    PAD_TOKEN,
     CachedReference,
     CacheStepError,
     hf_positions,

@@ -7,7 +7,6 @@ generating each prompt by itself, greedily.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
