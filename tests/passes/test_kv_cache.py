@@ -299,3 +299,19 @@ def test_serving_signature_is_qefficients(cached_zoo: CachedZoo) -> None:
     assert all(shapes[name][0] == "full_batch_size" and shapes[name][2] == "ctx_len" for name in cache)
     assert [v.name for v in graph.outputs] == ["logits", *(f"{n}_RetainedState" for n in cache)]
     assert {n.op_type for n in graph if n.domain == "com.qualcomm.cloud"} == {"CtxScatterCB", "CtxGatherCB"}
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "bloom"])
+def test_continuous_batching_on_plain_exports(cached_zoo: CachedZoo, arch: str, exporter: str) -> None:
+    """A plain torch.onnx.export of the Hugging Face model (no position_ids given; the model counts them from
+    column 0, or from the mask as OPT and BLOOM do): served through the cache rows with a compute-context length,
+    each request gives the logits it gives alone."""
+    from qgraph.verify.sequence import SequenceReplayer
+    from qgraph.verify.slots import check_slots
+
+    cached = cached_zoo.get(arch, exporter, wrapper="plain", style="retained", ctx_len=CTX_LEN, scatter="ctx-scatter",
+                            full_batch_size=2, comp_ctx_lengths="6,12")
+    with SequenceReplayer(cached.path, cached.reference) as replayer:
+        failure = check_slots(replayer, examples=4, slots=2)
+    assert failure is None, f"{failure}\npass notes: {cached.notes}"
