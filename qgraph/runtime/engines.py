@@ -300,7 +300,8 @@ class RetainedEngine(Engine):
             feeds["comp_ctx_lengths"] = np.zeros(length, np.int64)
         return feeds
 
-    def _run(self, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    def _step_columns(self, tokens: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The step's tokens and positions (advancing each row's count), padded to a fixed seq_len."""
         positions = self._positions(valid)
         if self.fixed_len is not None:
             width = tokens.shape[1]
@@ -309,6 +310,10 @@ class RetainedEngine(Engine):
             pad = ((0, 0), (0, self.fixed_len - width))
             tokens = np.pad(tokens, pad, constant_values=0)
             positions = np.pad(positions, pad, constant_values=-1)
+        return tokens, positions
+
+    def _run(self, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        tokens, positions = self._step_columns(tokens, valid)
         b = self._binding
         b.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, self.layout.ids_dtype))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, self.layout.positions_dtype))

@@ -142,14 +142,7 @@ class DeviceSamplingEngine(RetainedEngine):
         return feeds
 
     def _run(self, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        positions = self._positions(valid)
-        if self.fixed_len is not None:
-            width = tokens.shape[1]
-            if width > self.fixed_len:
-                raise BadInputError(f"{self.label}: {width} columns do not fit the graph's fixed seq_len {self.fixed_len}")
-            pad = ((0, 0), (0, self.fixed_len - width))
-            tokens = np.pad(tokens, pad, constant_values=0)
-            positions = np.pad(positions, pad, constant_values=-1)
+        tokens, positions = self._step_columns(tokens, valid)
         b = self._binding
         ids = np.ascontiguousarray(tokens, self.layout.ids_dtype)
         b.bind_cpu_input("input_ids", ids)

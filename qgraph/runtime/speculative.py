@@ -36,7 +36,7 @@ import numpy as np
 
 from qgraph.errors import BadInputError
 from qgraph.runtime.engines import CacheBinding, Engine, RetainedEngine, make_engine
-from qgraph.runtime.generate import STOP_CONTEXT, STOP_EOS, STOP_LENGTH, Generator, TokenSampler
+from qgraph.runtime.generate import STOP_CONTEXT, STOP_EOS, STOP_LENGTH, Generator, TokenSampler, load_generator
 from qgraph.runtime.session import DEFAULT_THREADS, ModelFolder
 from qgraph.runtime.stats import Clock, LatencyStats, StatsRecorder
 
@@ -249,9 +249,8 @@ def load_speculative_generator(
 ) -> SpeculativeGenerator:
     """Target folder (or .onnx) and draft folder (or .onnx): the tokenizer and EOS ids come from the target's."""
     folder = ModelFolder.find(spec, tokenizer=tokenizer)
-    tok = folder.tokenizer()
-    target = make_engine(folder.model_path, threads=threads, specializations=folder.specializations(),
-                         config=folder.config(), ctx_len=ctx_len, cache_binding=cache_binding)
+    plain = load_generator(spec, tokenizer=tokenizer, threads=threads, ctx_len=ctx_len, cache_binding=cache_binding)
+    tok, target = plain.tokenizer, plain.engine
     draft_folder = ModelFolder.find(draft)
     draft_engine = make_engine(draft_folder.model_path, threads=threads,
                                specializations=draft_folder.specializations(),
