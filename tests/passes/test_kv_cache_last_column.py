@@ -259,6 +259,20 @@ def test_verify_of_the_concat_last_column(concat_graphs: ConcatGraphs, monkeypat
 # --- options -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("preset", ["ort", "ort-int8", "ort-int4"])
+def test_the_ort_presets_run_the_lm_head_on_the_last_column(tiny_zoo, preset: str) -> None:
+    """The ort presets set logits=last: the head (MatMul, or MatMulNBits once quantized) reads one column."""
+    from qgraph.registry import default_registry
+
+    registry = default_registry()
+    model = qio.load(tiny_zoo.export("llama", "dynamo").model_path)
+    PassManager(Pipeline.from_preset(preset, registry), registry=registry).run(model)
+    assert detect_kv_layout(model).last_column_logits
+    heads = [n for n in model.graph if n.op_type in ("MatMul", "MatMulNBits")
+             and any(o.is_graph_output() and o.name == "logits" for o in n.outputs)]
+    assert len(heads) == 1 and heads[0].inputs[0].producer().op_type == "Slice"
+
+
 def test_concat_keeps_every_position_by_default(concat_graphs: ConcatGraphs) -> None:
     """Backward compatible: without the option the concat form returns logits [batch, seq, vocab]."""
     model = qio.load(concat_graphs.reference("llama", "dynamo"))
