@@ -47,10 +47,25 @@ def test_a_deferred_module_runs_on_first_attribute_read_and_only_once(package: P
     assert out.split() == ["True", "0", "42", "42", "1", "84", "1"]
 
 
-def test_an_imported_or_missing_module_is_not_deferred() -> None:
+def test_an_imported_module_is_not_deferred_and_a_missing_one_still_fails_to_import() -> None:
     assert defer("json") is False  # imported already (pytest uses it)
-    assert defer("no_such_module_qgraph_test") is False
-    assert "no_such_module_qgraph_test" not in sys.modules
+    out = _run("""
+        from qgraph.deferred_imports import defer
+        defer("no_such_module_qgraph_test")
+        try:
+            import no_such_module_qgraph_test
+        except ModuleNotFoundError:
+            print("not found")
+    """)
+    assert out.strip() == "not found"
+
+
+def test_nothing_is_in_sys_modules_before_it_is_imported() -> None:
+    out = _run("""
+        import sys, qgraph
+        print(sorted(m for m in sys.modules if m.startswith(("sympy", "onnx"))))
+    """)
+    assert out.split() == ["[]"]
 
 
 def test_importing_qgraph_io_does_not_run_sympy_and_symbolic_dims_still_compute() -> None:
