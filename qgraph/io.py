@@ -453,6 +453,7 @@ def _attach_external_data(
     a file that cannot work while keeping the weights on disk.
     """
     sizes: dict[str, os.stat_result] = {}
+    resolved: dict[str, str] = {}
     for site in _tensor_sites(model):
         tensor = site.tensor
         if not isinstance(tensor, ir.ExternalTensor):
@@ -465,7 +466,7 @@ def _attach_external_data(
             )
         base = os.path.abspath(base_dir)
         tensor.base_dir = base
-        _check_external_tensor(tensor, site.where, origin, base, sizes)
+        _check_external_tensor(tensor, site.where, origin, base, sizes, resolved)
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -479,6 +480,7 @@ def _check_external_tensor(
     origin: str,
     base: str,
     stats: dict[str, os.stat_result],
+    resolved: dict[str, str],
 ) -> None:
     location = os.fspath(tensor.location)
     prefix = f"{origin}: {where} reads external data {location!r}"
@@ -493,8 +495,13 @@ def _check_external_tensor(
     path = os.path.normpath(os.path.join(base, location))
     if not _inside(path, base):
         raise BadInputError(f"{prefix}: it points outside the model's folder {base}")
-    real = os.path.realpath(path)
-    if not _inside(real, os.path.realpath(base)):
+    # Hundreds of tensors name one or two files: each path is resolved once per load (realpath
+    # costs a system call per path component).
+    for spelling in (path, base):
+        if spelling not in resolved:
+            resolved[spelling] = os.path.realpath(spelling)
+    real = resolved[path]
+    if not _inside(real, resolved[base]):
         raise BadInputError(
             f"{prefix}: a symbolic link to {real}, outside the model's folder {base}"
         )
