@@ -57,6 +57,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from qgraph.errors import BadInputError, UnwritableOutputError
+from qgraph.graph_stats import iter_nodes
 from qgraph.graph_wellformed import (
     check_acyclic,
     check_default_domain_op,
@@ -416,22 +417,28 @@ def _all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
 
 def _all_nodes(model: ir.Model) -> Iterator[tuple[ir.Node, str]]:
     """Every node (subgraphs included) with a label of the body it belongs to."""
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    for node in iter_nodes(model.graph):
         yield node, ""
     for function in model.functions.values():
         label = f" in function '{function.domain}::{function.name}'"
-        for node in ir.traversal.RecursiveGraphIterator(function):
+        for node in iter_nodes(function):
             yield node, label
 
 
-def _tensor_sites(model: ir.Model) -> Iterator[_TensorSite]:
-    """Every tensor stored in the model: initializers and tensor attributes."""
+def _tensor_sites(model: ir.Model, *, described: bool = True) -> Iterator[_TensorSite]:
+    """Every tensor stored in the model: initializers and tensor attributes.
+
+    ``described=False`` leaves ``where`` empty: :func:`files_read_by` runs
+    several times per command and reads only the tensors.
+    """
     for graph in _all_graphs(model):
-        scope = "" if graph is model.graph else f" of subgraph {graph.name!r}"
+        scope = "" if graph is model.graph or not described else f" of subgraph {graph.name!r}"
         for value in graph.initializers.values():
             if value.const_value is not None:
-                yield _TensorSite(f"initializer {value.name!r}{scope}", value.const_value)
+                yield _TensorSite(f"initializer {value.name!r}{scope}" if described else "", value.const_value)
     for node, label in _all_nodes(model):
+        if not node.attributes:
+            continue
         for name, attr in node.attributes.items():
             if attr.is_ref():
                 continue
@@ -441,7 +448,7 @@ def _tensor_sites(model: ir.Model) -> Iterator[_TensorSite]:
             elif attr.type == ir.AttributeType.TENSORS and attr.value is not None:
                 tensors = list(attr.value)
             for tensor in tensors:
-                yield _TensorSite(f"attribute {name!r} of node {node.name!r}{label}", tensor)
+                yield _TensorSite(f"attribute {name!r} of node {node.name!r}{label}" if described else "", tensor)
 
 
 def _attach_external_data(
@@ -557,7 +564,8 @@ def files_read_by(model: ir.Model) -> set[Path]:
         files.add(Path(os.path.realpath(source)))
     # Resolve each distinct spelling once: a model's hundreds of weights name one or two files,
     # and realpath costs a few system calls (it was a visible share of `qgraph optimize`).
-    spellings = {site.tensor.path for site in _tensor_sites(model) if isinstance(site.tensor, ir.ExternalTensor)}
+    spellings = {site.tensor.path for site in _tensor_sites(model, described=False)
+                 if isinstance(site.tensor, ir.ExternalTensor)}
     files.update(Path(os.path.realpath(spelling)) for spelling in spellings)
     return files
 
