@@ -61,7 +61,6 @@ from qgraph_passes.kv_cache.positions import (
     verify_rewired,
 )
 from qgraph_passes.kv_cache.probe import MaskMeaning, ProbeError
-from qgraph_passes.kv_cache.retained import RetainedForm, write_retained
 
 from qgraph.errors import BadInputError, PassFailure
 from qgraph.io import SIDECAR_PREFIX
@@ -354,6 +353,10 @@ class KVCachePass(Pass):
         b.created.append(new)
 
     def _write_retained(self, model: ir.Model, b: GraphBuilder, layers: list[Layer], positions: ir.Value) -> None:
+        # Imported here: the CtxScatter/CtxGather bodies are compiled by onnxscript when their
+        # module loads (~0.07 s), which a concat cache (the ort preset) never needs.
+        from qgraph_passes.kv_cache.retained import RetainedForm, write_retained
+
         cfg = self.config
         form = RetainedForm(device_ops=cfg["scatter"] == "ctx-scatter",
                             continuous_batching=cfg["full_batch_size"] > 0,
