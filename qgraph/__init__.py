@@ -3,13 +3,7 @@
 # Names are imported on first use: the CLI's entry point imports this package
 # first, and everything imported here runs before the CLI can handle Ctrl-C
 # (an interrupt during start-up printed a traceback).
-from qgraph.deferred_imports import DEFERRED, defer
 from qgraph.lazy_exports import lazy_attributes
-
-# onnx_ir imports sympy eagerly; qgraph seldom computes with symbolic dims
-# (qgraph/deferred_imports.py): run sympy's code only when it is used.
-for _name in DEFERRED:
-    defer(_name)
 
 _HOMES = {
     "AutoModel": "auto",

@@ -126,7 +126,15 @@ def entry() -> None:
     (``gc.freeze``: the last collection skips them; atexit handlers and
     weakref finalizers still run). ``main`` itself does not do this: tests
     and other tools call it in processes that go on.
+
+    The executable also defers sympy (qgraph/deferred_imports.py), which
+    onnx_ir imports eagerly and a command seldom uses; a program that
+    imports qgraph as a library keeps its import system as it was.
     """
+    from qgraph.deferred_imports import DEFERRED, defer
+
+    for name in DEFERRED:
+        defer(name)
     code = main()
     gc.freeze()
     sys.exit(code)
