@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 from qgraph_passes.opset_upgrade import opset_at_least
 from qgraph_passes.rotary_tables import halves_equal_reason
-from qgraph_passes.shape_values import static_value
+from qgraph_passes.shape_values import static_dim, static_value
 
 from qgraph import RewritePass, Rule, RuleSet
 from qgraph.rewrite import explain
@@ -95,9 +95,10 @@ def _head_size(x: ir.Value) -> int | str:
         return f"'{x.name}' is {x.dtype}, not float32/float16/bfloat16"
     if x.shape is None or len(x.shape) != 4:
         return f"'{x.name}' is not known to be 4-D [B, H, S, D]"
-    d = x.shape[3]
+    # static_dim: TorchScript's heads reshape leaves the head size symbolic in the stored shape
+    d = static_dim(x, 3)
     if not isinstance(d, int) or d % 2:
-        return f"the head size of '{x.name}' is {d}, not a known even number"
+        return f"the head size of '{x.name}' is {x.shape[3] if d is None else d}, not a known even number"
     return d
 
 
