@@ -1,4 +1,4 @@
-"""Rotary embedding fusion: the half-rotation form becomes one ``RotaryEmbedding`` (opset 23).
+"""Rotary embedding fusion: the half-rotation and interleaved forms become one ``RotaryEmbedding`` (opset 23).
 
 What the rules recognize (docs/design.md, "canonicalize"), every sum and
 product in either operand order::
@@ -18,18 +18,40 @@ partial rotary (Phi, GPT-NeoX's ``rotary_pct``: only the first r of the D
 channels turn) one node: the first rule has already fused the rotated
 slice, and the pass-through channels are put back by ``rotary_embedding_dim``.
 
+The interleaved form (GPT-J's and CodeGen's ``rotate_every_two``: channels
+2i and 2i+1 turn together) is recognized by what it computes, not by how an
+exporter spells it::
+
+    y = x * cos + rotated * sin     where rotated[..., 2i] = -x[..., 2i+1], rotated[..., 2i+1] = x[..., 2i]
+                                    and cos[..., 2i] = cos[..., 2i+1] (likewise sin)
+                                                        -> RotaryEmbedding(x, cos[..., ::2], sin[..., ::2], interleaved=1)
+
+``rotated`` may be any chain of element-moving ops and Neg from ``x``
+(slices with a step, stack + flatten, ...): ``channel_probe`` runs it on a
+probe and reads which channel of x each channel holds, with its sign; the
+tables' repetition in pairs is proven the same way (``rotary_tables``).
+GPT-J rotates q and k as ``[B, S, H, D]``, before moving the heads in
+front; the probe's table shape tells the layout (its head axis is 1), and
+the fused node is wrapped in the two transposes RotaryEmbedding's 4-D
+``[B, H, S, D]`` input needs. The partial rule has a variant for that
+wrapping (``rotary-partial-heads-second``).
+
 Not fused, and reported (which node, which check failed): slices that are
 not the two halves of the last axis, a table whose halves are not known to
 be equal (its first half would not be what the graph multiplies by), a table
-that is not ``[B | 1, 1, S | 1, D]``, an unknown or odd head size.
+that is not ``[B | 1, 1, S | 1, D]``, an unknown or odd head size; for the
+interleaved form, a pairing that is not rotate_every_two (shown channel by
+channel), a table whose entries are not proven to come in pairs, a chain
+that does more than move elements or cannot be run on a probe.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from qgraph_passes.channel_probe import ChannelMap, channel_map, reaches
 from qgraph_passes.opset_upgrade import opset_at_least
-from qgraph_passes.rotary_tables import halves_equal_reason
+from qgraph_passes.rotary_tables import halves_equal_reason, repeated_pairs
 from qgraph_passes.shape_values import static_dim, static_value
 
 from qgraph import RewritePass, Rule, RuleSet
@@ -56,9 +78,23 @@ def rotary(op, x, cos, sin):
     return op.Add(op.Mul(x, cos, _commute=True), op.Mul(rotated, sin, _commute=True), _commute=True)
 
 
+def interleaved_rotary(op, x, cos, sin, rotated):
+    # ``rotated`` binds any value: the condition proves by running that it is rotate_every_two(x)
+    return op.Add(op.Mul(x, cos, _commute=True), op.Mul(rotated, sin, _commute=True), _commute=True)
+
+
 def partial_rotary(op, q, cos, sin):
-    turned = op.RotaryEmbedding(_last_axis_slice(op, q, "rot"), cos, sin, interleaved=0)
+    turned = op.RotaryEmbedding(_last_axis_slice(op, q, "rot"), cos, sin, interleaved=op.capture("interleaved"))
     return op.Concat(turned, _last_axis_slice(op, q, "pass"), axis=op.capture("cat_axis"))
+
+
+def partial_rotary_heads_second(op, q, cos, sin):
+    """The partial form on [B, S, H, D] (GPT-J rotates before moving the heads in front): the rotated
+    slice went through the transposes the interleaved rule puts around RotaryEmbedding."""
+    inner = op.Transpose(_last_axis_slice(op, q, "rot"), perm=[0, 2, 1, 3])
+    turned = op.RotaryEmbedding(inner, cos, sin, interleaved=op.capture("interleaved"))
+    return op.Concat(op.Transpose(turned, perm=[0, 2, 1, 3]), _last_axis_slice(op, q, "pass"),
+                     axis=op.capture("cat_axis"))
 
 
 # -- conditions ----------------------------------------------------------------
@@ -141,6 +177,52 @@ def check_rotary(match, x, cos, sin, cat_axis) -> str | None:
     return None
 
 
+def _rotate_every_two(d: int) -> ChannelMap:
+    """out[2i] = -x[2i+1], out[2i+1] = x[2i] (GPT-J's rotate_every_two)."""
+    return ChannelMap(tuple(j ^ 1 for j in range(d)), tuple(-1 if j % 2 == 0 else 1 for j in range(d)))
+
+
+def _rotate_half(d: int) -> ChannelMap:
+    h = d // 2
+    return ChannelMap(tuple((j + h) % d for j in range(d)), tuple(-1 if j < h else 1 for j in range(d)))
+
+
+def check_interleaved(match, x, cos, sin, rotated) -> str | None:
+    """x*cos + rotate_every_two(x)*sin, the pairing and both tables proven on probes (channel_probe)."""
+    if rotated is x or not reaches(rotated, x):
+        return f"'{rotated.name}' is not computed from '{x.name}' by moving its channels"
+    d = _head_size(x)
+    if isinstance(d, str):
+        return d
+    pairing = channel_map(x, rotated)
+    if isinstance(pairing, str):
+        return f"the channels of '{rotated.name}' could not be read from '{x.name}': {pairing}"
+    if pairing == _rotate_half(d):
+        return f"'{rotated.name}' is rotate_half of '{x.name}' (the rotary-half rule's form), not rotate_every_two"
+    if pairing != _rotate_every_two(d):
+        shown = ", ".join(f"{'-' if s < 0 else ''}x[{p}]" for p, s in zip(pairing.perm[:8], pairing.sign[:8]))
+        return f"'{rotated.name}' is not rotate_every_two of '{x.name}': its channels hold {shown}{', ...' if d > 8 else ''}"
+    shapes = []
+    for table, what in ((cos, "cos"), (sin, "sin")):
+        if table.dtype != x.dtype:
+            return f"the {what} table '{table.name}' is {table.dtype}, x is {x.dtype}"
+        paired = repeated_pairs(table)
+        if isinstance(paired, str):
+            return f"the {what} table's entries are not known to come in pairs: {paired}"
+        if len(paired.probe_shape) != 4 or paired.probe_shape[3] != d:
+            return f"the {what} table '{table.name}' has shape {list(paired.probe_shape)} at the probe, not 4-D ending in {d}"
+        shapes.append(paired.probe_shape)
+    # The table's head axis is the one that is 1 whatever the batch and sequence (the probe draws those > 1).
+    heads = [axis for axis in (1, 2) if shapes[0][axis] == 1]
+    if len(heads) != 1 or [a for a in (1, 2) if shapes[1][a] == 1] != heads:
+        return f"the tables' head axis cannot be told (shapes {list(shapes[0])} and {list(shapes[1])} at the probe)"
+    match["heads_axis"], match["d"] = heads[0], d
+    seq = 3 - heads[0]  # [B, 1, S, D] or [B, S, 1, D]; x is laid out the same way
+    match["broadcast"] = not all(t.shape is not None and _same_dim(t.shape[i], x.shape[i]) for t in (cos, sin)
+                                 for i in (0, seq))
+    return None
+
+
 def check_partial(match, q, cat_axis) -> str | None:
     d = _head_size(q)
     if isinstance(d, str):
@@ -186,8 +268,46 @@ def to_rotary(op, x, cos, sin, half, broadcast):
     return op.RotaryEmbedding(x, _first_half(op, cos, x, half, broadcast), _first_half(op, sin, x, half, broadcast))
 
 
-def to_partial(op, q, cos, sin, rot):
-    return op.RotaryEmbedding(q, cos, sin, rotary_embedding_dim=rot)
+def _even_entries(op, table, x, heads_axis: int, d: int, broadcast: bool):
+    """The table's entries 0, 2, 4, ... without the head axis, [B, S, D/2] (RotaryEmbedding's interleaved cos/sin)."""
+    def ints(*v):
+        return op.Constant(value_ints=list(v))
+
+    seq = 3 - heads_axis
+    rows = op.Squeeze(op.Slice(table, ints(0), ints(d), ints(-1), ints(2)), ints(heads_axis))
+    dims = table.shape.dims if table.shape is not None and len(table.shape) == 4 else (None,) * 4
+    rows.shape = ir.Shape([dims[0], dims[seq], d // 2])
+    if not broadcast:
+        return rows
+    shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(x, start=seq, end=seq + 1),
+                      op.Constant(value_ints=[d // 2]), axis=0)
+    expanded = op.Expand(rows, shape)
+    expanded.shape = ir.Shape([x.shape[0], x.shape[seq], d // 2])
+    return expanded
+
+
+def _heads_first(op, x):
+    moved = op.Transpose(x, perm=[0, 2, 1, 3])
+    if x.shape is not None:
+        moved.shape = ir.Shape([x.shape[0], x.shape[2], x.shape[1], x.shape[3]])
+    return moved
+
+
+def to_interleaved(op, x, cos, sin, heads_axis, d, broadcast):
+    c, s = (_even_entries(op, t, x, heads_axis, d, broadcast) for t in (cos, sin))
+    if heads_axis == 1:
+        return op.RotaryEmbedding(x, c, s, interleaved=1)
+    # [B, S, H, D]: RotaryEmbedding reads a 4-D input as [B, H, S, D], so the heads move in front and back
+    return _heads_first(op, op.RotaryEmbedding(_heads_first(op, x), c, s, interleaved=1))
+
+
+def to_partial(op, q, cos, sin, rot, interleaved):
+    return op.RotaryEmbedding(q, cos, sin, rotary_embedding_dim=rot, interleaved=interleaved)
+
+
+def to_partial_heads_second(op, q, cos, sin, rot, interleaved):
+    turned = op.RotaryEmbedding(_heads_first(op, q), cos, sin, rotary_embedding_dim=rot, interleaved=interleaved)
+    return _heads_first(op, turned)
 
 
 def _example_table(op, freqs, trig):
@@ -212,7 +332,33 @@ _EXAMPLE_PARTIAL = {
     "rot_axes": np.array([-1], np.int64), "rot_steps": np.array([1], np.int64),
     "pass_start": np.array([4], np.int64), "pass_end": np.array([_INT64_MAX], np.int64),
     "pass_axes": np.array([-1], np.int64), "pass_steps": np.array([1], np.int64),
-    "cat_axis": -1,
+    "cat_axis": -1, "interleaved": 0,
+}
+_EXAMPLE_PARTIAL_BSHD_INPUTS = {**_EXAMPLE_PARTIAL_INPUTS, "q": (ir.DataType.FLOAT, ("B", "S", 3, 8))}
+
+
+def _example_pairs(op, freqs, trig):
+    """repeat_interleave(trig(freqs), 2) on the last axis, with a head axis: [B, S, 1, D]."""
+    column = op.Unsqueeze(freqs, np.array([-1], np.int64))
+    pairs = op.Concat(column, column, axis=-1)
+    return trig(op.Reshape(op.Unsqueeze(pairs, np.array([2], np.int64)), np.array([0, 0, 1, -1], np.int64)))
+
+
+def _example_every_two(op, x):
+    """stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2), as GPT-J writes rotate_every_two."""
+    def half(start):
+        return op.Slice(x, np.array([start], np.int64), np.array([_INT64_MAX], np.int64), np.array([-1], np.int64),
+                        np.array([2], np.int64))
+    stacked = op.Concat(op.Unsqueeze(op.Neg(half(1)), np.array([-1], np.int64)),
+                        op.Unsqueeze(half(0), np.array([-1], np.int64)), axis=-1)
+    return op.Reshape(stacked, np.array([0, 0, 0, -1], np.int64))
+
+
+_EXAMPLE_INTERLEAVED_INPUTS = {"x": (ir.DataType.FLOAT, ("B", "S", 3, 8)), "freqs": (ir.DataType.FLOAT, ("B", "S", 4))}
+_EXAMPLE_INTERLEAVED = {
+    "cos": lambda op, freqs: _example_pairs(op, freqs, op.Cos),
+    "sin": lambda op, freqs: _example_pairs(op, freqs, op.Sin),
+    "rotated": lambda op, x: _example_every_two(op, x),
 }
 
 RULES = RuleSet(
@@ -220,22 +366,30 @@ RULES = RuleSet(
         Rule("rotary-half", rotary, to_rotary, check_rotary, opsets={"": 23},
              doc="x*cos + rotate_half(x)*sin -> RotaryEmbedding(x, cos[..., :D/2], sin[..., :D/2])",
              example_inputs=_EXAMPLE_INPUTS, example_values=_EXAMPLE_VALUES),
+        Rule("rotary-interleaved", interleaved_rotary, to_interleaved, check_interleaved, opsets={"": 23},
+             doc="x*cos + rotate_every_two(x)*sin -> RotaryEmbedding(x, cos[..., ::2], sin[..., ::2], interleaved=1)",
+             example_inputs=_EXAMPLE_INTERLEAVED_INPUTS, example_values=_EXAMPLE_INTERLEAVED),
         # keep_shared: a table expanded to the rotated slice's shape still reads that slice's Shape.
         Rule("rotary-partial", partial_rotary, to_partial, check_partial, opsets={"": 23}, keep_shared=True,
              doc="Concat(RotaryEmbedding(x[..., :r]), x[..., r:]) -> RotaryEmbedding(x, rotary_embedding_dim=r)",
              example_inputs=_EXAMPLE_PARTIAL_INPUTS, example_values=_EXAMPLE_PARTIAL),
+        Rule("rotary-partial-heads-second", partial_rotary_heads_second, to_partial_heads_second, check_partial,
+             opsets={"": 23}, keep_shared=True,
+             doc="Concat(T(RotaryEmbedding(T(x[..., :r]))), x[..., r:]) -> T(RotaryEmbedding(T(x), rotary_embedding_dim=r))",
+             example_inputs=_EXAMPLE_PARTIAL_BSHD_INPUTS, example_values=_EXAMPLE_PARTIAL),
     ],
     name="rotary",
 )
 
 
 class RotaryFusionPass(RewritePass):
-    """Fuse rotary position embedding (half-rotation form, full or partial) into RotaryEmbedding (opset 23).
+    """Fuse rotary position embedding (half or interleaved, full or partial) into RotaryEmbedding (opset 23).
 
     The rule table is ``RULES``; the module docstring shows the forms.
     Candidates left unfused -- a ``rotate_half``-shaped Concat the rules
-    looked at and refused -- are listed in the report notes with the check
-    that failed. The interleaved (GPT-J) form is not recognized yet.
+    looked at and refused, or an ``x*a + y*b`` whose ``y`` is moved and
+    negated channels of ``x`` that is not a provable rotate_every_two --
+    are listed in the report notes with the check that failed.
     """
 
     name = "rotary"
@@ -246,11 +400,44 @@ class RotaryFusionPass(RewritePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
         if not any(node.op_type == "Neg" for node in ir.traversal.RecursiveGraphIterator(model.graph)):
-            return result  # no rotate_half left to explain: skip the second sweep
+            return result  # no rotation left to explain (both forms negate half the channels): skip the sweeps
+        noted = set()
         for cand in explain(model, RuleSet([RULES.get("rotary-half")], name=self.name)):
             # The root Add and one product match any residual x*a + y; a candidate that got the
             # second product too is an x*a + y*b, the shape of a rotary: its refusal is worth reading.
             if not cand.matched and cand.nodes_matched > 2:
                 where = f"{cand.graph}/{cand.node}" if cand.graph else cand.node
                 self.report.notes.append(f"rotary candidate '{where}' not fused: {cand.reason}")
+                noted.add(cand.node)
+        self._note_interleaved_refusals(model, noted)
         return result
+
+    def _note_interleaved_refusals(self, model: ir.Model, noted: set[str]) -> None:
+        """x*a + y*b where y is moved (and negated) channels of x, not fused: say which check failed.
+
+        The rule's own near miss would name the first operand order tried, not the one where y
+        comes from x; here that order is found first, then the rule's condition is asked why.
+        """
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type != "Add" or node.name in noted:
+                continue
+            operands = _rotation_operands(node)
+            if operands is None:
+                continue
+            reason = check_interleaved({}, *operands)
+            if reason is not None and "rotate_half" not in reason:  # a rotate_half was reported above
+                where = f"{node.graph.name}/{node.name}" if node.graph is not model.graph else node.name
+                self.report.notes.append(f"interleaved rotary candidate '{where}' not fused: {reason}")
+
+
+def _rotation_operands(add: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value] | None:
+    """(x, cos, sin, rotated) of an ``x*cos + rotated*sin`` whose ``rotated`` moves x's elements, if it is one."""
+    products = [v.producer() if v is not None else None for v in add.inputs]
+    if len(products) != 2 or not all(p is not None and p.op_type == "Mul" and len(p.inputs) == 2 for p in products):
+        return None
+    for first, second in (products, products[::-1]):
+        for x, cos in (first.inputs, first.inputs[::-1]):
+            for rotated, sin in (second.inputs, second.inputs[::-1]):
+                if x is not None and rotated is not None and rotated is not x and reaches(rotated, x):
+                    return x, cos, sin, rotated
+    return None
