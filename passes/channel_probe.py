@@ -37,6 +37,10 @@ MOVEMENT = frozenset({"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Fla
 # What the integer side inputs (bounds, shapes, repeats) may be computed with.
 _SHAPE_OPS = MOVEMENT | {"Shape", "Size", "Cast", "Add", "Sub", "Mul", "Div", "Range", "ConstantOfShape", "Constant",
                          "Equal", "Where", "Max", "Min", "Abs"}
+# Ops that compute each element from the same element alone (the binary ones with a one-number
+# operand): they commute with moving elements, so a probe of where elements go may skip them.
+_ELEMENTWISE_UNARY = frozenset({"Cast", "Cos", "Sin", "Neg", "Identity"})
+_SCALAR_BINARY = frozenset({"Mul", "Div", "Add", "Sub"})
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19)
 _MAX_NODES = 64
 _MAX_ELEMENTS = 1 << 16
@@ -59,8 +63,27 @@ def _default_domain(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
 
 
-def reaches(target: ir.Value, source: ir.Value, allow_neg: bool = True, depth: int = 16) -> bool:
-    """Whether ``target`` is computed from ``source`` through element-moving ops (and Neg) alone."""
+def _elementwise_input(node: ir.Node) -> ir.Value | None:
+    """The one tensor an element-wise node reads (the other operand being one number), if it is one."""
+    if not _default_domain(node):
+        return None
+    if node.op_type in _ELEMENTWISE_UNARY:
+        return node.inputs[0]
+    if node.op_type in _SCALAR_BINARY and len(node.inputs) == 2:
+        for tensor, other in (node.inputs, node.inputs[::-1]):
+            constant = ir.convenience.get_const_tensor(other) if other is not None else None
+            if constant is not None and constant.size == 1:
+                return tensor
+    return None
+
+
+def reaches(target: ir.Value, source: ir.Value, allow_neg: bool = True, elementwise: bool = False,
+            depth: int = 16) -> bool:
+    """Whether ``target`` is computed from ``source`` through element-moving ops (and Neg) alone.
+
+    ``elementwise`` lets the walk cross element-wise ops too (a diagnostic looking for what
+    was nearly a rotation, such as ``x * -1`` written for ``-x``).
+    """
     frontier, seen = [target], set()
     for _ in range(depth):
         nxt = []
@@ -71,7 +94,9 @@ def reaches(target: ir.Value, source: ir.Value, allow_neg: bool = True, depth: i
             if node is None or node in seen or not _default_domain(node):
                 continue
             seen.add(node)
-            if node.op_type in MOVEMENT or (allow_neg and node.op_type == "Neg"):
+            if elementwise and _elementwise_input(node) is not None:
+                nxt.append(_elementwise_input(node))
+            elif node.op_type in MOVEMENT or (allow_neg and node.op_type == "Neg"):
                 data = node.inputs if node.op_type == "Concat" else node.inputs[:1]
                 nxt.extend(v for v in data if v is not None and v.dtype == source.dtype)
         frontier = nxt
@@ -79,17 +104,21 @@ def reaches(target: ir.Value, source: ir.Value, allow_neg: bool = True, depth: i
 
 
 def movement_source(value: ir.Value) -> ir.Value:
-    """Where the element-moving chain above ``value`` starts: the first value not made by moving elements.
+    """Where the chain of element-moving (and element-wise) ops above ``value`` starts.
 
     The walk follows the data input of Slice, Unsqueeze, Reshape, Tile,
-    Expand, Split, Transpose, ... and of a Gather with constant indices; a
-    Gather that reads computed indices (a table row per position) starts
-    the chain, as does any other op; so does a Concat of values that do
-    not all start from one value.
+    Expand, Split, Transpose, ..., of a Gather with constant indices and of
+    element-wise ops (cos, casts, scaling by a number); a Gather that reads
+    computed indices (a table row per position) starts the chain, as does
+    any other op; so does a Concat of values that do not all start from one
+    value.
     """
     current = value
     for _ in range(_MAX_NODES):
         node = current.producer()
+        if node is not None and _elementwise_input(node) is not None:
+            current = _elementwise_input(node)
+            continue
         if node is None or not _default_domain(node) or node.op_type not in MOVEMENT:
             return current
         if node.op_type == "Concat":  # copies of one value side by side (torch.cat((t, t))) continue the chain
@@ -102,9 +131,11 @@ def movement_source(value: ir.Value) -> ir.Value:
 
 
 class _Collector:
-    def __init__(self, source: ir.Value, allow_neg: bool) -> None:
+    def __init__(self, source: ir.Value, allow_neg: bool, skip_elementwise: bool) -> None:
         self.source = source
         self.allow_neg = allow_neg
+        self.skip_elementwise = skip_elementwise
+        self.pass_through: set[ir.Node] = set()  # element-wise nodes run as Identity on the probe
         self.nodes: dict[ir.Node, None] = {}  # insertion order = a reverse topological order
         self.constants: dict[str, ir.Value] = {}
         self.shape_inputs: dict[str, ir.Value] = {}
@@ -118,6 +149,10 @@ class _Collector:
             return f"'{value.name}' is not computed from '{self.source.name}' (it is a graph input or weight)"
         if node in self.nodes:
             return None
+        if self.skip_elementwise and _elementwise_input(node) is not None:
+            self.nodes[node] = None
+            self.pass_through.add(node)
+            return self.data(_elementwise_input(node))
         if not (node.op_type in MOVEMENT or (self.allow_neg and node.op_type == "Neg")):
             return f"'{value.name}' comes from {node.op_type} '{node.name}', which does more than move elements"
         if len(self.nodes) >= _MAX_NODES:
@@ -182,9 +217,14 @@ def _draw_shape(value: ir.Value, dims: dict[str, int]) -> list[int] | str:
     return shape
 
 
-def probe(source: ir.Value, target: ir.Value, allow_neg: bool = True) -> Probe | str:
-    """Run the element-moving subgraph from ``source`` to ``target``; why it cannot be run, if it cannot."""
-    collector = _Collector(source, allow_neg)
+def probe(source: ir.Value, target: ir.Value, allow_neg: bool = True, skip_elementwise: bool = False) -> Probe | str:
+    """Run the element-moving subgraph from ``source`` to ``target``; why it cannot be run, if it cannot.
+
+    ``skip_elementwise`` runs element-wise ops on the path (cos, casts,
+    scaling by a number) as Identity: the probe then shows where each
+    element went, which those ops do not change.
+    """
+    collector = _Collector(source, allow_neg, skip_elementwise)
     reason = collector.data(target)
     if reason is not None:
         return reason
@@ -208,7 +248,8 @@ def probe(source: ir.Value, target: ir.Value, allow_neg: bool = True) -> Probe |
         array = ir.convenience.get_const_tensor(value)
         array = array.numpy() if array is not None else static_value(value)
         initializers.append(onnx.numpy_helper.from_array(np.asarray(array), name))
-    nodes = [ir.serde.serialize_node(node) for node in reversed(collector.nodes)]
+    nodes = [_identity(node, collector) if node in collector.pass_through else ir.serde.serialize_node(node)
+             for node in reversed(collector.nodes)]
     graph = onnx.helper.make_graph(nodes, "probe", inputs, [onnx.helper.make_value_info(target.name, onnx.TypeProto())],
                                    initializers)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)], ir_version=10)
@@ -217,6 +258,10 @@ def probe(source: ir.Value, target: ir.Value, allow_neg: bool = True) -> Probe |
     except Exception as exc:  # the subgraph does not run on the drawn shapes: say so, do not guess
         return f"the subgraph from '{source.name}' to '{target.name}' does not run on a probe: {type(exc).__name__}: {exc}"
     return Probe(feeds[source.name], np.asarray(result), dims)
+
+
+def _identity(node: ir.Node, collector: _Collector) -> onnx.NodeProto:
+    return onnx.helper.make_node("Identity", [_elementwise_input(node).name], [node.outputs[0].name], name=node.name)
 
 
 def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:

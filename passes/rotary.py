@@ -399,45 +399,52 @@ class RotaryFusionPass(RewritePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
+        if self.report.rule_matches.get("rotary-interleaved"):
+            # The interleaved rule binds the rotated channels as one value, so the ops that moved them
+            # are not part of the match: nothing reads them now, and they go here, not in a later pass.
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+        # One note per refused candidate: the interleaved rule's reason where the rotated value is
+        # moved channels of x that are not rotate_half, the half rule's otherwise.
+        interleaved = self._interleaved_refusals(model)
         if not any(node.op_type == "Neg" for node in ir.traversal.RecursiveGraphIterator(model.graph)):
-            return result  # no rotation left to explain (both forms negate half the channels): skip the sweeps
-        noted = set()
+            self.report.notes.extend(interleaved.values())
+            return result  # no rotate_half left to explain (it negates half the channels): skip that sweep
         for cand in explain(model, RuleSet([RULES.get("rotary-half")], name=self.name)):
             # The root Add and one product match any residual x*a + y; a candidate that got the
             # second product too is an x*a + y*b, the shape of a rotary: its refusal is worth reading.
-            if not cand.matched and cand.nodes_matched > 2:
+            if not cand.matched and cand.nodes_matched > 2 and cand.node not in interleaved:
                 where = f"{cand.graph}/{cand.node}" if cand.graph else cand.node
                 self.report.notes.append(f"rotary candidate '{where}' not fused: {cand.reason}")
-                noted.add(cand.node)
-        self._note_interleaved_refusals(model, noted)
+        self.report.notes.extend(interleaved.values())
         return result
 
-    def _note_interleaved_refusals(self, model: ir.Model, noted: set[str]) -> None:
-        """x*a + y*b where y is moved (and negated) channels of x, not fused: say which check failed.
+    def _interleaved_refusals(self, model: ir.Model) -> dict[str, str]:
+        """x*a + y*b where y is moved (and negated) channels of x, not fused: which check failed, by Add node.
 
         The rule's own near miss would name the first operand order tried, not the one where y
         comes from x; here that order is found first, then the rule's condition is asked why.
         """
+        notes = {}
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if node.op_type != "Add" or node.name in noted:
-                continue
-            operands = _rotation_operands(node)
+            operands = _rotation_operands(node) if node.op_type == "Add" else None
             if operands is None:
                 continue
             reason = check_interleaved({}, *operands)
-            if reason is not None and "rotate_half" not in reason:  # a rotate_half was reported above
+            if reason is not None and "rotate_half" not in reason:  # a rotate_half is the half rule's to explain
                 where = f"{node.graph.name}/{node.name}" if node.graph is not model.graph else node.name
-                self.report.notes.append(f"interleaved rotary candidate '{where}' not fused: {reason}")
+                notes[node.name] = f"interleaved rotary candidate '{where}' not fused: {reason}"
+        return notes
 
 
 def _rotation_operands(add: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value] | None:
-    """(x, cos, sin, rotated) of an ``x*cos + rotated*sin`` whose ``rotated`` moves x's elements, if it is one."""
+    """(x, cos, sin, rotated) of an ``x*cos + rotated*sin`` whose ``rotated`` is computed from x element by element
+    (moved, negated, scaled), if it is one."""
     products = [v.producer() if v is not None else None for v in add.inputs]
     if len(products) != 2 or not all(p is not None and p.op_type == "Mul" and len(p.inputs) == 2 for p in products):
         return None
     for first, second in (products, products[::-1]):
         for x, cos in (first.inputs, first.inputs[::-1]):
             for rotated, sin in (second.inputs, second.inputs[::-1]):
-                if x is not None and rotated is not None and rotated is not x and reaches(rotated, x):
+                if x is not None and rotated is not None and rotated is not x and reaches(rotated, x, elementwise=True):
                     return x, cos, sin, rotated
     return None

@@ -14,10 +14,11 @@ The interleaved form (GPT-J's ``rotate_every_two``) pairs channels 2i and
 2i+1 and multiplies both by one table entry, repeated in pairs
 (``repeat_interleave(t, 2)``); ``RotaryEmbedding(interleaved=1)`` takes the
 table's even entries. :func:`repeated_pairs` proves the repetition by
-running what made the table: past the element-wise ops, the chain of ops
-that only move elements (Tile / Expand + Reshape, Concat + Reshape, ...)
-is run on a probe (``channel_probe``), and entries 2i and 2i+1 must be the
-same element of its source, everywhere.
+running what made the table: the chain of ops that only move elements
+(Tile / Expand + Reshape, Concat + Reshape, ...) and of element-wise ops
+(cos, casts) is run on a probe (``channel_probe``, the element-wise ops as
+Identity), and entries 2i and 2i+1 must be the same element of its
+source, everywhere.
 """
 
 from __future__ import annotations
@@ -90,24 +91,6 @@ def halves_equal_reason(value: ir.Value) -> str | None:
     return f"'{value.name}': more than {_MAX_DEPTH} ops between the table and its Concat"
 
 
-def _below_elementwise(value: ir.Value) -> ir.Value:
-    """Walk up from ``value`` past ops that act on each element alone (as halves_equal_reason does)."""
-    current = value
-    for _ in range(_MAX_DEPTH):
-        node = current.producer()
-        if node is None or node.domain not in ("", "ai.onnx"):
-            return current
-        if node.op_type in _ELEMENTWISE:
-            current = node.inputs[0]
-        elif node.op_type in _SCALAR_BINARY and len(node.inputs) == 2 and _is_scalar_constant(node.inputs[1]):
-            current = node.inputs[0]
-        elif node.op_type in _SCALAR_BINARY and len(node.inputs) == 2 and _is_scalar_constant(node.inputs[0]):
-            current = node.inputs[1]
-        else:
-            return current
-    return current
-
-
 @dataclasses.dataclass(frozen=True)
 class PairedTable:
     """A table whose last axis is ``[t0, t0, t1, t1, ...]``, with its shape at the probe."""
@@ -118,18 +101,17 @@ class PairedTable:
 
 def repeated_pairs(table: ir.Value) -> PairedTable | str:
     """The table's repetition in pairs on the last axis, proven on a probe; else why it is not known."""
-    moved = _below_elementwise(table)
-    source = movement_source(moved)
-    if source is moved:
-        node = moved.producer()
+    source = movement_source(table)
+    if source is table:
+        node = table.producer()
         made_by = f"{node.op_type} '{node.name}'" if node is not None else "outside the graph"
-        return f"'{moved.name}' is not made by repeating the entries of a table (it comes from {made_by})"
-    run = probe(source, moved, allow_neg=False)
+        return f"'{table.name}' is not made by repeating the entries of a table (it comes from {made_by})"
+    run = probe(source, table, allow_neg=False, skip_elementwise=True)
     if isinstance(run, str):
         return run
     out = run.target
     if out.ndim == 0 or out.shape[-1] % 2:
-        return f"'{moved.name}' has {out.shape[-1] if out.ndim else 0} entries on its last axis at the probe, not an even number"
+        return f"'{table.name}' has {out.shape[-1] if out.ndim else 0} entries on its last axis at the probe, not an even number"
     if not np.array_equal(out[..., 0::2], out[..., 1::2]):
-        return f"'{moved.name}' does not repeat each entry of '{source.name}' twice in a row on its last axis"
+        return f"'{table.name}' does not repeat each entry of '{source.name}' twice in a row on its last axis"
     return PairedTable(tuple(int(d) for d in out.shape), source.name)
