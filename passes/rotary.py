@@ -429,11 +429,22 @@ class RotaryFusionPass(RewritePass):
             operands = _rotation_operands(node) if node.op_type == "Add" else None
             if operands is None:
                 continue
-            reason = check_interleaved({}, *operands)
-            if reason is not None and "rotate_half" not in reason:  # a rotate_half is the half rule's to explain
+            reason = check_interleaved({}, *operands) or _unrewritten_reason(node)
+            if "rotate_half" not in reason:  # a rotate_half is the half rule's to explain
                 where = f"{node.graph.name}/{node.name}" if node.graph is not model.graph else node.name
                 notes[node.name] = f"interleaved rotary candidate '{where}' not fused: {reason}"
         return notes
+
+
+def _unrewritten_reason(add: ir.Node) -> str:
+    """Why an Add whose checks pass is still there: the rule rewrites only products read by the Add alone."""
+    for value in add.inputs:
+        users = [user.name for user, _ in value.uses() if user is not add]
+        if value.is_graph_output():
+            users.append("the graph's outputs")
+        if users:
+            return f"its checks pass, but the product '{value.name}' is also read by {users}"
+    return "its checks pass, but the rule did not rewrite it (--explain rotary-interleaved shows the match)"
 
 
 def _rotation_operands(add: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value] | None:

@@ -180,3 +180,16 @@ def test_a_broken_interleaved_rotation_is_refused_and_the_failed_check_is_report
     assert "RotaryEmbedding" not in [n.op_type for n in kept.graph]
     notes = report.passes[-1].notes
     assert any("candidate 'the_rotary_add' not fused" in n and reason in n for n in notes), notes
+
+
+def test_a_rotation_whose_product_is_read_elsewhere_is_kept_and_reported():
+    """The rule replaces the two products with the fused node: one read by something else cannot go."""
+    case = {"heads": 2, "d": 8, "rot": None, "layout": "BSHD", "pairing": "stack", "flatten_shape": "constant",
+            "table_repeat": "tile", "table_batch": "B", "swap_mul": False, "swap_add": False, "break": None}
+    proto = build(case)
+    product = next(n for n in proto.graph.node if n.op_type == "Mul" and "x" in n.input).output[0]
+    proto.graph.output.append(helper.make_tensor_value_info(product, TensorProto.FLOAT, None))
+    kept, report = qgraph.optimize_with_report(ir.from_proto(proto), ["rotary"])
+    assert "RotaryEmbedding" not in [n.op_type for n in kept.graph]
+    notes = report.passes[-1].notes
+    assert any("'the_rotary_add' not fused" in n and f"the product '{product}' is also read" in n for n in notes), notes
