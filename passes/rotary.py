@@ -19,22 +19,10 @@ channels turn) one node: the first rule has already fused the rotated
 slice, and the pass-through channels are put back by ``rotary_embedding_dim``.
 
 The interleaved form (GPT-J's and CodeGen's ``rotate_every_two``: channels
-2i and 2i+1 turn together) is recognized by what it computes, not by how an
-exporter spells it::
-
-    y = x * cos + rotated * sin     where rotated[..., 2i] = -x[..., 2i+1], rotated[..., 2i+1] = x[..., 2i]
-                                    and cos[..., 2i] = cos[..., 2i+1] (likewise sin)
-                                                        -> RotaryEmbedding(x, cos[..., ::2], sin[..., ::2], interleaved=1)
-
-``rotated`` may be any chain of element-moving ops and Neg from ``x``
-(slices with a step, stack + flatten, ...): ``channel_probe`` runs it on a
-probe and reads which channel of x each channel holds, with its sign; the
-tables' repetition in pairs is proven the same way (``rotary_tables``).
-GPT-J rotates q and k as ``[B, S, H, D]``, before moving the heads in
-front; the probe's table shape tells the layout (its head axis is 1), and
-the fused node is wrapped in the two transposes RotaryEmbedding's 4-D
-``[B, H, S, D]`` input needs. The partial rule has a variant for that
-wrapping (``rotary-partial-heads-second``).
+2i and 2i+1 turn together) is ``rotary_interleaved``'s rule, recognized by
+running what the subgraph computes; its ``[B, S, H, D]`` rotation (GPT-J)
+is wrapped in transposes, and ``rotary-partial-heads-second`` is the partial
+rule for that wrapping.
 
 Not fused, and reported (which node, which check failed): slices that are
 not the two halves of the last axis, a table whose halves are not known to
@@ -49,10 +37,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from qgraph_passes.channel_probe import ChannelMap, channel_map, reaches
 from qgraph_passes.opset_upgrade import opset_at_least
-from qgraph_passes.rotary_tables import halves_equal_reason, repeated_pairs
-from qgraph_passes.shape_values import static_dim, static_value
+from qgraph_passes.rotary_interleaved import INTERLEAVED_RULE, check_interleaved, rotation_operands, unrewritten_reason
+from qgraph_passes.rotary_operands import head_size, heads_first, same_dim
+from qgraph_passes.rotary_tables import halves_equal_reason
+from qgraph_passes.shape_values import static_value
 
 from qgraph import RewritePass, Rule, RuleSet
 from qgraph.rewrite import explain
@@ -60,7 +49,6 @@ from qgraph.rewrite.pattern import Var
 
 __all__ = ["RotaryFusionPass", "RULES"]
 
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -78,9 +66,6 @@ def rotary(op, x, cos, sin):
     return op.Add(op.Mul(x, cos, _commute=True), op.Mul(rotated, sin, _commute=True), _commute=True)
 
 
-def interleaved_rotary(op, x, cos, sin, rotated):
-    # ``rotated`` binds any value: the condition proves by running that it is rotate_every_two(x)
-    return op.Add(op.Mul(x, cos, _commute=True), op.Mul(rotated, sin, _commute=True), _commute=True)
 
 
 def partial_rotary(op, q, cos, sin):
@@ -126,22 +111,6 @@ def _slice_reason(match, prefix: str, start: int, end: int, width: int) -> str |
     return None
 
 
-def _head_size(x: ir.Value) -> int | str:
-    if x.dtype not in _FLOATS:
-        return f"'{x.name}' is {x.dtype}, not float32/float16/bfloat16"
-    if x.shape is None or len(x.shape) != 4:
-        return f"'{x.name}' is not known to be 4-D [B, H, S, D]"
-    # static_dim: TorchScript's heads reshape leaves the head size symbolic in the stored shape
-    d = static_dim(x, 3)
-    if not isinstance(d, int) or d % 2:
-        return f"the head size of '{x.name}' is {x.shape[3] if d is None else d}, not a known even number"
-    return d
-
-
-def _same_dim(a, b) -> bool:
-    if isinstance(a, int) or isinstance(b, int):
-        return a == b
-    return a.value is not None and a.value == b.value
 
 
 def _table_reason(table: ir.Value, x: ir.Value, d: int, what: str) -> str | None:
@@ -157,7 +126,7 @@ def _table_reason(table: ir.Value, x: ir.Value, d: int, what: str) -> str | None
 
 
 def check_rotary(match, x, cos, sin, cat_axis) -> str | None:
-    d = _head_size(x)
+    d = head_size(x)
     if isinstance(d, str):
         return d
     if cat_axis not in (-1, 3):
@@ -173,58 +142,14 @@ def check_rotary(match, x, cos, sin, cat_axis) -> str | None:
     match["half"] = d // 2
     # RotaryEmbedding reads one table row per (batch, position) of x; where shape inference does not
     # show the table's batch and sequence dims to be x's, the table is expanded to them, as Mul broadcast it.
-    match["broadcast"] = not all(_same_dim(t.shape[i], x.shape[i]) for t in (cos, sin) for i in (0, 2))
+    match["broadcast"] = not all(same_dim(t.shape[i], x.shape[i]) for t in (cos, sin) for i in (0, 2))
     return None
 
 
-def _rotate_every_two(d: int) -> ChannelMap:
-    """out[2i] = -x[2i+1], out[2i+1] = x[2i] (GPT-J's rotate_every_two)."""
-    return ChannelMap(tuple(j ^ 1 for j in range(d)), tuple(-1 if j % 2 == 0 else 1 for j in range(d)))
-
-
-def _rotate_half(d: int) -> ChannelMap:
-    h = d // 2
-    return ChannelMap(tuple((j + h) % d for j in range(d)), tuple(-1 if j < h else 1 for j in range(d)))
-
-
-def check_interleaved(match, x, cos, sin, rotated) -> str | None:
-    """x*cos + rotate_every_two(x)*sin, the pairing and both tables proven on probes (channel_probe)."""
-    if rotated is x or not reaches(rotated, x):
-        return f"'{rotated.name}' is not computed from '{x.name}' by moving its channels"
-    d = _head_size(x)
-    if isinstance(d, str):
-        return d
-    pairing = channel_map(x, rotated)
-    if isinstance(pairing, str):
-        return f"the channels of '{rotated.name}' could not be read from '{x.name}': {pairing}"
-    if pairing == _rotate_half(d):
-        return f"'{rotated.name}' is rotate_half of '{x.name}' (the rotary-half rule's form), not rotate_every_two"
-    if pairing != _rotate_every_two(d):
-        shown = ", ".join(f"{'-' if s < 0 else ''}x[{p}]" for p, s in zip(pairing.perm[:8], pairing.sign[:8]))
-        return f"'{rotated.name}' is not rotate_every_two of '{x.name}': its channels hold {shown}{', ...' if d > 8 else ''}"
-    shapes = []
-    for table, what in ((cos, "cos"), (sin, "sin")):
-        if table.dtype != x.dtype:
-            return f"the {what} table '{table.name}' is {table.dtype}, x is {x.dtype}"
-        paired = repeated_pairs(table)
-        if isinstance(paired, str):
-            return f"the {what} table's entries are not known to come in pairs: {paired}"
-        if len(paired.probe_shape) != 4 or paired.probe_shape[3] != d:
-            return f"the {what} table '{table.name}' has shape {list(paired.probe_shape)} at the probe, not 4-D ending in {d}"
-        shapes.append(paired.probe_shape)
-    # The table's head axis is the one that is 1 whatever the batch and sequence (the probe draws those > 1).
-    heads = [axis for axis in (1, 2) if shapes[0][axis] == 1]
-    if len(heads) != 1 or [a for a in (1, 2) if shapes[1][a] == 1] != heads:
-        return f"the tables' head axis cannot be told (shapes {list(shapes[0])} and {list(shapes[1])} at the probe)"
-    match["heads_axis"], match["d"] = heads[0], d
-    seq = 3 - heads[0]  # [B, 1, S, D] or [B, S, 1, D]; x is laid out the same way
-    match["broadcast"] = not all(t.shape is not None and _same_dim(t.shape[i], x.shape[i]) for t in (cos, sin)
-                                 for i in (0, seq))
-    return None
 
 
 def check_partial(match, q, cat_axis) -> str | None:
-    d = _head_size(q)
+    d = head_size(q)
     if isinstance(d, str):
         return d
     if cat_axis not in (-1, 3):
@@ -268,37 +193,10 @@ def to_rotary(op, x, cos, sin, half, broadcast):
     return op.RotaryEmbedding(x, _first_half(op, cos, x, half, broadcast), _first_half(op, sin, x, half, broadcast))
 
 
-def _even_entries(op, table, x, heads_axis: int, d: int, broadcast: bool):
-    """The table's entries 0, 2, 4, ... without the head axis, [B, S, D/2] (RotaryEmbedding's interleaved cos/sin)."""
-    def ints(*v):
-        return op.Constant(value_ints=list(v))
-
-    seq = 3 - heads_axis
-    rows = op.Squeeze(op.Slice(table, ints(0), ints(d), ints(-1), ints(2)), ints(heads_axis))
-    dims = table.shape.dims if table.shape is not None and len(table.shape) == 4 else (None,) * 4
-    rows.shape = ir.Shape([dims[0], dims[seq], d // 2])
-    if not broadcast:
-        return rows
-    shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(x, start=seq, end=seq + 1),
-                      op.Constant(value_ints=[d // 2]), axis=0)
-    expanded = op.Expand(rows, shape)
-    expanded.shape = ir.Shape([x.shape[0], x.shape[seq], d // 2])
-    return expanded
 
 
-def _heads_first(op, x):
-    moved = op.Transpose(x, perm=[0, 2, 1, 3])
-    if x.shape is not None:
-        moved.shape = ir.Shape([x.shape[0], x.shape[2], x.shape[1], x.shape[3]])
-    return moved
 
 
-def to_interleaved(op, x, cos, sin, heads_axis, d, broadcast):
-    c, s = (_even_entries(op, t, x, heads_axis, d, broadcast) for t in (cos, sin))
-    if heads_axis == 1:
-        return op.RotaryEmbedding(x, c, s, interleaved=1)
-    # [B, S, H, D]: RotaryEmbedding reads a 4-D input as [B, H, S, D], so the heads move in front and back
-    return _heads_first(op, op.RotaryEmbedding(_heads_first(op, x), c, s, interleaved=1))
 
 
 def to_partial(op, q, cos, sin, rot, interleaved):
@@ -306,8 +204,8 @@ def to_partial(op, q, cos, sin, rot, interleaved):
 
 
 def to_partial_heads_second(op, q, cos, sin, rot, interleaved):
-    turned = op.RotaryEmbedding(_heads_first(op, q), cos, sin, rotary_embedding_dim=rot, interleaved=interleaved)
-    return _heads_first(op, turned)
+    turned = op.RotaryEmbedding(heads_first(op, q), cos, sin, rotary_embedding_dim=rot, interleaved=interleaved)
+    return heads_first(op, turned)
 
 
 def _example_table(op, freqs, trig):
@@ -337,38 +235,13 @@ _EXAMPLE_PARTIAL = {
 _EXAMPLE_PARTIAL_BSHD_INPUTS = {**_EXAMPLE_PARTIAL_INPUTS, "q": (ir.DataType.FLOAT, ("B", "S", 3, 8))}
 
 
-def _example_pairs(op, freqs, trig):
-    """repeat_interleave(trig(freqs), 2) on the last axis, with a head axis: [B, S, 1, D]."""
-    column = op.Unsqueeze(freqs, np.array([-1], np.int64))
-    pairs = op.Concat(column, column, axis=-1)
-    return trig(op.Reshape(op.Unsqueeze(pairs, np.array([2], np.int64)), np.array([0, 0, 1, -1], np.int64)))
-
-
-def _example_every_two(op, x):
-    """stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2), as GPT-J writes rotate_every_two."""
-    def half(start):
-        return op.Slice(x, np.array([start], np.int64), np.array([_INT64_MAX], np.int64), np.array([-1], np.int64),
-                        np.array([2], np.int64))
-    stacked = op.Concat(op.Unsqueeze(op.Neg(half(1)), np.array([-1], np.int64)),
-                        op.Unsqueeze(half(0), np.array([-1], np.int64)), axis=-1)
-    return op.Reshape(stacked, np.array([0, 0, 0, -1], np.int64))
-
-
-_EXAMPLE_INTERLEAVED_INPUTS = {"x": (ir.DataType.FLOAT, ("B", "S", 3, 8)), "freqs": (ir.DataType.FLOAT, ("B", "S", 4))}
-_EXAMPLE_INTERLEAVED = {
-    "cos": lambda op, freqs: _example_pairs(op, freqs, op.Cos),
-    "sin": lambda op, freqs: _example_pairs(op, freqs, op.Sin),
-    "rotated": lambda op, x: _example_every_two(op, x),
-}
 
 RULES = RuleSet(
     [
         Rule("rotary-half", rotary, to_rotary, check_rotary, opsets={"": 23},
              doc="x*cos + rotate_half(x)*sin -> RotaryEmbedding(x, cos[..., :D/2], sin[..., :D/2])",
              example_inputs=_EXAMPLE_INPUTS, example_values=_EXAMPLE_VALUES),
-        Rule("rotary-interleaved", interleaved_rotary, to_interleaved, check_interleaved, opsets={"": 23},
-             doc="x*cos + rotate_every_two(x)*sin -> RotaryEmbedding(x, cos[..., ::2], sin[..., ::2], interleaved=1)",
-             example_inputs=_EXAMPLE_INTERLEAVED_INPUTS, example_values=_EXAMPLE_INTERLEAVED),
+        INTERLEAVED_RULE,  # rotary_interleaved.py
         # keep_shared: a table expanded to the rotated slice's shape still reads that slice's Shape.
         Rule("rotary-partial", partial_rotary, to_partial, check_partial, opsets={"": 23}, keep_shared=True,
              doc="Concat(RotaryEmbedding(x[..., :r]), x[..., r:]) -> RotaryEmbedding(x, rotary_embedding_dim=r)",
@@ -426,36 +299,13 @@ class RotaryFusionPass(RewritePass):
         """
         notes = {}
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            operands = _rotation_operands(node) if node.op_type == "Add" else None
+            operands = rotation_operands(node) if node.op_type == "Add" else None
             if operands is None:
                 continue
-            reason = check_interleaved({}, *operands) or _unrewritten_reason(node)
+            reason = check_interleaved({}, *operands) or unrewritten_reason(node)
             if "rotate_half" not in reason:  # a rotate_half is the half rule's to explain
                 where = f"{node.graph.name}/{node.name}" if node.graph is not model.graph else node.name
                 notes[node.name] = f"interleaved rotary candidate '{where}' not fused: {reason}"
         return notes
 
 
-def _unrewritten_reason(add: ir.Node) -> str:
-    """Why an Add whose checks pass is still there: the rule rewrites only products read by the Add alone."""
-    for value in add.inputs:
-        users = [user.name for user, _ in value.uses() if user is not add]
-        if value.is_graph_output():
-            users.append("the graph's outputs")
-        if users:
-            return f"its checks pass, but the product '{value.name}' is also read by {users}"
-    return "its checks pass, but the rule did not rewrite it (--explain rotary-interleaved shows the match)"
-
-
-def _rotation_operands(add: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value] | None:
-    """(x, cos, sin, rotated) of an ``x*cos + rotated*sin`` whose ``rotated`` is computed from x element by element
-    (moved, negated, scaled), if it is one."""
-    products = [v.producer() if v is not None else None for v in add.inputs]
-    if len(products) != 2 or not all(p is not None and p.op_type == "Mul" and len(p.inputs) == 2 for p in products):
-        return None
-    for first, second in (products, products[::-1]):
-        for x, cos in (first.inputs, first.inputs[::-1]):
-            for rotated, sin in (second.inputs, second.inputs[::-1]):
-                if x is not None and rotated is not None and rotated is not x and reaches(rotated, x, elementwise=True):
-                    return x, cos, sin, rotated
-    return None
