@@ -234,8 +234,6 @@ _EXAMPLE_PARTIAL = {
 }
 _EXAMPLE_PARTIAL_BSHD_INPUTS = {**_EXAMPLE_PARTIAL_INPUTS, "q": (ir.DataType.FLOAT, ("B", "S", 3, 8))}
 
-
-
 RULES = RuleSet(
     [
         Rule("rotary-half", rotary, to_rotary, check_rotary, opsets={"": 23},
