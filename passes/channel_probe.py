@@ -224,10 +224,14 @@ def probe(source: ir.Value, target: ir.Value, allow_neg: bool = True, skip_eleme
     scaling by a number) as Identity: the probe then shows where each
     element went, which those ops do not change.
     """
+    if source.dtype is None or not source.name or not target.name:
+        return f"'{source.name}' or '{target.name}' has no dtype or name to build a probe with"
     collector = _Collector(source, allow_neg, skip_elementwise)
     reason = collector.data(target)
     if reason is not None:
         return reason
+    if any(not v.name for node in collector.nodes for v in (*node.inputs, *node.outputs) if v is not None):
+        return f"a value between '{source.name}' and '{target.name}' has no name to build a probe with"
     dims: dict[str, int] = {}
     source_shape = _draw_shape(source, dims)
     if isinstance(source_shape, str):
