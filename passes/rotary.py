@@ -21,8 +21,10 @@ slice, and the pass-through channels are put back by ``rotary_embedding_dim``.
 The interleaved form (GPT-J's and CodeGen's ``rotate_every_two``: channels
 2i and 2i+1 turn together) is ``rotary_interleaved``'s rule, recognized by
 running what the subgraph computes; its ``[B, S, H, D]`` rotation (GPT-J)
-is wrapped in transposes, and ``rotary-partial-heads-second`` is the partial
-rule for that wrapping.
+is wrapped in transposes, ``rotary-partial-heads-second`` is the partial
+rule for that wrapping, and ``rotary-heads-back`` merges the transpose back
+to ``[B, S, H, D]`` with the model's own transpose right after (GPT-J's
+``permute(0, 2, 1, 3)`` cancels it).
 
 Not fused, and reported (which node, which check failed): slices that are
 not the two halves of the last axis, a table whose halves are not known to
@@ -80,6 +82,12 @@ def partial_rotary_heads_second(op, q, cos, sin):
     turned = op.RotaryEmbedding(inner, cos, sin, interleaved=op.capture("interleaved"))
     return op.Concat(op.Transpose(turned, perm=[0, 2, 1, 3]), _last_axis_slice(op, q, "pass"),
                      axis=op.capture("cat_axis"))
+
+
+def heads_back_and_forth(op, y):
+    """The transpose put after a [B, S, H, D] rotation, then the model's own transpose (GPT-J's permute of q,
+    or of k straight to [B, H, D, S] for the scores)."""
+    return op.Transpose(op.Transpose(y, perm=[0, 2, 1, 3]), perm=op.capture("outer"))
 
 
 # -- conditions ----------------------------------------------------------------
@@ -170,7 +178,27 @@ def check_partial(match, q, cat_axis) -> str | None:
     return None
 
 
+def check_heads_back(y, outer) -> str | None:
+    producer = y.producer()
+    if producer is None or producer.op_type != "RotaryEmbedding":
+        return f"'{y.name}' is not a RotaryEmbedding output (only the transposes this pass adds are taken back)"
+    if outer is None or sorted(outer) != [0, 1, 2, 3]:
+        return f"the outer Transpose's perm {outer} is not a permutation of 4 axes"
+    return None
+
+
 # -- replacements --------------------------------------------------------------
+
+
+def composed_transpose(op, y, outer):
+    """Transpose(Transpose(y, [0,2,1,3]), outer) is one Transpose of y, or y itself."""
+    perm = [[0, 2, 1, 3][axis] for axis in outer]
+    if perm == [0, 1, 2, 3]:
+        return y
+    moved = op.Transpose(y, perm=perm)
+    if y.shape is not None:
+        moved.shape = ir.Shape([y.shape[axis] for axis in perm])
+    return moved
 
 
 def _first_half(op, table, x, half: int, broadcast: bool):
@@ -248,6 +276,14 @@ RULES = RuleSet(
              opsets={"": 23}, keep_shared=True,
              doc="Concat(T(RotaryEmbedding(T(x[..., :r]))), x[..., r:]) -> T(RotaryEmbedding(T(x), rotary_embedding_dim=r))",
              example_inputs=_EXAMPLE_PARTIAL_BSHD_INPUTS, example_values=_EXAMPLE_PARTIAL),
+        # [0, 2, 1, 3] is its own inverse: the rotation's way back and the model's way forward cancel
+        # keep_shared: TorchScript also reads the Shape of the transpose back; that one stays for it.
+        Rule("rotary-heads-back", heads_back_and_forth, composed_transpose, check_heads_back, keep_shared=True,
+             doc="Transpose(Transpose(RotaryEmbedding(..), [0,2,1,3]), p) -> Transpose(RotaryEmbedding(..), [0,2,1,3][p])",
+             example_inputs={"x": (ir.DataType.FLOAT, ("B", 3, "S", 8)), "c": (ir.DataType.FLOAT, ("B", "S", 4)),
+                             "s": (ir.DataType.FLOAT, ("B", "S", 4))},
+             example_values={"y": lambda op, x, c, s: op.RotaryEmbedding(x, c, s, interleaved=1),
+                             "outer": [0, 2, 3, 1]}),
     ],
     name="rotary",
 )

@@ -30,6 +30,9 @@ EXPECTED = {"llama": (2, 0, 0, 1, 1, 2), "phi": (2, 2, 0, 1, 1, 0), "phi3": (2, 
 # know (a near miss in the report: "is Reshape, not Attention"), so its Attention keeps BHSD inputs;
 # Phi3 and GPT-J likewise.
 PACKED_HEADS = {"llama": 1, "phi": 0, "phi3": 0, "gptj": 0}
+# GPT-J rotates q and k as [B, S, H, D] and then moves the heads in front: the rotary pass's transpose back
+# merges with that one, per layer for q and for k.
+HEADS_BACK = {"gptj": 2}
 # The TorchScript export of the decoders whose rotary needed more than the dynamo spelling (Phi's and
 # Phi3's head size is symbolic in its stored shapes; GPT-J is interleaved) must fuse the same rotations.
 CASES = [*((arch, "dynamo") for arch in EXPECTED), ("phi", "torchscript"), ("phi3", "torchscript"),
@@ -50,6 +53,7 @@ def test_the_ort_preset_fuses_what_the_architecture_has_and_replays(tiny_zoo, tm
     assert matches["rotary-half"] + matches["rotary-interleaved"] == rotations * LAYERS
     assert matches["rotary-interleaved"] == interleaved * LAYERS
     assert matches["rotary-partial"] + matches["rotary-partial-heads-second"] == partial * LAYERS
+    assert matches["rotary-heads-back"] == HEADS_BACK.get(arch, 0) * LAYERS
     assert matches["pack-three-matmuls"] == qkv * LAYERS and matches["pack-two-matmuls"] == gate_up * LAYERS
     assert matches["attention-packed-heads"] == PACKED_HEADS[arch] * LAYERS
     assert matches["attention-cache-inputs"] == LAYERS

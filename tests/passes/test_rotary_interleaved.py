@@ -129,17 +129,23 @@ def build(case: dict) -> onnx.ModelProto:
         return g.op("Mul", [b, a] if case["swap_mul"] else [a, b])
 
     a, b = mul(x, cos), mul(rotated, sin)
-    out = "y" if case["rot"] is None else "y_rot"
+    heads_after = case.get("heads_after")  # the model's own transpose after rotating [B, S, H, D] (GPT-J)
+    y = "y_bshd" if heads_after else "y"
+    out = y if case["rot"] is None else "y_rot"
     g.nodes.append(helper.make_node("Add", [b, a] if case["swap_add"] else [a, b], [out], name="the_rotary_add"))
     if case["rot"] is not None:
-        g.nodes.append(helper.make_node("Concat", ["y_rot", x_pass], ["y"], axis=-1, name="n_pass_concat"))
+        g.nodes.append(helper.make_node("Concat", ["y_rot", x_pass], [y], axis=-1, name="n_pass_concat"))
     heads, bt = case["heads"], case["table_batch"]
     x_dims = ["B", "S", heads, d] if case["layout"] == "BSHD" else ["B", heads, "S", d]
+    y_dims = x_dims
+    if heads_after:
+        g.nodes.append(helper.make_node("Transpose", [y], ["y"], perm=heads_after, name="n_model_transpose"))
+        y_dims = [x_dims[axis] for axis in heads_after]
     graph = helper.make_graph(
         g.nodes, "interleaved_rotary",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims),
          helper.make_tensor_value_info("freqs", TensorProto.FLOAT, [bt, "S", rot // 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, x_dims)], g.inits,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_dims)], g.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
     return onnx.shape_inference.infer_shapes(model)
@@ -193,3 +199,20 @@ def test_a_rotation_whose_product_is_read_elsewhere_is_kept_and_reported():
     assert "RotaryEmbedding" not in [n.op_type for n in kept.graph]
     notes = report.passes[-1].notes
     assert any("'the_rotary_add' not fused" in n and f"the product '{product}' is also read" in n for n in notes), notes
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(case=interleaved_cases(), heads_after=st.sampled_from([[0, 2, 1, 3], [0, 2, 3, 1]]), data=st.data())
+def test_the_transpose_back_merges_with_the_models_own_transpose(case, heads_after, data):
+    """GPT-J permutes q (and k, or k straight to [B, H, D, S]) right after rotating [B, S, H, D]."""
+    case = {**case, "layout": "BSHD", "heads_after": heads_after}
+    proto = build(case)
+    fused, report = qgraph.optimize_with_report(ir.from_proto(proto), ["rotary"])
+    transposes = [n for n in fused.graph if n.op_type == "Transpose"]
+    rotary = next(n for n in fused.graph if n.op_type == "RotaryEmbedding")
+    assert report.passes[-1].rule_matches.get("rotary-heads-back") == 1
+    # one transpose into RotaryEmbedding; after it, none ([0, 2, 1, 3] cancels) or one ([B, H, D, S])
+    assert len(transposes) == (1 if heads_after == [0, 2, 1, 3] else 2)
+    after = [u.op_type for u, _ in rotary.outputs[0].uses() if u.op_type == "Transpose"]
+    assert after == (["Transpose"] if heads_after == [0, 2, 3, 1] else [])  # (an Identity keeps the output's name)
+    assert_equivalent(proto, fused, examples=4, rtol=1e-5, atol=1e-5, data=data)
