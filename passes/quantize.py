@@ -7,9 +7,11 @@ import fnmatch
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.pass_base import Option, Pass
+from qgraph.errors import BadInputError, PassFailure
 from qgraph.gguf_blocks import GgufWeights
+from qgraph.pass_base import Option, Pass
 from qgraph.quant_blocks import BITS, BLOCK_SIZES, BlockQuantized, quantize_rtn
+from qgraph.quant_gptq import quantize_gptq
 from qgraph.rewrite.engine import PASS_KEY, RULE_KEY
 
 __all__ = ["QuantizePass"]
@@ -114,6 +116,15 @@ class QuantizePass(Pass):
             int, 0, "MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations",
             choices=(0, 1, 2, 3, 4),
         ),
+        "method": Option(
+            str, "rtn", "how blocks are rounded: 'rtn' (round to nearest) or 'gptq' (each rounding error "
+            "compensated on the rows not yet rounded, fitted to a calibration text; decoders only)",
+            choices=("rtn", "gptq"),
+        ),
+        "calibration_tokens": Option(
+            int, 256, "method=gptq: tokens of the float graph's own seeded text (segments of 64) to fit on",
+        ),
+        "damping": Option(float, 0.01, "method=gptq: added to the Hessian's diagonal, times its mean"),
         "exclude": Option(str, "", "comma-separated shell patterns of MatMul node or weight names to keep in float"),
         "tied_lookup": Option(
             str, "quantized",
@@ -155,6 +166,11 @@ class QuantizePass(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        if self.config["method"] == "gptq" and self.config["gguf"]:
+            raise BadInputError(f"{self.name}: method=gptq and gguf exclude each other (gguf takes the file's "
+                                "blocks as they are; there is nothing to fit)")
+        if not self.config["damping"] > 0:
+            raise BadInputError(f"{self.name}: damping must be positive, got {self.config['damping']}")
         self._source = GgufWeights(self.config["gguf"]) if self.config["gguf"] else None
         self._offsets: dict[int, ir.Value] = {}  # id(blocks with offsets) -> offsets^T [n_blocks, N]
         self._block_sums: dict[tuple[int, int, ir.DataType], ir.Value] = {}  # (K, block, dtype) -> [K, n_blocks]
@@ -165,22 +181,13 @@ class QuantizePass(Pass):
         self._tied: dict[tuple[int, bool], ir.Value] = {}  # key -> the embedding table an LM head is tied to
         replaced = 0
         dropped: list[ir.Value] = []  # float weights (and their sources) that may have lost their last reader
+        self._hessians = self._calibrate(model, patterns) if self.config["method"] == "gptq" else {}
         for node in list(graph):
-            operands = self._operands(node)
-            if operands is None:
+            candidate = self._candidate(node)
+            if candidate is None:
                 continue
-            a, w, flip, bias = operands
-            source = _weight_source(w) if w is not None else None
-            if a is None or source is None:
-                continue
-            source = (source[0], source[1] != flip)
-            tensor = _constant(source[0])  # dtype and rank from the data: a Transpose output may be untyped
-            if tensor.dtype not in _FLOATS or len(tensor.shape) != 2:
-                continue
-            if a.shape is not None and len(a.shape) < 2:
-                continue
-            names = [node.name or "", w.name or "", source[0].name or ""]
-            if any(fnmatch.fnmatchcase(n, p) for n in names if n for p in patterns):
+            a, w, source, bias = candidate
+            if _excluded(node, w, source[0], patterns):
                 self.report.notes.append(f"kept {node.op_type} '{node.name}' in float: excluded by 'exclude'")
                 continue
             seen = (id(source[0]), source[1])
@@ -188,7 +195,7 @@ class QuantizePass(Pass):
                 keys[seen] = self._key(source, tables)
             key = keys[seen]
             if key not in done:
-                done[key] = self._quantize(graph, w, source)
+                done[key] = self._quantize(graph, w, source, a)
             elif done[key] is not None:
                 self.report.count("weights-shared")
             if done[key] is None:
@@ -207,6 +214,46 @@ class QuantizePass(Pass):
                         dropped.append(table)
             _drop_unread(graph, dropped)
         return ir.passes.PassResult(model, replaced > 0)
+
+    def _candidate(self, node: ir.Node) -> tuple[ir.Value, ir.Value, tuple[ir.Value, bool], ir.Value | None] | None:
+        """(A, W, (the constant W is read from, whether it is seen transposed), bias) of a MatMul or Gemm whose
+        weight can be quantized; None for any other node."""
+        operands = self._operands(node)
+        if operands is None:
+            return None
+        a, w, flip, bias = operands
+        source = _weight_source(w) if w is not None else None
+        if a is None or source is None:
+            return None
+        source = (source[0], source[1] != flip)
+        tensor = _constant(source[0])  # dtype and rank from the data: a Transpose output may be untyped
+        if tensor.dtype not in _FLOATS or len(tensor.shape) != 2:
+            return None
+        if a.shape is not None and len(a.shape) < 2:
+            return None
+        return a, w, source, bias
+
+    def _calibrate(self, model: ir.Model, patterns: list[str]) -> dict[str, np.ndarray]:
+        """method=gptq: the Hessian of the input of every MatMul that will be quantized, over the calibration text."""
+        from qgraph_passes.quantize_calibration import calibration_text, collect_hessians, require_decoder
+
+        require_decoder(model, self.name)
+        activations = []
+        for node in model.graph:
+            candidate = self._candidate(node)
+            if candidate is None or _excluded(node, candidate[1], candidate[2][0], patterns):
+                continue
+            if not candidate[0].name:
+                raise PassFailure(f"{self.name}: method=gptq cannot expose the unnamed input of "
+                                  f"{node.op_type} '{node.name}' for calibration", pass_name=self.name)
+            activations.append(candidate[0].name)
+        if not activations:
+            return {}
+        segments = calibration_text(model, self.config["calibration_tokens"], self.name)
+        hessians = collect_hessians(model, activations, segments, self.name)
+        self.report.notes.append(f"gptq: calibrated {len(hessians)} MatMul input(s) on {sum(map(len, segments))} "
+                                 f"tokens of the float graph's own text ({len(segments)} seeded segment(s))")
+        return hessians
 
     def _operands(self, node: ir.Node) -> tuple[ir.Value | None, ir.Value | None, bool, ir.Value | None] | None:
         """(A, W, whether W is read transposed, bias) of a MatMul or of a Gemm MatMulNBits can express."""
@@ -286,7 +333,7 @@ class QuantizePass(Pass):
         self.report.notes.append(f"embedding '{table.name}': its {len(lookups)} lookup(s) read the LM head's "
                                  f"{q.bits}-bit blocks (GatherBlockQuantized); the float table is dropped")
 
-    def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool]
+    def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool], a: ir.Value
                   ) -> tuple[list[ir.Value], BlockQuantized] | None:
         value, transposed = source
         array = _constant(value).numpy()
@@ -295,6 +342,11 @@ class QuantizePass(Pass):
             quantized = self._from_gguf(value, weight)
             if quantized is None:
                 return None
+        elif self.config["method"] == "gptq":
+            # A weight read by several MatMuls is fitted to the first reader's input (noted as shared).
+            quantized = quantize_gptq(weight, self._hessians[a.name], self.config["bits"], self.config["block_size"],
+                                      symmetric=self.config["symmetric"], damping=self.config["damping"])
+            self.report.count("gptq-weights")
         else:
             quantized = quantize_rtn(weight, self.config["bits"], self.config["block_size"],
                                      symmetric=self.config["symmetric"])
@@ -372,6 +424,11 @@ class QuantizePass(Pass):
         old.name = None
         out.name = name
         graph.remove(node, safe=True)
+
+
+def _excluded(node: ir.Node, w: ir.Value, source: ir.Value, patterns: list[str]) -> bool:
+    names = [node.name or "", w.name or "", source.name or ""]
+    return any(fnmatch.fnmatchcase(n, p) for n in names if n for p in patterns)
 
 
 def _drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
