@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import time
 
 import numpy as np
 import onnx_ir as ir
@@ -195,7 +196,7 @@ class QuantizePass(Pass):
                 keys[seen] = self._key(source, tables)
             key = keys[seen]
             if key not in done:
-                done[key] = self._quantize(graph, w, source, a)
+                done[key] = self._quantize(graph, w, source, a, key)
             elif done[key] is not None:
                 self.report.count("weights-shared")
             if done[key] is None:
@@ -249,10 +250,12 @@ class QuantizePass(Pass):
             activations.append(candidate[0].name)
         if not activations:
             return {}
+        started = time.perf_counter()
         segments = calibration_text(model, self.config["calibration_tokens"], self.name)
         hessians = collect_hessians(model, activations, segments, self.name)
         self.report.notes.append(f"gptq: calibrated {len(hessians)} MatMul input(s) on {sum(map(len, segments))} "
-                                 f"tokens of the float graph's own text ({len(segments)} seeded segment(s))")
+                                 f"tokens of the float graph's own text ({len(segments)} seeded segment(s)) in "
+                                 f"{time.perf_counter() - started:.1f} s")
         return hessians
 
     def _operands(self, node: ir.Node) -> tuple[ir.Value | None, ir.Value | None, bool, ir.Value | None] | None:
@@ -333,8 +336,8 @@ class QuantizePass(Pass):
         self.report.notes.append(f"embedding '{table.name}': its {len(lookups)} lookup(s) read the LM head's "
                                  f"{q.bits}-bit blocks (GatherBlockQuantized); the float table is dropped")
 
-    def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool], a: ir.Value
-                  ) -> tuple[list[ir.Value], BlockQuantized] | None:
+    def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool], a: ir.Value,
+                  key: tuple[int, bool]) -> tuple[list[ir.Value], BlockQuantized] | None:
         value, transposed = source
         array = _constant(value).numpy()
         weight = array.T if transposed else array
@@ -342,6 +345,14 @@ class QuantizePass(Pass):
             quantized = self._from_gguf(value, weight)
             if quantized is None:
                 return None
+        elif self.config["method"] == "gptq" and key in self._tied and self.config["tied_lookup"] == "quantized":
+            # The embedding lookup reads these blocks too, and for a lookup the weight error *is* the output
+            # error: GPTQ trades a larger weight error for a smaller LM-head output error, so it would hurt
+            # every embedded token. Round to nearest gives the smallest weight error.
+            quantized = quantize_rtn(weight, self.config["bits"], self.config["block_size"],
+                                     symmetric=self.config["symmetric"])
+            self.report.notes.append(f"gptq: the tied LM head '{value.name}' is rounded to nearest (its embedding "
+                                     "lookup reads the same blocks; tied_lookup=float lets GPTQ fit it)")
         elif self.config["method"] == "gptq":
             # A weight read by several MatMuls is fitted to the first reader's input (noted as shared).
             quantized = quantize_gptq(weight, self._hessians[a.name], self.config["bits"], self.config["block_size"],

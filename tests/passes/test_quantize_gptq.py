@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qgraph_passes.quantize import QuantizePass
 from qgraph_passes.quantize_calibration import calibration_text, collect_hessians
-from test_quantize import matmul_model, nbits_nodes
+from test_quantize import matmul_model, nbits_nodes, reference_rtn, tied_model
 
 import qgraph
 from qgraph import io as qio
@@ -243,3 +243,24 @@ def test_ort_int4_preset_with_gptq_on_a_cached_zoo_decoder(tiny_zoo):
     assert report.passes[-1].op_histogram.get("com.microsoft::MatMulNBits", 0) == 2 * 4 + 1
     verdict = check_budget(fp32, quantized, Budget(token_agreement=0.6, perplexity_rise=0.03))
     assert verdict.kind == "decoder" and verdict.within, str(verdict)
+
+
+def test_tied_lm_head_whose_lookup_reads_the_blocks_is_rounded_to_nearest():
+    """The embedding lookup's error is the weight error itself, which GPTQ enlarges to shrink the head's output
+    error: a tied head shared with the lookup keeps round to nearest (noted); with a float lookup GPTQ fits it."""
+    model, table = _any_length(tied_model(copy=False))
+    quantized = QuantizePass(method="gptq", bits=4, block_size=16, calibration_tokens=16)(model).model
+    head = nbits_nodes(quantized)[0]
+    np.testing.assert_array_equal(_decoded(head), reference_rtn(table.T.copy(), 4, 16, False))
+    assert [n for n in quantized.graph if n.op_type == "GatherBlockQuantized"]
+    model, _ = _any_length(tied_model(copy=False))
+    step = QuantizePass(method="gptq", bits=4, block_size=16, calibration_tokens=16, tied_lookup="float")
+    fitted = step(model).model
+    assert step.report.rule_matches["gptq-weights"] == 1
+    assert not np.array_equal(_decoded(nbits_nodes(fitted)[0]), reference_rtn(table.T.copy(), 4, 16, False))
+
+
+def _any_length(made: tuple[ir.Model, np.ndarray]) -> tuple[ir.Model, np.ndarray]:
+    model, table = made
+    model.graph.inputs[0].shape = ir.Shape([1, "seq"])  # calibration feeds texts of its own length
+    return model, table
