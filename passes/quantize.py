@@ -63,7 +63,7 @@ def _embedding_tables(graph: ir.Graph) -> list[ir.Value]:
 
 
 class QuantizePass(Pass):
-    """Quantize constant MatMul weights to com.microsoft::MatMulNBits (weight-only, round to nearest).
+    """Quantize constant MatMul weights to com.microsoft::MatMulNBits (weight-only, round to nearest or GPTQ).
 
     Every ``MatMul(A, W)`` of the main graph whose ``W`` is a 2-D float32 or
     float16 constant (an initializer, a ``Constant``, or one of them
@@ -73,8 +73,17 @@ class QuantizePass(Pass):
     ``bits`` 4 or 8, blocks of ``block_size`` along K, symmetric (implicit
     zero point) or with zero points; ``accuracy_level`` is passed on (4
     lets onnxruntime compute with int8 activations, 0 leaves the choice to
-    it). Quantization is round-to-nearest per block (``qgraph.quant_blocks``
-    states the arithmetic and the layout).
+    it). ``method=rtn`` (the default) rounds each block to nearest
+    (``qgraph.quant_blocks`` states the arithmetic and the layout).
+    ``method=gptq`` fits the same layout with GPTQ (``qgraph.quant_gptq``):
+    each row's rounding error is compensated on the rows not yet rounded,
+    weighted by the Hessian of that MatMul's input over ``calibration_tokens``
+    seeded token ids run through the float graph in onnxruntime
+    (``qgraph_passes.quantize_calibration``; decoder graphs only -- others
+    get an error naming this option), ``damping`` times the mean diagonal
+    added for stability. A tied LM head whose blocks the embedding lookup
+    also reads stays round to nearest (a lookup's error is the weight error,
+    which GPTQ enlarges to shrink the head's output error).
 
     ``exclude``: comma-separated shell patterns matched against the MatMul
     node's name and the weight's name (``*lm_head*,*linear_14``); a match is
@@ -123,7 +132,8 @@ class QuantizePass(Pass):
             choices=("rtn", "gptq"),
         ),
         "calibration_tokens": Option(
-            int, 256, "method=gptq: tokens of the float graph's own seeded text (segments of 64) to fit on",
+            int, 2048, "method=gptq: seeded token ids (segments of 64) whose activations GPTQ fits to; more "
+            "than the widest MatMul input (K) keeps its Hessian of full rank",
         ),
         "damping": Option(float, 0.01, "method=gptq: added to the Hessian's diagonal, times its mean"),
         "exclude": Option(str, "", "comma-separated shell patterns of MatMul node or weight names to keep in float"),
@@ -254,7 +264,7 @@ class QuantizePass(Pass):
         segments = calibration_text(model, self.config["calibration_tokens"], self.name)
         hessians = collect_hessians(model, activations, segments, self.name)
         self.report.notes.append(f"gptq: calibrated {len(hessians)} MatMul input(s) on {sum(map(len, segments))} "
-                                 f"tokens of the float graph's own text ({len(segments)} seeded segment(s)) in "
+                                 f"seeded token ids ({len(segments)} segment(s)) in "
                                  f"{time.perf_counter() - started:.1f} s")
         return hessians
 
