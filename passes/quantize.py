@@ -226,10 +226,11 @@ class QuantizePass(Pass):
             _drop_unread(graph, dropped)
         return ir.passes.PassResult(model, replaced > 0)
 
-    def _candidate(self, node: ir.Node) -> tuple[ir.Value, ir.Value, tuple[ir.Value, bool], ir.Value | None] | None:
+    def _candidate(self, node: ir.Node, *, note: bool = True
+                   ) -> tuple[ir.Value, ir.Value, tuple[ir.Value, bool], ir.Value | None] | None:
         """(A, W, (the constant W is read from, whether it is seen transposed), bias) of a MatMul or Gemm whose
-        weight can be quantized; None for any other node."""
-        operands = self._operands(node)
+        weight can be quantized; None for any other node (a Gemm kept in float is noted when ``note``)."""
+        operands = self._operands(node, note=note)
         if operands is None:
             return None
         a, w, flip, bias = operands
@@ -251,7 +252,7 @@ class QuantizePass(Pass):
         require_decoder(model, self.name)
         activations = []
         for node in model.graph:
-            candidate = self._candidate(node)
+            candidate = self._candidate(node, note=False)  # the quantizing loop notes what it keeps
             if candidate is None or _excluded(node, candidate[1], candidate[2][0], patterns):
                 continue
             if not candidate[0].name:
@@ -268,7 +269,8 @@ class QuantizePass(Pass):
                                  f"{time.perf_counter() - started:.1f} s")
         return hessians
 
-    def _operands(self, node: ir.Node) -> tuple[ir.Value | None, ir.Value | None, bool, ir.Value | None] | None:
+    def _operands(self, node: ir.Node, *, note: bool = True
+                  ) -> tuple[ir.Value | None, ir.Value | None, bool, ir.Value | None] | None:
         """(A, W, whether W is read transposed, bias) of a MatMul or of a Gemm MatMulNBits can express."""
         if node.domain not in ("", "ai.onnx"):
             return None
@@ -287,7 +289,8 @@ class QuantizePass(Pass):
                                    or tuple(_constant(bias).shape) != (width,)):
             reason = "its C is not a constant bias of one value per output column (or beta is not 1)"
         if reason is not None:
-            self.report.notes.append(f"kept Gemm '{node.name}' in float: {reason}")
+            if note:
+                self.report.notes.append(f"kept Gemm '{node.name}' in float: {reason}")
             return None
         return node.inputs[0], b, bool(attrs.get_int("transB", 0)), bias
 
@@ -364,7 +367,7 @@ class QuantizePass(Pass):
             self.report.notes.append(f"gptq: the tied LM head '{value.name}' is rounded to nearest (its embedding "
                                      "lookup reads the same blocks; tied_lookup=float lets GPTQ fit it)")
         elif self.config["method"] == "gptq":
-            # A weight read by several MatMuls is fitted to the first reader's input (noted as shared).
+            # A weight read by several MatMuls is fitted to its first reader's input (the others share it).
             quantized = quantize_gptq(weight, self._hessians[a.name], self.config["bits"], self.config["block_size"],
                                       symmetric=self.config["symmetric"], damping=self.config["damping"])
             self.report.count("gptq-weights")
