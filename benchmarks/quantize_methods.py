@@ -1,6 +1,6 @@
 """quantize method=rtn vs method=gptq: int4 blocks of 32 on SmolLM2-135M, quality, pass time and decode speed.
 
-    .venv/bin/python benchmarks/quantize_methods.py [--exports DIR] [--calibration-tokens N] [--rounds 2]
+    .venv/bin/python benchmarks/quantize_methods.py [--exports DIR] [--calibration-tokens N[,N...]] [--rounds 2]
                                                     [--write] [--note TEXT]
 
 Both graphs are the ``ort-int4`` preset (blocks of 32 with zero points,
@@ -96,7 +96,8 @@ def _perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
 def main() -> None:
     parser = benchmark_parser(__doc__, SECTION)
     parser.add_argument("--exports", type=Path, help="folder holding smollm2-dynamo/model.onnx")
-    parser.add_argument("--calibration-tokens", type=int, default=0, help="quantize.calibration_tokens (0: default)")
+    parser.add_argument("--calibration-tokens", default="",
+                        help="comma-separated quantize.calibration_tokens, one GPTQ graph each (default: the pass's)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -109,11 +110,11 @@ def main() -> None:
 
     export = exported("smollm2-135m", "dynamo", args.exports, "smollm2-dynamo")
     english = np.array(transformers.AutoTokenizer.from_pretrained(export.parent)(TEXT)["input_ids"], np.int64)
-    gptq = {"method": "gptq"}
-    if args.calibration_tokens:
-        gptq["calibration_tokens"] = args.calibration_tokens
-    variants = [("fp32 (ort)", "ort", {}), ("int4 RTN (ort-int4)", "ort-int4", {"method": "rtn"}),
-                ("int4 GPTQ (ort-int4, method=gptq)", "ort-int4", gptq)]
+    variants = [("fp32 (ort)", "ort", {}), ("int4 RTN (ort-int4)", "ort-int4", {"method": "rtn"})]
+    for tokens in [int(t) for t in args.calibration_tokens.split(",") if t] or [None]:
+        options = {"method": "gptq", **({"calibration_tokens": tokens} if tokens else {})}
+        label = "int4 GPTQ (ort-int4, method=gptq" + (f", calibration_tokens={tokens})" if tokens else ")")
+        variants.append((label, "ort-int4", options))
     work = Path(tempfile.mkdtemp(prefix="qgraph-quantize-methods-"))
     try:
         built = {}
@@ -162,11 +163,12 @@ def main() -> None:
                     f"{'none' if first is None else first} | {same}/{TOKENS} | {entry['pipeline_s']:.1f} | "
                     f"{entry['quantize_s']:.1f} | {decode:.1f} | {ttft:.1f} | "
                     f"{decode / speed[rtn_label][0]:.2f}x |")
-    calibration = next((n for n in built[variants[2][0]]["notes"] if n.startswith("gptq: calibrated")), "")
-    seconds = re.search(r"in ([\d.]+) s$", calibration)
+    calibrations = [next((n for n in built[v[0]]["notes"] if n.startswith("gptq: calibrated")), "")
+                    for v in variants[2:]]
+    seconds = [m.group(1) for m in (re.search(r"in ([\d.]+) s$", c) for c in calibrations) if m]
     command = "`.venv/bin/python benchmarks/quantize_methods.py" + "".join(
         f" {flag} {value}" for flag, value in (("--exports", args.exports), ("--calibration-tokens",
-                                                                             args.calibration_tokens or None))
+                                                                             args.calibration_tokens))
         if value) + f" --rounds {args.rounds} --write`"
     report = "\n".join([
         f"Command: {command}",
@@ -181,7 +183,7 @@ def main() -> None:
          f"fixed {len(english)}-token English paragraph (fp32 {fp32_english:.2f}). *greedy*: {TOKENS} greedy "
          f"tokens after {PROMPT!r} with qgraph's generator (KV cache): first position that differs from fp32's, "
          f"and how many positions are equal. *pipeline s*: the whole preset; *quantize s*: the pass alone "
-         f"(GPTQ: calibration {seconds.group(1) if seconds else '?'} s of it). Decode tok/s and TTFT: "
+         f"(GPTQ: calibration {' / '.join(seconds) or '?'} s of it). Decode tok/s and TTFT: "
          f"{THREADS} threads, fresh child process per measurement, {args.rounds} interleaved rounds x "
          f"{args.repeats} generations, medians."),
         "",
@@ -190,7 +192,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"GPTQ pass note: {calibration}",
+        *(f"GPTQ pass note: {c}" for c in calibrations),
     ])
     if args.note:
         report += f"\n\n{args.note}"
