@@ -10,9 +10,10 @@ continuation, so a GPTQ result is never judged on the text it was fitted to.
 Why not the model's own greedy text, like the budget's: GPTQ needs more rows
 than the widest K (1536 on SmolLM2's down projections) for a Hessian of full
 rank, and a graph without a KV cache pays one whole forward run per generated
-token; random ids cost one run per segment (measured on SmolLM2, int4 blocks
-of 32: 4096 such tokens gave a lower perplexity than round to nearest on both
-the budget text and an English paragraph, 1024 did not on the budget text).
+token; random ids cost one run per segment. Measured on SmolLM2-135M, int4
+blocks of 32 (benchmarks/RESULTS.md): 4096 such tokens (the default) give a
+lower perplexity than round to nearest on the budget's 48- and 128-token texts
+and on an English paragraph; 2048 do not on the 128-token text.
 Everything is seeded: the same graph gives the same text and the same weights.
 
 The activations are read by running the float graph once per segment in
