@@ -270,6 +270,11 @@ class QuantizePass(Pass):
         self.report.notes.append(f"gptq: calibrated {len(hessians)} MatMul input(s) on {sum(map(len, segments))} "
                                  f"seeded token ids ({len(segments)} segment(s)) in "
                                  f"{time.perf_counter() - started:.1f} s")
+        widest = max(h.shape[0] for h in hessians.values())
+        if sum(map(len, segments)) < widest:
+            self.report.notes.append(f"gptq: {sum(map(len, segments))} calibration tokens are fewer than the widest "
+                                     f"MatMul input ({widest}): its Hessian is rank-deficient and only damping "
+                                     "holds the unseen directions; raise calibration_tokens")
         return hessians
 
     def _operands(self, node: ir.Node, *, note: bool = True

@@ -218,6 +218,14 @@ def _decoded(node: ir.Node) -> np.ndarray:
                                block_size=attrs["block_size"]).dequantize()
 
 
+def test_too_few_calibration_tokens_for_a_full_rank_hessian_are_noted(decoder):
+    _, few = _quantize(decoder, method="gptq", calibration_tokens=48)
+    _, enough = _quantize(decoder, method="gptq", calibration_tokens=256)
+    widest = max(n.attributes.get_int("K") for n in nbits_nodes(_quantize(decoder, method="rtn")[0]))
+    assert any(f"fewer than the widest MatMul input ({widest})" in note for note in few.report.notes)
+    assert not any("fewer than the widest" in note for note in enough.report.notes)
+
+
 def test_graph_without_a_decoder_interface_is_refused_naming_pass_and_option():
     model = matmul_model(np.ones((32, 4), np.float32))
     with pytest.raises(BadInputError, match=r"quantize: method=gptq needs a decoder graph.*inputs \['A'\]"):
