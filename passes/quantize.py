@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import fnmatch
+import time
 
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.pass_base import Option, Pass
+from qgraph.errors import BadInputError, PassFailure
 from qgraph.gguf_blocks import GgufWeights
+from qgraph.pass_base import Option, Pass
 from qgraph.quant_blocks import BITS, BLOCK_SIZES, BlockQuantized, quantize_rtn
+from qgraph.quant_gptq import quantize_gptq
 from qgraph.rewrite.engine import PASS_KEY, RULE_KEY
 
 __all__ = ["QuantizePass"]
@@ -19,6 +22,9 @@ _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 # --verify's default budget by bits: (least greedy agreement, largest perplexity rise). Measured
 # on SmolLM2-135M's fixed text (qgraph.verify.budget), round to nearest with blocks of 32:
 # 8 bits 100 % / +0.6 %, 4 bits 67.5 % / +77 % -- int4 RTN of a 135M model is that lossy.
+# method=gptq keeps the same budget: measured the same way (benchmarks/quantize_methods.py, ort-int4,
+# 4096 calibration tokens) it lowers the rise on that text (+45 % vs +80 %) but not the agreement
+# (70 % vs 72.5 %), so no tighter agreement is earned.
 _DEFAULT_BUDGET = {8: (0.9, 0.05), 4: (0.6, 1.0)}
 # With ``gguf``, the float graph already holds the GGUF's dequantized weights: the blocks change
 # nothing but float rounding (and accuracy_level's int8 activations), hence the tight budget.
@@ -60,7 +66,7 @@ def _embedding_tables(graph: ir.Graph) -> list[ir.Value]:
 
 
 class QuantizePass(Pass):
-    """Quantize constant MatMul weights to com.microsoft::MatMulNBits (weight-only, round to nearest).
+    """Quantize constant MatMul weights to com.microsoft::MatMulNBits (weight-only, round to nearest or GPTQ).
 
     Every ``MatMul(A, W)`` of the main graph whose ``W`` is a 2-D float32 or
     float16 constant (an initializer, a ``Constant``, or one of them
@@ -70,8 +76,17 @@ class QuantizePass(Pass):
     ``bits`` 4 or 8, blocks of ``block_size`` along K, symmetric (implicit
     zero point) or with zero points; ``accuracy_level`` is passed on (4
     lets onnxruntime compute with int8 activations, 0 leaves the choice to
-    it). Quantization is round-to-nearest per block (``qgraph.quant_blocks``
-    states the arithmetic and the layout).
+    it). ``method=rtn`` (the default) rounds each block to nearest
+    (``qgraph.quant_blocks`` states the arithmetic and the layout).
+    ``method=gptq`` fits the same layout with GPTQ (``qgraph.quant_gptq``):
+    each row's rounding error is compensated on the rows not yet rounded,
+    weighted by the Hessian of that MatMul's input over ``calibration_tokens``
+    seeded token ids run through the float graph in onnxruntime
+    (``qgraph_passes.quantize_calibration``; decoder graphs only -- others
+    get an error naming this option), ``damping`` times the mean diagonal
+    added for stability. A tied LM head whose blocks the embedding lookup
+    also reads stays round to nearest (a lookup's error is the weight error,
+    which GPTQ enlarges to shrink the head's output error).
 
     ``exclude``: comma-separated shell patterns matched against the MatMul
     node's name and the weight's name (``*lm_head*,*linear_14``); a match is
@@ -114,6 +129,16 @@ class QuantizePass(Pass):
             int, 0, "MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations",
             choices=(0, 1, 2, 3, 4),
         ),
+        "method": Option(
+            str, "rtn", "how blocks are rounded: 'rtn' (round to nearest) or 'gptq' (each rounding error "
+            "compensated on the rows not yet rounded, fitted to a calibration text; decoders only)",
+            choices=("rtn", "gptq"),
+        ),
+        "calibration_tokens": Option(
+            int, 4096, "method=gptq: seeded token ids (segments of 64) whose activations GPTQ fits to; more "
+            "than the widest MatMul input (K) keeps its Hessian of full rank",
+        ),
+        "damping": Option(float, 0.01, "method=gptq: added to the Hessian's diagonal, times its mean"),
         "exclude": Option(str, "", "comma-separated shell patterns of MatMul node or weight names to keep in float"),
         "tied_lookup": Option(
             str, "quantized",
@@ -155,6 +180,11 @@ class QuantizePass(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        if self.config["method"] == "gptq" and self.config["gguf"]:
+            raise BadInputError(f"{self.name}: method=gptq and gguf exclude each other (gguf takes the file's "
+                                "blocks as they are; there is nothing to fit)")
+        if not self.config["damping"] > 0:
+            raise BadInputError(f"{self.name}: damping must be positive, got {self.config['damping']}")
         self._source = GgufWeights(self.config["gguf"]) if self.config["gguf"] else None
         self._offsets: dict[int, ir.Value] = {}  # id(blocks with offsets) -> offsets^T [n_blocks, N]
         self._block_sums: dict[tuple[int, int, ir.DataType], ir.Value] = {}  # (K, block, dtype) -> [K, n_blocks]
@@ -165,22 +195,13 @@ class QuantizePass(Pass):
         self._tied: dict[tuple[int, bool], ir.Value] = {}  # key -> the embedding table an LM head is tied to
         replaced = 0
         dropped: list[ir.Value] = []  # float weights (and their sources) that may have lost their last reader
+        self._hessians = self._calibrate(model, patterns) if self.config["method"] == "gptq" else {}
         for node in list(graph):
-            operands = self._operands(node)
-            if operands is None:
+            candidate = self._candidate(node)
+            if candidate is None:
                 continue
-            a, w, flip, bias = operands
-            source = _weight_source(w) if w is not None else None
-            if a is None or source is None:
-                continue
-            source = (source[0], source[1] != flip)
-            tensor = _constant(source[0])  # dtype and rank from the data: a Transpose output may be untyped
-            if tensor.dtype not in _FLOATS or len(tensor.shape) != 2:
-                continue
-            if a.shape is not None and len(a.shape) < 2:
-                continue
-            names = [node.name or "", w.name or "", source[0].name or ""]
-            if any(fnmatch.fnmatchcase(n, p) for n in names if n for p in patterns):
+            a, w, source, bias = candidate
+            if _excluded(node, w, source[0], patterns):
                 self.report.notes.append(f"kept {node.op_type} '{node.name}' in float: excluded by 'exclude'")
                 continue
             seen = (id(source[0]), source[1])
@@ -188,7 +209,7 @@ class QuantizePass(Pass):
                 keys[seen] = self._key(source, tables)
             key = keys[seen]
             if key not in done:
-                done[key] = self._quantize(graph, w, source)
+                done[key] = self._quantize(graph, w, source, a, key)
             elif done[key] is not None:
                 self.report.count("weights-shared")
             if done[key] is None:
@@ -208,7 +229,56 @@ class QuantizePass(Pass):
             _drop_unread(graph, dropped)
         return ir.passes.PassResult(model, replaced > 0)
 
-    def _operands(self, node: ir.Node) -> tuple[ir.Value | None, ir.Value | None, bool, ir.Value | None] | None:
+    def _candidate(self, node: ir.Node, *, note: bool = True
+                   ) -> tuple[ir.Value, ir.Value, tuple[ir.Value, bool], ir.Value | None] | None:
+        """(A, W, (the constant W is read from, whether it is seen transposed), bias) of a MatMul or Gemm whose
+        weight can be quantized; None for any other node (a Gemm kept in float is noted when ``note``)."""
+        operands = self._operands(node, note=note)
+        if operands is None:
+            return None
+        a, w, flip, bias = operands
+        source = _weight_source(w) if w is not None else None
+        if a is None or source is None:
+            return None
+        source = (source[0], source[1] != flip)
+        tensor = _constant(source[0])  # dtype and rank from the data: a Transpose output may be untyped
+        if tensor.dtype not in _FLOATS or len(tensor.shape) != 2:
+            return None
+        if a.shape is not None and len(a.shape) < 2:
+            return None
+        return a, w, source, bias
+
+    def _calibrate(self, model: ir.Model, patterns: list[str]) -> dict[str, np.ndarray]:
+        """method=gptq: the Hessian of the input of every MatMul that will be quantized, over the calibration text."""
+        from qgraph_passes.quantize_calibration import calibration_text, collect_hessians, require_decoder
+
+        require_decoder(model, self.name)
+        activations = []
+        for node in model.graph:
+            candidate = self._candidate(node, note=False)  # the quantizing loop notes what it keeps
+            if candidate is None or _excluded(node, candidate[1], candidate[2][0], patterns):
+                continue
+            if not candidate[0].name:
+                raise PassFailure(f"{self.name}: method=gptq cannot expose the unnamed input of "
+                                  f"{node.op_type} '{node.name}' for calibration", pass_name=self.name)
+            activations.append(candidate[0].name)
+        if not activations:
+            return {}
+        started = time.perf_counter()
+        segments = calibration_text(model, self.config["calibration_tokens"], self.name)
+        hessians = collect_hessians(model, activations, segments, self.name)
+        self.report.notes.append(f"gptq: calibrated {len(hessians)} MatMul input(s) on {sum(map(len, segments))} "
+                                 f"seeded token ids ({len(segments)} segment(s)) in "
+                                 f"{time.perf_counter() - started:.1f} s")
+        widest = max(h.shape[0] for h in hessians.values())
+        if sum(map(len, segments)) < widest:
+            self.report.notes.append(f"gptq: {sum(map(len, segments))} calibration tokens are fewer than the widest "
+                                     f"MatMul input ({widest}): its Hessian is rank-deficient and only damping "
+                                     "holds the unseen directions; raise calibration_tokens")
+        return hessians
+
+    def _operands(self, node: ir.Node, *, note: bool = True
+                  ) -> tuple[ir.Value | None, ir.Value | None, bool, ir.Value | None] | None:
         """(A, W, whether W is read transposed, bias) of a MatMul or of a Gemm MatMulNBits can express."""
         if node.domain not in ("", "ai.onnx"):
             return None
@@ -227,7 +297,8 @@ class QuantizePass(Pass):
                                    or tuple(_constant(bias).shape) != (width,)):
             reason = "its C is not a constant bias of one value per output column (or beta is not 1)"
         if reason is not None:
-            self.report.notes.append(f"kept Gemm '{node.name}' in float: {reason}")
+            if note:
+                self.report.notes.append(f"kept Gemm '{node.name}' in float: {reason}")
             return None
         return node.inputs[0], b, bool(attrs.get_int("transB", 0)), bias
 
@@ -286,8 +357,8 @@ class QuantizePass(Pass):
         self.report.notes.append(f"embedding '{table.name}': its {len(lookups)} lookup(s) read the LM head's "
                                  f"{q.bits}-bit blocks (GatherBlockQuantized); the float table is dropped")
 
-    def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool]
-                  ) -> tuple[list[ir.Value], BlockQuantized] | None:
+    def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool], a: ir.Value,
+                  key: tuple[int, bool]) -> tuple[list[ir.Value], BlockQuantized] | None:
         value, transposed = source
         array = _constant(value).numpy()
         weight = array.T if transposed else array
@@ -295,6 +366,19 @@ class QuantizePass(Pass):
             quantized = self._from_gguf(value, weight)
             if quantized is None:
                 return None
+        elif self.config["method"] == "gptq" and key in self._tied and self.config["tied_lookup"] == "quantized":
+            # The embedding lookup reads these blocks too, and for a lookup the weight error *is* the output
+            # error: GPTQ trades a larger weight error for a smaller LM-head output error, so it would hurt
+            # every embedded token. Round to nearest gives the smallest weight error.
+            quantized = quantize_rtn(weight, self.config["bits"], self.config["block_size"],
+                                     symmetric=self.config["symmetric"])
+            self.report.notes.append(f"gptq: the tied LM head '{value.name}' is rounded to nearest (its embedding "
+                                     "lookup reads the same blocks; tied_lookup=float lets GPTQ fit it)")
+        elif self.config["method"] == "gptq":
+            # A weight read by several MatMuls is fitted to its first reader's input (the others share it).
+            quantized = quantize_gptq(weight, self._hessians[a.name], self.config["bits"], self.config["block_size"],
+                                      symmetric=self.config["symmetric"], damping=self.config["damping"])
+            self.report.count("gptq-weights")
         else:
             quantized = quantize_rtn(weight, self.config["bits"], self.config["block_size"],
                                      symmetric=self.config["symmetric"])
@@ -372,6 +456,11 @@ class QuantizePass(Pass):
         old.name = None
         out.name = name
         graph.remove(node, safe=True)
+
+
+def _excluded(node: ir.Node, w: ir.Value, source: ir.Value, patterns: list[str]) -> bool:
+    names = [node.name or "", w.name or "", source.name or ""]
+    return any(fnmatch.fnmatchcase(n, p) for n in names if n for p in patterns)
 
 
 def _drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:

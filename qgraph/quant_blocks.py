@@ -30,7 +30,10 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["BITS", "BLOCK_SIZES", "BlockQuantized", "pack_codes", "quantize_rtn", "unpack_codes", "unpack_matmul_nbits"]
+__all__ = [
+    "BITS", "BLOCK_SIZES", "BlockQuantized", "block_codes", "block_parameters", "check_layout", "pack_codes",
+    "quantize_rtn", "unpack_codes", "unpack_matmul_nbits",
+]
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -79,7 +82,8 @@ class BlockQuantized:
         return {"K": self.k, "N": self.n, "bits": self.bits, "block_size": self.block_size}
 
 
-def _check(bits: int, block_size: int) -> None:
+def check_layout(bits: int, block_size: int) -> None:
+    """Refuse a bit width or block size MatMulNBits has no layout for."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -88,7 +92,7 @@ def _check(bits: int, block_size: int) -> None:
 
 def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, *, symmetric: bool) -> BlockQuantized:
     """Round-to-nearest block quantization of a MatMul weight [K, N] (float16 or float32)."""
-    _check(bits, block_size)
+    check_layout(bits, block_size)
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
     k, n = weight.shape
@@ -96,22 +100,37 @@ def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, *, symmetric: b
     padded = np.zeros((n, n_blocks * block_size), np.float32)
     padded[:, :k] = weight.T
     blocks = padded.reshape(n, n_blocks, block_size)
+    scale, zero = block_parameters(blocks, bits, symmetric=symmetric, dtype=weight.dtype)
+    codes = block_codes(blocks, scale.astype(np.float32)[..., None], zero[..., None], bits)
+    zero_points = None if symmetric else zero.astype(np.uint8)
+    return BlockQuantized(codes, scale, zero_points, bits, block_size, k)
+
+
+def block_parameters(blocks: np.ndarray, bits: int, *, symmetric: bool, dtype: np.dtype
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(scale in ``dtype``, zero point as float32) of each block, the values along the last axis of ``blocks``.
+
+    Shared by every method that picks a block's range from its values (round to
+    nearest, and GPTQ when it reaches a block), so they store the same kind of block.
+    """
     top = 2**bits - 1
     if symmetric:
-        largest = 2 ** (bits - 1) - 1
-        scale = np.abs(blocks).max(axis=-1) / largest
+        scale = np.abs(blocks).max(axis=-1) / (2 ** (bits - 1) - 1)
         zero = np.full(scale.shape, 2 ** (bits - 1), np.float32)
     else:
         low = np.minimum(blocks.min(axis=-1), 0.0)
         high = np.maximum(blocks.max(axis=-1), 0.0)
         scale = (high - low) / top
-    scale = np.where(scale > 0, scale, 1.0).astype(weight.dtype)  # an all-zero block: any scale is exact
-    stored = scale.astype(np.float32)
+    scale = np.where(scale > 0, scale, 1.0).astype(dtype)  # an all-zero block: any scale is exact
     if not symmetric:
-        zero = np.clip(np.rint(-low / stored), 0, top)
-    codes = np.clip(np.rint(blocks / stored[..., None]) + zero[..., None], 0, top).astype(np.uint8)
-    zero_points = None if symmetric else zero.astype(np.uint8)
-    return BlockQuantized(codes, scale, zero_points, bits, block_size, k)
+        zero = np.clip(np.rint(-low / scale.astype(np.float32)), 0, top).astype(np.float32)
+    return scale, zero
+
+
+def block_codes(values: np.ndarray, stored_scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """Codes of ``values`` (round to nearest) under a scale as stored (float32 of it) and a zero point; they
+    broadcast against each other."""
+    return np.clip(np.rint(values / stored_scale) + zero, 0, 2**bits - 1).astype(np.uint8)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -34,7 +34,7 @@ from qgraph import io as qio
 from qgraph.verify.roles import describe_inputs
 from qgraph.verify.runner import OrtRunner
 
-__all__ = ["Budget", "BudgetResult", "check_budget", "fixed_text"]
+__all__ = ["Budget", "BudgetResult", "Decoder", "check_budget", "decoder_vocab", "fixed_text", "is_decoder"]
 
 _CONCAT_PAST = re.compile(r"^past_key_values\.\d+\.(key|value)$")
 _PROMPT = 8
@@ -83,7 +83,7 @@ class BudgetResult:
         return f"{verdict}: {self.detail}"
 
 
-def _is_decoder(model: ir.Model) -> bool:
+def is_decoder(model: ir.Model) -> bool:
     inputs = {v.name for v in model.graph.inputs}
     outputs = {v.name for v in model.graph.outputs}
     plain = {"input_ids", "attention_mask", "position_ids"}
@@ -91,7 +91,7 @@ def _is_decoder(model: ir.Model) -> bool:
             and all(name in plain or _CONCAT_PAST.match(name or "") for name in inputs))
 
 
-def _vocab(model: ir.Model) -> int:
+def decoder_vocab(model: ir.Model) -> int:
     logits = next(v for v in model.graph.outputs if v.name == "logits")
     if logits.shape is not None and isinstance(logits.shape[-1], int):
         return logits.shape[-1]
@@ -119,12 +119,15 @@ class _Text:
         return np.arange(self.tokens.shape[1], dtype=np.int64)[None]
 
 
-class _Decoder:
-    """Next-token logits of a decoder graph for every position of a token sequence."""
+class Decoder:
+    """Next-token logits of a decoder graph for every position of a token sequence (with an empty past).
 
-    def __init__(self, model: ir.Model, label: str) -> None:
+    ``extra_outputs``: intermediate values :meth:`outputs` returns too (calibration reads them).
+    """
+
+    def __init__(self, model: ir.Model, label: str, extra_outputs: tuple[str, ...] = ()) -> None:
         self.model = model
-        self.runner = OrtRunner(model, label=label)
+        self.runner = OrtRunner(model, label=label, extra_outputs=extra_outputs)
 
     def _feeds(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         length = len(tokens)
@@ -143,8 +146,12 @@ class _Decoder:
                 feeds[value.name] = np.zeros(dims, dtype)
         return feeds
 
+    def outputs(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output (and extra output) for the sequence ``tokens`` as a batch of one."""
+        return self.runner.run(self._feeds(tokens))
+
     def _logits(self, tokens: np.ndarray) -> np.ndarray:
-        return np.asarray(self.runner.run(self._feeds(tokens))["logits"], np.float64)[0]
+        return np.asarray(self.outputs(tokens)["logits"], np.float64)[0]
 
     def all_positions(self, tokens: np.ndarray) -> np.ndarray:
         """[len(tokens), vocab]: row t scores the token after tokens[: t + 1]."""
@@ -194,10 +201,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _check_decoder(reference: ir.Model, candidate: ir.Model, budget: Budget) -> BudgetResult:
-    ref = _Decoder(reference, "the reference")
-    cand = _Decoder(candidate, "the candidate")
+    ref = Decoder(reference, "the reference")
+    cand = Decoder(candidate, "the candidate")
     try:
-        text = ref.continue_greedily(fixed_text(_vocab(reference)), max(budget.text_tokens, _PROMPT + 2))
+        text = ref.continue_greedily(fixed_text(decoder_vocab(reference)), max(budget.text_tokens, _PROMPT + 2))
         ref_logits, cand_logits = ref.all_positions(text), cand.all_positions(text)
     finally:
         ref.close()
@@ -235,6 +242,6 @@ def check_budget(
     for graphs that are not decoders (``examples``, ``seed``...).
     """
     ref_model, cand_model = qio.load(reference), qio.load(candidate)
-    if _is_decoder(ref_model) and _is_decoder(cand_model):
+    if is_decoder(ref_model) and is_decoder(cand_model):
         return _check_decoder(ref_model, cand_model, budget)
     return _check_outputs(ref_model, cand_model, budget, **kwargs)
