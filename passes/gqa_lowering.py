@@ -1,0 +1,343 @@
+"""Attention lowered to onnxruntime's GroupQueryAttention, rotary and cache write included (``ort`` target).
+
+After ``kv-cache`` (concat style), ``pack-matmuls``, ``rotary`` and
+``attention-io`` a layer reads::
+
+    q3, k3, v3 = Split(qkv, [Hq*D, Hkv*D, Hkv*D], axis=-1)           # qkv = x @ [Wq | Wk | Wv]
+    q = RotaryEmbedding(q3, cos, sin, num_heads=Hq)                   # k likewise, same tables
+    y, present_k, present_v = Attention(q, k, v3, mask, past_k, past_v, q_num_heads=Hq, kv_num_heads=Hkv)
+
+and becomes one node::
+
+    y, present_k, present_v = com.microsoft::GroupQueryAttention(
+        qkv, , , past_k, past_v, seqlens_k, total_sequence_length, cos_cache, sin_cache, position_ids,
+        num_heads=Hq, kv_num_heads=Hkv, do_rotary=1, scale, local_window_size)
+
+with ``seqlens_k = ReduceSum(attention_mask) - 1`` (int32) and
+``total_sequence_length = attention_mask``'s length, built once for all
+layers. onnxruntime-genai's model builder emits the same node; what it buys
+is one kernel instead of a Split, two rotations and an attention, and above
+all a cache the runtime can keep in one buffer: bound as both ``past`` and
+``present`` (docs/design.md, *Lowering for onnxruntime*), the kernel writes
+the new keys in place and nothing is concatenated per step.
+
+**The graph's domain narrows, and the graph says so.** GroupQueryAttention
+takes no mask: it takes each row's tokens to be ``[0, seqlens_k]``, left
+aligned, and onnxruntime's CPU kernel refuses a batch of several rows when a
+chunk of several tokens follows a past. So the lowered graph equals the
+concat graph only for batch 1 with an all-ones mask. The pass therefore
+fixes the batch dim of every input and output to 1 and writes the metadata
+key ``qgraph.kv.masks = all-ones``, which the sequence replay, the input
+strategies and ``qgraph generate`` honour (generate runs several prompts one
+after another). ``qgraph.kv.max_positions`` records how many rotary rows
+the caches hold (option ``max_positions``): a longer sequence is refused by
+the runtime, where the concat graph would have gone on.
+
+**Only what the graph proves is lowered.** Per layer: the packed
+projection split in the order q, k, v; the same rotary tables on q and k,
+half-rotation over the whole head (GroupQueryAttention has no partial
+rotary), and those tables a per-position function of ``position_ids``
+(probed, :mod:`qgraph_passes.gqa_probes`: the caches are the graph's own
+numbers, not a re-derived formula); a mask that is causal (with a sliding
+window at most) on all-ones masks, probed; no softcap, no qk output, no
+bias; a head size that is a multiple of 16 when rotary is fused (what the
+CPU kernel requires). A layer that fails a check is left as it was, and the
+report names the layer and the check.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from qgraph_passes.gqa_probes import causal_window, rotary_cache
+
+from qgraph import Option, Pass
+from qgraph.pass_base import Prerequisite
+from qgraph.verify.kv_contract import MASKS_KEY, MAX_POSITIONS_KEY
+
+__all__ = ["LowerGQAPass"]
+
+MS_DOMAIN = "com.microsoft"
+_BATCH_NAMES = ("input_ids", "attention_mask", "position_ids")
+
+
+def _attr(node: ir.Node, name: str, default=None):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else [int(x) for x in tensor.numpy().reshape(-1)]
+
+
+class _Layer:
+    """One Attention the pass may lower, with what the checks found."""
+
+    def __init__(self, attention: ir.Node) -> None:
+        self.attention = attention
+        self.split: ir.Node | None = None
+        self.rotaries: list[ir.Node] = []
+        self.window: int | None = None
+        self.tables: tuple[ir.Value, ir.Value] | None = None
+
+
+def _used(value: ir.Value) -> bool:
+    return bool(value.uses()) or value.is_graph_output()
+
+
+def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set[ir.Value]) -> str | None:
+    """Why the layer's Attention is not the packed, rotated, cached one GroupQueryAttention computes, if it is not."""
+    node = layer.attention
+    if len(node.inputs) != 6 or any(v is None for v in node.inputs):
+        return "the Attention does not read q, k, v, a mask and both past inputs (run kv-cache and attention-io first)"
+    q, k, v, _mask, past_k, past_v = node.inputs
+    if len(node.outputs) < 3 or any(o not in graph_outputs for o in node.outputs[1:3]):
+        return "its present outputs are not the graph's present.* outputs"
+    if len(node.outputs) > 3 and _used(node.outputs[3]):
+        return "its qk_matmul_output is in use"
+    if past_k not in graph_inputs or past_v not in graph_inputs:
+        return "its past inputs are not graph inputs"
+    if _attr(node, "softcap", 0.0):
+        return f"softcap {_attr(node, 'softcap')} (GroupQueryAttention's softcap is not lowered yet)"
+    if _attr(node, "is_causal", 0):
+        return "is_causal with past inputs (kv-cache writes an explicit mask)"
+    if _attr(node, "qk_matmul_output_mode", 0):
+        return "a qk_matmul_output_mode is set"
+    hq, hkv = _attr(node, "q_num_heads"), _attr(node, "kv_num_heads")
+    if not hq or not hkv:
+        return "q_num_heads / kv_num_heads are not set (Q/K/V are not packed heads; run attention-io)"
+    split = v.producer()
+    if split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx") or len(split.outputs) != 3:
+        return f"v '{v.name}' is not an output of a three-way Split (no packed QKV projection; run pack-matmuls)"
+    if split.outputs[2] is not v:
+        return "v is not the Split's third output"
+    q3, k3 = split.outputs[0], split.outputs[1]
+    rotaries = [x.producer() for x in (q, k)]
+    rotated = [r is not None and r.op_type == "RotaryEmbedding" and r.domain in ("", "ai.onnx") for r in rotaries]
+    if rotated[0] != rotated[1]:
+        return "only one of q and k is rotated"
+    if rotated[0]:
+        if rotaries[0].inputs[0] is not q3 or rotaries[1].inputs[0] is not k3:
+            return "the rotations do not read the Split's first two outputs"
+        for r, heads in zip(rotaries, (hq, hkv), strict=True):
+            if _attr(r, "interleaved", 0):
+                return f"RotaryEmbedding '{r.name}' is interleaved (lowering to rotary_interleaved is not done yet)"
+            if _attr(r, "num_heads", 0) != heads:
+                return f"RotaryEmbedding '{r.name}' rotates {_attr(r, 'num_heads')} packed heads, the Attention has {heads}"
+            if len(r.inputs) > 3 and r.inputs[3] is not None:
+                return f"RotaryEmbedding '{r.name}' reads position_ids itself"
+        if rotaries[0].inputs[1] is not rotaries[1].inputs[1] or rotaries[0].inputs[2] is not rotaries[1].inputs[2]:
+            return "q and k are rotated with different tables"
+        layer.rotaries = rotaries
+        layer.tables = (rotaries[0].inputs[1], rotaries[0].inputs[2])
+    elif q is not q3 or k is not k3:
+        return "q and k are not the Split's first two outputs"
+    axis = _attr(split, "axis", 0)
+    if q3.shape is None or len(q3.shape) != 3 or axis not in (-1, 2):
+        return "the Split does not cut the last axis of a [B, S, features] projection"
+    head_dim = past_k.shape[3] if past_k.shape is not None and len(past_k.shape) == 4 else None
+    if not isinstance(head_dim, int):
+        return f"the head size of '{past_k.name}' is not static"
+    sizes = _const_ints(split.inputs[1]) if len(split.inputs) > 1 else None
+    want = [hq * head_dim, hkv * head_dim, hkv * head_dim]
+    if sizes != want:
+        return f"the Split's sizes are {sizes}, not q, k, v = {want}"
+    if layer.rotaries:
+        dims = [_attr(r, "rotary_embedding_dim", 0) for r in layer.rotaries]
+        if any(d and d != head_dim for d in dims):
+            return f"partial rotary (rotary_embedding_dim {dims[0]} of {head_dim}); GroupQueryAttention rotates whole heads"
+        if head_dim % 16:
+            return f"head size {head_dim}: onnxruntime's CPU GroupQueryAttention rotates only multiples of 16"
+    for r in layer.rotaries:
+        if any(_used(o) for o in r.outputs) and any(u.node is not node for u in r.outputs[0].uses()):
+            return f"RotaryEmbedding '{r.name}' is read outside the attention"
+    layer.split = split
+    return None
+
+
+class LowerGQAPass(Pass):
+    """Lower each layer's Split + RotaryEmbedding + Attention to com.microsoft::GroupQueryAttention (batch 1).
+
+    The module docstring gives the rewrite, why it narrows the graph to
+    batch 1 with all-ones masks, and the checks; refused layers are listed in
+    the report notes with the check that failed.
+    """
+
+    name = "lower-gqa"
+    meaning = "sequence"  # a cached graph against the cached graph before it, replayed on the same tokens
+    options = {
+        "max_positions": Option(int, 8192, "rows of the rotary cos/sin caches: the longest sequence the graph takes"),
+    }
+    prerequisites = (
+        Prerequisite("a concat-style KV cache (past_key_values.* inputs)",
+                     lambda m: any((v.name or "").startswith("past_key_values.") for v in m.graph.inputs)),
+    )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = {v.name for v in graph.inputs}
+        if not {"attention_mask", "input_ids"} <= names:
+            self.report.notes.append("lower-gqa: no input_ids / attention_mask inputs; nothing lowered")
+            return ir.passes.PassResult(model, False)
+        graph_inputs, graph_outputs = set(graph.inputs), set(graph.outputs)
+        layers = []
+        for node in list(graph):
+            if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
+                continue
+            layer = _Layer(node)
+            reason = _layer_reason(layer, graph_inputs, graph_outputs)
+            if reason is None:
+                reason = self._probe(model, layer)
+            if reason is not None:
+                self.report.notes.append(f"lower-gqa: Attention '{node.name}' not lowered: {reason}")
+                continue
+            layers.append(layer)
+        if not layers:
+            return ir.passes.PassResult(model, False)
+        shared = _Shared(graph, {v.name: v for v in graph.inputs})
+        for layer in layers:
+            self._lower(model, layer, shared)
+        self.report.count("group-query-attention", len(layers))
+        _narrow_to_batch_one(graph)
+        model.metadata_props[MASKS_KEY] = "all-ones"
+        if shared.rows:
+            model.metadata_props[MAX_POSITIONS_KEY] = str(shared.rows)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        self.report.notes.append("lower-gqa: the graph now takes batch 1 with all-ones attention masks "
+                                 f"(metadata {MASKS_KEY}); several prompts run one after another")
+        return ir.passes.PassResult(model, True)
+
+    # -- per layer ---------------------------------------------------------------------
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self._windows: dict[ir.Value, int | None | str] = {}
+        self._caches: dict[tuple[ir.Value, ir.Value], tuple | str] = {}
+
+    def _probe(self, model: ir.Model, layer: _Layer) -> str | None:
+        mask = layer.attention.inputs[3]
+        if mask not in self._windows:
+            self._windows[mask] = causal_window(model, mask)
+        window = self._windows[mask]
+        if isinstance(window, str):
+            return window
+        layer.window = window
+        if layer.tables is not None:
+            if layer.tables not in self._caches:
+                self._caches[layer.tables] = rotary_cache(model, *layer.tables, self.config["max_positions"])
+            cache = self._caches[layer.tables]
+            if isinstance(cache, str):
+                return cache
+        return None
+
+    def _lower(self, model: ir.Model, layer: _Layer, shared: _Shared) -> None:
+        node, split = layer.attention, layer.split
+        assert split is not None
+        inputs: list[ir.Value | None] = [split.inputs[0], None, None, node.inputs[4], node.inputs[5],
+                                         shared.seqlens_k(), shared.total_length()]
+        attributes = {"num_heads": _attr(node, "q_num_heads"), "kv_num_heads": _attr(node, "kv_num_heads")}
+        if "scale" in node.attributes:
+            attributes["scale"] = float(_attr(node, "scale"))
+        if layer.window is not None:
+            attributes["local_window_size"] = int(layer.window)
+        if layer.tables is not None:
+            cos_cache, sin_cache = shared.caches(self._caches[layer.tables], layer.tables)
+            inputs += [cos_cache, sin_cache, shared.inputs["position_ids"] if "position_ids" in shared.inputs else None]
+            attributes["do_rotary"] = 1
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        gqa = ir.node("GroupQueryAttention", inputs, attributes=attributes, domain=MS_DOMAIN, num_outputs=3,
+                      name=f"{node.name}/gqa")
+        old = list(node.outputs[:3])
+        for new, before in zip(gqa.outputs, old, strict=True):
+            new.dtype, new.shape = before.dtype, before.shape
+        ir.convenience.replace_nodes_and_values(model.graph, node, [node], [gqa], old, list(gqa.outputs))
+        _remove_dead(model.graph, [*layer.rotaries, split])
+
+
+class _Shared:
+    """The values every lowered layer reads, made on first request (in front of the graph's first node)."""
+
+    def __init__(self, graph: ir.Graph, inputs: dict[str, ir.Value]) -> None:
+        self.graph, self.inputs = graph, inputs
+        self._seqlens: ir.Value | None = None
+        self._total: ir.Value | None = None
+        self._caches: dict[tuple[ir.Value, ir.Value], tuple[ir.Value, ir.Value]] = {}
+        self.rows = 0
+        self._anchor = next(iter(graph), None)  # new nodes go in front of it, in the order they are made
+        self._made = 0
+
+    def _add(self, op: str, inputs, **attributes) -> ir.Value:
+        self._made += 1
+        name = f"lower_gqa/{op}_{self._made}"
+        node = ir.node(op, inputs, attributes=attributes, name=name)
+        node.outputs[0].name = name
+        if self._anchor is None:
+            self.graph.append(node)
+        else:
+            self.graph.insert_before(self._anchor, node)
+        return node.outputs[0]
+
+    def _const(self, array, name: str) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.dtype, value.shape = value.const_value.dtype, value.const_value.shape
+        self.graph.register_initializer(value)
+        return value
+
+    def seqlens_k(self) -> ir.Value:
+        """ReduceSum(attention_mask, axis 1) - 1 as int32: the index of each row's last token."""
+        if self._seqlens is None:
+            import numpy as np
+
+            mask = self.inputs["attention_mask"]
+            counts = self._add("ReduceSum", [self._add("Cast", [mask], to=ir.DataType.INT64),
+                                             self._const(np.array([1], np.int64), "lower_gqa/axis_1")], keepdims=0)
+            last = self._add("Sub", [counts, self._const(np.array(1, np.int64), "lower_gqa/one")])
+            self._seqlens = self._add("Cast", [last], to=ir.DataType.INT32)
+            self._seqlens.name = "lower_gqa/seqlens_k"
+            self._seqlens.dtype, self._seqlens.shape = ir.DataType.INT32, ir.Shape([1])
+        return self._seqlens
+
+    def total_length(self) -> ir.Value:
+        """attention_mask's length as an int32 scalar: past + new tokens."""
+        if self._total is None:
+            import numpy as np
+
+            length = self._add("Shape", [self.inputs["attention_mask"]], start=1, end=2)
+            squeezed = self._add("Squeeze", [length, self._const(np.array([0], np.int64), "lower_gqa/axis_0")])
+            self._total = self._add("Cast", [squeezed], to=ir.DataType.INT32)
+            self._total.name = "lower_gqa/total_sequence_length"
+            self._total.dtype, self._total.shape = ir.DataType.INT32, ir.Shape([])
+        return self._total
+
+    def caches(self, arrays: tuple, tables: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, ir.Value]:
+        if tables not in self._caches:
+            index = len(self._caches)
+            cos, sin = arrays
+            self.rows = max(self.rows, int(cos.shape[0]))
+            self._caches[tables] = (self._const(cos.astype(tables[0].dtype.numpy()), f"lower_gqa/cos_cache_{index}"),
+                                    self._const(sin.astype(tables[1].dtype.numpy()), f"lower_gqa/sin_cache_{index}"))
+        return self._caches[tables]
+
+
+def _remove_dead(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    """Remove ``nodes`` and then their producers, as far as nothing else reads them."""
+    stack = list(nodes)
+    removed: set[ir.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in removed or node.graph is not graph or any(_used(o) for o in node.outputs):
+            continue
+        producers = [x.producer() for x in node.inputs if x is not None]
+        graph.remove(node, safe=True)
+        removed.add(node)
+        stack.extend(p for p in producers if p is not None)
+
+
+def _narrow_to_batch_one(graph: ir.Graph) -> None:
+    """Batch dim 1 on the contract's inputs and outputs: the only batch the lowered graph computes right."""
+    for value in [*graph.inputs, *graph.outputs]:
+        name = value.name or ""
+        cache = name.startswith(("past_key_values.", "present."))
+        if (name in _BATCH_NAMES or cache or name == "logits") and value.shape is not None and len(value.shape):
+            value.shape = ir.Shape([1, *value.shape[1:]])
