@@ -85,6 +85,13 @@ def _used(value: ir.Value) -> bool:
     return bool(value.uses()) or value.is_graph_output()
 
 
+def _live(node: ir.Node, depth: int = 0) -> bool:
+    """Whether anything the graph returns depends on ``node`` (dead leftovers of earlier rewrites do not count)."""
+    if depth > 32:
+        return True
+    return any(o.is_graph_output() or any(_live(u.node, depth + 1) for u in o.uses()) for o in node.outputs)
+
+
 def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set[ir.Value]) -> str | None:
     """Why the layer's Attention is not the packed, rotated, cached one GroupQueryAttention computes, if it is not."""
     node = layer.attention
@@ -149,7 +156,7 @@ def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set
         if head_dim % 16:
             return f"head size {head_dim}: onnxruntime's CPU GroupQueryAttention rotates only multiples of 16"
     for r in layer.rotaries:
-        if any(_used(o) for o in r.outputs) and any(u.node is not node for u in r.outputs[0].uses()):
+        if r.outputs[0].is_graph_output() or any(u.node is not node and _live(u.node) for u in r.outputs[0].uses()):
             return f"RotaryEmbedding '{r.name}' is read outside the attention"
     layer.split = split
     return None
