@@ -177,3 +177,15 @@ def test_verify_fails_on_a_broken_lowering(ort_graphs, tmp_path, mutation) -> No
     assert main(["optimize", "-o", str(tmp_path / "good.onnx"), *args, "lower-gqa"]) == 0
     assert main(["optimize", "-o", str(tmp_path / "broken.onnx"), *args, name]) == 1
     assert not (tmp_path / "broken.onnx").exists()
+
+
+def test_lowering_composes_with_quantize(tiny_zoo, tmp_path) -> None:
+    """ort-int4-gqa: GroupQueryAttention reads the packed projection's MatMulNBits; the ort-int4 graph's logits."""
+    export_dir = tiny_zoo.export("llama", "dynamo").output_dir
+    plain = run_preset("ort-int4", export_dir, tmp_path, default_registry())
+    lowered = run_preset("ort-int4-gqa", export_dir, tmp_path, default_registry())
+    model = io.load(lowered.folder / "model.onnx")
+    gqa = _gqa_nodes(model)
+    assert len(gqa) == 2 and all(n.inputs[0].producer().op_type == "MatMulNBits" for n in gqa)
+    result = check_sequence_equivalence(model, plain.folder / "model.onnx", examples=10, seed=2)
+    assert result.equivalent, str(result)
