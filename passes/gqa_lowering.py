@@ -47,11 +47,14 @@ report names the layer and the check.
 
 from __future__ import annotations
 
+import types
+
 import onnx_ir as ir
 from qgraph_passes.gqa_probes import causal_window, rotary_cache
 
 from qgraph import Option, Pass
 from qgraph.pass_base import Prerequisite
+from qgraph.rewrite_pass import summarize_near_misses
 from qgraph.verify.kv_contract import MASKS_KEY, MAX_POSITIONS_KEY
 
 __all__ = ["LowerGQAPass"]
@@ -187,7 +190,7 @@ class LowerGQAPass(Pass):
             self.report.notes.append("lower-gqa: no input_ids / attention_mask inputs; nothing lowered")
             return ir.passes.PassResult(model, False)
         graph_inputs, graph_outputs = set(graph.inputs), set(graph.outputs)
-        layers = []
+        layers, refused = [], []
         for node in list(graph):
             if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
                 continue
@@ -197,8 +200,11 @@ class LowerGQAPass(Pass):
                 reason = self._probe(model, layer)
             if reason is not None:
                 self.report.notes.append(f"lower-gqa: Attention '{node.name}' not lowered: {reason}")
+                refused.append(types.SimpleNamespace(reason=reason))
                 continue
             layers.append(layer)
+        if refused:  # the table's "near miss in lower-gqa" line: how many layers, the most common check
+            self.report.near_misses = summarize_near_misses({"group-query-attention": refused})
         if not layers:
             return ir.passes.PassResult(model, False)
         shared = _Shared(graph, {v.name: v for v in graph.inputs})

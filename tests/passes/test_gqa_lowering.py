@@ -139,6 +139,7 @@ def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, why) -> Non
     attentions = [n.name for n in model.graph if n.op_type == "Attention"]
     assert len(notes) == len(attentions) == 2
     assert all(why in note for note in notes) and all(any(a in note for note in notes) for a in attentions)
+    assert record.near_misses["group-query-attention"]["candidates"] == 2  # the table's "near miss" line
     assert MASKS_KEY not in model.metadata_props  # nothing lowered: the graph keeps its whole domain
 
 
