@@ -3,7 +3,7 @@
 After ``kv-cache`` (concat style), ``pack-matmuls``, ``rotary`` and
 ``attention-io`` a layer reads::
 
-    q3, k3, v3 = Split(qkv, [Hq*D, Hkv*D, Hkv*D], axis=-1)           # qkv = x @ [Wq | Wk | Wv]
+    q3, k3, v3 = Split(qkv, [Hq*D, Hkv*D, Hkv*D], axis=-1)           # qkv = x @ [Wq | Wk | Wv] (or apart)
     q = RotaryEmbedding(q3, cos, sin, num_heads=Hq)                   # k likewise, same tables
     y, present_k, present_v = Attention(q, k, v3, mask, past_k, past_v, q_num_heads=Hq, kv_num_heads=Hkv)
 
@@ -33,8 +33,11 @@ after another). ``qgraph.kv.max_positions`` records how many rotary rows
 the caches hold (option ``max_positions``): a longer sequence is refused by
 the runtime, where the concat graph would have gone on.
 
-**Only what the graph proves is lowered.** Per layer: the packed
-projection split in the order q, k, v; the same rotary tables on q and k,
+**Only what the graph proves is lowered.** Per layer: q, k, v as
+``[B, S, H * D]`` (packed heads, ``attention-io``), taken whole from the
+packed projection when they are its Split in the order q, k, v, else
+apart (GroupQueryAttention's unpacked form: biased projections that
+``pack-matmuls`` leaves apart); the same rotary tables on q and k,
 half-rotation over the whole head (GroupQueryAttention has no partial
 rotary), and those tables a per-position function of ``position_ids``
 (probed, :mod:`qgraph_passes.gqa_probes`: the caches are the graph's own
@@ -78,7 +81,8 @@ class _Layer:
 
     def __init__(self, attention: ir.Node) -> None:
         self.attention = attention
-        self.split: ir.Node | None = None
+        self.split: ir.Node | None = None  # the packed projection's Split, when q, k, v come from one
+        self.qkv: tuple[ir.Value, ir.Value, ir.Value] | None = None
         self.rotaries: list[ir.Node] = []
         self.window: int | None = None
         self.tables: tuple[ir.Value, ir.Value] | None = None
@@ -116,19 +120,28 @@ def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set
     hq, hkv = _attr(node, "q_num_heads"), _attr(node, "kv_num_heads")
     if not hq or not hkv:
         return "q_num_heads / kv_num_heads are not set (Q/K/V are not packed heads; run attention-io)"
-    split = v.producer()
-    if split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx") or len(split.outputs) != 3:
-        return f"v '{v.name}' is not an output of a three-way Split (no packed QKV projection; run pack-matmuls)"
-    if split.outputs[2] is not v:
-        return "v is not the Split's third output"
-    q3, k3 = split.outputs[0], split.outputs[1]
     rotaries = [x.producer() for x in (q, k)]
     rotated = [r is not None and r.op_type == "RotaryEmbedding" and r.domain in ("", "ai.onnx") for r in rotaries]
     if rotated[0] != rotated[1]:
         return "only one of q and k is rotated"
+    q3, k3 = (rotaries[0].inputs[0], rotaries[1].inputs[0]) if rotated[0] else (q, k)
+    head_dim = past_k.shape[3] if past_k.shape is not None and len(past_k.shape) == 4 else None
+    if not isinstance(head_dim, int):
+        return f"the head size of '{past_k.name}' is not static"
+    for x, heads, what in ((q3, hq, "q"), (k3, hkv, "k"), (v, hkv, "v")):
+        if x.shape is None or len(x.shape) != 3 or x.shape[2] != heads * head_dim:
+            return f"{what} '{x.name}' is not known to be [B, S, {heads} x {head_dim}]"
+    split = v.producer()
+    packed = (split is not None and split.op_type == "Split" and split.domain in ("", "ai.onnx")
+              and len(split.outputs) == 3 and list(split.outputs) == [q3, k3, v]
+              and _attr(split, "axis", 0) in (-1, 2)
+              and _const_ints(split.inputs[1] if len(split.inputs) > 1 else None) == [hq * head_dim, hkv * head_dim,
+                                                                                      hkv * head_dim])
+    # packed: the projection's one output goes in whole; otherwise q, k and v go in apart (GroupQueryAttention
+    # takes both forms), e.g. Qwen2's biased projections, which pack-matmuls leaves apart
+    layer.split = split if packed else None
+    layer.qkv = (q3, k3, v)
     if rotated[0]:
-        if rotaries[0].inputs[0] is not q3 or rotaries[1].inputs[0] is not k3:
-            return "the rotations do not read the Split's first two outputs"
         for r, heads in zip(rotaries, (hq, hkv), strict=True):
             if _attr(r, "interleaved", 0):
                 return f"RotaryEmbedding '{r.name}' is interleaved (lowering to rotary_interleaved is not done yet)"
@@ -136,32 +149,18 @@ def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set
                 return f"RotaryEmbedding '{r.name}' rotates {_attr(r, 'num_heads')} packed heads, the Attention has {heads}"
             if len(r.inputs) > 3 and r.inputs[3] is not None:
                 return f"RotaryEmbedding '{r.name}' reads position_ids itself"
+            dim = _attr(r, "rotary_embedding_dim", 0)
+            if dim and dim != head_dim:
+                return f"partial rotary (rotary_embedding_dim {dim} of {head_dim}); GroupQueryAttention rotates whole heads"
         if rotaries[0].inputs[1] is not rotaries[1].inputs[1] or rotaries[0].inputs[2] is not rotaries[1].inputs[2]:
             return "q and k are rotated with different tables"
-        layer.rotaries = rotaries
-        layer.tables = (rotaries[0].inputs[1], rotaries[0].inputs[2])
-    elif q is not q3 or k is not k3:
-        return "q and k are not the Split's first two outputs"
-    axis = _attr(split, "axis", 0)
-    if q3.shape is None or len(q3.shape) != 3 or axis not in (-1, 2):
-        return "the Split does not cut the last axis of a [B, S, features] projection"
-    head_dim = past_k.shape[3] if past_k.shape is not None and len(past_k.shape) == 4 else None
-    if not isinstance(head_dim, int):
-        return f"the head size of '{past_k.name}' is not static"
-    sizes = _const_ints(split.inputs[1]) if len(split.inputs) > 1 else None
-    want = [hq * head_dim, hkv * head_dim, hkv * head_dim]
-    if sizes != want:
-        return f"the Split's sizes are {sizes}, not q, k, v = {want}"
-    if layer.rotaries:
-        dims = [_attr(r, "rotary_embedding_dim", 0) for r in layer.rotaries]
-        if any(d and d != head_dim for d in dims):
-            return f"partial rotary (rotary_embedding_dim {dims[0]} of {head_dim}); GroupQueryAttention rotates whole heads"
         if head_dim % 16:
             return f"head size {head_dim}: onnxruntime's CPU GroupQueryAttention rotates only multiples of 16"
-    for r in layer.rotaries:
-        if r.outputs[0].is_graph_output() or any(u.node is not node and _live(u.node) for u in r.outputs[0].uses()):
-            return f"RotaryEmbedding '{r.name}' is read outside the attention"
-    layer.split = split
+        for r in rotaries:
+            if r.outputs[0].is_graph_output() or any(u.node is not node and _live(u.node) for u in r.outputs[0].uses()):
+                return f"RotaryEmbedding '{r.name}' is read outside the attention"
+        layer.rotaries = rotaries
+        layer.tables = (rotaries[0].inputs[1], rotaries[0].inputs[2])
     return None
 
 
@@ -245,9 +244,9 @@ class LowerGQAPass(Pass):
 
     def _lower(self, model: ir.Model, layer: _Layer, shared: _Shared) -> None:
         node, split = layer.attention, layer.split
-        assert split is not None
-        inputs: list[ir.Value | None] = [split.inputs[0], None, None, node.inputs[4], node.inputs[5],
-                                         shared.seqlens_k(), shared.total_length()]
+        assert layer.qkv is not None
+        qkv: list[ir.Value | None] = [split.inputs[0], None, None] if split is not None else list(layer.qkv)
+        inputs = [*qkv, node.inputs[4], node.inputs[5], shared.seqlens_k(), shared.total_length()]
         attributes = {"num_heads": _attr(node, "q_num_heads"), "kv_num_heads": _attr(node, "kv_num_heads")}
         if "scale" in node.attributes:
             attributes["scale"] = float(_attr(node, "scale"))
@@ -265,7 +264,7 @@ class LowerGQAPass(Pass):
         for new, before in zip(gqa.outputs, old, strict=True):
             new.dtype, new.shape = before.dtype, before.shape
         ir.convenience.replace_nodes_and_values(model.graph, node, [node], [gqa], old, list(gqa.outputs))
-        _remove_dead(model.graph, [*layer.rotaries, split])
+        _remove_dead(model.graph, [*layer.rotaries, *([split] if split is not None else [])])
 
 
 class _Shared:

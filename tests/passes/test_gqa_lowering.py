@@ -28,7 +28,8 @@ from qgraph.registry import default_registry
 from qgraph.verify.kv_contract import MASKS_KEY, MAX_POSITIONS_KEY, detect_kv_layout
 from qgraph.verify.sequence import SequenceReplayer, ReplayCase, check_sequence_equivalence
 
-LOWERED = [("llama", "dynamo"), ("mistral", "dynamo")]
+# llama, mistral: packed QKV (one MatMul + Split); qwen2: biased q/k/v projections left apart by pack-matmuls
+LOWERED = [("llama", "dynamo"), ("mistral", "dynamo"), ("qwen2", "dynamo")]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def ort_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """The ort preset's graph of each case, made once for the module."""
     out = tmp_path_factory.mktemp("ort-graphs")
     graphs = {}
-    for arch, exporter in [*LOWERED, ("qwen2", "dynamo"), ("llama", "torchscript")]:
+    for arch, exporter in [*LOWERED, ("llama", "torchscript")]:
         run = run_preset("ort", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}", default_registry())
         graphs[(arch, exporter)] = run.folder / "model.onnx"
     return graphs
@@ -60,6 +61,10 @@ def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter) -> N
     assert len(gqa) == 2  # the zoo's two layers, each one node
     assert not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
     assert all(n.attributes["do_rotary"].value == 1 for n in gqa)
+    if arch == "qwen2":  # q, k, v apart: GroupQueryAttention's unpacked form
+        assert all(n.inputs[1] is not None and n.inputs[2] is not None for n in gqa)
+    else:  # the packed projection whole, its Split gone
+        assert all(n.inputs[0].producer().op_type == "MatMul" and n.inputs[1] is None for n in gqa)
     if arch == "mistral":  # the tiny config's sliding_window=4, read from the probed mask
         assert {n.attributes["local_window_size"].value for n in gqa} == {4}
     else:
@@ -127,12 +132,22 @@ def test_a_mask_that_is_not_causal_is_refused(ort_graphs) -> None:
     assert isinstance(reason, str) and "not a causal padding mask" in reason
 
 
-@pytest.mark.parametrize(("arch", "exporter", "why"), [
-    ("qwen2", "dynamo", "no packed QKV projection"),  # q/k/v carry a bias: pack-matmuls leaves them apart
-    ("llama", "torchscript", "q_num_heads / kv_num_heads are not set"),  # attention-io left the heads split
+def _interleaved(model: ir.Model) -> None:
+    """The rotations made GPT-J style (a form GroupQueryAttention's rotary_interleaved is not lowered to yet)."""
+    for node in model.graph:
+        if node.op_type == "RotaryEmbedding":
+            node.attributes["interleaved"] = ir.AttrInt64("interleaved", 1)
+
+
+@pytest.mark.parametrize(("arch", "exporter", "change", "why"), [
+    ("llama", "torchscript", None, "q_num_heads / kv_num_heads are not set"),  # attention-io left the heads split
+    ("llama", "dynamo", _interleaved, "is interleaved"),
 ])
-def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, why) -> None:
-    model, report = _lower(ort_graphs[(arch, exporter)])
+def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, change, why) -> None:
+    model = io.load(ort_graphs[(arch, exporter)])
+    if change is not None:
+        change(model)
+    report = PassManager(["lower-gqa"]).run(model)
     record = next(r for r in report.passes if r.name == "lower-gqa")
     assert not record.changed and not _gqa_nodes(model)
     notes = [n for n in record.notes if "not lowered" in n]

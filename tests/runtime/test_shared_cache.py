@@ -26,7 +26,7 @@ from qgraph.runtime.shared_cache import SharedCacheEngine
 VOCAB = 256
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
 def graphs(request, tiny_zoo, tmp_path_factory):
     """(concat graph, lowered graph) of a tiny decoder, dynamo export, ort preset."""
     out = tmp_path_factory.mktemp(f"shared-{request.param}")
