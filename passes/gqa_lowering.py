@@ -21,17 +21,30 @@ all a cache the runtime can keep in one buffer: bound as both ``past`` and
 ``present`` (docs/design.md, *Lowering for onnxruntime*), the kernel writes
 the new keys in place and nothing is concatenated per step.
 
-**The graph's domain narrows, and the graph says so.** GroupQueryAttention
-takes no mask: it takes each row's tokens to be ``[0, seqlens_k]``, left
-aligned, and onnxruntime's CPU kernel refuses a batch of several rows when a
-chunk of several tokens follows a past. So the lowered graph equals the
-concat graph only for batch 1 with an all-ones mask. The pass therefore
-fixes the batch dim of every input and output to 1 and writes the metadata
-key ``qgraph.kv.masks = all-ones``, which the sequence replay, the input
-strategies and ``qgraph generate`` honour (generate runs several prompts one
-after another). ``qgraph.kv.max_positions`` records how many rotary rows
-the caches hold (option ``max_positions``): a longer sequence is refused by
-the runtime, where the concat graph would have gone on.
+**Padding: the graph's own mask as the bias (``mask=bias``, the default).**
+GroupQueryAttention computes the causal mask itself and takes each row's
+keys to be ``[0, seqlens_k]``; it knows nothing of padding. With
+``mask=bias`` the Attention's own mask (bool, or already additive) goes in
+as ``attention_bias`` (0 / -inf, one tensor for all layers),
+``seqlens_k = total - 1`` for every row (every column is a cache slot, as
+in the concat contract) and ``query_seqlens = S`` for every row -- which
+also lifts onnxruntime's CPU refusal of batch > 1 for a chunk after a past
+-- and ``position_ids`` go to the rotation. The graph then computes the
+concat graph's logits for any batch and any padding; its inputs and outputs
+are unchanged. (Checked on onnxruntime 1.32: left- and right-padded batches,
+first prompts and chunks after a past.)
+
+**``mask=none``: the lead's narrower form.** No bias and
+``seqlens_k = ReduceSum(attention_mask) - 1``, as onnxruntime-genai's
+builder writes it: equal to the concat graph only for batch 1 with an
+all-ones mask. The pass then fixes the batch dim of every input and output
+to 1 and writes the metadata key ``qgraph.kv.masks = all-ones``, which the
+sequence replay, the input strategies and ``qgraph generate`` honour
+(generate runs several prompts one after another).
+
+Either way ``qgraph.kv.max_positions`` records how many rotary rows the
+caches hold (option ``max_positions``): a longer sequence is refused by the
+runtime, where the concat graph would have gone on.
 
 **Only what the graph proves is lowered.** Per layer: q, k, v as
 ``[B, S, H * D]`` (packed heads, ``attention-io``), taken whole from the
@@ -165,17 +178,21 @@ def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set
 
 
 class LowerGQAPass(Pass):
-    """Lower each layer's Split + RotaryEmbedding + Attention to com.microsoft::GroupQueryAttention (batch 1).
+    """Lower each layer's Split + RotaryEmbedding + Attention to com.microsoft::GroupQueryAttention.
 
-    The module docstring gives the rewrite, why it narrows the graph to
-    batch 1 with all-ones masks, and the checks; refused layers are listed in
-    the report notes with the check that failed.
+    The module docstring gives the rewrite, how padding is kept (the mask as
+    attention_bias) or the domain narrowed (``mask=none``: batch 1, all-ones
+    masks), and the checks; refused layers are listed in the report notes
+    with the check that failed.
     """
 
     name = "lower-gqa"
     meaning = "sequence"  # a cached graph against the cached graph before it, replayed on the same tokens
     options = {
         "max_positions": Option(int, 8192, "rows of the rotary cos/sin caches: the longest sequence the graph takes"),
+        "mask": Option(str, "bias", "bias: the graph's own mask goes in as attention_bias (any batch, any padding); "
+                       "none: no mask input, the graph then takes batch 1 with all-ones masks only",
+                       choices=("bias", "none")),
     }
     prerequisites = (
         Prerequisite("a concat-style KV cache (past_key_values.* inputs)",
@@ -210,13 +227,14 @@ class LowerGQAPass(Pass):
         for layer in layers:
             self._lower(model, layer, shared)
         self.report.count("group-query-attention", len(layers))
-        _narrow_to_batch_one(graph)
-        model.metadata_props[MASKS_KEY] = "all-ones"
         if shared.rows:
             model.metadata_props[MAX_POSITIONS_KEY] = str(shared.rows)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
-        self.report.notes.append("lower-gqa: the graph now takes batch 1 with all-ones attention masks "
-                                 f"(metadata {MASKS_KEY}); several prompts run one after another")
+        if self.config["mask"] == "none":
+            _narrow_to_batch_one(graph)
+            model.metadata_props[MASKS_KEY] = "all-ones"
+            self.report.notes.append("lower-gqa: the graph now takes batch 1 with all-ones attention masks "
+                                     f"(metadata {MASKS_KEY}); several prompts run one after another")
         return ir.passes.PassResult(model, True)
 
     # -- per layer ---------------------------------------------------------------------
@@ -246,7 +264,9 @@ class LowerGQAPass(Pass):
         node, split = layer.attention, layer.split
         assert layer.qkv is not None
         qkv: list[ir.Value | None] = [split.inputs[0], None, None] if split is not None else list(layer.qkv)
-        inputs = [*qkv, node.inputs[4], node.inputs[5], shared.seqlens_k(), shared.total_length()]
+        biased = self.config["mask"] == "bias"
+        seqlens = shared.all_rows_full() if biased else shared.seqlens_k()
+        inputs = [*qkv, node.inputs[4], node.inputs[5], seqlens, shared.total_length()]
         attributes = {"num_heads": _attr(node, "q_num_heads"), "kv_num_heads": _attr(node, "kv_num_heads")}
         if "scale" in node.attributes:
             attributes["scale"] = float(_attr(node, "scale"))
@@ -256,6 +276,10 @@ class LowerGQAPass(Pass):
             cos_cache, sin_cache = shared.caches(self._caches[layer.tables], layer.tables)
             inputs += [cos_cache, sin_cache, shared.inputs["position_ids"] if "position_ids" in shared.inputs else None]
             attributes["do_rotary"] = 1
+        if biased:
+            inputs += [None] * (10 - len(inputs))
+            inputs += [shared.bias(node.inputs[3], layer.qkv[0].dtype, node), None, None, None, None, None,
+                       shared.query_lengths()]
         while inputs and inputs[-1] is None:
             inputs.pop()
         gqa = ir.node("GroupQueryAttention", inputs, attributes=attributes, domain=MS_DOMAIN, num_outputs=3,
@@ -274,6 +298,8 @@ class _Shared:
         self.graph, self.inputs = graph, inputs
         self._seqlens: ir.Value | None = None
         self._total: ir.Value | None = None
+        self._queries: ir.Value | None = None
+        self._biases: dict[ir.Value, ir.Value] = {}
         self._caches: dict[tuple[ir.Value, ir.Value], tuple[ir.Value, ir.Value]] = {}
         self.rows = 0
         self._anchor = next(iter(graph), None)  # new nodes go in front of it, in the order they are made
@@ -309,6 +335,47 @@ class _Shared:
             self._seqlens.name = "lower_gqa/seqlens_k"
             self._seqlens.dtype, self._seqlens.shape = ir.DataType.INT32, ir.Shape([1])
         return self._seqlens
+
+    def _batch(self) -> ir.Value:
+        return self._add("Shape", [self.inputs["attention_mask"]], start=0, end=1)
+
+    def all_rows_full(self) -> ir.Value:
+        """seqlens_k when the mask goes in as a bias: every row holds all the mask's columns (total - 1)."""
+        if self._seqlens is None:
+            import numpy as np
+
+            last = self._add("Sub", [self.total_length(), self._const(np.array(1, np.int32), "lower_gqa/one_i32")])
+            self._seqlens = self._add("Expand", [last, self._batch()])
+            self._seqlens.dtype, self._seqlens.shape = ir.DataType.INT32, ir.Shape([self.inputs["attention_mask"].shape[0]])
+        return self._seqlens
+
+    def query_lengths(self) -> ir.Value:
+        """query_seqlens: every row's chunk is the whole step (padding is the bias's business)."""
+        if self._queries is None:
+            import numpy as np
+
+            length = self._add("Shape", [self.inputs["input_ids"]], start=1, end=2)
+            squeezed = self._add("Squeeze", [length, self._const(np.array([0], np.int64), "lower_gqa/axis_0b")])
+            self._queries = self._add("Expand", [self._add("Cast", [squeezed], to=ir.DataType.INT32), self._batch()])
+            self._queries.dtype, self._queries.shape = ir.DataType.INT32, ir.Shape([self.inputs["attention_mask"].shape[0]])
+        return self._queries
+
+    def bias(self, mask: ir.Value, dtype: ir.DataType, before: ir.Node) -> ir.Value:
+        """attention_bias from the Attention's mask: 0 where a bool mask shows a key, -inf where it hides it."""
+        if mask not in self._biases:
+            if mask.dtype != ir.DataType.BOOL:
+                self._biases[mask] = mask  # already additive, in the model's dtype (Attention requires it)
+            else:
+                import numpy as np
+
+                zero = self._const(np.array(0, dtype.numpy()), f"lower_gqa/zero_{len(self._biases)}")
+                hidden = self._const(np.array(-np.inf, dtype.numpy()), f"lower_gqa/hidden_{len(self._biases)}")
+                node = ir.node("Where", [mask, zero, hidden], name=f"lower_gqa/bias_{len(self._biases)}")
+                node.outputs[0].name = node.name
+                node.outputs[0].dtype, node.outputs[0].shape = dtype, mask.shape
+                self.graph.insert_before(before, node)
+                self._biases[mask] = node.outputs[0]
+        return self._biases[mask]
 
     def total_length(self) -> ir.Value:
         """attention_mask's length as an int32 scalar: past + new tokens."""

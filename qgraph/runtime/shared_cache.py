@@ -9,7 +9,7 @@ at their positions and returns the buffer, instead of allocating
 cache at all; the concat engine copies the whole cache every step (about
 94 MB a step at 2048 tokens for SmolLM2-135M).
 
-The buffers are ``[1, kv_heads, capacity, head_dim]``, allocated when a
+The buffers are ``[batch, kv_heads, capacity, head_dim]``, allocated when a
 generation starts and doubled (content copied once) when a row outgrows
 them, so a short generation does not pay for the graph's longest context.
 Every binding except ``input_ids``, ``attention_mask`` and ``position_ids``
@@ -17,9 +17,12 @@ stays fixed between steps (a decode step's logits go to one buffer too).
 
 It applies only where it is exact (:func:`shares_buffers`): every reader of a
 ``past_key_values.*`` input is a GroupQueryAttention that also writes the
-matching ``present.*`` output, and the graph declares batch 1 and all-ones
-masks (metadata ``qgraph.kv.masks``), because a padded row's keys would land
-in the wrong slots.
+matching ``present.*`` output. Rows are padded as the concat contract pads
+them (every row has a slot for every column, the mask says which are
+valid): a graph lowered with ``lower-gqa mask=bias`` reads the mask as its
+attention bias, so any batch works; one lowered with ``mask=none`` declares
+batch 1 and all-ones masks (metadata ``qgraph.kv.masks``), and padding is
+refused.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qgraph.errors import BadInputError
-from qgraph.runtime.engines import ConcatEngine
+from qgraph.runtime.engines import ConcatEngine, _hf_positions
 from qgraph.verify.kv_contract import KVLayout
 
 __all__ = ["SharedCacheEngine", "shares_buffers"]
@@ -39,7 +42,7 @@ _FIRST_CAPACITY = 256
 
 def shares_buffers(model: ir.Model, layout: KVLayout) -> bool:
     """Whether ``past_key_values.*`` and ``present.*`` may be one buffer (see the module docstring)."""
-    if layout.style != "concat" or layout.batch != 1 or not layout.masks_all_ones:
+    if layout.style != "concat":
         return False
     inputs = {v.name: v for v in model.graph.inputs}
     outputs = {v.name: v for v in model.graph.outputs}
@@ -57,14 +60,14 @@ def shares_buffers(model: ir.Model, layout: KVLayout) -> bool:
 
 
 class SharedCacheEngine(ConcatEngine):
-    """Concat-contract graph, batch 1, past and present bound to one growing buffer per cache tensor."""
+    """Concat-contract graph, past and present bound to one growing buffer per cache tensor."""
 
     kind = "shared-buffer KV cache"
 
     def __init__(self, session: ort.InferenceSession, layout: KVLayout, *, label: str, n_kv_heads: int,
                  head_dim: int, max_tokens: int | None = None, first_capacity: int = _FIRST_CAPACITY) -> None:
         super().__init__(session, layout, label=label, n_kv_heads=n_kv_heads, head_dim=head_dim, max_tokens=max_tokens)
-        self.fixed_batch = 1
+        self.fixed_batch = layout.batch  # 1 for a graph lowered with mask=none
         self.first_capacity = first_capacity
         self.capacity = 0
         self._buffers: dict[str, ort.OrtValue] = {}
@@ -88,7 +91,7 @@ class SharedCacheEngine(ConcatEngine):
             capacity *= 2
         if self.max_tokens is not None:
             capacity = max(needed, min(capacity, self.max_tokens))
-        shape = (1, self.n_kv_heads, capacity, self.head_dim)
+        shape = (len(self._seen), self.n_kv_heads, capacity, self.head_dim)
         b = self._binding
         for pair_in, pair_out in zip(self.layout.past, self.layout.present, strict=True):
             for past, present in zip(pair_in, pair_out, strict=True):
@@ -102,23 +105,25 @@ class SharedCacheEngine(ConcatEngine):
         self.capacity = capacity
 
     def _run(self, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        if not valid.all():
+        if self.layout.masks_all_ones and not valid.all():
             raise BadInputError(f"{self.label} computes unpadded rows only (metadata qgraph.kv.masks=all-ones)")
-        past = int(self._seen[0])
+        past = self._mask.shape[1]  # cache slots so far: every column, padding included (concat contract)
         width = tokens.shape[1]
         if self.max_tokens is not None and past + width > self.max_tokens:
             raise BadInputError(f"{self.label} holds at most {self.max_tokens} positions; this step needs {past + width}")
         self._positions(valid)
+        self._mask = np.concatenate([self._mask, valid.astype(self._mask.dtype)], axis=1)
         self._grow(past + width)
         b = self._binding
         b.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, self.layout.ids_dtype))
-        b.bind_cpu_input("attention_mask", np.ones((1, past + width), self.layout.mask_dtype))
+        b.bind_cpu_input("attention_mask", np.ascontiguousarray(self._mask, self.layout.mask_dtype))
         if self.layout.has_position_ids:
-            b.bind_cpu_input("position_ids", (past + np.arange(width, dtype=np.int64))[None].astype(
-                self.layout.positions_dtype))
+            positions = _hf_positions(self._mask)[:, -width:]
+            b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, self.layout.positions_dtype))
         if width == 1 and self.layout.vocab is not None and self.layout.cache_dtype == np.float32:
             if self._decode_logits is None:
-                self._decode_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.layout.vocab), np.float32))
+                shape = (len(self._seen), 1, self.layout.vocab)
+                self._decode_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
             b.bind_ortvalue_output("logits", self._decode_logits)
         else:
             b.bind_output("logits", "cpu")  # a prompt chunk's logits: onnxruntime allocates them
@@ -128,7 +133,7 @@ class SharedCacheEngine(ConcatEngine):
 
     def cache_array(self, name: str) -> np.ndarray:
         """The valid part of one cache buffer (for tests and debugging)."""
-        return self._buffers[name].numpy()[:, :, : int(self._seen[0])]
+        return self._buffers[name].numpy()[:, :, : self._mask.shape[1]]
 
     def describe(self) -> str:
         return f"{self.kind} ({self.layout.n_layers} layers, buffers of {self.capacity or self.first_capacity} positions)"

@@ -2,8 +2,9 @@
 
 The meaning kept is the cached graph's own (``meaning = "sequence"``): the
 lowered graph, replayed on drawn token sequences in drawn splits, gives the
-logits of the concat graph it came from -- on the domain it declares (batch
-1, all-ones masks), which the replay reads from the graph. A lowering broken
+logits of the concat graph it came from -- with ``mask=bias`` (the default)
+on padded batches of several rows, with ``mask=none`` on the domain it then
+declares (batch 1, all-ones masks), which the replay reads from the graph. A lowering broken
 on purpose (rotation dropped, the sliding window dropped, the wrong number of
 KV heads) fails ``qgraph optimize --verify`` with exit code 1; layers that
 cannot be lowered are named in the report with the check that failed.
@@ -53,10 +54,11 @@ def _gqa_nodes(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph if (n.domain, n.op_type) == ("com.microsoft", "GroupQueryAttention")]
 
 
+@pytest.mark.parametrize("mask", ["bias", "none"])
 @pytest.mark.parametrize(("arch", "exporter"), LOWERED)
-def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter) -> None:
+def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter, mask) -> None:
     source = ort_graphs[(arch, exporter)]
-    model, _ = _lower(source)
+    model, _ = _lower(source, mask=mask)
     gqa = _gqa_nodes(model)
     assert len(gqa) == 2  # the zoo's two layers, each one node
     assert not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
@@ -69,13 +71,20 @@ def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter) -> N
         assert {n.attributes["local_window_size"].value for n in gqa} == {4}
     else:
         assert all("local_window_size" not in n.attributes for n in gqa)
+    biases = [n.inputs[10] for n in gqa if len(n.inputs) > 10]
+    if mask == "bias":  # the graph's own mask as attention_bias, one for all layers; the batch stays symbolic
+        assert len(biases) == 2 and biases[0] is biases[1] and not isinstance(model.graph.inputs[0].shape[0], int)
+    else:
+        assert not biases and model.graph.inputs[0].shape[0] == 1
     result = check_sequence_equivalence(model, source, examples=15, seed=1, max_len=12)
     assert result.equivalent, str(result)
+    if mask == "bias":  # the draw had padded batches of several rows
+        assert MASKS_KEY not in model.metadata_props
 
 
 def test_the_graph_declares_its_narrower_domain(ort_graphs) -> None:
     source = ort_graphs[("llama", "dynamo")]
-    model, _ = _lower(source, max_positions=64)
+    model, _ = _lower(source, max_positions=64, mask="none")
     for value in [*model.graph.inputs, *model.graph.outputs]:
         assert value.shape[0] == 1, value.name
     layout = detect_kv_layout(model)
@@ -175,23 +184,25 @@ class BrokenGQA(LowerGQAPass):
         return result
 """
 
-MUTATIONS = {
-    "rotary off": ("llama", 'node.attributes.pop("do_rotary")'),
-    "window dropped": ("mistral", 'node.attributes.pop("local_window_size")'),
-    "wrong kv_num_heads": ("llama", 'node.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", 1)'),
+MUTATIONS = {  # (arch, the change, the lowering's mask option)
+    "rotary off": ("llama", 'node.attributes.pop("do_rotary")', "bias"),
+    "bias dropped": ("llama", "node.replace_input_with(10, None)", "bias"),  # padded rows then see their padding
+    # with mask=bias the window is in the bias too; without it, local_window_size alone keeps it
+    "window dropped": ("mistral", 'node.attributes.pop("local_window_size")', "none"),
+    "wrong kv_num_heads": ("llama", 'node.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", 1)', "bias"),
 }
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_verify_fails_on_a_broken_lowering(ort_graphs, tmp_path, mutation) -> None:
-    arch, code = MUTATIONS[mutation]
+    arch, code, mask = MUTATIONS[mutation]
     plugin = tmp_path / "broken.py"
     name = "lower-gqa-" + mutation.replace(" ", "-")  # plugin pass names are process-wide: one per mutation
     plugin.write_text("import onnx_ir as ir\n" + textwrap.dedent(_BROKEN).replace("{mutation}", code).replace("{name}", name))
     source = ort_graphs[(arch, "dynamo")]
     args = [str(source), "--plugin", str(plugin), "--verify", "--passes"]
-    assert main(["optimize", "-o", str(tmp_path / "good.onnx"), *args, "lower-gqa"]) == 0
-    assert main(["optimize", "-o", str(tmp_path / "broken.onnx"), *args, name]) == 1
+    assert main(["optimize", "-o", str(tmp_path / "good.onnx"), *args, "lower-gqa", "--option", f"lower-gqa.mask={mask}"]) == 0
+    assert main(["optimize", "-o", str(tmp_path / "broken.onnx"), *args, name, "--option", f"{name}.mask={mask}"]) == 1
     assert not (tmp_path / "broken.onnx").exists()
 
 
