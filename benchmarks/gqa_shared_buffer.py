@@ -15,7 +15,8 @@ step by step (concat, lowered, concat, ...; every other round starts with
 the lowered one) in one process with 2 threads, so load on a shared
 machine reaches both alike; the table gives
 the median step time of each and their ratio. Greedy tokens of the two
-must agree (the benchmark fails otherwise).
+must agree at fp32 (the benchmark fails otherwise); at int8/int4 their
+agreement is reported.
 """
 
 from __future__ import annotations
@@ -96,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                 got, tokens = _interleaved(engines, prompt, args.steps, flip=bool(round_ % 2))
                 for name in names:
                     times[name] += got[name]
-            if tokens[names[0]] != tokens[names[1]]:
+            same = sum(a == b for a, b in zip(tokens[names[0]], tokens[names[1]]))
+            if args.precision == "fp32" and same != len(tokens[names[0]]):
                 raise SystemExit(f"greedy tokens differ at context {context}: {tokens}")
             medians = {n: 1000 * statistics.median(times[n]) for n in names}
-            rows.append((context, medians[names[0]], medians[names[1]]))
+            rows.append((context, medians[names[0]], medians[names[1]], f"{same}/{len(tokens[names[0]])}"))
         kinds = {n: engines[n].kind for n in names}
     lines = [
         f"Command: `.venv/bin/python benchmarks/gqa_shared_buffer.py --contexts {args.contexts} --steps {args.steps} "
@@ -109,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         "",
         (f"SmolLM2-135M ({args.precision}), dynamo export; `{names[0]}` ({kinds[names[0]]}) against `{names[1]}` "
          f"({kinds[names[1]]}), {THREADS} threads, one process, decode steps alternating between the two; median of "
-         f"{args.rounds} x {args.steps} decode steps after a prompt of c random tokens; greedy tokens identical."),
+         f"{args.rounds} x {args.steps} decode steps after a prompt of c random tokens (greedy tokens must agree at fp32; at int4 the int8 "
+         "activations of accuracy_level 4 can turn the attention kernels' last-bit differences into another "
+         "near-tie winner)."),
         "",
-        f"| context c | {names[0]} ms/step | {names[1]} ms/step | {names[1]} / {names[0]} |",
-        "|---:|---:|---:|---:|",
+        f"| context c | {names[0]} ms/step | {names[1]} ms/step | {names[1]} / {names[0]} | same greedy tokens |",
+        "|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {c} | {a:.2f} | {b:.2f} | {b / a:.2f}x |" for c, a, b in rows]
+    lines += [f"| {c} | {a:.2f} | {b:.2f} | {b / a:.2f}x | {same} |" for c, a, b, same in rows]
     if args.note:
         lines += ["", args.note]
     publish(SECTION, "\n".join(lines), args.write)

@@ -74,14 +74,15 @@ ORT_INT4: dict = _ort_quantized(4)
 
 def _with_gqa(preset: dict) -> dict:
     """``preset`` with each layer's attention lowered to com.microsoft::GroupQueryAttention right after
-    ``attention-io`` (before ``quantize``, which then packs the QKV MatMul the GQA node reads). The graph
-    takes batch 1 with all-ones masks; ``qgraph generate`` binds its cache as one shared buffer."""
+    ``attention-io`` (before ``quantize``, which then packs the QKV MatMul the GQA node reads). The graph's
+    inputs and outputs stay the ``ort`` graph's (its mask goes in as attention_bias); ``qgraph generate``
+    binds each layer's past and present to one shared buffer."""
     steps = list(preset["steps"])
     at = steps.index({"pass": "attention-io"}) + 1
     return {"steps": [*steps[:at], {"pass": "lower-gqa"}, *steps[at:]]}
 
 
-# Batch-1 variants with GroupQueryAttention (--preset ort-gqa / ort-int8-gqa / ort-int4-gqa).
+# Variants with GroupQueryAttention (--preset ort-gqa / ort-int8-gqa / ort-int4-gqa).
 ORT_GQA: dict = _with_gqa(ORT)
 ORT_INT8_GQA: dict = _with_gqa(ORT_INT8)
 ORT_INT4_GQA: dict = _with_gqa(ORT_INT4)
