@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import onnx_ir as ir
 from qgraph_passes.gqa_probes import causal_window, rotary_cache
 
@@ -325,8 +326,6 @@ class _Shared:
     def seqlens_k(self) -> ir.Value:
         """ReduceSum(attention_mask, axis 1) - 1 as int32: the index of each row's last token."""
         if self._seqlens is None:
-            import numpy as np
-
             mask = self.inputs["attention_mask"]
             counts = self._add("ReduceSum", [self._add("Cast", [mask], to=ir.DataType.INT64),
                                              self._const(np.array([1], np.int64), "lower_gqa/axis_1")], keepdims=0)
@@ -342,8 +341,6 @@ class _Shared:
     def all_rows_full(self) -> ir.Value:
         """seqlens_k when the mask goes in as a bias: every row holds all the mask's columns (total - 1)."""
         if self._seqlens is None:
-            import numpy as np
-
             last = self._add("Sub", [self.total_length(), self._const(np.array(1, np.int32), "lower_gqa/one_i32")])
             self._seqlens = self._add("Expand", [last, self._batch()])
             self._seqlens.dtype, self._seqlens.shape = ir.DataType.INT32, ir.Shape([self.inputs["attention_mask"].shape[0]])
@@ -352,8 +349,6 @@ class _Shared:
     def query_lengths(self) -> ir.Value:
         """query_seqlens: every row's chunk is the whole step (padding is the bias's business)."""
         if self._queries is None:
-            import numpy as np
-
             length = self._add("Shape", [self.inputs["input_ids"]], start=1, end=2)
             squeezed = self._add("Squeeze", [length, self._const(np.array([0], np.int64), "lower_gqa/axis_0b")])
             self._queries = self._add("Expand", [self._add("Cast", [squeezed], to=ir.DataType.INT32), self._batch()])
@@ -366,8 +361,6 @@ class _Shared:
             if mask.dtype != ir.DataType.BOOL:
                 self._biases[mask] = mask  # already additive, in the model's dtype (Attention requires it)
             else:
-                import numpy as np
-
                 zero = self._const(np.array(0, dtype.numpy()), f"lower_gqa/zero_{len(self._biases)}")
                 hidden = self._const(np.array(-np.inf, dtype.numpy()), f"lower_gqa/hidden_{len(self._biases)}")
                 node = ir.node("Where", [mask, zero, hidden], name=f"lower_gqa/bias_{len(self._biases)}")
@@ -380,8 +373,6 @@ class _Shared:
     def total_length(self) -> ir.Value:
         """attention_mask's length as an int32 scalar: past + new tokens."""
         if self._total is None:
-            import numpy as np
-
             length = self._add("Shape", [self.inputs["attention_mask"]], start=1, end=2)
             squeezed = self._add("Squeeze", [length, self._const(np.array([0], np.int64), "lower_gqa/axis_0")])
             self._total = self._add("Cast", [squeezed], to=ir.DataType.INT32)
