@@ -5,8 +5,9 @@
 
 For every causal-LM architecture of the zoo (``qgraph.export.zoo``, 2 layers)
 and both exporters, the ``ort`` preset runs on the export as ``qgraph demo``
-runs it; the table counts what its fusions made (RotaryEmbedding, packed
-MatMuls: groups of three and of two, SkipSimplifiedLayerNormalization), lists the
+runs it; the table counts what its fusions made (RotaryEmbedding, with how
+many are partial and interleaved; packed MatMuls: groups of three and of
+two; SkipSimplifiedLayerNormalization), lists the
 notes of the fusion passes (every candidate a rule refused, with the check
 that failed) and replays drawn token sequences through the cached graph
 against the no-cache export (``qgraph.verify.sequence``: prefill and decode
@@ -47,14 +48,18 @@ def run_one(arch: str, exporter: str, scratch: Path) -> dict:
     out = scratch / f"{arch}-{exporter}" / "model.onnx"
     out.parent.mkdir(parents=True)
     io.save(model, out)
-    ops = collections.Counter(n.op_type for n in onnx.load(out, load_external_data=False).graph.node)
+    nodes = onnx.load(out, load_external_data=False).graph.node
+    ops = collections.Counter(n.op_type for n in nodes)
+    interleaved = sum(1 for n in nodes if n.op_type == "RotaryEmbedding"
+                      and any(a.name == "interleaved" and a.i for a in n.attribute))
     matches = collections.Counter()
     for record in report.passes:
         matches.update(record.rule_matches)
     notes = [f"{r.name}: {n}" for r in report.passes if r.name in FUSION_PASSES for n in r.notes]
     replay = check_sequence_equivalence(out, exported.model_path, examples=6, require_greedy=True)
     return {"arch": arch, "exporter": exporter,
-            "rotary": f"{ops['RotaryEmbedding']} ({matches['rotary-partial']} partial)",
+            "rotary": f"{ops['RotaryEmbedding']} ({matches['rotary-partial'] + matches['rotary-partial-heads-second']} "
+                      f"partial, {interleaved} interleaved)",
             "split": f"{matches['pack-three-matmuls']} x3, {matches['pack-two-matmuls']} x2",
             "skip": ops["SkipSimplifiedLayerNormalization"], "attention": ops["Attention"],
             "seconds": seconds, "replay": "equivalent" if replay.equivalent else f"FAILED: {replay}".splitlines()[0],
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "Command: `.venv/bin/python benchmarks/ort_fusions_zoo.py --write`", "",
         f"Machine: {machine_description()}. Shared with other engineers' jobs while this ran.", "",
-        "Tiny zoo (2 layers each). Counts in the `ort` preset's output; *packed* = groups of 3 and of 2 "
+        "Tiny zoo (2 layers each). Counts in the `ort` preset's output (RotaryEmbedding: how many turn part of "
+        "the head, how many turn interleaved pairs); *packed* = groups of 3 and of 2 "
         "sibling MatMuls packed into one; replay = cached graph vs the no-cache export on drawn sequences.", "",
         "| arch | exporter | RotaryEmbedding | packed | SkipSimplifiedLayerNorm | Attention | preset s | replay |",
         "|---|---|---:|---:|---:|---:|---:|---|",

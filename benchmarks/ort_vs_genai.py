@@ -1,4 +1,4 @@
-"""qgraph's ort graphs (fp32, int8, int4) against onnxruntime-genai's model builder (fp32, int4) on SmolLM2-135M.
+"""qgraph's ort graphs (fp32, int8, int4) against onnxruntime-genai's model builder (fp32, int4) and transformers on SmolLM2-135M.
 
     .venv/bin/pip install onnxruntime-genai        # for this benchmark only; not a qgraph dependency
     .venv/bin/python benchmarks/ort_vs_genai.py [--rounds 3] [--repeats 2] [--max-new-tokens 64]
@@ -11,6 +11,13 @@ exactly as ``qgraph demo`` runs a preset, and generates with
 ``qgraph.runtime`` (the code behind ``qgraph generate``). The builder
 (``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu``) builds
 from the same folder, and onnxruntime-genai's own generator runs its graphs.
+Hugging Face transformers is the third peer: the same folder in torch
+(float32, ``torch.set_num_threads(2)``), ``model.generate`` greedy with the
+same prompt and token count; a streamer stamps the time of each new token,
+so TTFT and decode are read exactly as for the other two (its TTFT includes
+``generate``'s own set-up, which a user of it pays too). transformers has
+no int4/int8 CPU path for this folder without another package, so it runs
+at fp32 only.
 
 Each measurement is a fresh child process (its peak RSS is its own): load,
 one short warm-up generation, then ``--repeats`` generations of
@@ -23,7 +30,8 @@ time from the first to the last. Model size = the files of the graph
 (model.onnx + external data).
 
 Targets of issue 19: decode tokens/s of qgraph's ort graph >= the builder's
-at fp32 and at int4, TTFT no worse, greedy tokens identical at fp32.
+at fp32 and at int4, TTFT no worse, greedy tokens identical at fp32; the
+table has qgraph vs onnxruntime-genai vs transformers per precision.
 ``--write`` replaces the "ort vs onnxruntime-genai" section of RESULTS.md.
 """
 
@@ -48,6 +56,8 @@ PROMPT = "In a quiet village at the edge of the forest, there lived a"
 THREADS = 2
 QGRAPH_PRESETS = {"fp32": "ort", "int8": "ort-int8", "int4": "ort-int4"}
 BUILDER_PRECISIONS = ("fp32", "int4")
+TRANSFORMERS_PRECISIONS = ("fp32",)
+QGRAPH, BUILDER, TRANSFORMERS = "qgraph ort", "onnxruntime-genai builder", "transformers (torch)"
 INSTALL = "pip install onnxruntime-genai   (into qgraph's venv: .venv/bin/pip install onnxruntime-genai)"
 
 
@@ -60,7 +70,11 @@ def _require_genai() -> None:
 
 
 def _size_mib(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")) / 2**20
+    """The weights' files: the ONNX graph and its external data, or a Hugging Face folder's safetensors."""
+    def weights(name: str) -> bool:
+        return name.startswith("model.onnx") or name.endswith((".safetensors", ".bin"))
+
+    return sum(f.stat().st_size for f in folder.iterdir() if weights(f.name)) / 2**20
 
 
 # --- children -------------------------------------------------------------------------------------
@@ -117,8 +131,52 @@ def _child_genai(task: dict[str, Any]) -> dict[str, Any]:
     return _summary(runs, tokens)
 
 
+def _child_transformers(task: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(THREADS)
+    tokenizer = AutoTokenizer.from_pretrained(task["folder"])
+    model = AutoModelForCausalLM.from_pretrained(task["folder"], dtype=torch.float32).eval()
+    ids = tokenizer(task["prompt"], return_tensors="pt")
+
+    class Stamps(BaseStreamer):
+        """generate() hands the prompt first, then each new token as it is chosen: stamp the new ones."""
+
+        def __init__(self) -> None:
+            self.prompt_seen, self.times = False, []
+
+        def put(self, value) -> None:
+            if self.prompt_seen:
+                self.times.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    def once(n: int) -> tuple[float, float, list[int]]:
+        stamps = Stamps()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, streamer=stamps,
+                                 pad_token_id=tokenizer.eos_token_id)
+        new = [int(t) for t in out[0, ids["input_ids"].shape[1]:]]
+        first, last = stamps.times[0], stamps.times[-1]
+        decode = (len(new) - 1) / (last - first) if len(new) > 1 else float("nan")
+        return first - start, decode, new
+
+    once(4)
+    runs, tokens = [], []
+    for _ in range(task["repeats"]):
+        ttft, decode, tokens = once(task["tokens"])
+        runs.append((ttft, decode))
+    return _summary(runs, tokens)
+
+
 def _child(task: dict[str, Any]) -> dict[str, Any]:
-    return _child_genai(task) if task["kind"] == "genai" else _child_qgraph(task)
+    children = {"genai": _child_genai, "qgraph": _child_qgraph, "transformers": _child_transformers}
+    return children[task["kind"]](task)
 
 
 # --- building the graphs --------------------------------------------------------------------------
@@ -198,14 +256,14 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ref = by.get(("onnxruntime-genai builder", r["precision"]))
+        ref = by.get((BUILDER, r["precision"]))
         vs = (f"{r['decode'] / ref['decode']:.2f}x | {r['ttft_ms'] / ref['ttft_ms']:.2f}x"
               if ref is not None and r["label"] != ref["label"] else "- | -")
         lines.append(f"| {r['label']} | {r['precision']} | {r['decode']:.1f} | {r['ttft_ms']:.1f} | {r['rss']:.0f} | "
                      f"{r['size']:.0f} | {vs} |")
     lines += ["", "qgraph preset pipelines on the export: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
               + ".", "", "Targets of issue 19:", ""]
-    builder = {p: by[("onnxruntime-genai builder", p)] for p in BUILDER_PRECISIONS}
+    builder = {p: by[(BUILDER, p)] for p in BUILDER_PRECISIONS}
     for r in rows:
         b = builder.get(r["precision"])
         if r["label"].startswith("qgraph") and b is not None:
@@ -223,6 +281,14 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
                          + ("" if first is None else f" (first difference at token {first})"))
     t = builder["int4"]["tokens"]
     lines.append(f"- builder int4 greedy tokens equal to builder fp32's: {sum(1 for x, y in zip(t, b) if x == y)}/{len(b)}")
+    for precision in TRANSFORMERS_PRECISIONS:
+        if (QGRAPH, precision) not in by:  # the ort preset was not among --presets
+            continue
+        h, qr = by[(TRANSFORMERS, precision)], by[(QGRAPH, precision)]
+        q = qr["tokens"]
+        lines.append(f"- transformers {precision}: qgraph decode {qr['decode'] / h['decode']:.2f}x, TTFT "
+                     f"{qr['ttft_ms'] / h['ttft_ms']:.2f}x of it; greedy tokens equal to qgraph's: "
+                     f"{sum(1 for x, y in zip(h['tokens'], q) if x == y)}/{len(q)}")
     if args.note:
         lines += ["", args.note]
     return "\n".join(lines)
@@ -251,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out / "qgraph")
         ours, seconds, hf_folder = _qgraph_graphs(out, args.presets.split(","))
         theirs = _builder_graphs(hf_folder, out)
-        configs = [(f"qgraph {p}", _precision(p), "qgraph", f) for p, f in ours.items()]
-        configs += [("onnxruntime-genai builder", p, "genai", f) for p, f in theirs.items()]
+        configs = [(f"qgraph {p}", _precision(p), "qgraph", f) for p, f in ours.items()]  # "qgraph ort" = QGRAPH
+        configs += [(BUILDER, p, "genai", f) for p, f in theirs.items()]
+        configs += [(TRANSFORMERS, p, "transformers", hf_folder) for p in TRANSFORMERS_PRECISIONS]
         results: dict[tuple[str, str], list[dict[str, Any]]] = {(c[0], c[1]): [] for c in configs}
         for round_ in range(args.rounds):
             for label, precision, kind, folder in configs:

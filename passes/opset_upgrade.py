@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -308,6 +309,26 @@ class OpsetUpgradePass(Pass):
         if error is not None:
             return converted, (_readable(str(error)), None)
         return converted, _failure(converted, records, target)
+
+    def undo_for(self, model: ir.Model) -> Callable[[], None] | None:
+        """When the upgrade will only renumber (no adapter applies, no function to retarget): restoring
+        the opset imports, the IR version and the versions of nodes that carry one takes it back."""
+        source, target = default_opset(model), self.config["target"]
+        if model.functions or source == target or not _only_renumbers(model, source, target):
+            return None
+        imports, ir_version, metadata = dict(model.opset_imports), model.ir_version, dict(model.metadata_props)
+        versions = [(node, node.version) for node in iter_nodes(model.graph) if node.version is not None]
+
+        def restore() -> None:
+            for node, version in versions:
+                node.version = version
+            model.opset_imports.clear()
+            model.opset_imports.update(imports)
+            model.ir_version = ir_version
+            model.metadata_props.clear()
+            model.metadata_props.update(metadata)
+
+        return restore
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         target = self.config["target"]

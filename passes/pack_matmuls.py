@@ -23,6 +23,8 @@ different dtypes or row counts are reported, with the check that failed.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx_ir as ir
 
@@ -49,16 +51,45 @@ def same_weight_dtype(x, w0, w1, w2=None) -> str | None:
     return None
 
 
+# Rows of the packed weight written per block when it is saved.
+_BLOCK_BYTES = 1 << 20
+
+
+class PackedColumns(ir.LazyTensor):
+    """``[A | B | C]`` of 2-D weights: concatenated when read, written to a file a block of rows at a time.
+
+    Saving is where every packed weight is produced (a SmolLM2 export has 60,
+    280 MB in all). Writing each from one reused buffer of ~1 MB spares
+    allocating and faulting in a fresh array per weight; the bytes are the
+    ones ``tobytes()`` gives.
+    """
+
+    def __init__(self, parts: list[ir.TensorProtocol]) -> None:
+        self.parts = parts
+        shape = ir.Shape([parts[0].shape[0], sum(t.shape[1] for t in parts)])
+        super().__init__(self._concatenate, dtype=parts[0].dtype, shape=shape)
+
+    def _concatenate(self) -> ir.Tensor:
+        return ir.tensor(np.concatenate([t.numpy() for t in self.parts], axis=1))
+
+    def tofile(self, file) -> None:  # noqa: ANN001 - a binary file object, as onnx_ir passes it
+        arrays = [t.numpy() for t in self.parts]
+        # Sub-byte types are packed two to a byte on disk but not in numpy; big-endian hosts swap.
+        if self.dtype.bitwidth < 8 or sys.byteorder != "little" or any(a.dtype.hasobject for a in arrays):
+            super().tofile(file)
+            return
+        rows, cols = self.shape[0], self.shape[1]
+        step = max(1, _BLOCK_BYTES // max(1, cols * arrays[0].itemsize))
+        buffer = np.empty((min(step, rows), cols), dtype=arrays[0].dtype)
+        for start in range(0, rows, step):
+            block = buffer[: min(step, rows - start)]
+            np.concatenate([a[start : start + len(block)] for a in arrays], axis=1, out=block)
+            file.write(block.view(np.uint8).data)
+
+
 def _packed(weights: list[ir.Value]) -> ir.LazyTensor:
     """The column-wise concatenation, computed only when someone reads it."""
-    tensors = [w.const_value for w in weights]
-    rows = tensors[0].shape[0]
-    cols = sum(t.shape[1] for t in tensors)
-
-    def concatenate() -> ir.Tensor:
-        return ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=1))
-
-    return ir.LazyTensor(concatenate, dtype=tensors[0].dtype, shape=ir.Shape([rows, cols]))
+    return PackedColumns([w.const_value for w in weights])
 
 
 def one_projection(op, x, w0, w1, w2=None):

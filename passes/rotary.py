@@ -1,4 +1,4 @@
-"""Rotary embedding fusion: the half-rotation form becomes one ``RotaryEmbedding`` (opset 23).
+"""Rotary embedding fusion: the half-rotation and interleaved forms become one ``RotaryEmbedding`` (opset 23).
 
 What the rules recognize (docs/design.md, "canonicalize"), every sum and
 product in either operand order::
@@ -18,10 +18,21 @@ partial rotary (Phi, GPT-NeoX's ``rotary_pct``: only the first r of the D
 channels turn) one node: the first rule has already fused the rotated
 slice, and the pass-through channels are put back by ``rotary_embedding_dim``.
 
+The interleaved form (GPT-J's and CodeGen's ``rotate_every_two``: channels
+2i and 2i+1 turn together) is ``rotary_interleaved``'s rule, recognized by
+running what the subgraph computes; its ``[B, S, H, D]`` rotation (GPT-J)
+is wrapped in transposes, ``rotary-partial-heads-second`` is the partial
+rule for that wrapping, and ``rotary-heads-back`` merges the transpose back
+to ``[B, S, H, D]`` with the model's own transpose right after (GPT-J's
+``permute(0, 2, 1, 3)`` cancels it).
+
 Not fused, and reported (which node, which check failed): slices that are
 not the two halves of the last axis, a table whose halves are not known to
 be equal (its first half would not be what the graph multiplies by), a table
-that is not ``[B | 1, 1, S | 1, D]``, an unknown or odd head size.
+that is not ``[B | 1, 1, S | 1, D]``, an unknown or odd head size; for the
+interleaved form, a pairing that is not rotate_every_two (shown channel by
+channel), a table whose entries are not proven to come in pairs, a chain
+that does more than move elements or cannot be run on a probe.
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from qgraph_passes.opset_upgrade import opset_at_least
+from qgraph_passes.rotary_interleaved import INTERLEAVED_RULE, check_interleaved, rotation_operands, unrewritten_reason
+from qgraph_passes.rotary_operands import head_size, heads_first, same_dim
 from qgraph_passes.rotary_tables import halves_equal_reason
 from qgraph_passes.shape_values import static_value
 
@@ -38,7 +51,6 @@ from qgraph.rewrite.pattern import Var
 
 __all__ = ["RotaryFusionPass", "RULES"]
 
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -56,9 +68,26 @@ def rotary(op, x, cos, sin):
     return op.Add(op.Mul(x, cos, _commute=True), op.Mul(rotated, sin, _commute=True), _commute=True)
 
 
+
+
 def partial_rotary(op, q, cos, sin):
-    turned = op.RotaryEmbedding(_last_axis_slice(op, q, "rot"), cos, sin, interleaved=0)
+    turned = op.RotaryEmbedding(_last_axis_slice(op, q, "rot"), cos, sin, interleaved=op.capture("interleaved"))
     return op.Concat(turned, _last_axis_slice(op, q, "pass"), axis=op.capture("cat_axis"))
+
+
+def partial_rotary_heads_second(op, q, cos, sin):
+    """The partial form on [B, S, H, D] (GPT-J rotates before moving the heads in front): the rotated
+    slice went through the transposes the interleaved rule puts around RotaryEmbedding."""
+    inner = op.Transpose(_last_axis_slice(op, q, "rot"), perm=[0, 2, 1, 3])
+    turned = op.RotaryEmbedding(inner, cos, sin, interleaved=op.capture("interleaved"))
+    return op.Concat(op.Transpose(turned, perm=[0, 2, 1, 3]), _last_axis_slice(op, q, "pass"),
+                     axis=op.capture("cat_axis"))
+
+
+def heads_back_and_forth(op, y):
+    """The transpose put after a [B, S, H, D] rotation, then the model's own transpose (GPT-J's permute of q,
+    or of k straight to [B, H, D, S] for the scores)."""
+    return op.Transpose(op.Transpose(y, perm=[0, 2, 1, 3]), perm=op.capture("outer"))
 
 
 # -- conditions ----------------------------------------------------------------
@@ -90,21 +119,6 @@ def _slice_reason(match, prefix: str, start: int, end: int, width: int) -> str |
     return None
 
 
-def _head_size(x: ir.Value) -> int | str:
-    if x.dtype not in _FLOATS:
-        return f"'{x.name}' is {x.dtype}, not float32/float16/bfloat16"
-    if x.shape is None or len(x.shape) != 4:
-        return f"'{x.name}' is not known to be 4-D [B, H, S, D]"
-    d = x.shape[3]
-    if not isinstance(d, int) or d % 2:
-        return f"the head size of '{x.name}' is {d}, not a known even number"
-    return d
-
-
-def _same_dim(a, b) -> bool:
-    if isinstance(a, int) or isinstance(b, int):
-        return a == b
-    return a.value is not None and a.value == b.value
 
 
 def _table_reason(table: ir.Value, x: ir.Value, d: int, what: str) -> str | None:
@@ -120,7 +134,7 @@ def _table_reason(table: ir.Value, x: ir.Value, d: int, what: str) -> str | None
 
 
 def check_rotary(match, x, cos, sin, cat_axis) -> str | None:
-    d = _head_size(x)
+    d = head_size(x)
     if isinstance(d, str):
         return d
     if cat_axis not in (-1, 3):
@@ -136,12 +150,14 @@ def check_rotary(match, x, cos, sin, cat_axis) -> str | None:
     match["half"] = d // 2
     # RotaryEmbedding reads one table row per (batch, position) of x; where shape inference does not
     # show the table's batch and sequence dims to be x's, the table is expanded to them, as Mul broadcast it.
-    match["broadcast"] = not all(_same_dim(t.shape[i], x.shape[i]) for t in (cos, sin) for i in (0, 2))
+    match["broadcast"] = not all(same_dim(t.shape[i], x.shape[i]) for t in (cos, sin) for i in (0, 2))
     return None
 
 
+
+
 def check_partial(match, q, cat_axis) -> str | None:
-    d = _head_size(q)
+    d = head_size(q)
     if isinstance(d, str):
         return d
     if cat_axis not in (-1, 3):
@@ -162,7 +178,27 @@ def check_partial(match, q, cat_axis) -> str | None:
     return None
 
 
+def check_heads_back(y, outer) -> str | None:
+    producer = y.producer()
+    if producer is None or producer.op_type != "RotaryEmbedding":
+        return f"'{y.name}' is not a RotaryEmbedding output (only the transposes this pass adds are taken back)"
+    if outer is None or sorted(outer) != [0, 1, 2, 3]:
+        return f"the outer Transpose's perm {outer} is not a permutation of 4 axes"
+    return None
+
+
 # -- replacements --------------------------------------------------------------
+
+
+def composed_transpose(op, y, outer):
+    """Transpose(Transpose(y, [0,2,1,3]), outer) is one Transpose of y, or y itself."""
+    perm = [[0, 2, 1, 3][axis] for axis in outer]
+    if perm == [0, 1, 2, 3]:
+        return y
+    moved = op.Transpose(y, perm=perm)
+    if y.shape is not None:
+        moved.shape = ir.Shape([y.shape[axis] for axis in perm])
+    return moved
 
 
 def _first_half(op, table, x, half: int, broadcast: bool):
@@ -185,8 +221,19 @@ def to_rotary(op, x, cos, sin, half, broadcast):
     return op.RotaryEmbedding(x, _first_half(op, cos, x, half, broadcast), _first_half(op, sin, x, half, broadcast))
 
 
-def to_partial(op, q, cos, sin, rot):
-    return op.RotaryEmbedding(q, cos, sin, rotary_embedding_dim=rot)
+
+
+
+
+
+
+def to_partial(op, q, cos, sin, rot, interleaved):
+    return op.RotaryEmbedding(q, cos, sin, rotary_embedding_dim=rot, interleaved=interleaved)
+
+
+def to_partial_heads_second(op, q, cos, sin, rot, interleaved):
+    turned = op.RotaryEmbedding(heads_first(op, q), cos, sin, rotary_embedding_dim=rot, interleaved=interleaved)
+    return heads_first(op, turned)
 
 
 def _example_table(op, freqs, trig):
@@ -211,30 +258,45 @@ _EXAMPLE_PARTIAL = {
     "rot_axes": np.array([-1], np.int64), "rot_steps": np.array([1], np.int64),
     "pass_start": np.array([4], np.int64), "pass_end": np.array([_INT64_MAX], np.int64),
     "pass_axes": np.array([-1], np.int64), "pass_steps": np.array([1], np.int64),
-    "cat_axis": -1,
+    "cat_axis": -1, "interleaved": 0,
 }
+_EXAMPLE_PARTIAL_BSHD_INPUTS = {**_EXAMPLE_PARTIAL_INPUTS, "q": (ir.DataType.FLOAT, ("B", "S", 3, 8))}
 
 RULES = RuleSet(
     [
         Rule("rotary-half", rotary, to_rotary, check_rotary, opsets={"": 23},
              doc="x*cos + rotate_half(x)*sin -> RotaryEmbedding(x, cos[..., :D/2], sin[..., :D/2])",
              example_inputs=_EXAMPLE_INPUTS, example_values=_EXAMPLE_VALUES),
+        INTERLEAVED_RULE,  # rotary_interleaved.py
         # keep_shared: a table expanded to the rotated slice's shape still reads that slice's Shape.
         Rule("rotary-partial", partial_rotary, to_partial, check_partial, opsets={"": 23}, keep_shared=True,
              doc="Concat(RotaryEmbedding(x[..., :r]), x[..., r:]) -> RotaryEmbedding(x, rotary_embedding_dim=r)",
              example_inputs=_EXAMPLE_PARTIAL_INPUTS, example_values=_EXAMPLE_PARTIAL),
+        Rule("rotary-partial-heads-second", partial_rotary_heads_second, to_partial_heads_second, check_partial,
+             opsets={"": 23}, keep_shared=True,
+             doc="Concat(T(RotaryEmbedding(T(x[..., :r]))), x[..., r:]) -> T(RotaryEmbedding(T(x), rotary_embedding_dim=r))",
+             example_inputs=_EXAMPLE_PARTIAL_BSHD_INPUTS, example_values=_EXAMPLE_PARTIAL),
+        # [0, 2, 1, 3] is its own inverse: the rotation's way back and the model's way forward cancel
+        # keep_shared: TorchScript also reads the Shape of the transpose back; that one stays for it.
+        Rule("rotary-heads-back", heads_back_and_forth, composed_transpose, check_heads_back, keep_shared=True,
+             doc="Transpose(Transpose(RotaryEmbedding(..), [0,2,1,3]), p) -> Transpose(RotaryEmbedding(..), [0,2,1,3][p])",
+             example_inputs={"x": (ir.DataType.FLOAT, ("B", 3, "S", 8)), "c": (ir.DataType.FLOAT, ("B", "S", 4)),
+                             "s": (ir.DataType.FLOAT, ("B", "S", 4))},
+             example_values={"y": lambda op, x, c, s: op.RotaryEmbedding(x, c, s, interleaved=1),
+                             "outer": [0, 2, 3, 1]}),
     ],
     name="rotary",
 )
 
 
 class RotaryFusionPass(RewritePass):
-    """Fuse rotary position embedding (half-rotation form, full or partial) into RotaryEmbedding (opset 23).
+    """Fuse rotary position embedding (half or interleaved, full or partial) into RotaryEmbedding (opset 23).
 
     The rule table is ``RULES``; the module docstring shows the forms.
     Candidates left unfused -- a ``rotate_half``-shaped Concat the rules
-    looked at and refused -- are listed in the report notes with the check
-    that failed. The interleaved (GPT-J) form is not recognized yet.
+    looked at and refused, or an ``x*a + y*b`` whose ``y`` is moved and
+    negated channels of ``x`` that is not a provable rotate_every_two --
+    are listed in the report notes with the check that failed.
     """
 
     name = "rotary"
@@ -244,12 +306,40 @@ class RotaryFusionPass(RewritePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
+        if self.report.rule_matches.get("rotary-interleaved"):
+            # The interleaved rule binds the rotated channels as one value, so the ops that moved them
+            # are not part of the match: nothing reads them now, and they go here, not in a later pass.
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+        # One note per refused candidate: the interleaved rule's reason where the rotated value is
+        # moved channels of x that are not rotate_half, the half rule's otherwise.
+        interleaved = self._interleaved_refusals(model)
         if not any(node.op_type == "Neg" for node in ir.traversal.RecursiveGraphIterator(model.graph)):
-            return result  # no rotate_half left to explain: skip the second sweep
+            self.report.notes.extend(interleaved.values())
+            return result  # no rotate_half left to explain (it negates half the channels): skip that sweep
         for cand in explain(model, RuleSet([RULES.get("rotary-half")], name=self.name)):
             # The root Add and one product match any residual x*a + y; a candidate that got the
             # second product too is an x*a + y*b, the shape of a rotary: its refusal is worth reading.
-            if not cand.matched and cand.nodes_matched > 2:
+            if not cand.matched and cand.nodes_matched > 2 and cand.node not in interleaved:
                 where = f"{cand.graph}/{cand.node}" if cand.graph else cand.node
                 self.report.notes.append(f"rotary candidate '{where}' not fused: {cand.reason}")
+        self.report.notes.extend(interleaved.values())
         return result
+
+    def _interleaved_refusals(self, model: ir.Model) -> dict[str, str]:
+        """x*a + y*b where y is moved (and negated) channels of x, not fused: which check failed, by Add node.
+
+        The rule's own near miss would name the first operand order tried, not the one where y
+        comes from x; here that order is found first, then the rule's condition is asked why.
+        """
+        notes = {}
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            operands = rotation_operands(node) if node.op_type == "Add" else None
+            if operands is None:
+                continue
+            reason = check_interleaved({}, *operands) or unrewritten_reason(node)
+            if "rotate_half" not in reason:  # a rotate_half is the half rule's to explain
+                where = f"{node.graph.name}/{node.name}" if node.graph is not model.graph else node.name
+                notes[node.name] = f"interleaved rotary candidate '{where}' not fused: {reason}"
+        return notes
+
+

@@ -9,14 +9,27 @@ ops that act on each element alone or on axes other than the last (casts,
 cos/sin, scaling by a scalar, adding an axis in front) to a
 ``Concat(a, a)`` on the last axis. Anything else is answered with the
 value where the walk stopped, so a rule can say why it did not fuse.
+
+The interleaved form (GPT-J's ``rotate_every_two``) pairs channels 2i and
+2i+1 and multiplies both by one table entry, repeated in pairs
+(``repeat_interleave(t, 2)``); ``RotaryEmbedding(interleaved=1)`` takes the
+table's even entries. :func:`repeated_pairs` proves the repetition by
+running what made the table: the chain of ops that only move elements
+(Tile / Expand + Reshape, Concat + Reshape, ...) and of element-wise ops
+(cos, casts) is run on a probe (``channel_probe``, the element-wise ops as
+Identity), and entries 2i and 2i+1 must be the same element of its
+source, everywhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
+from qgraph_passes.channel_probe import movement_source, probe
 
-__all__ = ["halves_equal_reason"]
+__all__ = ["PairedTable", "halves_equal_reason", "repeated_pairs"]
 
 # Ops that compute each output element from the same-position input element.
 _ELEMENTWISE = frozenset({"Cast", "Cos", "Sin", "Neg", "Identity"})
@@ -76,3 +89,29 @@ def halves_equal_reason(value: ir.Value) -> str | None:
         else:
             return f"'{current.name}' comes from {op}, which may not keep the table's halves equal"
     return f"'{value.name}': more than {_MAX_DEPTH} ops between the table and its Concat"
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedTable:
+    """A table whose last axis is ``[t0, t0, t1, t1, ...]``, with its shape at the probe."""
+
+    probe_shape: tuple[int, ...]  #: symbolic dims drawn as distinct primes; a literal 1 stays 1
+    source: str  #: the value the repetition starts from
+
+
+def repeated_pairs(table: ir.Value) -> PairedTable | str:
+    """The table's repetition in pairs on the last axis, proven on a probe; else why it is not known."""
+    source = movement_source(table)
+    if source is table:
+        node = table.producer()
+        made_by = f"{node.op_type} '{node.name}'" if node is not None else "outside the graph"
+        return f"'{table.name}' is not made by repeating the entries of a table (it comes from {made_by})"
+    run = probe(source, table, allow_neg=False, skip_elementwise=True)
+    if isinstance(run, str):
+        return run
+    out = run.target
+    if out.ndim == 0 or out.shape[-1] % 2:
+        return f"'{table.name}' has {out.shape[-1] if out.ndim else 0} entries on its last axis at the probe, not an even number"
+    if not np.array_equal(out[..., 0::2], out[..., 1::2]):
+        return f"'{table.name}' does not repeat each entry of '{source.name}' twice in a row on its last axis"
+    return PairedTable(tuple(int(d) for d in out.shape), source.name)

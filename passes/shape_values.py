@@ -8,6 +8,14 @@ module evaluates such a value when everything it reads is known: constants,
 and ``Shape`` of values whose selected dims are numbers. A rule condition
 then compares the number, whichever exporter wrote it. Anything else (a
 symbolic dim, an op not listed) gives None.
+
+A dim is a number more often than the stored shapes say: TorchScript
+exports reshape heads with ``Concat(Gather(Shape(x), 0), ..., -1, 16)``,
+and onnx shape inference (without data propagation) leaves every dim of the
+result symbolic, though the head size 16 is written in the graph.
+:func:`static_dim` reads such a dim back through the op that made it
+(Reshape's shape tensor, Slice bounds, Transpose, element-wise ops), so
+``static_value`` of ``Shape(x)`` sees it too.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["static_value"]
+__all__ = ["static_dim", "static_value"]
 
 _MAX_DEPTH = 12
 # Integer Div in ONNX truncates toward zero (numpy's // floors).
@@ -27,19 +35,19 @@ def _attr(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
-def _shape(node: ir.Node) -> np.ndarray | None:
+def _shape(node: ir.Node, depth: int) -> np.ndarray | None:
     x = node.inputs[0]
     if x is None or x.shape is None:
         return None
     rank = len(x.shape)
     start, end = _attr(node, "start", 0), _attr(node, "end", rank)
-    dims = x.shape.dims[slice(start, end)]
+    dims = [static_dim(x, axis, depth + 1) for axis in range(rank)[slice(start, end)]]
     if not all(isinstance(d, int) for d in dims):
         return None
     return np.array(dims, np.int64)
 
 
-def _gathered_dims(node: ir.Node) -> np.ndarray | None:
+def _gathered_dims(node: ir.Node, depth: int) -> np.ndarray | None:
     """Gather(Shape(x), i): known when dims i of x are, whatever x's other dims are."""
     shape_node = node.inputs[0].producer() if node.inputs[0] is not None else None
     index = ir.convenience.get_const_tensor(node.inputs[1]) if node.inputs[1] is not None else None
@@ -48,8 +56,11 @@ def _gathered_dims(node: ir.Node) -> np.ndarray | None:
     x = shape_node.inputs[0]
     if x is None or x.shape is None:
         return None
-    dims = x.shape.dims[slice(_attr(shape_node, "start", 0), _attr(shape_node, "end", len(x.shape)))]
+    axes = list(range(len(x.shape)))[slice(_attr(shape_node, "start", 0), _attr(shape_node, "end", len(x.shape)))]
     picked = np.asarray(index.numpy())
+    if not all(-len(axes) <= int(i) < len(axes) for i in picked.reshape(-1)):
+        return None
+    dims = [static_dim(x, axis, depth + 1) for axis in axes]
     values = [dims[int(i)] for i in picked.reshape(-1)]
     if not all(isinstance(d, int) for d in values):
         return None
@@ -66,9 +77,9 @@ def _value(value: ir.Value | None, depth: int) -> np.ndarray | None:
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
     if node.op_type == "Shape":
-        return _shape(node)
+        return _shape(node, depth)
     if node.op_type == "Gather" and _attr(node, "axis", 0) == 0 and len(node.inputs) == 2:
-        picked = _gathered_dims(node)
+        picked = _gathered_dims(node, depth)
         if picked is not None:
             return picked
     args = [_value(v, depth + 1) for v in node.inputs]
@@ -100,3 +111,86 @@ def _value(value: ir.Value | None, depth: int) -> np.ndarray | None:
 def static_value(value: ir.Value | None) -> np.ndarray | None:
     """The value of ``value`` if it follows from constants and static dims alone, else None."""
     return _value(value, 0)
+
+
+# Ops whose output has the input's shape (the first input's, for the binary ones only when the
+# other operand is one number: broadcasting could otherwise widen a dim).
+_SAME_SHAPE = frozenset({"Neg", "Identity", "Cast", "Cos", "Sin", "Relu", "Sigmoid", "Tanh", "Erf", "Sqrt", "Exp"})
+
+
+def _reshaped_dim(node: ir.Node, axis: int, depth: int) -> int | None:
+    """Dim ``axis`` of Reshape's output when the shape tensor's entry there is a positive number."""
+    shape = node.inputs[1] if len(node.inputs) > 1 else None
+    if shape is None:
+        return None
+    whole = _value(shape, depth + 1)
+    if whole is not None:
+        entry = int(whole.reshape(-1)[axis]) if axis < whole.size else None
+    else:  # Concat of pieces, some symbolic: the piece holding ``axis`` may still be a number
+        producer = shape.producer()
+        if producer is None or producer.op_type != "Concat":
+            return None
+        offset, entry = 0, None
+        for piece in producer.inputs:
+            length = piece.shape.dims[0] if piece is not None and piece.shape is not None and len(piece.shape) == 1 else None
+            if not isinstance(length, int):
+                return None
+            if offset <= axis < offset + length:
+                got = _value(piece, depth + 1)
+                entry = int(got.reshape(-1)[axis - offset]) if got is not None else None
+                break
+            offset += length
+    if entry is None or entry < 0:
+        return None
+    if entry == 0 and not _attr(node, "allowzero", 0):
+        return static_dim(node.inputs[0], axis, depth + 1)  # 0 copies the input's dim
+    return entry
+
+
+def _sliced_dim(node: ir.Node, axis: int, rank: int, depth: int) -> int | None:
+    args = [_value(v, depth + 1) if v is not None else None for v in node.inputs[1:5]]
+    starts, ends = args[0], args[1]
+    axes = args[2] if len(args) > 2 and args[2] is not None else np.arange(0 if starts is None else starts.size)
+    steps = args[3] if len(args) > 3 and args[3] is not None else np.ones_like(axes)
+    if starts is None or ends is None:
+        return None
+    normalized = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+    if axis not in normalized:
+        return static_dim(node.inputs[0], axis, depth + 1)
+    k = normalized.index(axis)
+    width = static_dim(node.inputs[0], axis, depth + 1)
+    if width is None:
+        return None
+    return len(range(width)[slice(int(starts.reshape(-1)[k]), int(ends.reshape(-1)[k]), int(steps.reshape(-1)[k]))])
+
+
+def static_dim(value: ir.Value | None, axis: int, depth: int = 0) -> int | None:
+    """Dim ``axis`` of ``value`` if it is a number, read from its shape or from the op that made it."""
+    if value is None or value.shape is None or depth > _MAX_DEPTH:
+        return None
+    rank = len(value.shape)
+    if not -rank <= axis < rank:
+        return None
+    axis %= rank
+    dim = value.shape.dims[axis]
+    if isinstance(dim, int):
+        return dim
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+        return None
+    op = node.op_type
+    if op == "Reshape":
+        return _reshaped_dim(node, axis, depth)
+    if op == "Slice":
+        return _sliced_dim(node, axis, rank, depth)
+    if op == "Transpose":
+        perm = _attr(node, "perm", None)
+        return static_dim(node.inputs[0], perm[axis], depth + 1) if perm is not None else None
+    same_rank = node.inputs[0].shape is not None and len(node.inputs[0].shape) == rank
+    if op in _SAME_SHAPE and same_rank:
+        return static_dim(node.inputs[0], axis, depth + 1)
+    if op in _BINARY and same_rank and len(node.inputs) == 2:
+        other = ir.convenience.get_const_tensor(node.inputs[1])
+        if other is not None and other.size == 1:
+            return static_dim(node.inputs[0], axis, depth + 1)
+    return None

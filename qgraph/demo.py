@@ -113,6 +113,8 @@ def graph_facts(model: Any) -> GraphFacts:
     try:
         layout = detect_kv_layout(model)
         cache = layout.style + (f", ctx_len {layout.ctx_len}" if layout.ctx_len else "")
+        if layout.logits_seq == 1:  # generation reads one token's logits a row; the head runs on it alone
+            cache += ", last-token logits"
     except KVLayoutError:
         cache = "none"
     return GraphFacts(count_nodes(model.graph), op_histogram(model.graph), model.opset_imports.get("", 0), cache)

@@ -31,19 +31,25 @@ from qgraph.runtime_loadable import lost_kernels
 __all__ = ["InvariantChecker", "find_violations"]
 
 
-def _check_graph(
-    graph: ir.Graph, outer: set[ir.Value], names: dict[str, str], where: str, problems: list[str]
-) -> None:
-    defined: set[ir.Value] = set(outer)
-    own_nodes = set(graph)
+def _label(node: ir.Node) -> str:
+    return f"{node.op_type} '{node.name}'"
 
-    def claim(value: ir.Value, owner: str) -> None:
+
+def _check_graph(
+    graph: ir.Graph, outer: set[ir.Value], names: dict[str, str | ir.Node], where: str, problems: list[str]
+) -> None:
+    # Runs after every pass that changed the model: labels are formatted, and the set of the
+    # graph's own nodes built, only when there is a problem to describe.
+    defined: set[ir.Value] = set(outer)
+    own_nodes: set[ir.Node] | None = None
+
+    def claim(value: ir.Value, owner: str | ir.Node) -> None:
         if not value.name:
-            problems.append(f"{where}: a value produced by {owner} has no name")
+            problems.append(f"{where}: a value produced by {_owner(owner)} has no name")
             return
         previous = names.get(value.name)
         if previous is not None:
-            problems.append(f"{where}: value name '{value.name}' is used twice ({previous} and {owner})")
+            problems.append(f"{where}: value name '{value.name}' is used twice ({_owner(previous)} and {_owner(owner)})")
         else:
             names[value.name] = owner
 
@@ -55,31 +61,42 @@ def _check_graph(
             claim(value, "an initializer")
         defined.add(value)
     for node in graph:
-        label = f"{node.op_type} '{node.name}'"
         for i, value in enumerate(node.inputs):
             if value is None or value in defined:
                 continue
+            if own_nodes is None:
+                own_nodes = set(graph)
             producer = value.producer()
             if producer is not None and producer in own_nodes:
                 problems.append(
-                    f"{where}: {label} reads '{value.name}' (input {i}) before {producer.op_type} "
+                    f"{where}: {_label(node)} reads '{value.name}' (input {i}) before {producer.op_type} "
                     f"'{producer.name}' produces it (nodes are not in topological order)"
                 )
             else:
                 origin = "a removed node" if producer is not None else "nothing in the graph"
-                problems.append(f"{where}: {label} reads '{value.name}' (input {i}), produced by {origin} (dangling value)")
-        for attr in node.attributes.values():
-            subgraphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
-            for sub in subgraphs:
-                _check_graph(sub, defined, names, f"{where} > {label}.{attr.name}", problems)
+                problems.append(f"{where}: {_label(node)} reads '{value.name}' (input {i}), produced by {origin} (dangling value)")
+        if node.attributes:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    subgraphs = [attr.value]
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    subgraphs = list(attr.value)
+                else:
+                    continue
+                for sub in subgraphs:
+                    _check_graph(sub, defined, names, f"{where} > {_label(node)}.{attr.name}", problems)
         for out in node.outputs:
-            claim(out, label)
+            claim(out, node)
             defined.add(out)
     for i, value in enumerate(graph.outputs):
         if value not in defined:
             producer = value.producer()
             origin = f"removed {producer.op_type} '{producer.name}'" if producer is not None else "nothing"
             problems.append(f"{where}: graph output {i} '{value.name}' is no longer produced (by {origin})")
+
+
+def _owner(owner: str | ir.Node) -> str:
+    return owner if isinstance(owner, str) else _label(owner)
 
 
 def _structural_violations(model: ir.Model) -> list[str]:
@@ -172,12 +189,13 @@ def _fingerprint(node: ir.Node) -> tuple:
     Attributes are compared by identity: onnx_ir attributes are replaced,
     not edited, when a pass changes one.
     """
+    attributes = node.attributes
     return (
         node.domain,
         node.op_type,
         node.overload,
         node.version,
-        tuple((name, id(attr)) for name, attr in node.attributes.items()),
+        tuple((name, id(attr)) for name, attr in attributes.items()) if attributes else (),
         tuple(v is not None for v in node.inputs),
         len(node.outputs),
     )

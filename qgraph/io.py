@@ -57,6 +57,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from qgraph.errors import BadInputError, UnwritableOutputError
+from qgraph.graph_stats import iter_nodes
 from qgraph.graph_wellformed import (
     check_acyclic,
     check_default_domain_op,
@@ -416,22 +417,28 @@ def _all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
 
 def _all_nodes(model: ir.Model) -> Iterator[tuple[ir.Node, str]]:
     """Every node (subgraphs included) with a label of the body it belongs to."""
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    for node in iter_nodes(model.graph):
         yield node, ""
     for function in model.functions.values():
         label = f" in function '{function.domain}::{function.name}'"
-        for node in ir.traversal.RecursiveGraphIterator(function):
+        for node in iter_nodes(function):
             yield node, label
 
 
-def _tensor_sites(model: ir.Model) -> Iterator[_TensorSite]:
-    """Every tensor stored in the model: initializers and tensor attributes."""
+def _tensor_sites(model: ir.Model, *, described: bool = True) -> Iterator[_TensorSite]:
+    """Every tensor stored in the model: initializers and tensor attributes.
+
+    ``described=False`` leaves ``where`` empty: :func:`files_read_by` runs
+    several times per command and reads only the tensors.
+    """
     for graph in _all_graphs(model):
-        scope = "" if graph is model.graph else f" of subgraph {graph.name!r}"
+        scope = "" if graph is model.graph or not described else f" of subgraph {graph.name!r}"
         for value in graph.initializers.values():
             if value.const_value is not None:
-                yield _TensorSite(f"initializer {value.name!r}{scope}", value.const_value)
+                yield _TensorSite(f"initializer {value.name!r}{scope}" if described else "", value.const_value)
     for node, label in _all_nodes(model):
+        if not node.attributes:
+            continue
         for name, attr in node.attributes.items():
             if attr.is_ref():
                 continue
@@ -441,7 +448,7 @@ def _tensor_sites(model: ir.Model) -> Iterator[_TensorSite]:
             elif attr.type == ir.AttributeType.TENSORS and attr.value is not None:
                 tensors = list(attr.value)
             for tensor in tensors:
-                yield _TensorSite(f"attribute {name!r} of node {node.name!r}{label}", tensor)
+                yield _TensorSite(f"attribute {name!r} of node {node.name!r}{label}" if described else "", tensor)
 
 
 def _attach_external_data(
@@ -453,6 +460,7 @@ def _attach_external_data(
     a file that cannot work while keeping the weights on disk.
     """
     sizes: dict[str, os.stat_result] = {}
+    resolved: dict[str, str] = {}
     for site in _tensor_sites(model):
         tensor = site.tensor
         if not isinstance(tensor, ir.ExternalTensor):
@@ -465,7 +473,7 @@ def _attach_external_data(
             )
         base = os.path.abspath(base_dir)
         tensor.base_dir = base
-        _check_external_tensor(tensor, site.where, origin, base, sizes)
+        _check_external_tensor(tensor, site.where, origin, base, sizes, resolved)
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -479,6 +487,7 @@ def _check_external_tensor(
     origin: str,
     base: str,
     stats: dict[str, os.stat_result],
+    resolved: dict[str, str],
 ) -> None:
     location = os.fspath(tensor.location)
     prefix = f"{origin}: {where} reads external data {location!r}"
@@ -493,8 +502,13 @@ def _check_external_tensor(
     path = os.path.normpath(os.path.join(base, location))
     if not _inside(path, base):
         raise BadInputError(f"{prefix}: it points outside the model's folder {base}")
-    real = os.path.realpath(path)
-    if not _inside(real, os.path.realpath(base)):
+    # Hundreds of tensors name one or two files: each path is resolved once per load (realpath
+    # costs a system call per path component).
+    for spelling in (path, base):
+        if spelling not in resolved:
+            resolved[spelling] = os.path.realpath(spelling)
+    real = resolved[path]
+    if not _inside(real, resolved[base]):
         raise BadInputError(
             f"{prefix}: a symbolic link to {real}, outside the model's folder {base}"
         )
@@ -550,7 +564,8 @@ def files_read_by(model: ir.Model) -> set[Path]:
         files.add(Path(os.path.realpath(source)))
     # Resolve each distinct spelling once: a model's hundreds of weights name one or two files,
     # and realpath costs a few system calls (it was a visible share of `qgraph optimize`).
-    spellings = {site.tensor.path for site in _tensor_sites(model) if isinstance(site.tensor, ir.ExternalTensor)}
+    spellings = {site.tensor.path for site in _tensor_sites(model, described=False)
+                 if isinstance(site.tensor, ir.ExternalTensor)}
     files.update(Path(os.path.realpath(spelling)) for spelling in spellings)
     return files
 

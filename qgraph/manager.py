@@ -199,17 +199,22 @@ class PassManager:
         missing = p.missing_prerequisites(model)
         if not missing:
             return None
-        undo = _Undo(model.clone(), len(report.passes))
+        helpers = []
         for prereq in missing:
             provider = prereq.satisfied_by
             if provider is None or provider not in self.registry:
                 hint = f" (pass '{provider}' would provide it, but it is not registered)" if provider else ""
                 raise BadInputError(f"pass '{p.name}' requires {prereq.description}, which the model lacks{hint}")
-            helper = self.registry.create(provider, prereq.options)
+            helpers.append((prereq, self.registry.create(provider, prereq.options)))
+        # One provider that can take its own work back spares the copy of the whole model.
+        restore = helpers[0][1].undo_for(model) if len(helpers) == 1 else None
+        undo = _Undo(None if restore is not None else model.clone(), len(report.passes), restore)
+        for prereq, helper in helpers:
             self._run_one(helper, model, report, prerequisite_of=p.name)
             if not prereq.check(model):
                 raise PassFailure(
-                    f"pass '{p.name}' requires {prereq.description}; '{provider}' ran but did not establish it",
+                    f"pass '{p.name}' requires {prereq.description}; '{prereq.satisfied_by}' ran but did not "
+                    "establish it",
                     pass_name=p.name,
                 )
         return undo
@@ -221,13 +226,16 @@ class PassManager:
         or converted ops, from a pipeline that did nothing to it: a raised
         opset can make onnxruntime reject an untouched node.
         """
-        snapshot = undo.snapshot
-        model.graph = snapshot.graph
-        model.functions.clear()
-        model.functions.update(snapshot.functions)
-        model.ir_version = snapshot.ir_version
-        model.metadata_props.clear()
-        model.metadata_props.update(snapshot.metadata_props)
+        if undo.restore is not None:
+            undo.restore()
+        else:
+            snapshot = undo.snapshot
+            model.graph = snapshot.graph
+            model.functions.clear()
+            model.functions.update(snapshot.functions)
+            model.ir_version = snapshot.ir_version
+            model.metadata_props.clear()
+            model.metadata_props.update(snapshot.metadata_props)
         for record in report.passes[undo.first_record :]:
             if record.prerequisite_of == p.name and record.changed:
                 record.changed = False
@@ -315,10 +323,12 @@ class PassManager:
 
 @dataclasses.dataclass
 class _Undo:
-    """The model before a pass's prerequisites ran (tensors shared), and where their records start."""
+    """How to take a pass's prerequisites back -- the model before they ran (tensors shared), or the
+    provider's own restore function -- and where their records start."""
 
-    snapshot: ir.Model
+    snapshot: ir.Model | None
     first_record: int
+    restore: Callable[[], None] | None = None
 
 
 @contextlib.contextmanager

@@ -57,6 +57,50 @@ def infer_output_types(node: ir.Node, opset_imports: Mapping[str, int]) -> bool:
     if all(v.dtype is not None and v.shape is not None for v in node.outputs):
         return True
     domain = "" if node.domain == "ai.onnx" else node.domain
+    if domain == "" and node.op_type == "Constant" and _type_constant(node):
+        return True
+    return _infer_with_onnx(node, domain, opset_imports)
+
+
+# Constant's one attribute -> (dtype, shape from the value): ONNX's own inference rule for Constant.
+_CONSTANT_KINDS = {
+    "value_int": (ir.DataType.INT64, lambda v: []),
+    "value_ints": (ir.DataType.INT64, lambda v: [len(v)]),
+    "value_float": (ir.DataType.FLOAT, lambda v: []),
+    "value_floats": (ir.DataType.FLOAT, lambda v: [len(v)]),
+    "value_string": (ir.DataType.STRING, lambda v: []),
+    "value_strings": (ir.DataType.STRING, lambda v: [len(v)]),
+}
+
+
+def _type_constant(node: ir.Node) -> bool:
+    """Type a Constant from its attribute without a round trip through onnx; False if it is not plain.
+
+    Replacements make many small Constants (a rotary fusion four per layer), and
+    serializing each for onnx's inference cost more than the rest of the rewrite.
+    """
+    if len(node.attributes) != 1 or len(node.outputs) != 1:
+        return False
+    (name, attr), = node.attributes.items()
+    if attr.is_ref() or attr.value is None:
+        return False
+    if name == "value" and attr.type == ir.AttributeType.TENSOR:
+        dtype, dims = attr.value.dtype, list(attr.value.shape)
+    elif name in _CONSTANT_KINDS:
+        dtype, dims_of = _CONSTANT_KINDS[name]
+        dims = dims_of(attr.value)
+    else:
+        return False  # sparse_value: left to onnx
+    out = node.outputs[0]
+    if out.dtype is None:
+        out.type = ir.TensorType(dtype)
+    if out.shape is None:
+        out.shape = ir.Shape(dims)
+    return out.dtype == dtype
+
+
+def _infer_with_onnx(node: ir.Node, domain: str, opset_imports: Mapping[str, int]) -> bool:
+    """onnx's inference of ``node`` alone (what :func:`infer_output_types` does for every op but Constant)."""
     version = _opset_of(node, domain, opset_imports)
     if version is None or not onnx.defs.has(node.op_type, domain):
         return False

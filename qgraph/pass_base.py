@@ -154,6 +154,17 @@ class Pass(ir.passes.InPlacePass):
         """For ``meaning = "approximate"``: the ``qgraph.verify.budget.Budget`` --verify holds the step to."""
         return None
 
+    def undo_for(self, model: ir.Model) -> Callable[[], None] | None:
+        """Before this pass runs as another pass's prerequisite: a function that takes back what it will do.
+
+        The manager undoes a prerequisite when the pass it ran for rewrites
+        nothing. Without this (None, the default) it keeps a copy of the
+        whole model for that -- on a 2000-node export, more than some passes
+        cost. A pass that knows it will only change a few model-level fields
+        returns a function restoring them.
+        """
+        return None
+
     @classmethod
     def summary(cls) -> str:
         """The first line of the pass's docstring."""

@@ -41,29 +41,47 @@ class Registry:
         self._presets: dict[str, Any] = {}
         self._broken: dict[str, str] = {}
         self._origins: dict[str, str] = {}
+        self._pending: dict[str, list[EntryPoint]] = {}  # declared, not imported yet
 
     def _ensure_loaded(self) -> None:
+        """Read the entry points' names; a pass module is imported only when its name is asked for.
+
+        Importing every built-in pass costs more than some whole passes (the
+        qaic lowering compiles its function bodies with onnxscript at import),
+        and a pipeline names a handful of them.
+        """
         if self._loaded:
             return
         self._loaded = True
         if not self._load_entry_points:
             return
         for ep in entry_points(group=PASS_GROUP):
-            if ep.name in self._passes:
-                continue
+            self._pending.setdefault(ep.name, []).append(ep)
+        for ep in entry_points(group=PRESET_GROUP):
+            self._presets.setdefault(ep.name, ep)
+
+    def _load(self, name: str) -> None:
+        """Import the entry points declared as ``name``, in order, until one gives a pass class."""
+        self._ensure_loaded()
+        for ep in self._pending.pop(name, []):
+            if name in self._passes:
+                break
             try:
                 cls = ep.load()
             except Exception as exc:  # noqa: BLE001 - a broken plug-in must not hide the others
-                self._broken[ep.name] = f"{_origin(ep)} failed to import {ep.value}: {exc}"
+                self._broken[name] = f"{_origin(ep)} failed to import {ep.value}: {exc}"
                 continue
-            problem = _check_pass_class(ep.name, cls)
+            problem = _check_pass_class(name, cls)
             if problem:
-                self._broken[ep.name] = f"{_origin(ep)}: {problem}"
+                self._broken[name] = f"{_origin(ep)}: {problem}"
                 continue
-            self._passes[ep.name] = cls
-            self._origins[ep.name] = _origin(ep)
-        for ep in entry_points(group=PRESET_GROUP):
-            self._presets.setdefault(ep.name, ep)
+            self._passes[name] = cls
+            self._origins[name] = _origin(ep)
+
+    def _load_all(self) -> None:
+        self._ensure_loaded()
+        for name in list(self._pending):
+            self._load(name)
 
     def register(self, cls: type[Pass], *, replace: bool = False, origin: str | None = None) -> type[Pass]:
         """Register a pass class in this process (usable as a decorator).
@@ -71,7 +89,7 @@ class Registry:
         ``origin`` says where it came from (shown by ``qgraph passes``); by
         default, the module that defines the class.
         """
-        self._ensure_loaded()
+        self._load(cls.name)  # an installed pass of that name is there first, as if all were loaded
         problem = _check_pass_class(cls.name, cls)
         if problem:
             raise TypeError(problem)
@@ -92,21 +110,22 @@ class Registry:
         self._presets[name] = spec
 
     def names(self) -> list[str]:
-        self._ensure_loaded()
+        self._load_all()
         return sorted(self._passes)
 
     def broken(self) -> dict[str, str]:
-        self._ensure_loaded()
+        self._load_all()
         return dict(self._broken)
 
     def __contains__(self, name: str) -> bool:
-        self._ensure_loaded()
+        self._load(name)
         return name in self._passes
 
     def get(self, name: str) -> type[Pass]:
-        self._ensure_loaded()
+        self._load(name)
         if name in self._passes:
             return self._passes[name]
+        self._load_all()  # for the hints below
         if name in self._broken:
             raise BadInputError(f"pass '{name}' is registered but cannot be loaded: {self._broken[name]}")
         close = difflib.get_close_matches(name, self._passes, n=3)

@@ -33,6 +33,22 @@ def export_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_in_run_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Temporary files (and those of the CLI's child processes) go under pytest's own folder.
+
+    Library calls that fail a check on purpose leave their reproduction folder
+    (``qgraph-verify-*``) in the temporary directory, as documented; pytest
+    keeps only its last few runs' folders, so a test run does not pile them up
+    in /tmp.
+    """
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("tmp")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = str(folder)
+
+
 @pytest.fixture(autouse=True)
 def _session_cache_env(monkeypatch: pytest.MonkeyPatch, export_cache_dir: Path) -> None:
     """Any export a test makes without an explicit cache lands in the session cache."""

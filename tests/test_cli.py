@@ -163,3 +163,22 @@ def test_verify_accepts_equivalent_rewrites(model_path, tmp_path, capsys):
     code, _ = run("optimize", model_path, "-o", tmp_path / "out.onnx", "--passes", "double-neg", "identity-elimination", "--verify", "--report", tmp_path / "r.json")
     assert code == 0, capsys.readouterr().err
     assert all(p["verified"] for p in json.loads((tmp_path / "r.json").read_text())["passes"] if p["changed"])
+
+
+def test_the_executable_leaves_its_objects_to_the_os_and_main_does_not(tmp_path):
+    """`qgraph` (cli.entry) freezes what is left before exit, so the interpreter's last collection skips the model;
+    main(), which tests and tools call in long-lived processes, leaves the collector alone."""
+    import gc
+
+    probe = ("import atexit, gc, sys\n"
+             "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
+             "sys.argv = ['qgraph', 'passes']\n"
+             "from qgraph.cli import entry\n"
+             "entry()\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "rmsnorm" in done.stdout
+    assert int(done.stdout.strip().splitlines()[-1].split()[1]) > 0
+    before = gc.get_freeze_count()
+    assert main(["passes"], out=io.StringIO()) == 0
+    assert gc.get_freeze_count() == before

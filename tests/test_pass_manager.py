@@ -196,3 +196,39 @@ def test_rewrite_pass_stamps_created_nodes_with_pass_and_rule(registry):
     PassManager(["double-neg"], registry=registry).run(m)
     (identity,) = [n for n in m.graph if n.op_type == "Identity" and n.metadata_props]
     assert identity.metadata_props == {"qgraph.rule": "double-neg", "qgraph.pass": "double-neg"}
+
+
+@pytest.mark.parametrize("explicit_version", [False, True])
+def test_an_upgrade_that_only_renumbers_is_undone_without_copying_the_model(registry, monkeypatch, explicit_version):
+    """opset-upgrade takes its own renumbering back (undo_for); the model comes out as it went in."""
+    m = model(18)  # onnxscript's converter starts at 18
+    if explicit_version:
+        next(iter(m.graph)).version = 18
+    before = ir.serde.serialize_model(m).SerializeToString(deterministic=True)
+    versions = [n.version for n in m.graph]  # in memory only: a NodeProto has no version
+
+    def no_copy(self, *args, **kwargs):
+        raise AssertionError("the pass manager copied the whole model")
+
+    monkeypatch.setattr(ir.Model, "clone", no_copy)
+    report = PassManager(["needs-23"], registry=registry).run(m)
+    assert report.passes[0].name == "opset-upgrade" and "undone" in report.passes[0].notes[-1]
+    assert ir.serde.serialize_model(m).SerializeToString(deterministic=True) == before
+    assert [n.version for n in m.graph] == versions
+
+
+def test_an_upgrade_that_converts_nodes_is_undone_from_a_copy(registry):
+    """Softmax changed meaning at opset 13 (an adapter rewrites it): no self-undo, the copy restores it."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 12]>
+        g (float[2, 3] X) => (float[2, 3] Y) {
+          Y = Softmax<axis = 1>(X)
+        }
+    """)
+    m = ir.from_proto(proto)
+    before = ir.serde.serialize_model(m).SerializeToString(deterministic=True)
+    upgrade = registry.create("opset-upgrade", {"target": 23})
+    assert upgrade.undo_for(m) is None
+    report = PassManager(["needs-23"], registry=registry).run(m)
+    assert report.passes[0].name == "opset-upgrade" and "undone" in report.passes[0].notes[-1]
+    assert ir.serde.serialize_model(m).SerializeToString(deterministic=True) == before

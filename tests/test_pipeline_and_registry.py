@@ -139,3 +139,32 @@ def test_registered_name_must_match_the_class_name():
     registry.register(Misnamed)
     with pytest.raises(ValueError, match="already registered"):
         registry.register(type("Clash", (Countdown,), {"name": "other"}))
+
+
+def test_a_pass_module_is_imported_when_its_name_is_asked_for():
+    """Pipelines name a handful of passes; importing every installed one cost more than some passes."""
+    import subprocess
+
+    code = textwrap.dedent("""
+        import sys
+        from qgraph.registry import Registry
+        registry = Registry()
+        registry.get("dce")
+        print("qgraph_passes.dead_code" in sys.modules, "qgraph_passes.rmsnorm_lowering" in sys.modules)
+        assert "lower-rmsnorm" in registry.names()
+        print("qgraph_passes.rmsnorm_lowering" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False", "True"]
+
+
+def test_a_plugin_cannot_take_an_installed_pass_name_that_was_not_imported_yet():
+    from framework_passes import Countdown
+
+    class Dce(Countdown):
+        name = "dce"
+
+    registry = Registry()
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(Dce)
+    assert registry.get("dce") is not Dce

@@ -162,3 +162,8 @@ class GraphBuilder:
         grid = self.op("Concat", self.dim(hidden, 0), self.const([1]), self.dim(hidden, 2), axis=0)
         index = self.op("Expand", self.op("Unsqueeze", last, self.const([2])), grid)
         return self.op("GatherElements", hidden, index, axis=1)
+
+    def last_column(self, hidden: ir.Value) -> ir.Value:
+        """hidden [B, S, H] at the chunk's last column -> [B, 1, H] (the concat form: rows are left-padded)."""
+        return self.op("Slice", hidden, self.const([-1]), self.const([np.iinfo(np.int64).max]), self.const([1]),
+                       rule="last-column-logits")

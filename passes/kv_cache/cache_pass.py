@@ -20,7 +20,10 @@ Because the attention core is one canonical ``Attention`` node (the
   embeddings (OPT's offset included) follow without being matched;
 * retained form: logits at each row's last valid token by default, and
   ``specializations.json`` / ``custom_io.yaml`` beside the saved model
-  (``qgraph.io`` sidecars).
+  (``qgraph.io`` sidecars);
+* concat form: logits at every token by default, or (``logits=last``) at
+  the chunk's last column only, sliced before the LM head -- the rows are
+  left-padded, so that column is each row's latest token.
 
 A graph that already has a concat cache (optimum's names) is converted to
 the retained form. Whatever the pass cannot account for -- a mask that is
@@ -58,7 +61,6 @@ from qgraph_passes.kv_cache.positions import (
     verify_rewired,
 )
 from qgraph_passes.kv_cache.probe import MaskMeaning, ProbeError
-from qgraph_passes.kv_cache.retained import RetainedForm, write_retained
 
 from qgraph.errors import BadInputError, PassFailure
 from qgraph.io import SIDECAR_PREFIX
@@ -119,8 +121,10 @@ class KVCachePass(Pass):
                         "past_key_values -> present", ("retained", "concat")),
         "ctx_len": Option(int, 128, "retained: the ctx_len compiled in specializations.json (the graph's is "
                           "symbolic; a sequence holds at most ctx_len - 1 tokens)"),
-        "logits": Option(str, "last", "retained: logits at each row's last valid token, or at every token",
-                         ("last", "all")),
+        "logits": Option(str, "auto", "last: logits [batch, 1, vocab] only -- retained: at each row's last valid "
+                         "token; concat: at the chunk's last column (rows are left-padded), the LM head then runs on "
+                         "one column; all: at every token; auto: last for retained, all for concat",
+                         ("auto", "last", "all")),
         "scatter": Option(str, "scatternd", "retained: how the cache is written and read (ctx-scatter: "
                           "com.qualcomm.cloud::CtxScatter/CtxGather with their bodies)", ("scatternd", "ctx-scatter")),
         "batch_size": Option(int, 1, "retained: batch_size in specializations.json"),
@@ -177,7 +181,8 @@ class KVCachePass(Pass):
         retained = cfg["style"] == "retained"
         if retained:
             self._check_retained_options()
-        check_speculative_options(cfg["num_speculative_tokens"], style=cfg["style"], logits=cfg["logits"],
+        logits_at = self._logits_at()
+        check_speculative_options(cfg["num_speculative_tokens"], style=cfg["style"], logits=logits_at,
                                   prefill_len=min(cfg["prefill_len"], cfg["ctx_len"] - 1), ctx_len=cfg["ctx_len"])
         graph = model.graph
         try:
@@ -210,8 +215,8 @@ class KVCachePass(Pass):
         else:
             self._write_concat(graph, b, layers, mask_input, ids)
         self._drop_concat_source(graph, layers, past_inputs)
-        if retained and cfg["logits"] == "last":
-            self._last_token_logits(graph, b, positions)
+        if logits_at == "last":
+            self._last_token_logits(graph, b, positions, retained)
         self._set_logits_shape(graph, retained, dims)
 
         RemoveUnusedNodesPass()(model)
@@ -348,6 +353,10 @@ class KVCachePass(Pass):
         b.created.append(new)
 
     def _write_retained(self, model: ir.Model, b: GraphBuilder, layers: list[Layer], positions: ir.Value) -> None:
+        # Imported here: the CtxScatter/CtxGather bodies are compiled by onnxscript when their
+        # module loads (~0.07 s), which a concat cache (the ort preset) never needs.
+        from qgraph_passes.kv_cache.retained import RetainedForm, write_retained
+
         cfg = self.config
         form = RetainedForm(device_ops=cfg["scatter"] == "ctx-scatter",
                             continuous_batching=cfg["full_batch_size"] > 0,
@@ -394,12 +403,27 @@ class KVCachePass(Pass):
                 raise _fail(f"the old cache input {value.name!r} is still read by {users}")
             graph.inputs.remove(value)
 
-    def _last_token_logits(self, graph: ir.Graph, b: GraphBuilder, positions: ir.Value) -> None:
-        """Gather each row's last valid token before the LM head, or at the logits when no head is found.
+    def _logits_at(self) -> str:
+        """The ``logits`` option resolved: ``auto`` keeps each style's historical default."""
+        chosen = self.config["logits"]
+        if chosen == "auto":
+            return "last" if self.config["style"] == "retained" else "all"
+        return chosen
+
+    def _last_token_logits(self, graph: ir.Graph, b: GraphBuilder, positions: ir.Value, retained: bool) -> None:
+        """Gather each row's last token before the LM head, or at the logits when no head is found.
 
         The head is the MatMul whose only graph-dependent operand is the
         hidden state [B, S, H], reached from the logits through per-token
         ops with constant operands (scaling, gemma2's final soft-cap).
+        Gathering before it is the point: generation reads one token's
+        logits per row, and the head (hidden x vocab) is the largest matmul
+        of a small model, so a prefill of S tokens would otherwise pay for
+        it S times. Which token: in the retained form each row's last valid
+        one (argmax of position_ids, any padding side); in the concat form
+        the chunk's last column, as Hugging Face's ``logits_to_keep=1``
+        slices it -- its rows are left-padded (docs/design.md, concat
+        contract), so that column is every row's last token of the chunk.
         """
         logits = next(o for o in graph.outputs if o.name == "logits")
         chain = [logits]
@@ -419,6 +443,8 @@ class KVCachePass(Pass):
         keep = add_num_logits_to_keep(graph) if self.config["num_speculative_tokens"] else None
 
         def gather(hidden: ir.Value) -> ir.Value:
+            if not retained:
+                return b.last_column(hidden)
             if keep is None:
                 return b.gather_last_valid(hidden, positions)
             return gather_last_k_valid(b, hidden, positions, keep)
@@ -438,7 +464,10 @@ class KVCachePass(Pass):
             if v.shape is not None and v.shape.rank() == 3:
                 v.shape = ir.Shape([v.shape[0], 1 if keep is None else NUM_LOGITS_TO_KEEP, v.shape[2]])
         kept = "last valid token" if keep is None else "last len(num_logits_to_keep) valid tokens"
-        self.report.notes.append(f"logits gathered at each row's {kept} {where}")
+        if not retained:
+            self.report.notes.append(f"logits taken at the chunk's last column (rows left-padded) {where}")
+        else:
+            self.report.notes.append(f"logits gathered at each row's {kept} {where}")
 
     @staticmethod
     def _set_logits_shape(graph: ir.Graph, retained: bool, dims: tuple[str, str]) -> None:

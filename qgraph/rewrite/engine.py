@@ -86,6 +86,8 @@ def _graphs(model: ir.Model, *, functions: bool = True) -> Iterator[ir.Graph]:
     def with_subgraphs(g: ir.Graph) -> Iterator[ir.Graph]:
         yield g
         for node in g:
+            if not node.attributes:  # most nodes: no attribute can hold a subgraph
+                continue
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.GRAPH:
                     yield from with_subgraphs(attr.value)
@@ -263,11 +265,15 @@ def _replace(
 
     # Remove matched nodes that nothing uses any more, consumers first, and
     # the initializers only they read (so no dead weights are left behind).
-    freed: list[ir.Value] = []
+    # One graph.remove call for all of them: each call reads every graph output (a
+    # decoder with a KV cache has two per layer), so a call per node grew with depth squared.
+    gone: set[ir.Node] = set()
     for node in sorted(removable, key=lambda n: position.get(n, -1), reverse=True):
-        if all(not out.uses() and not out.is_graph_output() for out in node.outputs):
-            freed.extend(v for v in node.inputs if v is not None and v.is_initializer())
-            graph.remove(node, safe=True)
+        if all(not out.is_graph_output() and all(user in gone for user, _ in out.uses()) for out in node.outputs):
+            gone.add(node)
+    freed = [v for node in gone for v in node.inputs if v is not None and v.is_initializer()]
+    if gone:
+        graph.remove(gone, safe=True)
     if graph is model.graph:
         for value in freed:
             if not value.uses() and not value.is_graph_input() and not value.is_graph_output():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -80,6 +81,21 @@ class Match(Mapping[str, Any]):
         return f"Match(rule={self.rule.name!r}, root={self.root.name!r}, nodes={len(self.nodes)})"
 
 
+# Weak keys: rules made on the fly (tests, notebooks) do not accumulate here.
+_SIGNATURES: weakref.WeakKeyDictionary[Any, Mapping[str, inspect.Parameter]] = weakref.WeakKeyDictionary()
+
+
+def _parameters(fn: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
+    """``inspect.signature(fn).parameters``, once per function: it was read at every match."""
+    try:
+        return _SIGNATURES[fn]
+    except KeyError:
+        params = _SIGNATURES[fn] = inspect.signature(fn).parameters
+        return params
+    except TypeError:  # a callable object that is unhashable or takes no weak reference
+        return inspect.signature(fn).parameters
+
+
 def call_with_bindings(fn: Callable[..., Any], match: Match, **fixed: Any) -> Any:
     """Call ``fn`` with the match bindings its signature asks for.
 
@@ -88,7 +104,7 @@ def call_with_bindings(fn: Callable[..., Any], match: Match, **fixed: Any) -> An
     an authoring error, reported with the rule's name.
     """
     kwargs: dict[str, Any] = {}
-    params = inspect.signature(fn).parameters
+    params = _parameters(fn)
     for name, param in params.items():
         if param.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
             continue

@@ -6,7 +6,8 @@
 * :class:`ConcatEngine` -- concat-style KV cache (docs/design.md; optimum's
   names). ``present.*`` comes back as onnxruntime-owned OrtValues that are
   bound as the next step's ``past_key_values.*`` without a trip through
-  numpy.
+  numpy. A graph whose logits are the chunk's last column only (``kv-cache``
+  ``logits=last``) gets its prompt left-aligned (:func:`left_aligned`).
 * :class:`RetainedEngine` -- retained-state KV cache with a fixed ``ctx_len``.
   The cache lives in OrtValues allocated once per generation. When every
   reader of a ``past_*`` input is the scatter that writes the new K/V (or a
@@ -196,6 +197,11 @@ class ConcatEngine(Engine):
         empty = np.zeros((batch, self.n_kv_heads, 0, self.head_dim), self.layout.cache_dtype)
         self._past = {name: ort.OrtValue.ortvalue_from_numpy(empty) for pair in self.layout.past for name in pair}
 
+    def prefill(self, tokens: np.ndarray, valid: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        if self.layout.last_column_logits:  # logits of the chunk's last column only: it must be every row's last
+            tokens, valid = left_aligned(tokens, valid)
+        return super().prefill(tokens, valid, chunk)
+
     def _run(self, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
         self._positions(valid)
         self._mask = np.concatenate([self._mask, valid.astype(self._mask.dtype)], axis=1)
@@ -351,6 +357,21 @@ class RetainedEngine(Engine):
     def describe(self) -> str:
         chunk = f", prefill chunks of {self.default_chunk}" if self.default_chunk else ""
         return f"{self.kind} ({self.layout.n_layers} layers, ctx_len {self.ctx_len}{chunk}, {self.binding_mode} buffers)"
+
+
+def left_aligned(tokens: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's valid tokens moved to the right end, in order; padding (token 0) before them.
+
+    A concat graph's positions and masks come from ``attention_mask``, so
+    where the padding lies does not change a valid token's logits; a graph
+    that returns only the chunk's last column needs it at the left, where
+    Hugging Face puts it, so that every chunk ends on each row's latest token.
+    """
+    tokens, valid = np.asarray(tokens, np.int64), np.asarray(valid, bool)
+    order = np.argsort(valid, axis=1, kind="stable")  # padding first, then the valid columns in order
+    moved = np.take_along_axis(tokens, order, axis=1)
+    aligned = np.take_along_axis(valid, order, axis=1)
+    return np.where(aligned, moved, 0), aligned
 
 
 def _hf_positions(mask: np.ndarray) -> np.ndarray:

@@ -5,7 +5,9 @@ A pass that approximates (weight quantization) declares ``meaning =
 step stayed inside it:
 
 * **decoders** (an ``input_ids`` input and a ``logits`` output; no-cache or
-  concat-style KV cache, fed an empty past): a fixed text is made once from
+  concat-style KV cache, fed an empty past -- or, when it returns the last
+  token's logits only, the text one token a step through its own cache):
+  a fixed text is made once from
   the graph *before* the step — a pseudo-random prompt (seeded, ids below
   the vocabulary) continued greedily by that graph to ``text_tokens`` — and
   both graphs read it teacher-forced. The share of continuation positions
@@ -102,6 +104,21 @@ def fixed_text(vocab: int, prompt: int = _PROMPT, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(min(3, vocab - 1), vocab, size=prompt, dtype=np.int64)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Text:
+    """One unpadded row of tokens, as :func:`qgraph.verify.cache_steps.step_feeds` reads a case."""
+
+    tokens: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.ones(self.tokens.shape, bool)
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.arange(self.tokens.shape[1], dtype=np.int64)[None]
+
+
 class _Decoder:
     """Next-token logits of a decoder graph for every position of a token sequence."""
 
@@ -134,8 +151,33 @@ class _Decoder:
         logits = self._logits(tokens)
         if logits.shape[0] == len(tokens):
             return logits
-        # Last-token logits only: one run per prefix.
+        # Last-token logits only (kv-cache logits=last): a concat graph reads the text one token a step
+        # through its own cache; any other graph, one run per prefix.
+        stepped = self._through_cache(tokens)
+        if stepped is not None:
+            return stepped
         return np.stack([self._logits(tokens[: t + 1])[-1] for t in range(len(tokens))])
+
+    def _through_cache(self, tokens: np.ndarray) -> np.ndarray | None:
+        """Row t from the step that feeds token t after the cache of tokens[:t]; None without a concat cache."""
+        from qgraph.verify.cache_steps import initial_state, next_state, step_feeds
+        from qgraph.verify.kv_contract import KVLayoutError, detect_kv_layout
+
+        try:
+            layout = detect_kv_layout(self.model)
+        except KVLayoutError:
+            return None
+        if layout.style != "concat" or layout.n_kv_heads is None or layout.head_dim is None:
+            return None
+        text = _Text(np.asarray(tokens, np.int64)[None])
+        state = initial_state(layout, 1, None)
+        rows = []
+        for t in range(len(tokens)):
+            feeds, fed = step_feeds(layout, text, t, t + 1, state)
+            out = self.runner.run(feeds)
+            rows.append(np.asarray(out["logits"], np.float64)[0, -1])
+            state = next_state(layout, out, state, t, fed)
+        return np.stack(rows)
 
     def continue_greedily(self, tokens: np.ndarray, total: int) -> np.ndarray:
         while len(tokens) < total:

@@ -103,6 +103,16 @@ class KVLayout:
     def has_position_ids(self) -> bool:
         return self.positions_dtype is not None
 
+    @property
+    def last_column_logits(self) -> bool:
+        """A concat graph whose ``logits`` are [batch, 1, vocab]: the chunk's last column only.
+
+        Its rows are left-padded (Hugging Face's rule), so that column is each
+        row's last token of the chunk; the replay draws left padding for it
+        and the runtime left-aligns what it feeds.
+        """
+        return self.style == "concat" and self.logits_seq == 1
+
     def describe(self) -> str:
         def d(x: int | None, name: str) -> str:
             return name if x is None else str(x)
@@ -110,7 +120,8 @@ class KVLayout:
         cache = f"[{d(self.batch, 'batch')}, {d(self.n_kv_heads, 'heads')}, " + (
             f"{d(self.ctx_len, 'ctx_len')}" if self.style == "retained" else "past"
         ) + f", {d(self.head_dim, 'head_dim')}]"
-        return f"{self.style}-style KV cache, {self.n_layers} layer(s), cache {cache} {self.cache_dtype}"
+        logits = ", last-token logits" if self.logits_seq == 1 else ""
+        return f"{self.style}-style KV cache, {self.n_layers} layer(s), cache {cache} {self.cache_dtype}{logits}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,11 @@ Logits: a graph returning [batch, seq, vocab] is compared at every valid
 position of the chunk; one returning [batch, 1, vocab] (the retained
 contract's default: the row's last valid position, argmax of position_ids)
 is compared at each row's last valid column of the chunk; a row without a
-valid token in the chunk is not compared.
+valid token in the chunk is not compared. A concat graph returning
+[batch, 1, vocab] (``kv-cache`` ``logits=last``) returns the chunk's last
+column, as Hugging Face's ``logits_to_keep=1`` does; its rows are
+left-padded, so the check draws left padding for it (``padding="both"``
+becomes ``"left"``) and compares that column wherever it is a valid token.
 A retained graph with a ``num_logits_to_keep`` input (a speculative-decoding
 target) is fed one of length ``logits_to_keep`` (default 1) every step and
 returns [batch, n, vocab] at the columns QEfficient's contract names
@@ -312,7 +316,7 @@ class StepReport:
     stop: int
     kind: str  # "prefill", "chunk" or "decode"
     fed_len: int  # seq length fed (> stop - start when a static seq dim forced padding)
-    logits_at: str = ""  # "every position" or "last valid position"
+    logits_at: str = ""  # "every position", "last valid position" or (concat logits=last) "last column"
     checks: list[PositionCheck] = dataclasses.field(default_factory=list)
     error: str | None = None
 
@@ -755,6 +759,11 @@ class SequenceReplayer:
         elif logits.shape[1] == fed_len:
             step.logits_at = "every position"
             wanted = [(b, j, j) for b in range(case.batch) for j in range(k) if case.valid[b, step.start + j]]
+        elif logits.shape[1] == 1 and self.layout.last_column_logits:
+            # The concat form's last-only logits are the chunk's last column (rows are left-padded):
+            # compared where that column is a valid token, the row's last of the chunk.
+            step.logits_at = "last column"
+            wanted = [(b, k - 1, 0) for b in range(case.batch) if case.valid[b, step.stop - 1]]
         elif logits.shape[1] == 1:
             step.logits_at = "last valid position"
             wanted = []
@@ -1055,6 +1064,8 @@ def check_sequence_equivalence(
             raise KVLayoutError(f"ctx_len {replayer.ctx_len} leaves no room for a sequence")
         if lay.masks_all_ones:
             padding = "none"  # the graph's declared domain (metadata MASKS_KEY): unpadded rows only
+        elif lay.last_column_logits and padding == "both":
+            padding = "left"  # its contract: the chunk's last column is each row's last token
         strategy = replay_cases(
             bound, max_len, max_batch, padding=padding, max_chunk=lay.seq_len, batch=lay.batch
         )

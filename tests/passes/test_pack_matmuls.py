@@ -82,3 +82,39 @@ def test_weights_of_different_dtypes_are_not_packed():
 def test_each_rule_holds_on_its_own(rule):
     result = check_rule(rule, examples=2)
     assert result.ok, str(result)
+
+
+_PACKED_DTYPES = [np.float32, np.float16, np.int8, np.int64, "bfloat16"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dtype=st.sampled_from(_PACKED_DTYPES), rows=st.integers(1, 9),
+       cols=st.lists(st.integers(1, 5), min_size=2, max_size=3), block=st.integers(1, 200), data=st.data())
+def test_a_packed_weight_is_written_block_by_block_as_its_bytes(tmp_path_factory, monkeypatch, dtype, rows, cols,
+                                                                block, data):
+    # monkeypatch only sets the block size, the same kind of value for every example
+    import ml_dtypes
+
+    from qgraph_passes import pack_matmuls
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    parts = [ir.tensor(data.draw(st.lists(st.integers(-100, 100), min_size=rows * c, max_size=rows * c))
+                       ).numpy().astype(np_dtype).reshape(rows, c) for c in cols]
+    monkeypatch.setattr(pack_matmuls, "_BLOCK_BYTES", block)  # several blocks, and a last short one
+    packed = pack_matmuls.PackedColumns([ir.tensor(p) for p in parts])
+    path = tmp_path_factory.mktemp("packed") / "w.bin"
+    with open(path, "wb") as f:
+        packed.tofile(f)
+    assert path.read_bytes() == packed.tobytes() == np.concatenate(parts, axis=1).tobytes()
+
+
+def test_a_packed_sub_byte_weight_is_written_as_onnx_packs_it(tmp_path):
+    from qgraph_passes.pack_matmuls import PackedColumns
+
+    parts = [ir.Tensor(np.array([[1, 2], [3, 4]], np.int8), dtype=ir.DataType.INT4),
+             ir.Tensor(np.array([[5, 6], [7, -1]], np.int8), dtype=ir.DataType.INT4)]
+    packed = PackedColumns(parts)
+    with open(tmp_path / "w.bin", "wb") as f:
+        packed.tofile(f)
+    assert (tmp_path / "w.bin").read_bytes() == packed.tobytes()
+    assert len(packed.tobytes()) == 4  # 8 four-bit values
