@@ -182,7 +182,11 @@ def _child(task: dict[str, Any]) -> dict[str, Any]:
 # --- building the graphs --------------------------------------------------------------------------
 
 
-def _qgraph_graphs(out: Path) -> tuple[dict[str, Path], dict[str, float], Path]:
+def _precision(preset: str) -> str:
+    return "int4" if "int4" in preset else "int8" if "int8" in preset else "fp32"
+
+
+def _qgraph_graphs(out: Path, presets: list[str]) -> tuple[dict[str, Path], dict[str, float], Path]:
     from qgraph.demo import run_preset
     from qgraph.export import Progress, export_model
     from qgraph.export.cache import cache_root
@@ -193,10 +197,10 @@ def _qgraph_graphs(out: Path) -> tuple[dict[str, Path], dict[str, float], Path]:
     print(f"exporting {MODEL} (dynamo; cached after the first time) ...", file=sys.stderr)
     exported = export_model(MODEL, out / "export", exporter="dynamo", progress=Progress())
     graphs, seconds = {}, {}
-    for precision, preset in QGRAPH_PRESETS.items():
+    for preset in presets:
         print(f"preset {preset} ...", file=sys.stderr)
         run = run_preset(preset, exported.output_dir, out / "qgraph", registry)
-        graphs[precision], seconds[preset] = run.folder, run.report.seconds
+        graphs[preset], seconds[preset] = run.folder, run.report.seconds
     hf_folder = dequantized_folder(resolve(MODEL), cache_root(None), Progress(enabled=False))
     return graphs, seconds, hf_folder
 
@@ -237,13 +241,14 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
     by = {(r["label"], r["precision"]): r for r in rows}
     lines = [
         f"Command: `.venv/bin/python benchmarks/ort_vs_genai.py --rounds {args.rounds} --repeats {args.repeats} "
-        f"--max-new-tokens {args.max_new_tokens} --write` (onnxruntime-genai installed for it: `{INSTALL.split('   ')[0]}`)",
+        f"--max-new-tokens {args.max_new_tokens} --presets {args.presets} --prompt-repeat {args.prompt_repeat} --write` "
+        f"(onnxruntime-genai installed for it: `{INSTALL.split('   ')[0]}`)",
         "",
         f"Machine: {machine_description()}, onnxruntime-genai {onnxruntime_genai.__version__} "
         "(how busy it was: see the note at the end).",
         "",
         (f"SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized to float32 once; both sides start from that "
-         f"folder). Prompt {args.prompt!r}, {args.max_new_tokens} greedy tokens, end-of-sequence ignored, "
+         f"folder). Prompt {args.prompt_repeat} x {args.base_prompt!r}, {args.max_new_tokens} greedy tokens, end-of-sequence ignored, "
          f"{THREADS} threads; each child process loads, warms up once, then generates {args.repeats} times; "
          f"{args.rounds} interleaved rounds; medians over all runs (peak RSS: median over the rounds' processes)."),
         "",
@@ -258,26 +263,29 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
                      f"{r['size']:.0f} | {vs} |")
     lines += ["", "qgraph preset pipelines on the export: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
               + ".", "", "Targets of issue 19:", ""]
-    for precision in BUILDER_PRECISIONS:
-        q, b = by[("qgraph ort", precision)], by[("onnxruntime-genai builder", precision)]
-        decode = "met" if q["decode"] >= b["decode"] else "NOT met"
-        ttft = "met" if q["ttft_ms"] <= b["ttft_ms"] else "NOT met"
-        lines.append(f"- {precision}: decode {q['decode']:.1f} vs {b['decode']:.1f} tok/s ({decode}); "
-                     f"TTFT {q['ttft_ms']:.1f} vs {b['ttft_ms']:.1f} ms ({ttft})")
-    q, b = by[("qgraph ort", "fp32")]["tokens"], by[("onnxruntime-genai builder", "fp32")]["tokens"]
-    same = sum(1 for x, y in zip(q, b) if x == y)
-    first = next((i for i, (x, y) in enumerate(zip(q, b)) if x != y), None)
-    lines.append(f"- greedy tokens at fp32: {same}/{len(q)} equal"
-                 + ("" if first is None else f" (first difference at token {first})")
-                 + (" (met)" if first is None and len(q) == len(b) else " (NOT met)"))
-    for precision in ("int8", "int4"):
-        t = by[("qgraph ort", precision)]["tokens"]
-        lines.append(f"- qgraph {precision} greedy tokens equal to qgraph fp32's: "
-                     f"{sum(1 for x, y in zip(t, q) if x == y)}/{len(q)}")
-    t = by[("onnxruntime-genai builder", "int4")]["tokens"]
+    builder = {p: by[(BUILDER, p)] for p in BUILDER_PRECISIONS}
+    for r in rows:
+        b = builder.get(r["precision"])
+        if r["label"].startswith("qgraph") and b is not None:
+            decode = "met" if r["decode"] >= b["decode"] else "NOT met"
+            ttft = "met" if r["ttft_ms"] <= b["ttft_ms"] else "NOT met"
+            lines.append(f"- {r['label']} {r['precision']}: decode {r['decode']:.1f} vs {b['decode']:.1f} tok/s "
+                         f"({decode}); TTFT {r['ttft_ms']:.1f} vs {b['ttft_ms']:.1f} ms ({ttft})")
+    b = builder["fp32"]["tokens"]
+    for r in rows:
+        if r["label"].startswith("qgraph"):
+            q = r["tokens"]
+            same = sum(1 for x, y in zip(q, b) if x == y)
+            first = next((i for i, (x, y) in enumerate(zip(q, b)) if x != y), None)
+            lines.append(f"- {r['label']} greedy tokens equal to the builder fp32's: {same}/{len(b)}"
+                         + ("" if first is None else f" (first difference at token {first})"))
+    t = builder["int4"]["tokens"]
     lines.append(f"- builder int4 greedy tokens equal to builder fp32's: {sum(1 for x, y in zip(t, b) if x == y)}/{len(b)}")
     for precision in TRANSFORMERS_PRECISIONS:
+        if (QGRAPH, precision) not in by:  # the ort preset was not among --presets
+            continue
         h, qr = by[(TRANSFORMERS, precision)], by[(QGRAPH, precision)]
+        q = qr["tokens"]
         lines.append(f"- transformers {precision}: qgraph decode {qr['decode'] / h['decode']:.2f}x, TTFT "
                      f"{qr['ttft_ms'] / h['ttft_ms']:.2f}x of it; greedy tokens equal to qgraph's: "
                      f"{sum(1 for x, y in zip(h['tokens'], q) if x == y)}/{len(q)}")
@@ -292,18 +300,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, metavar="N")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--prompt-repeat", type=int, default=1, metavar="K",
+                        help="the prompt is K copies of --prompt (K=78: about 1024 tokens, a long context)")
+    parser.add_argument("--presets", default=",".join(QGRAPH_PRESETS.values()),
+                        help="comma-separated qgraph presets to measure (e.g. ort,ort-gqa,ort-int4,ort-int4-gqa)")
     parser.add_argument("--out", metavar="DIR", help="keep the graphs here (and reuse the builder's on a rerun)")
     args = parser.parse_args(argv)
     if ran_as_child(args, _child):
         return 0
+    args.base_prompt = args.prompt
+    args.prompt = " ".join([args.prompt] * args.prompt_repeat)
     _require_genai()
     with tempfile.TemporaryDirectory(prefix="qgraph-ort-genai-") as scratch:
         out = Path(args.out) if args.out else Path(scratch)
         if (out / "qgraph").exists():
             shutil.rmtree(out / "qgraph")
-        ours, seconds, hf_folder = _qgraph_graphs(out)
+        ours, seconds, hf_folder = _qgraph_graphs(out, args.presets.split(","))
         theirs = _builder_graphs(hf_folder, out)
-        configs = [(QGRAPH, p, "qgraph", f) for p, f in ours.items()]
+        configs = [(f"qgraph {p}", _precision(p), "qgraph", f) for p, f in ours.items()]  # "qgraph ort" = QGRAPH
         configs += [(BUILDER, p, "genai", f) for p, f in theirs.items()]
         configs += [(TRANSFORMERS, p, "transformers", hf_folder) for p in TRANSFORMERS_PRECISIONS]
         results: dict[tuple[str, str], list[dict[str, Any]]] = {(c[0], c[1]): [] for c in configs}

@@ -12,7 +12,7 @@ attention to the ONNX-standard ops), then transforms on the canonical form
 
 from __future__ import annotations
 
-__all__ = ["CLEANUP", "ORT", "ORT_INT4", "ORT_INT8", "QAIC"]
+__all__ = ["CLEANUP", "ORT", "ORT_GQA", "ORT_INT4", "ORT_INT4_GQA", "ORT_INT8", "ORT_INT8_GQA", "QAIC"]
 
 # Folding exposes Identity chains and duplicates, merging duplicates leaves
 # dead nodes, and removing dead nodes can make more nodes foldable (fewer
@@ -76,6 +76,22 @@ def _ort_quantized(bits: int) -> dict:
 # ``ort`` itself stays fp32.
 ORT_INT8: dict = _ort_quantized(8)
 ORT_INT4: dict = _ort_quantized(4)
+
+
+def _with_gqa(preset: dict) -> dict:
+    """``preset`` with each layer's attention lowered to com.microsoft::GroupQueryAttention right after
+    ``attention-io`` (before ``quantize``, which then packs the QKV MatMul the GQA node reads). The graph's
+    inputs and outputs stay the ``ort`` graph's (its mask goes in as attention_bias); ``qgraph generate``
+    binds each layer's past and present to one shared buffer."""
+    steps = list(preset["steps"])
+    at = steps.index({"pass": "attention-io"}) + 1
+    return {"steps": [*steps[:at], {"pass": "lower-gqa"}, *steps[at:]]}
+
+
+# Variants with GroupQueryAttention (--preset ort-gqa / ort-int8-gqa / ort-int4-gqa).
+ORT_GQA: dict = _with_gqa(ORT)
+ORT_INT8_GQA: dict = _with_gqa(ORT_INT8)
+ORT_INT4_GQA: dict = _with_gqa(ORT_INT4)
 
 # Cloud AI 100 style: fixed-shape retained-state cache written by the
 # device's CtxScatter, CustomRMSNorm, attention back in primitive ops (the

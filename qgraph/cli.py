@@ -199,12 +199,13 @@ def _preset_at_precision(preset: str | None, precision: str | None) -> str:
     """--preset NAME --precision P: the preset of that target at that precision (ort + int4 -> ort-int4)."""
     if precision is None:
         return preset or "cleanup"
-    base = (preset or "").removesuffix("-int8").removesuffix("-int4")
+    variant = "-gqa" if (preset or "").endswith("-gqa") else ""  # ort-gqa: the batch-1 GroupQueryAttention form
+    base = (preset or "").removesuffix(variant).removesuffix("-int8").removesuffix("-int4")
     if base != "ort":
         raise BadInputError(f"--precision is an option of the ort preset (int8/int4 quantize its weights); "
                             f"got --preset {preset or '(none)'}")
-    chosen = base if precision == "fp32" else f"{base}-{precision}"
-    if preset != base and preset != chosen:
+    chosen = (base if precision == "fp32" else f"{base}-{precision}") + variant
+    if preset != base + variant and preset != chosen:
         raise BadInputError(f"--preset {preset} and --precision {precision} disagree; give one of them")
     return chosen
 

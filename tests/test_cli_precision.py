@@ -14,13 +14,15 @@ from qgraph.errors import BadInputError
     ("ort", None, "ort"), (None, None, "cleanup"), ("qaic", None, "qaic"),
     ("ort", "fp32", "ort"), ("ort", "int8", "ort-int8"), ("ort", "int4", "ort-int4"),
     ("ort-int4", "int4", "ort-int4"),
+    ("ort-gqa", "int4", "ort-int4-gqa"), ("ort-gqa", "fp32", "ort-gqa"), ("ort-int8-gqa", "int8", "ort-int8-gqa"),
 ])
 def test_precision_picks_the_form_of_the_ort_preset(preset, precision, chosen):
     assert _preset_at_precision(preset, precision) == chosen
 
 
 @pytest.mark.parametrize("preset, precision", [(None, "int4"), ("qaic", "int8"), ("cleanup", "fp32"),
-                                               ("ort-int8", "int4"), ("ort-int4", "fp32")])
+                                               ("ort-int8", "int4"), ("ort-int4", "fp32"),
+                                               ("ort-int4-gqa", "int8"), ("qaic-gqa", "int4")])
 def test_precision_outside_the_ort_preset_or_against_it_is_refused(preset, precision):
     with pytest.raises(BadInputError, match="--precision|disagree"):
         _preset_at_precision(preset, precision)

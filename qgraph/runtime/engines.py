@@ -496,7 +496,16 @@ def make_engine(
     if n_kv is None or head_dim is None:
         raise BadInputError(f"{shown}: the cache's heads/head_dim are symbolic and no config.json says them")
     if layout.style == "concat":
-        return ConcatEngine(session, layout, label=shown, n_kv_heads=n_kv, head_dim=head_dim, max_tokens=max_positions)
+        if layout.max_positions is not None:  # the graph's own bound (lower-gqa's rotary caches)
+            max_positions = min(max_positions or layout.max_positions, layout.max_positions)
+        from qgraph.runtime.shared_cache import SharedCacheEngine, shares_buffers
+
+        if shares_buffers(model, layout):
+            return SharedCacheEngine(session, layout, label=shown, n_kv_heads=n_kv, head_dim=head_dim,
+                                     max_tokens=max_positions)
+        concat = ConcatEngine(session, layout, label=shown, n_kv_heads=n_kv, head_dim=head_dim, max_tokens=max_positions)
+        concat.fixed_batch = layout.batch  # a graph of one batch size takes its prompts in groups of it
+        return concat
 
     prefill = [s["seq_len"] for s in specializations if s.get("seq_len", 1) > 1]
     spec_ctx = {s["ctx_len"] for s in specializations if "ctx_len" in s}

@@ -29,11 +29,15 @@ import onnx_ir as ir
 
 from qgraph.errors import BadInputError
 
-__all__ = ["KVLayout", "KVLayoutError", "ReferenceLayout", "detect_kv_layout", "has_kv_cache", "reference_layout"]
+__all__ = ["MASKS_KEY", "MAX_POSITIONS_KEY", "KVLayout", "KVLayoutError", "ReferenceLayout", "detect_kv_layout", "has_kv_cache", "reference_layout"]
 
 Style = Literal["retained", "concat"]
 
 # Inputs of the retained contract's serving variants (docs/design.md): continuous batching, compute-context length.
+#: Metadata key: "all-ones" when the graph is right only for unpadded rows (every attention_mask entry 1).
+MASKS_KEY = "qgraph.kv.masks"
+#: Metadata key: the most positions (past + new tokens) a row may hold, when the graph bounds it.
+MAX_POSITIONS_KEY = "qgraph.kv.max_positions"
 SERVING_INPUTS = frozenset({"batch_index", "comp_ctx_lengths"})
 _RETAINED_PAST = re.compile(r"^past_(key|value)\.(\d+)$")
 _CONCAT_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -90,6 +94,10 @@ class KVLayout:
     compute_context: bool = False
     cache_batch: int | None = None
     keeps_logits: bool = False  # retained: a num_logits_to_keep input (logits at the last n valid tokens)
+    # metadata MASKS_KEY = "all-ones": the graph computes the contract only for unpadded rows (a lowering
+    # such as lower-gqa's GroupQueryAttention takes no mask); MAX_POSITIONS_KEY: the longest row it takes
+    masks_all_ones: bool = False
+    max_positions: int | None = None
 
     @property
     def has_position_ids(self) -> bool:
@@ -234,7 +242,19 @@ def detect_kv_layout(model: ir.Model, *, label: str = "the cached graph") -> KVL
         compute_context="comp_ctx_lengths" in in_names,
         cache_batch=cache_dims[0],
         keeps_logits="num_logits_to_keep" in in_names,
+        masks_all_ones=model.metadata_props.get(MASKS_KEY) == "all-ones",
+        max_positions=_metadata_int(model, MAX_POSITIONS_KEY, label),
     )
+
+
+def _metadata_int(model: ir.Model, key: str, label: str) -> int | None:
+    text = model.metadata_props.get(key)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise KVLayoutError(f"{label}: metadata {key}={text!r} is not an integer") from None
 
 
 def has_kv_cache(model: ir.Model) -> bool:

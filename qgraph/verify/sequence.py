@@ -105,6 +105,8 @@ from qgraph.verify.cache_steps import (
     step_feeds,
 )
 from qgraph.verify.kv_contract import (
+    MASKS_KEY,
+    MAX_POSITIONS_KEY,
     KVLayout,
     KVLayoutError,
     ReferenceLayout,
@@ -638,6 +640,12 @@ class SequenceReplayer:
         if self.compute_context_len is not None and int(case.positions.max(initial=-1)) >= self.compute_context_len:
             raise BadInputError(f"a row has {max(case.lengths)} valid tokens, more than the compute-context length "
                                 f"{self.compute_context_len} lets attention read")
+        if lay.masks_all_ones and not case.valid.all():
+            raise BadInputError(f"{self.cached_label} computes only unpadded rows (metadata {MASKS_KEY}=all-ones); "
+                                f"the case has {case.padding} padding")
+        if lay.max_positions is not None and case.total_len > lay.max_positions:
+            raise BadInputError(f"{self.cached_label} takes at most {lay.max_positions} positions a row "
+                                f"(metadata {MAX_POSITIONS_KEY}); the case has {case.total_len}")
         if self.ctx_len is not None and int(case.positions.max(initial=-1)) >= self.ctx_len:
             raise BadInputError(
                 f"a row has {max(case.lengths)} valid tokens, more than the cache holds (ctx_len {self.ctx_len})"
@@ -1050,9 +1058,13 @@ def check_sequence_equivalence(
         lay = replayer.layout
         if max_len is None:
             max_len = DEFAULT_MAX_LEN if replayer.ctx_len is None else min(DEFAULT_MAX_LEN, replayer.ctx_len - 1)
+        if lay.max_positions is not None:
+            max_len = min(max_len, lay.max_positions)
         if max_len < 1:
             raise KVLayoutError(f"ctx_len {replayer.ctx_len} leaves no room for a sequence")
-        if lay.last_column_logits and padding == "both":
+        if lay.masks_all_ones:
+            padding = "none"  # the graph's declared domain (metadata MASKS_KEY): unpadded rows only
+        elif lay.last_column_logits and padding == "both":
             padding = "left"  # its contract: the chunk's last column is each row's last token
         strategy = replay_cases(
             bound, max_len, max_batch, padding=padding, max_chunk=lay.seq_len, batch=lay.batch

@@ -57,6 +57,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from qgraph.verify.kv_contract import MASKS_KEY
 from qgraph.verify.roles import InputSpec, Role, describe_inputs, dim_symbols
 
 __all__ = [
@@ -437,6 +438,8 @@ def input_strategy(
     arrays, a callable ``shape -> strategy``, or a fixed array).
     """
     options = options or InputOptions()
+    if model.metadata_props.get(MASKS_KEY) == "all-ones":  # the graph's declared domain: unpadded rows only
+        options = dataclasses.replace(options, padding="none")
     overrides = dict(strategies or {})
     specs = describe_inputs(
         model, vocab_size=options.vocab_size, fallback_vocab_size=options.fallback_vocab_size

@@ -1,0 +1,234 @@
+"""lower-gqa: each layer's Split + RotaryEmbedding + Attention becomes one com.microsoft::GroupQueryAttention.
+
+The meaning kept is the cached graph's own (``meaning = "sequence"``): the
+lowered graph, replayed on drawn token sequences in drawn splits, gives the
+logits of the concat graph it came from -- with ``mask=bias`` (the default)
+on padded batches of several rows, with ``mask=none`` on the domain it then
+declares (batch 1, all-ones masks), which the replay reads from the graph. A lowering broken
+on purpose (rotation dropped, the sliding window dropped, the wrong number of
+KV heads) fails ``qgraph optimize --verify`` with exit code 1; layers that
+cannot be lowered are named in the report with the check that failed.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from qgraph_passes.gqa_probes import causal_window, rotary_cache
+
+from qgraph import io
+from qgraph.cli import main
+from qgraph.demo import run_preset
+from qgraph.errors import BadInputError
+from qgraph.manager import PassManager
+from qgraph.registry import default_registry
+from qgraph.verify.kv_contract import MASKS_KEY, MAX_POSITIONS_KEY, detect_kv_layout
+from qgraph.verify.sequence import SequenceReplayer, ReplayCase, check_sequence_equivalence
+
+# llama, mistral: packed QKV (one MatMul + Split); qwen2: biased q/k/v projections left apart by pack-matmuls
+LOWERED = [("llama", "dynamo"), ("mistral", "dynamo"), ("qwen2", "dynamo")]
+
+
+ZOO = [(arch, exporter) for arch in ("llama", "mistral", "qwen2") for exporter in ("dynamo", "torchscript")]
+
+
+@pytest.fixture(scope="module")
+def ort_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """The ort preset's graph of each case, made once for the module."""
+    out = tmp_path_factory.mktemp("ort-graphs")
+    graphs = {}
+    for arch, exporter in ZOO:
+        run = run_preset("ort", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}", default_registry())
+        graphs[(arch, exporter)] = run.folder / "model.onnx"
+    return graphs
+
+
+def _lower(path: Path, **options) -> tuple[ir.Model, object]:
+    model = io.load(path)
+    report = PassManager([("lower-gqa", options) if options else "lower-gqa"]).run(model)
+    return model, report
+
+
+def _gqa_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if (n.domain, n.op_type) == ("com.microsoft", "GroupQueryAttention")]
+
+
+@pytest.mark.parametrize("mask", ["bias", "none"])
+@pytest.mark.parametrize(("arch", "exporter"), LOWERED)
+def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter, mask) -> None:
+    source = ort_graphs[(arch, exporter)]
+    model, _ = _lower(source, mask=mask)
+    gqa = _gqa_nodes(model)
+    assert len(gqa) == 2  # the zoo's two layers, each one node
+    assert not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
+    assert all(n.attributes["do_rotary"].value == 1 for n in gqa)
+    if arch == "qwen2":  # q, k, v apart: GroupQueryAttention's unpacked form
+        assert all(n.inputs[1] is not None and n.inputs[2] is not None for n in gqa)
+    else:  # the packed projection whole, its Split gone
+        assert all(n.inputs[0].producer().op_type == "MatMul" and n.inputs[1] is None for n in gqa)
+    if arch == "mistral":  # the tiny config's sliding_window=4, read from the probed mask
+        assert {n.attributes["local_window_size"].value for n in gqa} == {4}
+    else:
+        assert all("local_window_size" not in n.attributes for n in gqa)
+    biases = [n.inputs[10] for n in gqa if len(n.inputs) > 10]
+    if mask == "bias":  # the graph's own mask as attention_bias, one for all layers; the batch stays symbolic
+        assert len(biases) == 2 and biases[0] is biases[1] and not isinstance(model.graph.inputs[0].shape[0], int)
+    else:
+        assert not biases and model.graph.inputs[0].shape[0] == 1
+    result = check_sequence_equivalence(model, source, examples=15, seed=1, max_len=12)
+    assert result.equivalent, str(result)
+    if mask == "bias":  # the draw had padded batches of several rows
+        assert MASKS_KEY not in model.metadata_props
+
+
+def test_the_graph_declares_its_narrower_domain(ort_graphs) -> None:
+    source = ort_graphs[("llama", "dynamo")]
+    model, _ = _lower(source, max_positions=64, mask="none")
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        assert value.shape[0] == 1, value.name
+    layout = detect_kv_layout(model)
+    assert layout.batch == 1 and layout.masks_all_ones and layout.max_positions == 64
+    assert model.metadata_props[MASKS_KEY] == "all-ones" and model.metadata_props[MAX_POSITIONS_KEY] == "64"
+    cos = next(v for v in model.graph.initializers.values() if v.name.startswith("lower_gqa/cos_cache"))
+    assert cos.const_value.shape[0] == 64
+    with SequenceReplayer(model, source) as replayer:
+        padded = ReplayCase(np.array([[5, 6, 7]]), np.array([[False, True, True]]), (3,), "left")
+        with pytest.raises(BadInputError, match="unpadded"):
+            replayer.run(padded)
+        too_long = ReplayCase(np.ones((1, 65), np.int64), np.ones((1, 65), bool), (65,))
+        with pytest.raises(BadInputError, match="at most 64 positions"):
+            replayer.run(too_long)
+
+
+def test_rotary_caches_are_the_graphs_own_tables(ort_graphs) -> None:
+    """Row p of the caches is what the graph's table subgraph computes for position p."""
+    source = ort_graphs[("llama", "dynamo")]
+    before = io.load(source)
+    rot = next(n for n in before.graph if n.op_type == "RotaryEmbedding")
+    cache = rotary_cache(before, rot.inputs[1], rot.inputs[2], 32)
+    assert not isinstance(cache, str), cache
+    config_theta, d = 10000.0, 16  # the tiny llama's rope: theta 1e4, head_dim 16
+    angles = np.arange(32)[:, None] * (1.0 / config_theta ** (np.arange(0, d, 2) / d))[None]
+    np.testing.assert_allclose(cache[0], np.cos(angles), atol=1e-6)
+    np.testing.assert_allclose(cache[1], np.sin(angles), atol=1e-6)
+
+
+def test_a_length_dependent_table_is_refused(ort_graphs) -> None:
+    """A table that reads the sequence length (dynamic NTK scaling's shape) is not one row per position."""
+    model = io.load(ort_graphs[("llama", "dynamo")])
+    rot = next(n for n in model.graph if n.op_type == "RotaryEmbedding")
+    cos = rot.inputs[1]
+    # cos * (S / 1): the same rows for every length only if S does not enter -- here it does
+    positions = next(v for v in model.graph.inputs if v.name == "position_ids")
+    length = ir.node("Shape", [positions], attributes={"start": 1, "end": 2})
+    as_float = ir.node("Cast", [length.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+    scaled = ir.node("Mul", [cos, as_float.outputs[0]])
+    model.graph.insert_after(cos.producer(), [length, as_float, scaled])
+    reason = rotary_cache(model, scaled.outputs[0], rot.inputs[2], 16)
+    assert isinstance(reason, str) and "sequence length" in reason
+
+
+def test_a_mask_that_is_not_causal_is_refused(ort_graphs) -> None:
+    model = io.load(ort_graphs[("llama", "dynamo")])
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    mask = attention.inputs[3]
+    assert causal_window(model, mask) is None  # causal, no window
+    # every key visible: what an encoder's (bidirectional) mask shows
+    everything = ir.node("Or", [mask, ir.node("Not", [mask]).outputs[0]])
+    model.graph.insert_after(mask.producer(), [everything.inputs[1].producer(), everything])
+    reason = causal_window(model, everything.outputs[0])
+    assert isinstance(reason, str) and "not a causal padding mask" in reason
+
+
+def _interleaved(model: ir.Model) -> None:
+    """The rotations made GPT-J style (a form GroupQueryAttention's rotary_interleaved is not lowered to yet)."""
+    for node in model.graph:
+        if node.op_type == "RotaryEmbedding":
+            node.attributes["interleaved"] = ir.AttrInt64("interleaved", 1)
+
+
+@pytest.mark.parametrize(("arch", "exporter", "change", "why"), [
+    ("llama", "torchscript", None, "q_num_heads / kv_num_heads are not set"),  # attention-io left the heads split
+    ("llama", "dynamo", _interleaved, "is interleaved"),
+])
+def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, change, why) -> None:
+    model = io.load(ort_graphs[(arch, exporter)])
+    if change is not None:
+        change(model)
+    report = PassManager(["lower-gqa"]).run(model)
+    record = next(r for r in report.passes if r.name == "lower-gqa")
+    assert not record.changed and not _gqa_nodes(model)
+    notes = [n for n in record.notes if "not lowered" in n]
+    attentions = [n.name for n in model.graph if n.op_type == "Attention"]
+    assert len(notes) == len(attentions) == 2
+    assert all(why in note for note in notes) and all(any(a in note for note in notes) for a in attentions)
+    assert record.near_misses["group-query-attention"]["candidates"] == 2  # the table's "near miss" line
+    assert MASKS_KEY not in model.metadata_props  # nothing lowered: the graph keeps its whole domain
+
+
+_BROKEN = """
+from qgraph_passes.gqa_lowering import LowerGQAPass
+
+
+class BrokenGQA(LowerGQAPass):
+    '''lower-gqa with one thing wrong on purpose (tests only).'''
+
+    name = "{name}"
+
+    def call(self, model):
+        result = super().call(model)
+        for node in model.graph:
+            if node.op_type == "GroupQueryAttention":
+                {mutation}
+        return result
+"""
+
+MUTATIONS = {  # (arch, the change, the lowering's mask option)
+    "rotary off": ("llama", 'node.attributes.pop("do_rotary")', "bias"),
+    "bias dropped": ("llama", "node.replace_input_with(10, None)", "bias"),  # padded rows then see their padding
+    # with mask=bias the window is in the bias too; without it, local_window_size alone keeps it
+    "window dropped": ("mistral", 'node.attributes.pop("local_window_size")', "none"),
+    "wrong kv_num_heads": ("llama", 'node.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", 1)', "bias"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_verify_fails_on_a_broken_lowering(ort_graphs, tmp_path, mutation) -> None:
+    arch, code, mask = MUTATIONS[mutation]
+    plugin = tmp_path / "broken.py"
+    name = "lower-gqa-" + mutation.replace(" ", "-")  # plugin pass names are process-wide: one per mutation
+    plugin.write_text("import onnx_ir as ir\n" + textwrap.dedent(_BROKEN).replace("{mutation}", code).replace("{name}", name))
+    source = ort_graphs[(arch, "dynamo")]
+    args = [str(source), "--plugin", str(plugin), "--verify", "--passes"]
+    assert main(["optimize", "-o", str(tmp_path / "good.onnx"), *args, "lower-gqa", "--option", f"lower-gqa.mask={mask}"]) == 0
+    assert main(["optimize", "-o", str(tmp_path / "broken.onnx"), *args, name, "--option", f"{name}.mask={mask}"]) == 1
+    assert not (tmp_path / "broken.onnx").exists()
+
+
+def test_lowering_composes_with_quantize(tiny_zoo, tmp_path) -> None:
+    """ort-int4-gqa: GroupQueryAttention reads the packed projection's MatMulNBits; the ort-int4 graph's logits."""
+    export_dir = tiny_zoo.export("llama", "dynamo").output_dir
+    plain = run_preset("ort-int4", export_dir, tmp_path, default_registry())
+    lowered = run_preset("ort-int4-gqa", export_dir, tmp_path, default_registry())
+    model = io.load(lowered.folder / "model.onnx")
+    gqa = _gqa_nodes(model)
+    assert len(gqa) == 2 and all(n.inputs[0].producer().op_type == "MatMulNBits" for n in gqa)
+    result = check_sequence_equivalence(model, plain.folder / "model.onnx", examples=10, seed=2)
+    assert result.equivalent, str(result)
+
+
+@pytest.mark.parametrize(("arch", "exporter"), ZOO)
+def test_optimize_verify_passes_on_the_zoo(ort_graphs, tmp_path, capsys, arch, exporter) -> None:
+    """``qgraph optimize --passes lower-gqa --verify``: lowered and replayed (dynamo), or reported and kept."""
+    out = tmp_path / "gqa.onnx"
+    assert main(["optimize", str(ort_graphs[(arch, exporter)]), "-o", str(out), "--passes", "lower-gqa", "--verify"]) == 0
+    table = capsys.readouterr().out
+    lowered = _gqa_nodes(io.load(out))
+    if (arch, exporter) in LOWERED:
+        assert len(lowered) == 2 and "cached replay gives the logits of the input's own cache" in table
+    else:  # TorchScript: attention-io leaves the heads split, so there is nothing GroupQueryAttention can take
+        assert not lowered and "near miss in lower-gqa" in table
