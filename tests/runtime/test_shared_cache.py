@@ -114,3 +114,17 @@ def test_generate_command_on_the_lowered_preset(tiny_zoo, tmp_path) -> None:
     generator = load_generator(run.folder, threads=1)
     assert isinstance(generator.engine, SharedCacheEngine)
     assert generator.generate(prompts, max_new_tokens=10).token_ids == expected
+
+
+def test_a_decode_steps_logits_are_not_overwritten_by_the_next_step(graphs) -> None:
+    """Decode logits come out of one reused buffer; what a step returned must stay what it computed."""
+    shared = make_engine(graphs["bias"], threads=1)
+    concat = make_engine(graphs["concat"], threads=1)
+    prompt = np.array([[4, 5, 6]])
+    for engine in (shared, concat):
+        engine.start(1)
+        engine.prefill(prompt, np.ones(prompt.shape, bool))
+    steps = [(shared.decode(np.array([t]), np.ones(1, bool)), concat.decode(np.array([t]), np.ones(1, bool)))
+             for t in (7, 8, 9)]
+    for got, want in steps:
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
