@@ -1,11 +1,11 @@
-"""Decode step time of SmolLM2-135M: the ``ort`` graph (concat cache) against ``ort-gqa`` (GroupQueryAttention, shared buffer).
+"""Decode step time of SmolLM2-135M: ``ort-attention`` (Attention, concat cache) against ``ort`` (GroupQueryAttention, shared buffer).
 
     .venv/bin/python benchmarks/gqa_shared_buffer.py [--contexts 16,512,2048] [--steps 16] [--rounds 3]
                                                     [--precision fp32|int4] [--out DIR] [--write] [--note TEXT]
 
 What ``lower-gqa`` changes at run time, measured alone: both graphs come
-from the same dynamo export through the presets ``ort`` and ``ort-gqa``
-(``ort-int4`` / ``ort-int4-gqa`` with ``--precision int4``), run as
+from the same dynamo export through the presets ``ort-attention`` and ``ort``
+(``ort-int4-attention`` / ``ort-int4`` with ``--precision int4``), run as
 ``qgraph generate`` runs them (:func:`qgraph.runtime.engines.make_engine`:
 the concat graph feeds ``present`` back as the next ``past``, a new buffer
 each step; the lowered graph binds past and present to one buffer). For
@@ -42,7 +42,7 @@ def _graphs(out: Path, precision: str) -> dict[str, Path]:
     from qgraph.registry import default_registry
 
     exported = export_model(MODEL, out / "export", exporter="dynamo", progress=Progress())
-    presets = ("ort", "ort-gqa") if precision == "fp32" else (f"ort-{precision}", f"ort-{precision}-gqa")
+    presets = ("ort-attention", "ort") if precision == "fp32" else (f"ort-{precision}-attention", f"ort-{precision}")
     graphs = {}
     for preset in presets:
         folder = out / "qgraph" / preset

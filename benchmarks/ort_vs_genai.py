@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-repeat", type=int, default=1, metavar="K",
                         help="the prompt is K copies of --prompt (K=78: about 1024 tokens, a long context)")
     parser.add_argument("--presets", default=",".join(QGRAPH_PRESETS.values()),
-                        help="comma-separated qgraph presets to measure (e.g. ort,ort-gqa,ort-int4,ort-int4-gqa)")
+                        help="comma-separated qgraph presets to measure (e.g. ort,ort-attention,ort-int4,ort-int4-attention)")
     parser.add_argument("--out", metavar="DIR", help="keep the graphs here (and reuse the builder's on a rerun)")
     args = parser.parse_args(argv)
     if ran_as_child(args, _child):

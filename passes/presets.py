@@ -12,7 +12,7 @@ attention to the ONNX-standard ops), then transforms on the canonical form
 
 from __future__ import annotations
 
-__all__ = ["CLEANUP", "ORT", "ORT_GQA", "ORT_INT4", "ORT_INT4_GQA", "ORT_INT8", "ORT_INT8_GQA", "QAIC"]
+__all__ = ["CLEANUP", "ORT", "ORT_ATTENTION", "ORT_INT4", "ORT_INT4_ATTENTION", "ORT_INT8", "ORT_INT8_ATTENTION", "QAIC"]
 
 # Folding exposes Identity chains and duplicates, merging duplicates leaves
 # dead nodes, and removing dead nodes can make more nodes foldable (fewer
@@ -50,7 +50,7 @@ _CANONICALIZE_ORT = [*_CANONICALIZE, {"pass": "rotary"}, {"pass": "pack-matmuls"
 # 0.77x (fastest run) to 0.92x (median) of the time, on a shared machine). The
 # option's own default for the concat form stays every position, for graphs
 # other tools read.
-ORT: dict = {
+ORT_ATTENTION: dict = {
     "steps": [
         *_CANONICALIZE_ORT,
         {"pass": "kv-cache", "options": {"style": "concat", "logits": "last"}},
@@ -61,37 +61,38 @@ ORT: dict = {
 }
 
 
-def _ort_quantized(bits: int) -> dict:
-    """``ort`` with weight-only MatMulNBits: blocks of 32 along K with zero points, and
+def _quantized(preset: dict, bits: int) -> dict:
+    """``preset`` with weight-only MatMulNBits: blocks of 32 along K with zero points, and
     accuracy_level 4 (onnxruntime multiplies with int8 activations, its fast CPU path).
     Quantizing after the KV cache keeps the cache pass on float weights; the
     ``quantize`` options can still be set with ``--option quantize.KEY=VALUE``."""
     quantize = {"pass": "quantize", "options": {"bits": bits, "block_size": 32, "accuracy_level": 4}}
-    steps = ORT["steps"]
+    steps = preset["steps"]
     at = len(steps) - len(_FINISH)
     return {"steps": [*steps[:at], quantize, *steps[at:]]}
-
-
-# The same pipeline at the other precisions (--preset ort-int8 / ort-int4);
-# ``ort`` itself stays fp32.
-ORT_INT8: dict = _ort_quantized(8)
-ORT_INT4: dict = _ort_quantized(4)
 
 
 def _with_gqa(preset: dict) -> dict:
     """``preset`` with each layer's attention lowered to com.microsoft::GroupQueryAttention right after
     ``attention-io`` (before ``quantize``, which then packs the QKV MatMul the GQA node reads). The graph's
-    inputs and outputs stay the ``ort`` graph's (its mask goes in as attention_bias); ``qgraph generate``
-    binds each layer's past and present to one shared buffer."""
+    inputs and outputs stay the concat graph's (its mask goes in as attention_bias); ``qgraph generate``
+    binds each layer's past and present to one shared buffer. A layer lower-gqa refuses (TorchScript's
+    split heads, interleaved rotary, softcap, ...) keeps the standard Attention op, and is reported."""
     steps = list(preset["steps"])
     at = steps.index({"pass": "attention-io"}) + 1
     return {"steps": [*steps[:at], {"pass": "lower-gqa"}, *steps[at:]]}
 
 
-# Variants with GroupQueryAttention (--preset ort-gqa / ort-int8-gqa / ort-int4-gqa).
-ORT_GQA: dict = _with_gqa(ORT)
-ORT_INT8_GQA: dict = _with_gqa(ORT_INT8)
-ORT_INT4_GQA: dict = _with_gqa(ORT_INT4)
+# ``ort`` lowers attention to GroupQueryAttention: the same contract as the Attention form, no copy of
+# the cache per step, rotary inside the kernel (benchmarks/RESULTS.md, "GroupQueryAttention and the
+# shared cache buffer" and "ort vs onnxruntime-genai"). The Attention form stays as ``ort-attention``.
+ORT: dict = _with_gqa(ORT_ATTENTION)
+# The same pipelines at the other precisions (--preset ort-int8 / ort-int4, and their -attention forms);
+# ``ort`` itself stays fp32.
+ORT_INT8: dict = _quantized(ORT, 8)
+ORT_INT4: dict = _quantized(ORT, 4)
+ORT_INT8_ATTENTION: dict = _quantized(ORT_ATTENTION, 8)
+ORT_INT4_ATTENTION: dict = _quantized(ORT_ATTENTION, 4)
 
 # Cloud AI 100 style: fixed-shape retained-state cache written by the
 # device's CtxScatter, CustomRMSNorm, attention back in primitive ops (the

@@ -199,7 +199,7 @@ def _preset_at_precision(preset: str | None, precision: str | None) -> str:
     """--preset NAME --precision P: the preset of that target at that precision (ort + int4 -> ort-int4)."""
     if precision is None:
         return preset or "cleanup"
-    variant = "-gqa" if (preset or "").endswith("-gqa") else ""  # ort-gqa: the batch-1 GroupQueryAttention form
+    variant = "-attention" if (preset or "").endswith("-attention") else ""  # ort-attention: the Attention-op form
     base = (preset or "").removesuffix(variant).removesuffix("-int8").removesuffix("-int4")
     if base != "ort":
         raise BadInputError(f"--precision is an option of the ort preset (int8/int4 quantize its weights); "

@@ -14,7 +14,8 @@ from qgraph.errors import BadInputError
     ("ort", None, "ort"), (None, None, "cleanup"), ("qaic", None, "qaic"),
     ("ort", "fp32", "ort"), ("ort", "int8", "ort-int8"), ("ort", "int4", "ort-int4"),
     ("ort-int4", "int4", "ort-int4"),
-    ("ort-gqa", "int4", "ort-int4-gqa"), ("ort-gqa", "fp32", "ort-gqa"), ("ort-int8-gqa", "int8", "ort-int8-gqa"),
+    ("ort-attention", "int4", "ort-int4-attention"), ("ort-attention", "fp32", "ort-attention"),
+    ("ort-int8-attention", "int8", "ort-int8-attention"),
 ])
 def test_precision_picks_the_form_of_the_ort_preset(preset, precision, chosen):
     assert _preset_at_precision(preset, precision) == chosen
@@ -22,7 +23,7 @@ def test_precision_picks_the_form_of_the_ort_preset(preset, precision, chosen):
 
 @pytest.mark.parametrize("preset, precision", [(None, "int4"), ("qaic", "int8"), ("cleanup", "fp32"),
                                                ("ort-int8", "int4"), ("ort-int4", "fp32"),
-                                               ("ort-int4-gqa", "int8"), ("qaic-gqa", "int4")])
+                                               ("ort-int4-attention", "int8"), ("qaic-attention", "int4")])
 def test_precision_outside_the_ort_preset_or_against_it_is_refused(preset, precision):
     with pytest.raises(BadInputError, match="--precision|disagree"):
         _preset_at_precision(preset, precision)
@@ -35,7 +36,7 @@ def test_optimize_with_precision_int8_writes_matmul_nbits(tiny_zoo, tmp_path):
                 out=out)
     assert code == 0, out.getvalue()
     ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx", load_external_data=False).graph.node}
-    assert {"MatMulNBits", "Attention"} <= ops
+    assert {"MatMulNBits", "GroupQueryAttention"} <= ops
 
 
 def test_precision_with_a_pass_list_is_bad_usage_and_writes_nothing(tiny_zoo, tmp_path):

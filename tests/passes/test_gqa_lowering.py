@@ -38,11 +38,12 @@ ZOO = [(arch, exporter) for arch in ("llama", "mistral", "qwen2") for exporter i
 
 @pytest.fixture(scope="module")
 def ort_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    """The ort preset's graph of each case, made once for the module."""
+    """The ort-attention preset's graph of each case (what lower-gqa takes), made once for the module."""
     out = tmp_path_factory.mktemp("ort-graphs")
     graphs = {}
     for arch, exporter in ZOO:
-        run = run_preset("ort", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}", default_registry())
+        run = run_preset("ort-attention", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}",
+                         default_registry())
         graphs[(arch, exporter)] = run.folder / "model.onnx"
     return graphs
 
@@ -210,10 +211,10 @@ def test_verify_fails_on_a_broken_lowering(ort_graphs, tmp_path, mutation) -> No
 
 
 def test_lowering_composes_with_quantize(tiny_zoo, tmp_path) -> None:
-    """ort-int4-gqa: GroupQueryAttention reads the packed projection's MatMulNBits; the ort-int4 graph's logits."""
+    """ort-int4: GroupQueryAttention reads the packed projection's MatMulNBits; the ort-int4-attention graph's logits."""
     export_dir = tiny_zoo.export("llama", "dynamo").output_dir
-    plain = run_preset("ort-int4", export_dir, tmp_path, default_registry())
-    lowered = run_preset("ort-int4-gqa", export_dir, tmp_path, default_registry())
+    plain = run_preset("ort-int4-attention", export_dir, tmp_path, default_registry())
+    lowered = run_preset("ort-int4", export_dir, tmp_path, default_registry())
     model = io.load(lowered.folder / "model.onnx")
     gqa = _gqa_nodes(model)
     assert len(gqa) == 2 and all(n.inputs[0].producer().op_type == "MatMulNBits" for n in gqa)

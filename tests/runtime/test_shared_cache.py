@@ -29,9 +29,9 @@ VOCAB = 256
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
 def graphs(request, tiny_zoo, tmp_path_factory):
-    """{"concat", "bias", "none"}: a tiny decoder's ort graph, and lower-gqa's with mask=bias / mask=none."""
+    """{"concat", "bias", "none"}: a tiny decoder's ort-attention graph, and lower-gqa's with mask=bias / mask=none."""
     out = tmp_path_factory.mktemp(f"shared-{request.param}")
-    run = run_preset("ort", tiny_zoo.export(request.param, "dynamo").output_dir, out, default_registry())
+    run = run_preset("ort-attention", tiny_zoo.export(request.param, "dynamo").output_dir, out, default_registry())
     paths = {"concat": run.folder / "model.onnx"}
     for mask in ("bias", "none"):
         model = io.load(paths["concat"])
@@ -106,11 +106,11 @@ def test_padding_and_overlong_rows_are_refused(graphs) -> None:
 
 
 def test_generate_command_on_the_lowered_preset(tiny_zoo, tmp_path) -> None:
-    """``--preset ort-gqa`` through the generator the CLI uses: the no-cache export's tokens, prompt by prompt."""
+    """``--preset ort`` (GroupQueryAttention) through the generator the CLI uses: the no-cache export's tokens, prompt by prompt."""
     export_dir = tiny_zoo.export("llama", "dynamo").output_dir
     prompts = ["Hello world, a prompt", "a", "KV"]
     expected = load_generator(export_dir, threads=1).generate(prompts, max_new_tokens=10).token_ids
-    run = run_preset("ort-gqa", export_dir, tmp_path, default_registry())
+    run = run_preset("ort", export_dir, tmp_path, default_registry())
     generator = load_generator(run.folder, threads=1)
     assert isinstance(generator.engine, SharedCacheEngine)
     assert generator.generate(prompts, max_new_tokens=10).token_ids == expected
