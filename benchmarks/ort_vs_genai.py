@@ -85,6 +85,16 @@ def _summary(runs: list[tuple[float, float]], tokens: list[int]) -> dict[str, An
             "peak_rss_mib": peak_rss_mib()}
 
 
+def _timed_runs(once: Any, task: dict[str, Any]) -> dict[str, Any]:
+    """A short warm-up generation, then ``repeats`` timed ones: ``once(n)`` -> (ttft s, decode tok/s, tokens)."""
+    once(4)
+    runs, tokens = [], []
+    for _ in range(task["repeats"]):
+        ttft, decode, tokens = once(task["tokens"])
+        runs.append((ttft, decode))
+    return _summary(runs, tokens)
+
+
 def _child_qgraph(task: dict[str, Any]) -> dict[str, Any]:
     from qgraph.runtime.generate import load_generator
 
@@ -123,12 +133,7 @@ def _child_genai(task: dict[str, Any]) -> dict[str, Any]:
         decode = (len(out) - 1) / (last - first) if len(out) > 1 else float("nan")
         return first - start, decode, out
 
-    once(4)
-    runs, tokens = [], []
-    for _ in range(task["repeats"]):
-        ttft, decode, tokens = once(task["tokens"])
-        runs.append((ttft, decode))
-    return _summary(runs, tokens)
+    return _timed_runs(once, task)
 
 
 def _child_transformers(task: dict[str, Any]) -> dict[str, Any]:
@@ -166,12 +171,7 @@ def _child_transformers(task: dict[str, Any]) -> dict[str, Any]:
         decode = (len(new) - 1) / (last - first) if len(new) > 1 else float("nan")
         return first - start, decode, new
 
-    once(4)
-    runs, tokens = [], []
-    for _ in range(task["repeats"]):
-        ttft, decode, tokens = once(task["tokens"])
-        runs.append((ttft, decode))
-    return _summary(runs, tokens)
+    return _timed_runs(once, task)
 
 
 def _child(task: dict[str, Any]) -> dict[str, Any]:

@@ -33,3 +33,22 @@ def test_a_pass_refuses_cleanly_or_keeps_the_meaning(graph, label, data):
         source = write_graph(graph.model, Path(folder))
         outcome = run_configuration(source, label, CONFIGURATIONS[label], feeds)
     assert outcome.ok, f"{outcome.verdict} ({label}, exit {outcome.exit_code}): {outcome.detail}"
+
+
+def test_a_lossy_pass_is_judged_by_its_own_budget(tmp_path):
+    """quantize changes a MatMul's numbers by design: within its --verify budget is the contract, not equality."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((2, 2)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [weight])
+    source = write_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path)
+    feeds = [{"x": np.array([[1.0, -2.0]], np.float32)}]
+    assert CONFIGURATIONS["pass quantize"][-1] == "--verify"
+    assert CONFIGURATIONS["preset ort-int4"][-1] == "--verify" and "--verify" not in CONFIGURATIONS["preset ort"]
+    assert run_configuration(source, "pass quantize", CONFIGURATIONS["pass quantize"], feeds).verdict == "equivalent"
+    # Past its budget (no relative error allowed), --verify refuses and writes nothing: an acceptable outcome.
+    strict = [*CONFIGURATIONS["pass quantize"], "--option", "quantize.budget_relative_error=0"]
+    assert run_configuration(source, "pass quantize", strict, feeds).verdict == "refused"
