@@ -26,7 +26,8 @@ def test_every_preset_and_pass_is_fuzzed():
 
 
 @given(graph=random_graphs(), label=st.sampled_from(sorted(CONFIGURATIONS)), data=st.data())
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# nested_given: --verify (the lossy passes' contract) searches inputs with hypothesis inside the CLI.
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.nested_given])
 def test_a_pass_refuses_cleanly_or_keeps_the_meaning(graph, label, data):
     feeds = [data.draw(random_feeds(graph), label="feeds") for _ in range(2)]
     with tempfile.TemporaryDirectory(prefix="qgraph-fuzz-") as folder:
