@@ -128,3 +128,26 @@ def test_a_decode_steps_logits_are_not_overwritten_by_the_next_step(graphs) -> N
              for t in (7, 8, 9)]
     for got, want in steps:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_a_second_generation_on_kept_buffers_equals_a_fresh_engine(graphs, data) -> None:
+    """Buffers are kept between generations of one batch size: stale slots from the first must not show."""
+    kept = make_engine(graphs["bias"], threads=1)
+    kept.first_capacity = data.draw(st.integers(1, 8), label="first capacity")
+    long_prompt = np.array([data.draw(st.lists(st.integers(3, VOCAB - 1), min_size=6, max_size=12), label="first")])
+    short_prompt = np.array([data.draw(st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=5), label="second")])
+    kept.start(1)
+    kept.prefill(long_prompt, np.ones(long_prompt.shape, bool))
+    for t in (5, 6, 7):
+        kept.decode(np.array([t]), np.ones(1, bool))
+    fresh = make_engine(graphs["bias"], threads=1)
+    outputs = []
+    for engine in (kept, fresh):
+        engine.start(1)
+        steps = [engine.prefill(short_prompt, np.ones(short_prompt.shape, bool))]
+        steps += [engine.decode(np.array([t]), np.ones(1, bool)) for t in (9, 10)]
+        outputs.append(steps)
+    for got, want in zip(*outputs):
+        np.testing.assert_array_equal(got, want)
