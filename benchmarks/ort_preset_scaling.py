@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Command: `.venv/bin/python benchmarks/ort_preset_scaling.py --repeats {args.repeats}"
         f"{' --clock wall' if args.clock == 'wall' else ''} --write`", "",
-        f"Machine: {machine_description()}. Shared with other engineers' jobs while this ran.", "",
+        f"Machine: {machine_description()}.", "",
         "Synthetic Llama-shaped decoders (opset 23) through the whole `ort` preset, invariant checks off; "
         f"{'CPU' if args.clock == 'cpu' else 'wall'} seconds "
         f"per pass (summed over its runs in the pipeline), best of {args.repeats}; passes under 5 ms at the "
