@@ -34,7 +34,7 @@ concat graph's logits for any batch and any padding; its inputs and outputs
 are unchanged. (Checked on onnxruntime 1.32: left- and right-padded batches,
 first prompts and chunks after a past.)
 
-**``mask=none``: the lead's narrower form.** No bias and
+**``mask=none``: onnxruntime-genai's narrower form.** No bias and
 ``seqlens_k = ReduceSum(attention_mask) - 1``, as onnxruntime-genai's
 builder writes it: equal to the concat graph only for batch 1 with an
 all-ones mask. The pass then fixes the batch dim of every input and output
