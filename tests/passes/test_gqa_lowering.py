@@ -233,3 +233,15 @@ def test_optimize_verify_passes_on_the_zoo(ort_graphs, tmp_path, capsys, arch, e
         assert len(lowered) == 2 and "cached replay gives the logits of the input's own cache" in table
     else:  # TorchScript: attention-io leaves the heads split, so there is nothing GroupQueryAttention can take
         assert not lowered and "near miss in lower-gqa" in table
+
+
+def test_a_pass_after_the_kv_cache_is_verified_by_replay(ort_graphs, tmp_path, capsys) -> None:
+    """A cache graph's inputs are tied (mask = past + new columns): --verify replays generations, never draws them apart."""
+    source = ort_graphs[("llama", "dynamo")]
+    out = tmp_path / "sorted.onnx"
+    assert main(["optimize", str(source), "-o", str(out), "--passes", "lower-gqa", "skip-rmsnorm", "cse", "--verify"]) == 0
+    table = capsys.readouterr().out
+    verified = [line for line in table.splitlines() if line.startswith(("lower-gqa", "cse"))]
+    assert verified and all("cached replay gives the logits of the input's own cache" in line
+                            or line.rstrip().endswith("-") for line in verified), table
+    assert "drawn inputs" not in table, table
