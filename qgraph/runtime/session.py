@@ -109,13 +109,24 @@ class ModelFolder:
         return set()
 
     def tokenizer(self) -> Any:
-        """The Hugging Face tokenizer of the folder (transformers' AutoTokenizer)."""
+        """The folder's tokenizer: :class:`LightTokenizer` where ``tokenizer.json`` exists, else AutoTokenizer.
+
+        ``tokenizer.json`` is read with the ``tokenizers`` library alone (same
+        ids, text and chat prompts as transformers gives), so generating does
+        not import transformers and, through it, torch (~300 MiB of resident
+        memory). Folders with only sentencepiece or vocabulary files still go
+        through transformers' AutoTokenizer.
+        """
         folder = self.tokenizer_folder
         if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
             raise BadInputError(
                 f"{folder / 'tokenizer.json'}: no such file; {folder} has no tokenizer "
                 "(give a qgraph export folder, or --tokenizer DIR)"
             )
+        if (folder / "tokenizer.json").is_file():
+            from qgraph.runtime.light_tokenizer import LightTokenizer
+
+            return LightTokenizer.from_folder(folder)
         try:
             from transformers import AutoTokenizer
         except ImportError as error:  # pragma: no cover - the export extra is missing
