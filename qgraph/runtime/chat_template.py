@@ -52,20 +52,28 @@ def pick_template(templates: str | Mapping[str, str] | None, *, name: str | None
 
 def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
                 tools: Sequence[Mapping[str, Any]] | None = None, documents: Sequence[Mapping[str, Any]] | None = None,
-                special_tokens: Mapping[str, str] | None = None, **variables: Any) -> str:
-    """The conversation rendered by ``template`` (one conversation; no tokenizing)."""
+                special_tokens: Mapping[str, str] | None = None, source: str = "the tokenizer", **variables: Any) -> str:
+    """The conversation rendered by ``template`` (one conversation; no tokenizing).
+
+    A template that fails to parse, or calls ``raise_exception``, is bad input
+    named by ``source`` (the tokenizer folder).
+    """
     import jinja2
 
     for message in messages:
         if not isinstance(message, Mapping):
-            raise BadInputError(f"a chat message must be a mapping with 'role' and 'content', got {message!r}")
+            raise BadInputError(f"{source}: a chat message must be a mapping with 'role' and 'content', got {message!r}")
     chat = [{key: value for key, value in message.items() if value is not None} for message in messages]
     context = {**(special_tokens or {}), **variables}  # the caller's variables win over the special tokens
     try:
-        return _compiled(template).render(messages=chat, tools=tools, documents=documents,
-                                          add_generation_prompt=add_generation_prompt, **context)
+        compiled = _compiled(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise BadInputError(f"{source}: its chat template does not parse (line {error.lineno}: {error.message})") from None
+    try:
+        return compiled.render(messages=chat, tools=tools, documents=documents,
+                               add_generation_prompt=add_generation_prompt, **context)
     except jinja2.TemplateError as error:
-        raise BadInputError(f"chat template: {error}") from None
+        raise BadInputError(f"{source}: its chat template refused the conversation: {error}") from None
 
 
 @lru_cache(maxsize=8)
@@ -81,10 +89,7 @@ def _compiled(template: str) -> Any:
     environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     environment.globals["dict"] = _SafeDict()
     environment.globals["namespace"] = _namespace_class()
-    try:
-        return environment.from_string(template)
-    except jinja2.TemplateSyntaxError as error:
-        raise BadInputError(f"chat template, line {error.lineno}: {error.message}") from None
+    return environment.from_string(template)
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,

@@ -11,8 +11,10 @@ ids, text and chat prompts are the ones ``AutoTokenizer`` gives:
   as ``{"content": ...}``; ``special_tokens_map.json`` where the config has
   no ``added_tokens_decoder``) and extra special tokens become special added
   tokens when ``tokenizer.json`` does not hold them yet;
-- ``add_bos_token`` / ``add_eos_token``, when the config states either,
-  replace the post-processor by ``[bos] $A [eos]`` as transformers does;
+- the post-processor of ``tokenizer.json`` decides which tokens a text gets
+  around it (BOS, ``[CLS] ... [SEP]``); the config's ``add_bos_token`` /
+  ``add_eos_token`` are ignored, as transformers 5 ignores them whenever
+  ``tokenizer.json`` exists;
 - padding and truncation stored in ``tokenizer.json`` are off (transformers
   turns them off for a call that does not ask for them);
 - ``split_special_tokens`` encodes special-token strings as text;
@@ -75,7 +77,7 @@ class LightTokenizer:
     @classmethod
     def from_folder(cls, folder: str | Path) -> LightTokenizer:
         """The tokenizer of ``folder``, which must hold ``tokenizer.json``."""
-        from tokenizers import AddedToken, Tokenizer, processors
+        from tokenizers import AddedToken, Tokenizer
 
         folder = Path(folder)
         path = folder / TOKENIZER_FILE
@@ -93,9 +95,6 @@ class LightTokenizer:
         if missing:
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
 
-        if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
-            backend.post_processor = _bos_eos_processor(processors, backend, named, bool(config.get("add_bos_token")),
-                                                        bool(config.get("add_eos_token")))
         backend.no_padding()
         backend.no_truncation()
         backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
@@ -139,7 +138,8 @@ class LightTokenizer:
         template = pick_template(self.chat_template, name=chat_template, has_tools=tools is not None,
                                  source=self.source)
         text = render_chat(template, conversation, add_generation_prompt=add_generation_prompt, tools=tools,
-                           documents=documents, special_tokens=self.special_tokens_map, **variables)
+                           documents=documents, special_tokens=self.special_tokens_map, source=self.source,
+                           **variables)
         if not tokenize:
             return text
         return self(text, add_special_tokens=False) if return_dict else self.encode(text, add_special_tokens=False)
@@ -216,21 +216,6 @@ def _extra_special_tokens(config: Mapping[str, Any]) -> list[str]:
     values += [v for k, v in config.items() if k.endswith("_token") and k not in SPECIAL_TOKEN_NAMES
                and isinstance(v, (str, Mapping))]
     return [t for t in (_token_text(v) for v in values) if t is not None]
-
-
-def _bos_eos_processor(processors: Any, backend: Any, named: Mapping[str, str], add_bos: bool, add_eos: bool) -> Any:
-    """``[bos] $A [eos]`` (each only if asked and the token exists), as transformers' update_post_processor."""
-    bos, eos = named.get("bos_token"), named.get("eos_token")
-    add_bos = add_bos and bos is not None
-    add_eos = add_eos and eos is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    special = []
-    if add_bos:
-        special.append((bos, backend.token_to_id(bos)))
-    if add_eos:
-        special.append((eos, backend.token_to_id(eos)))
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
 def _chat_templates(folder: Path, config: Mapping[str, Any]) -> str | dict[str, str] | None:
