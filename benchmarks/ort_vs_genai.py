@@ -19,7 +19,11 @@ so TTFT and decode are read exactly as for the other two (its TTFT includes
 no int4/int8 CPU path for this folder without another package, so it runs
 at fp32 only.
 
-Each measurement is a fresh child process (its peak RSS is its own): load,
+Each measurement is a fresh child process (its peak RSS is its own, VmHWM;
+the child imports only what its peer needs: qgraph's child runs as the
+``qgraph`` executable does, sympy deferred, and records whether torch or
+transformers got imported -- ``qgraph generate`` reads tokenizer.json
+without them, ~300 MiB less): load,
 one short warm-up generation, then ``--repeats`` generations of
 ``--max-new-tokens`` greedy tokens with end-of-sequence ignored, 2 threads.
 The configurations run in interleaved rounds (round 1: every graph, round
@@ -81,8 +85,9 @@ def _size_mib(folder: Path) -> float:
 
 
 def _summary(runs: list[tuple[float, float]], tokens: list[int]) -> dict[str, Any]:
+    heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
     return {"ttft": [r[0] for r in runs], "decode": [r[1] for r in runs], "tokens": tokens,
-            "peak_rss_mib": peak_rss_mib()}
+            "peak_rss_mib": peak_rss_mib(), "heavy_imports": heavy}
 
 
 def _timed_runs(once: Any, task: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +101,10 @@ def _timed_runs(once: Any, task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child_qgraph(task: dict[str, Any]) -> dict[str, Any]:
+    from qgraph.deferred_imports import DEFERRED, defer
+
+    for name in DEFERRED:  # as the qgraph executable does (qgraph.cli.entry), so the RSS is `qgraph generate`'s
+        defer(name)
     from qgraph.runtime.generate import load_generator
 
     generator = load_generator(task["folder"], threads=THREADS)
@@ -232,6 +241,7 @@ def _row(label: str, precision: str, folder: Path, results: list[dict[str, Any]]
         "ttft_ms": 1000 * statistics.median(t for r in results for t in r["ttft"]),
         "rss": statistics.median(r["peak_rss_mib"] for r in results),
         "size": _size_mib(folder), "tokens": results[-1]["tokens"],
+        "heavy": sorted({m for r in results for m in r.get("heavy_imports", [])}),
     }
 
 
@@ -252,15 +262,20 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
          f"{THREADS} threads; each child process loads, warms up once, then generates {args.repeats} times; "
          f"{args.rounds} interleaved rounds; medians over all runs (peak RSS: median over the rounds' processes)."),
         "",
-        "| graph | precision | decode tok/s | TTFT ms | peak RSS MiB | model MiB | decode vs builder | TTFT vs builder |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| graph | precision | decode tok/s | TTFT ms | peak RSS MiB | model MiB | decode vs builder | TTFT vs builder "
+        "| peak RSS vs builder |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ref = by.get((BUILDER, r["precision"]))
-        vs = (f"{r['decode'] / ref['decode']:.2f}x | {r['ttft_ms'] / ref['ttft_ms']:.2f}x"
-              if ref is not None and r["label"] != ref["label"] else "- | -")
+        vs = (f"{r['decode'] / ref['decode']:.2f}x | {r['ttft_ms'] / ref['ttft_ms']:.2f}x | {r['rss'] / ref['rss']:.2f}x"
+              if ref is not None and r["label"] != ref["label"] else "- | - | -")
         lines.append(f"| {r['label']} | {r['precision']} | {r['decode']:.1f} | {r['ttft_ms']:.1f} | {r['rss']:.0f} | "
                      f"{r['size']:.0f} | {vs} |")
+    heavy = sorted({m for r in rows if r["label"].startswith("qgraph") for m in r["heavy"]})
+    lines += ["", f"qgraph's child processes imported {', '.join(heavy)}." if heavy else
+              "qgraph's child processes imported neither torch nor transformers (tokenizer.json is read with the "
+              "tokenizers library), as `qgraph generate` does not."]
     lines += ["", "qgraph preset pipelines on the export: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
               + ".", "", "Targets of issue 19:", ""]
     builder = {p: by[(BUILDER, p)] for p in BUILDER_PRECISIONS}
