@@ -274,8 +274,8 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
                      f"{r['size']:.0f} | {vs} |")
     heavy = sorted({m for r in rows if r["label"].startswith("qgraph") for m in r["heavy"]})
     lines += ["", f"qgraph's child processes imported {', '.join(heavy)}." if heavy else
-              "qgraph's child processes imported neither torch nor transformers (tokenizer.json is read with the "
-              "tokenizers library), as `qgraph generate` does not."]
+              "qgraph's child processes imported neither torch nor transformers: like `qgraph generate`, they read "
+              "tokenizer.json with the tokenizers library."]
     lines += ["", "qgraph preset pipelines on the export: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
               + ".", "", "Targets of issue 19:", ""]
     builder = {p: by[(BUILDER, p)] for p in BUILDER_PRECISIONS}
