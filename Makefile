@@ -45,3 +45,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fp16_clip_memory.py --write
 	$(BIN)/python benchmarks/rewrite_scaling.py --write
 	$(BIN)/python benchmarks/export_times.py --write
+	$(BIN)/python benchmarks/generate_memory.py --write
