@@ -26,15 +26,20 @@ ids, text and chat prompts are the ones ``AutoTokenizer`` gives:
 The interface is the part of a Hugging Face tokenizer that the runtime uses:
 ``tok(text, add_special_tokens=...)["input_ids"]``, ``encode``, ``decode(ids,
 skip_special_tokens=...)``, ``apply_chat_template``, ``chat_template`` and the
-special tokens with their ids. A folder whose tokenizer class rebuilds its
-pipeline in Python instead of reading ``tokenizer.json`` (sentencepiece-only
-folders without ``tokenizer.json``) is left to ``AutoTokenizer``
-(:meth:`qgraph.runtime.session.ModelFolder.tokenizer`).
+special tokens with their ids. A folder without ``tokenizer.json``
+(sentencepiece or vocabulary files only) is left to ``AutoTokenizer``
+(:meth:`qgraph.runtime.session.ModelFolder.tokenizer`). Some model-specific
+tokenizer classes of transformers rebuild their pipeline from the vocabulary
+instead of taking ``tokenizer.json`` whole; this reads ``tokenizer.json`` as
+written, which is what such a class saved. tests/runtime/test_light_tokenizer.py
+checks the folders the project meets (transformers 5's generic class, and a
+``BertTokenizer`` folder written by older transformers).
 """
 
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,7 +125,7 @@ class LightTokenizer:
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> str:
-        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]  # numpy ints, too
+        ids = [int(ids)] if isinstance(ids, numbers.Integral) else [int(i) for i in ids]  # numpy ints, too
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if self.clean_up_tokenization_spaces:
             for before, after in _CLEAN_UP:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -191,6 +192,9 @@ def test_decoded_text_equals_autotokenizer(pair, data) -> None:
     for ids in (encoded, arbitrary):
         for skip in (True, False):
             assert light.decode(ids, skip_special_tokens=skip) == auto.decode(ids, skip_special_tokens=skip)
+    if encoded:  # numpy ids (what an engine returns) decode the same, one or many
+        assert light.decode(np.asarray(encoded)) == auto.decode(encoded)
+        assert light.decode(np.int64(encoded[0])) == auto.decode(encoded[0])
 
 
 @SETTINGS
