@@ -127,10 +127,14 @@ def entry() -> None:
     weakref finalizers still run). ``main`` itself does not do this: tests
     and other tools call it in processes that go on.
 
-    The executable also defers sympy (qgraph/deferred_imports.py), which
+    A command that runs a model starts itself again first, asking glibc for
+    huge pages (qgraph/huge_pages.py). The executable also defers sympy (qgraph/deferred_imports.py), which
     onnx_ir imports eagerly and a command seldom uses; a program that
     imports qgraph as a library keeps its import system as it was.
     """
+    from qgraph.huge_pages import restart_with_huge_pages
+
+    restart_with_huge_pages(sys.argv[1:])  # generate, demo, ...: once more, with huge pages (qgraph/huge_pages.py)
     from qgraph.deferred_imports import DEFERRED, defer
 
     for name in DEFERRED:

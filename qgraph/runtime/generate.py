@@ -73,9 +73,9 @@ class TokenSampler:
         self.rng = np.random.default_rng(config.seed)
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
+        if self.config.greedy:  # on the logits' own dtype: widening is exact and keeps the order
+            return np.asarray(logits).argmax(axis=-1).astype(np.int64)
         logits = np.asarray(logits, np.float64)
-        if self.config.greedy:
-            return logits.argmax(axis=-1).astype(np.int64)
         return np.array([self._sample(row) for row in logits], np.int64)
 
     def _sample(self, logits: np.ndarray) -> int:
