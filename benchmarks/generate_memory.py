@@ -9,8 +9,8 @@ It now reads tokenizer.json with the ``tokenizers`` library
 (qgraph/runtime/light_tokenizer.py). This measures both on SmolLM2-135M's
 ort graphs (the packaged GGUF, exported with dynamo and run through the
 presets as ``qgraph demo`` does): each measurement is a fresh process
-running the ``qgraph`` executable's code (``qgraph.cli.entry``: sympy
-deferred) on ``generate DIR --prompt P --max-new-tokens N``; the
+running the ``qgraph`` executable's code (``qgraph.cli.entry``: started
+again with huge pages where glibc and the kernel allow, sympy deferred) on ``generate DIR --prompt P --max-new-tokens N``; the
 AutoTokenizer peer is the same process with ``ModelFolder.tokenizer``
 replaced by transformers' AutoTokenizer, as it was before. Peak RSS is the
 process's VmHWM; rounds are interleaved, medians reported; the generated
@@ -39,8 +39,12 @@ LIGHT, AUTO = "tokenizer.json (tokenizers)", "AutoTokenizer (transformers)"
 
 def _child(task: dict[str, Any]) -> dict[str, Any]:
     from qgraph.deferred_imports import DEFERRED, defer
+    from qgraph.huge_pages import restart_with_huge_pages
 
-    for name in DEFERRED:  # what the qgraph executable does before main()
+    # What the qgraph executable does before main(): start again with glibc's huge pages where they apply
+    # (this child process, same arguments), and defer sympy.
+    restart_with_huge_pages(["generate"])
+    for name in DEFERRED:
         defer(name)
     import qgraph.runtime.session as session
     from qgraph.cli import main
@@ -60,7 +64,8 @@ def _child(task: dict[str, Any]) -> dict[str, Any]:
             raise SystemExit(f"qgraph generate exited {code}")
         (row,) = json.loads(report.read_text())["rows"]
     return {"peak_rss_mib": peak_rss_mib(), "tokens": row["token_ids"],
-            "heavy_imports": sorted(m for m in ("torch", "transformers") if m in sys.modules)}
+            "heavy_imports": sorted(m for m in ("torch", "transformers") if m in sys.modules),
+            "huge_pages": "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def _graphs(out: Path, presets: list[str]) -> dict[str, Path]:
@@ -89,7 +94,8 @@ def format_report(results: dict[tuple[str, str], list[dict[str, Any]]], args: An
         f"Machine: {machine_description()} (how busy it was: see the note at the end).",
         "",
         f"`qgraph generate` on SmolLM2-135M's graphs, prompt {PROMPT!r}, {args.max_new_tokens} tokens; a fresh "
-        f"process each, {args.rounds} interleaved rounds, median peak RSS (VmHWM).",
+        f"process each, {args.rounds} interleaved rounds, median peak RSS (VmHWM); glibc huge pages "
+        f"{'on' if all(r['huge_pages'] for runs in results.values() for r in runs) else 'off'} (qgraph/huge_pages.py).",
         "",
         f"| preset | tokenizer read by | peak RSS MiB | torch/transformers imported | vs {AUTO.split()[0]} | same tokens |",
         "|---|---|---:|---|---:|---|",
