@@ -11,49 +11,60 @@ Entry points: :func:`check_equivalent` (library), :func:`verify_step` and
 (``qgraph check``), :func:`replay` (a saved failing example).
 """
 
-from qgraph.verify.compare import (
-    ComparisonReport,
-    OutputReport,
-    Tolerance,
-    compare_arrays,
-    compare_outputs,
-    default_tolerance,
-)
-from qgraph.verify.correspondence import Correspondence, correspond
-from qgraph.verify.equivalence import (
-    EquivalenceResult,
-    NotEquivalentError,
-    check_equivalent,
-    load_inputs,
-    replay,
-    save_inputs,
-    step_verifier,
-    verify_step,
-)
-from qgraph.verify.files import check_files, replay_files
-from qgraph.verify.kv_contract import KVLayout, KVLayoutError, detect_kv_layout
-from qgraph.verify.localize import Divergence, NodeRef, localize, shared_tensors
-from qgraph.verify.roles import InputSpec, Role, describe_inputs
-from qgraph.verify.rule_check import RuleCheck, VariantCheck, check_rule
-from qgraph.verify.runner import OrtRunner, RunError
-from qgraph.verify.sequence import (
-    ReplayCase,
-    ReplayResult,
-    SequenceCheckResult,
-    check_sequence_equivalence,
-    replay_cases,
-    replay_sequence,
-)
-from qgraph.verify.strategies import (
-    Example,
-    InputOptions,
-    attention_masks,
-    float_arrays,
-    input_strategy,
-    position_ids,
-    positions_from_mask,
-    token_ids,
-)
+# Each name is imported from its module on first use (PEP 562): a runtime that needs only the
+# KV layout (qgraph.runtime.engines -> kv_contract) does not load hypothesis and the comparison code.
+# One name is also a module's: importing qgraph.verify.localize (as equivalence does) would bind the
+# module over a lazy name, so the function is bound now (localize imports no test libraries).
+from qgraph.verify.localize import localize  # noqa: E402
+
+_SOURCES = {
+    "ComparisonReport": "compare",
+    "OutputReport": "compare",
+    "Tolerance": "compare",
+    "compare_arrays": "compare",
+    "compare_outputs": "compare",
+    "default_tolerance": "compare",
+    "Correspondence": "correspondence",
+    "correspond": "correspondence",
+    "EquivalenceResult": "equivalence",
+    "NotEquivalentError": "equivalence",
+    "check_equivalent": "equivalence",
+    "load_inputs": "equivalence",
+    "replay": "equivalence",
+    "save_inputs": "equivalence",
+    "step_verifier": "equivalence",
+    "verify_step": "equivalence",
+    "check_files": "files",
+    "replay_files": "files",
+    "KVLayout": "kv_contract",
+    "KVLayoutError": "kv_contract",
+    "detect_kv_layout": "kv_contract",
+    "Divergence": "localize",
+    "NodeRef": "localize",
+    "shared_tensors": "localize",
+    "InputSpec": "roles",
+    "Role": "roles",
+    "describe_inputs": "roles",
+    "RuleCheck": "rule_check",
+    "VariantCheck": "rule_check",
+    "check_rule": "rule_check",
+    "OrtRunner": "runner",
+    "RunError": "runner",
+    "ReplayCase": "sequence",
+    "ReplayResult": "sequence",
+    "SequenceCheckResult": "sequence",
+    "check_sequence_equivalence": "sequence",
+    "replay_cases": "sequence",
+    "replay_sequence": "sequence",
+    "Example": "strategies",
+    "InputOptions": "strategies",
+    "attention_masks": "strategies",
+    "float_arrays": "strategies",
+    "input_strategy": "strategies",
+    "position_ids": "strategies",
+    "positions_from_mask": "strategies",
+    "token_ids": "strategies",
+}
 
 __all__ = [
     "KVLayout",
@@ -104,3 +115,18 @@ __all__ = [
     "token_ids",
     "verify_step",
 ]
+
+
+def __getattr__(name: str):
+    module = _SOURCES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qgraph.verify' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"qgraph.verify.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SOURCES])
