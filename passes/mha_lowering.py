@@ -1,12 +1,13 @@
 """Attention lowered to onnxruntime's MultiHeadAttention where GroupQueryAttention does not apply (``ort`` target).
 
-``lower-gqa`` takes a cached layer whose rotary it can fuse; what it
-refuses (no rotary, interleaved or partial rotary, ALiBi, TorchScript's
-split heads, ...) stays a standard ``Attention`` (opset 23) with the concat
-cache as its past inputs. On onnxruntime's CPU such a layer is faster as
-``com.microsoft::MultiHeadAttention`` at longer contexts (benchmarks/RESULTS.md,
-"MultiHeadAttention lowering"), which takes the same cache in the same
-layout::
+``lower-gqa`` takes a cached layer whose q, k, v ``attention-io`` packed
+(``[B, S, H*D]``) and whose rotary, if any, it can fuse; what it refuses
+(4-D ``[B, H, S, D]`` operands: TorchScript's split heads, and the dynamo
+exports of GPT-2, Bloom, Phi, GPT-J, GPT-Neo, ...; interleaved or partial
+rotary; softcap) stays a standard ``Attention`` (opset 23) with the concat
+cache as its past inputs. This pass gives such a layer
+onnxruntime's ``com.microsoft::MultiHeadAttention``, which takes the same
+cache in the same layout::
 
     y, present_k, present_v = Attention(q, k, v, mask, past_k, past_v)          # q, k, v [B, H, S, D] or [B, S, H*D]
 
@@ -24,6 +25,15 @@ itself when it is already additive, e.g. ALiBi folded in), one for all
 layers that share the mask. ``present = concat(past, new)`` and the graph's
 inputs and outputs are unchanged: it is still the concat contract, for any
 batch and any padding, prefill or chunk after a past.
+
+**Not in the ort presets.** Measured on onnxruntime 1.32's CPU kernels
+(benchmarks/RESULTS.md, "MultiHeadAttention lowering"), MultiHeadAttention
+prefills long prompts faster than Attention (about 0.9x at 512-2048 tokens)
+but is slower on short contexts (1.13-1.15x at 16 tokens, prefill and
+decode, in every run); decode steps at longer contexts were within the
+shared machine's noise. Not slower anywhere was the bar, so the presets keep
+Attention and the pass is there for a pipeline that asks for it
+(``--passes ... lower-gqa lower-mha``), e.g. for long-prompt work.
 
 **Why not a rule table.** The rewrite reads what no single match shows:
 the head counts of 4-D operands (a TorchScript export leaves q's shape
