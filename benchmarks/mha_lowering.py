@@ -58,7 +58,8 @@ def _graph(form: str, heads: int, size: int, layers: int) -> onnx.ModelProto:
     nodes, opsets = [], [helper.make_opsetid("", 23)]
     inits = [] if form == "attention 4-D" else [packed, split]  # Reshapes only in the other two
     if form == "MultiHeadAttention":  # once for all layers, as lower-mha writes it
-        inits += [helper.make_tensor("zero", f, [], [0.0]), helper.make_tensor("hidden", f, [], [-np.inf])]
+        lowest = float(np.finfo(np.float32).min)
+        inits += [helper.make_tensor("zero", f, [], [0.0]), helper.make_tensor("hidden", f, [], [lowest])]
         nodes.append(helper.make_node("Where", ["mask", "zero", "hidden"], ["bias"]))
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     for i in range(layers):

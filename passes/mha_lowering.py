@@ -20,7 +20,7 @@ where ``x3 = Reshape(x, [0, 0, H*D])`` of the model's own ``[B, S, H, D]``
 tensor when a 4-D operand is its ``Transpose(perm=[0, 2, 1, 3])`` (else the
 Transpose is added), the output goes back the same way (a consumer's
 ``Transpose(perm=[0, 2, 1, 3])`` becomes a Reshape), and
-``attention_bias = Where(mask, 0, -inf)`` for a boolean mask (the mask
+``attention_bias = Where(mask, 0, lowest)`` for a boolean mask (the mask
 itself when it is already additive, e.g. ALiBi folded in), one for all
 layers that share the mask. ``present = concat(past, new)`` and the graph's
 inputs and outputs are unchanged: it is still the concat contract, for any
@@ -298,7 +298,10 @@ class _Shared:
         return [self._node("Transpose", [split], before, shape=y.shape, perm=_HEADS_PERM)]
 
     def bias(self, mask: ir.Value, dtype: ir.DataType, before: ir.Node) -> ir.Value:
-        """attention_bias from the Attention's mask: 0 where a bool mask shows a key, -inf where it hides it."""
+        """attention_bias from the Attention's mask: 0 where a bool mask shows a key, the dtype's lowest value where
+        it hides it -- not -inf: a query that sees no key at all would get NaN from MultiHeadAttention (Attention
+        gives zeros), and a padded row's NaN reaches valid rows through the cache (0 x NaN). With a finite fill
+        such a row averages, and a partly hidden row is unchanged (its hidden scores still underflow to 0)."""
         if mask.dtype != ir.DataType.BOOL:
             return mask  # already additive, in the model's dtype (Attention requires it)
         for node in mask.uses():
@@ -306,7 +309,7 @@ class _Shared:
             if user.name and user.name.startswith("lower_mha/bias") and user.graph is self.graph:
                 return user.outputs[0]
         zero = self._const(np.array(0, dtype.numpy()), "lower_mha/zero")
-        hidden = self._const(np.array(-np.inf, dtype.numpy()), "lower_mha/hidden")
+        hidden = self._const(np.array(np.finfo(dtype.numpy()).min, dtype.numpy()), "lower_mha/hidden")
         node = ir.node("Where", [mask, zero, hidden], name=f"lower_mha/bias_{mask.name}")
         node.outputs[0].name = node.name
         node.outputs[0].dtype, node.outputs[0].shape = dtype, mask.shape

@@ -227,3 +227,43 @@ def test_generate_runs_the_lowered_graph(attention_graphs, tmp_path) -> None:
         tokens.append(np.stack(steps, axis=1))
         assert np.all(np.isfinite(logits))
     np.testing.assert_array_equal(tokens[1], tokens[0])
+
+
+def _hide_padded_queries(model: ir.Model) -> None:
+    """Every layer's bool mask AND "this query is a valid token": a padded query row then sees no key at all."""
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    mask = attention.inputs[3]
+    inputs = {v.name: v for v in model.graph.inputs}
+    length = ir.node("Shape", [inputs["input_ids"]], attributes={"start": 1, "end": 2})
+    start = ir.node("Neg", [length.outputs[0]])
+    end = ir.Value(name="hide/end", const_value=ir.tensor(np.array([2**62], np.int64)))
+    axis = ir.Value(name="hide/axis", const_value=ir.tensor(np.array([1], np.int64)))
+    axes = ir.Value(name="hide/axes", const_value=ir.tensor(np.array([1, 3], np.int64)))
+    for value in (end, axis, axes):
+        model.graph.register_initializer(value)
+    columns = ir.node("Slice", [inputs["attention_mask"], start.outputs[0], end, axis])
+    valid = ir.node("Cast", [columns.outputs[0]], attributes={"to": ir.DataType.BOOL})
+    rows = ir.node("Unsqueeze", [valid.outputs[0], axes])
+    hidden = ir.node("And", [mask, rows.outputs[0]])
+    hidden.outputs[0].dtype, hidden.outputs[0].shape = ir.DataType.BOOL, mask.shape
+    model.graph.insert_after(mask.producer(), [length, start, columns, valid, rows, hidden])
+    for node in model.graph:
+        if node.op_type == "Attention" and node.inputs[3] is mask:
+            node.replace_input_with(3, hidden.outputs[0])
+
+
+def test_a_row_with_every_key_hidden_stays_finite(attention_graphs, tmp_path) -> None:
+    """A query that sees no key: Attention gives zeros, MultiHeadAttention NaN with a -inf bias -- which would reach
+    valid rows through the cache (0 x NaN). The bias hides keys with the lowest finite value instead."""
+    model = io.load(attention_graphs[("gpt2", "dynamo")])
+    _hide_padded_queries(model)
+    source = tmp_path / "hidden-rows.onnx"
+    io.save(model, source)
+    lowered, _ = _lower(source)
+    assert len(_mha_nodes(lowered)) == 2
+    tokens = np.random.default_rng(1).integers(3, 256, size=(2, 6))
+    valid = np.ones((2, 6), bool)
+    valid[0, :2] = False  # row 0's first two queries are padding: in layer 0 they see nothing
+    with SequenceReplayer(lowered, source) as replayer:
+        result = replayer.run(ReplayCase(tokens, valid, (4, 1, 1), "left"))
+    assert result.passed, str(result)
