@@ -29,8 +29,8 @@ batch and any padding, prefill or chunk after a past.
 **Not in the ort presets.** Measured on onnxruntime 1.32's CPU kernels
 (benchmarks/RESULTS.md, "MultiHeadAttention lowering"), MultiHeadAttention
 prefills long prompts faster than Attention (about 0.9x at 512-2048 tokens)
-but is slower on short contexts (1.13-1.15x at 16 tokens, prefill and
-decode, in every run); decode steps at longer contexts were within the
+but is slower on short contexts (1.04-1.21x at 16 tokens, prefill and
+decode, in each of six runs); decode steps at longer contexts were within the
 shared machine's noise. Not slower anywhere was the bar, so the presets keep
 Attention and the pass is there for a pipeline that asks for it
 (``--passes ... lower-gqa lower-mha``), e.g. for long-prompt work.

@@ -88,7 +88,7 @@ def _with_gqa(preset: dict) -> dict:
 # shared cache buffer" and "ort vs onnxruntime-genai"). The Attention form stays as ``ort-attention``.
 ORT: dict = _with_gqa(ORT_ATTENTION)
 # lower-mha (com.microsoft::MultiHeadAttention for the layers lower-gqa leaves) is not in ``ort``: measured
-# on onnxruntime's CPU it is slower than Attention on short contexts (1.13-1.15x at 16 tokens; faster only
+# on onnxruntime's CPU it is slower than Attention on short contexts (1.04-1.21x at 16 tokens; faster only
 # for long prefills: benchmarks/RESULTS.md, "MultiHeadAttention lowering"); a pipeline that wants it names
 # it after lower-gqa.
 # The same pipelines at the other precisions (--preset ort-int8 / ort-int4, and their -attention forms);
