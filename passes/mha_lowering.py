@@ -225,7 +225,7 @@ class LowerMHAPass(Pass):
         y, present_k, present_v = node.outputs[:3]
         y3 = mha.outputs[0]
         y3.name, y3.dtype = f"{node.name}/mha_output", y.dtype
-        if len(y.shape) == 3:
+        if len(q.shape) == 3:  # Attention's output has q's rank
             y3.shape = y.shape
             rest = [y3]
         else:  # [B, S, H*D] back to [B, H, S, D]; a consumer that transposes back to [B, S, H, D] gets a Reshape

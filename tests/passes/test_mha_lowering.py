@@ -144,7 +144,9 @@ def test_heads_of_split_operands_are_read_by_running(attention_graphs) -> None:
         assert {(lay.q_heads, lay.k_heads, lay.v_heads, lay.q_size) for lay in layouts.values()} == {(*heads, 16)}
 
 
-@pytest.mark.parametrize(("arch", "exporter"), [("gpt2", "dynamo"), ("gptj", "torchscript"), ("bloom", "torchscript")])
+# one case per architecture, both exporters among them; gpt-neo (dynamo) has one layer of each lowering
+@pytest.mark.parametrize(("arch", "exporter"), [("gpt2", "dynamo"), ("opt", "torchscript"), ("phi", "dynamo"),
+                                                ("bloom", "torchscript"), ("gpt_neo", "dynamo"), ("gptj", "torchscript")])
 def test_optimize_verify_passes(attention_graphs, tmp_path, capsys, arch, exporter) -> None:
     """``qgraph optimize --passes lower-gqa lower-mha --verify`` exits 0 and says what it proved."""
     out = tmp_path / "mha.onnx"
