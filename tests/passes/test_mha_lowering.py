@@ -46,12 +46,17 @@ REFUSED = {
 }
 
 
+# attention-io packed their heads ([B, S, H*D], q_num_heads / kv_num_heads); lower-gqa would take them, lower-mha
+# alone takes those whose KV heads are the query heads
+PACKED = {("opt", "dynamo"): 2, ("llama", "dynamo"): 0}
+
+
 @pytest.fixture(scope="module")
 def attention_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """The ort-attention preset's graph of each case (what lower-gqa, then lower-mha, take), made once."""
     out = tmp_path_factory.mktemp("ort-attention-graphs")
     graphs = {}
-    for arch, exporter in [*LOWERED, *REFUSED]:
+    for arch, exporter in [*LOWERED, *REFUSED, *PACKED]:
         run = run_preset("ort-attention", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}",
                          default_registry())
         graphs[(arch, exporter)] = run.folder / "model.onnx"
@@ -269,3 +274,24 @@ def test_a_row_with_every_key_hidden_stays_finite(attention_graphs, tmp_path) ->
     with SequenceReplayer(lowered, source) as replayer:
         result = replayer.run(ReplayCase(tokens, valid, (4, 1, 1), "left"))
     assert result.passed, str(result)
+
+
+@pytest.mark.parametrize(("arch", "exporter"), sorted(PACKED))
+def test_packed_heads_go_in_as_they_are(attention_graphs, arch, exporter) -> None:
+    """lower-mha alone on attention-io's packed form: q, k, v are already [B, S, H*D] (nothing added around the
+    kernel); grouped KV heads (llama's 4 / 2) are refused by their attributes, without running anything."""
+    source = attention_graphs[(arch, exporter)]
+    model = io.load(source)
+    before = {n.op_type for n in model.graph}
+    operands = [[x.name for x in n.inputs[:3]] for n in model.graph if n.op_type == "Attention"]
+    report = PassManager(["lower-mha"]).run(model)
+    mha = _mha_nodes(model)
+    assert len(mha) == PACKED[(arch, exporter)]
+    if not mha:
+        record = next(r for r in report.passes if r.name == "lower-mha")
+        assert all("q has 4 heads, k 2, v 2" in note for note in record.notes) and len(record.notes) == 2
+        return
+    assert {n.op_type for n in model.graph} - before == {"MultiHeadAttention", "Where"}  # no Reshape, no Transpose
+    assert [[x.name for x in n.inputs[:3]] for n in mha] == operands  # the very values the Attention read
+    result = check_sequence_equivalence(model, source, examples=10, seed=5, max_len=10)
+    assert result.equivalent, str(result)
