@@ -31,7 +31,8 @@ batch and any padding, prefill or chunk after a past.
 prefills long prompts faster than Attention (about 0.9x at 512-2048 tokens)
 but is slower on short contexts (1.04-1.21x at 16 tokens, prefill and
 decode, in each of six runs); decode steps at longer contexts were within the
-shared machine's noise. Not slower anywhere was the bar, so the presets keep
+shared machine's noise. On a whole GPT-2-small-shaped model ("... whole model")
+prefills took 1.00-1.16x and decode steps 0.91-1.00x. Not slower anywhere was the bar, so the presets keep
 Attention and the pass is there for a pipeline that asks for it
 (``--passes ... lower-gqa lower-mha``), e.g. for long-prompt work.
 
