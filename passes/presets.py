@@ -87,6 +87,10 @@ def _with_gqa(preset: dict) -> dict:
 # the cache per step, rotary inside the kernel (benchmarks/RESULTS.md, "GroupQueryAttention and the
 # shared cache buffer" and "ort vs onnxruntime-genai"). The Attention form stays as ``ort-attention``.
 ORT: dict = _with_gqa(ORT_ATTENTION)
+# lower-mha (com.microsoft::MultiHeadAttention for the layers lower-gqa leaves) is not in ``ort``: measured
+# on onnxruntime's CPU it is slower than Attention on short contexts (1.04-1.21x at 16 tokens; faster only
+# for long prefills: benchmarks/RESULTS.md, "MultiHeadAttention lowering"); a pipeline that wants it names
+# it after lower-gqa.
 # The same pipelines at the other precisions (--preset ort-int8 / ort-int4, and their -attention forms);
 # ``ort`` itself stays fp32.
 ORT_INT8: dict = _quantized(ORT, 8)

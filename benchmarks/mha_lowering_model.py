@@ -1,0 +1,156 @@
+"""A whole GPT-2-small-shaped model in onnxruntime: the ``ort`` graph (Attention) against it with ``lower-mha``.
+
+    .venv/bin/python benchmarks/mha_lowering_model.py [--contexts 16,256,900] [--steps 16] [--rounds 2]
+                                                     [--out DIR] [--write] [--note TEXT]
+
+What ``benchmarks/mha_lowering.py`` measures on attention layers alone,
+measured where it counts: a random-weight GPT-2 with GPT-2 small's shape
+(12 layers, 12 heads of 64, vocabulary 50257; ``lower-gqa`` takes none of its
+layers), exported by dynamo, through the ``ort`` preset, then the same graph
+with ``lower-mha`` after it. Both run as ``qgraph generate`` runs them
+(:func:`qgraph.runtime.engines.make_engine`, concat cache, 2 threads, one
+process). For each context c: a prefill of c random tokens (timed, each
+graph in turn) and ``--steps`` greedy decode steps alternating between the
+two graphs (every other round starts with the lowered one), after one
+warm-up generation each. Greedy tokens
+must agree (the benchmark fails otherwise). GPT-2 has 1024 positions, so
+contexts stay below that.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from harness import benchmark_parser
+from results_file import machine_description, publish
+
+SECTION = "MultiHeadAttention lowering: GPT-2 small, whole model"
+THREADS = 2
+VOCAB = 50257
+
+
+def _hf_folder(folder: Path) -> Path:
+    """GPT-2 small's config with random weights (seed 0) and the zoo's byte tokenizer, written once."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qgraph.export.zoo import _byte_tokenizer
+
+    config = GPT2Config(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config.architectures = ["GPT2LMHeadModel"]
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    _byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _graphs(out: Path) -> dict[str, Path]:
+    from qgraph import io
+    from qgraph.demo import run_preset
+    from qgraph.export import Progress, export_model
+    from qgraph.manager import PassManager
+    from qgraph.registry import default_registry
+
+    lowered = out / "lower-mha" / "model.onnx"
+    plain = out / "ort" / "model.onnx"
+    if not lowered.exists():
+        exported = export_model(_hf_folder(out / "gpt2-small-hf"), out / "export", exporter="dynamo",
+                                progress=Progress())
+        print("preset ort ...", file=sys.stderr)
+        run_preset("ort", exported.output_dir, out, default_registry())
+        model = io.load(plain)
+        report = PassManager(["lower-mha"]).run(model)
+        record = next(r for r in report.passes if r.name == "lower-mha")
+        print(f"lower-mha: {record.rule_matches}", file=sys.stderr)
+        lowered.parent.mkdir(parents=True, exist_ok=True)
+        io.save(model, lowered, external_data=True)
+    return {"ort": plain, "ort + lower-mha": lowered}
+
+
+def _round(engines: dict, prompt: np.ndarray, steps: int, flip: bool) -> tuple[dict, dict, dict]:
+    names = list(engines)[::-1] if flip else list(engines)
+    logits, prefill = {}, {}
+    for name in names:
+        engines[name].start(1)
+        started = time.perf_counter()
+        logits[name] = engines[name].prefill(prompt, np.ones_like(prompt, bool))
+        prefill[name] = time.perf_counter() - started
+    times: dict[str, list[float]] = {n: [] for n in names}
+    tokens: dict[str, list[int]] = {n: [] for n in names}
+    for _ in range(steps):
+        for name in names:
+            token = np.argmax(logits[name], axis=-1)
+            tokens[name].append(int(token[0]))
+            started = time.perf_counter()
+            logits[name] = engines[name].decode(token, np.ones(1, bool))
+            times[name].append(time.perf_counter() - started)
+    return prefill, times, tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__, SECTION)
+    parser.add_argument("--contexts", default="16,256,900")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", metavar="DIR", help="keep (and reuse) the model, export and graphs here")
+    args = parser.parse_args(argv)
+    from qgraph.runtime.engines import make_engine
+
+    with tempfile.TemporaryDirectory(prefix="qgraph-mha-") as scratch:
+        graphs = _graphs(Path(args.out) if args.out else Path(scratch))
+        engines = {name: make_engine(path, threads=THREADS) for name, path in graphs.items()}
+        names = list(engines)
+        rng = np.random.default_rng(0)
+        _round(engines, rng.integers(3, 256, size=(1, 8)), 2, flip=False)  # warm-up: a session's first runs allocate
+        rows = []
+        for context in (int(c) for c in args.contexts.split(",")):
+            prompt = rng.integers(3, 256, size=(1, context))
+            prefills: dict[str, list[float]] = {n: [] for n in names}
+            times: dict[str, list[float]] = {n: [] for n in names}
+            for round_ in range(args.rounds):
+                print(f"context {context}, round {round_ + 1} ...", file=sys.stderr)
+                prefill, got, tokens = _round(engines, prompt, args.steps, flip=bool(round_ % 2))
+                if tokens[names[0]] != tokens[names[1]]:
+                    raise SystemExit(f"greedy tokens differ at context {context}: {tokens}")
+                for name in names:
+                    prefills[name].append(prefill[name])
+                    times[name] += got[name]
+            rows.append((context, {n: 1000 * min(prefills[n]) for n in names},
+                         {n: 1000 * statistics.median(times[n]) for n in names},
+                         {n: 1000 * min(times[n]) for n in names}))
+    a, b = names
+    lines = [
+        f"Command: `.venv/bin/python benchmarks/mha_lowering_model.py --contexts {args.contexts} --steps {args.steps} "
+        f"--rounds {args.rounds} --write`",
+        "",
+        f"Machine: {machine_description()}.",
+        "",
+        ("Random-weight GPT-2 with GPT-2 small's shape (12 layers, 12 heads of 64, vocabulary 50257), dynamo export; "
+         f"`{a}` (every layer an Attention: lower-gqa takes none) against `{b}` (every layer a MultiHeadAttention), "
+         f"concat cache as `qgraph generate` runs it, {THREADS} threads, one process. Prefill of c random tokens: "
+         f"fastest of {args.rounds}; decode: median / fastest of {args.rounds} x {args.steps} steps alternating "
+         "between the two graphs; greedy tokens agree (checked)."),
+        "",
+        f"| context c | {a} prefill ms | {b} prefill ms | ratio | {a} decode ms/step | {b} decode ms/step "
+        "| ratio (median) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for context, prefill, median, fastest in rows:
+        lines.append(f"| {context} | {prefill[a]:.1f} | {prefill[b]:.1f} | {prefill[b] / prefill[a]:.2f}x "
+                     f"| {median[a]:.2f} / {fastest[a]:.2f} | {median[b]:.2f} / {fastest[b]:.2f} "
+                     f"| {median[b] / median[a]:.2f}x |")
+    if args.note:
+        lines += ["", args.note]
+    publish(SECTION, "\n".join(lines), args.write)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
