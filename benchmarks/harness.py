@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -17,7 +18,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["benchmark_parser", "exported", "in_child", "peak_rss_mib", "ran_as_child"]
+__all__ = ["benchmark_parser", "exported", "huge_pages_mib", "in_child", "peak_rss_mib", "ran_as_child"]
+
+
+def huge_pages_mib() -> float:
+    """How much of this process's memory is in transparent huge pages now (AnonHugePages), 0 where unknown."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return 0.0
 
 
 def peak_rss_mib() -> float:
@@ -36,10 +48,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def in_child(script: str, task: dict[str, Any]) -> dict[str, Any]:
-    """Run ``script --child TASK`` in a fresh interpreter; its last stdout line, parsed."""
+def in_child(script: str, task: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``script --child TASK`` in a fresh interpreter (``env``: added to this one's environment);
+    its last stdout line, parsed."""
+    environ = {**os.environ, **env} if env else None
     done = subprocess.run([sys.executable, script, "--child", json.dumps(task)],
-                          stdout=subprocess.PIPE, text=True, check=False)
+                          stdout=subprocess.PIPE, text=True, check=False, env=environ)
     if done.returncode != 0:
         raise SystemExit(f"child failed ({done.returncode}) on {task}")
     return json.loads(done.stdout.strip().splitlines()[-1])

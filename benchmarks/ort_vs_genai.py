@@ -21,14 +21,21 @@ at fp32 only.
 
 Each measurement is a fresh child process (its peak RSS is its own, VmHWM;
 the child imports only what its peer needs: qgraph's child runs as the
-``qgraph`` executable does, sympy deferred, and records whether torch or
-transformers got imported -- ``qgraph generate`` reads tokenizer.json
-without them, ~300 MiB less): load,
+``qgraph`` executable does -- started again with glibc's huge pages where
+they apply (qgraph/huge_pages.py), sympy deferred -- and records whether
+torch or transformers got imported: ``qgraph generate`` reads
+tokenizer.json without them, ~300 MiB less). ``--huge-pages-rows`` adds
+each side with the other's memory: qgraph's ort and ort-int4 with
+``QGRAPH_HUGE_PAGES=0``, the builder's graphs with the tunable set, so the
+table shows how much of a difference is the graph and how much the pages.
+Each process loads,
 one short warm-up generation, then ``--repeats`` generations of
 ``--max-new-tokens`` greedy tokens with end-of-sequence ignored, 2 threads.
 The configurations run in interleaved rounds (round 1: every graph, round
 2: every graph, ...) so load on the shared machine spreads over all of
-them; the table gives medians over every run of every round. TTFT = from
+them; the table gives medians over every run of every round, and each target
+line the ratio of the two sides' medians within each round (a pair run a
+few seconds apart), median and range. TTFT = from
 the prompt's ids to the first new token; decode = tokens after the first /
 time from the first to the last. Model size = the files of the graph
 (model.onnx + external data).
@@ -51,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import benchmark_parser, in_child, peak_rss_mib, ran_as_child
+from harness import benchmark_parser, huge_pages_mib, in_child, peak_rss_mib, ran_as_child
 from results_file import machine_description, publish
 
 SECTION = "ort vs onnxruntime-genai"
@@ -62,6 +69,8 @@ QGRAPH_PRESETS = {"fp32": "ort", "int8": "ort-int8", "int4": "ort-int4"}
 BUILDER_PRECISIONS = ("fp32", "int4")
 TRANSFORMERS_PRECISIONS = ("fp32",)
 QGRAPH, BUILDER, TRANSFORMERS = "qgraph ort", "onnxruntime-genai builder", "transformers (torch)"
+NO_HUGE, WITH_HUGE = " (huge pages off)", " (huge pages on)"
+TUNABLE = "glibc.malloc.hugetlb=1"  # qgraph.huge_pages.TUNABLE, given to the builder's process for its rows
 INSTALL = "pip install onnxruntime-genai   (into qgraph's venv: .venv/bin/pip install onnxruntime-genai)"
 
 
@@ -87,7 +96,7 @@ def _size_mib(folder: Path) -> float:
 def _summary(runs: list[tuple[float, float]], tokens: list[int]) -> dict[str, Any]:
     heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
     return {"ttft": [r[0] for r in runs], "decode": [r[1] for r in runs], "tokens": tokens,
-            "peak_rss_mib": peak_rss_mib(), "heavy_imports": heavy}
+            "peak_rss_mib": peak_rss_mib(), "heavy_imports": heavy, "huge_pages_mib": huge_pages_mib()}
 
 
 def _timed_runs(once: Any, task: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +110,9 @@ def _timed_runs(once: Any, task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child_qgraph(task: dict[str, Any]) -> dict[str, Any]:
+    from qgraph.huge_pages import restart_with_huge_pages
+
+    restart_with_huge_pages(["generate"])  # as the qgraph executable does first (QGRAPH_HUGE_PAGES=0: not)
     from qgraph.deferred_imports import DEFERRED, defer
 
     for name in DEFERRED:  # as the qgraph executable does (qgraph.cli.entry), so the RSS is `qgraph generate`'s
@@ -242,6 +254,8 @@ def _row(label: str, precision: str, folder: Path, results: list[dict[str, Any]]
         "rss": statistics.median(r["peak_rss_mib"] for r in results),
         "size": _size_mib(folder), "tokens": results[-1]["tokens"],
         "heavy": sorted({m for r in results for m in r.get("heavy_imports", [])}),
+        "round_decode": [statistics.median(r["decode"]) for r in results],
+        "huge_mib": statistics.median(r.get("huge_pages_mib", 0.0) for r in results),
     }
 
 
@@ -262,16 +276,16 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
          f"{THREADS} threads; each child process loads, warms up once, then generates {args.repeats} times; "
          f"{args.rounds} interleaved rounds; medians over all runs (peak RSS: median over the rounds' processes)."),
         "",
-        "| graph | precision | decode tok/s | TTFT ms | peak RSS MiB | model MiB | decode vs builder | TTFT vs builder "
-        "| peak RSS vs builder |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| graph | precision | decode tok/s | TTFT ms | peak RSS MiB | in huge pages MiB | model MiB "
+        "| decode vs builder | TTFT vs builder | peak RSS vs builder |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ref = by.get((BUILDER, r["precision"]))
         vs = (f"{r['decode'] / ref['decode']:.2f}x | {r['ttft_ms'] / ref['ttft_ms']:.2f}x | {r['rss'] / ref['rss']:.2f}x"
               if ref is not None and r["label"] != ref["label"] else "- | - | -")
         lines.append(f"| {r['label']} | {r['precision']} | {r['decode']:.1f} | {r['ttft_ms']:.1f} | {r['rss']:.0f} | "
-                     f"{r['size']:.0f} | {vs} |")
+                     f"{r['huge_mib']:.0f} | {r['size']:.0f} | {vs} |")
     heavy = sorted({m for r in rows if r["label"].startswith("qgraph") for m in r["heavy"]})
     lines += ["", f"qgraph's child processes imported {', '.join(heavy)}." if heavy else
               "qgraph's child processes imported neither torch nor transformers: like `qgraph generate`, they read "
@@ -284,8 +298,10 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
         if r["label"].startswith("qgraph") and b is not None:
             decode = "met" if r["decode"] >= b["decode"] else "NOT met"
             ttft = "met" if r["ttft_ms"] <= b["ttft_ms"] else "NOT met"
+            paired = sorted(q / g for q, g in zip(r["round_decode"], b["round_decode"]))  # the same round's pair
             lines.append(f"- {r['label']} {r['precision']}: decode {r['decode']:.1f} vs {b['decode']:.1f} tok/s "
-                         f"({decode}); TTFT {r['ttft_ms']:.1f} vs {b['ttft_ms']:.1f} ms ({ttft})")
+                         f"({decode}; per round {statistics.median(paired):.2f}x, from {paired[0]:.2f}x to "
+                         f"{paired[-1]:.2f}x); TTFT {r['ttft_ms']:.1f} vs {b['ttft_ms']:.1f} ms ({ttft})")
     b = builder["fp32"]["tokens"]
     for r in rows:
         if r["label"].startswith("qgraph"):
@@ -320,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default=",".join(QGRAPH_PRESETS.values()),
                         help="comma-separated qgraph presets to measure (e.g. ort,ort-attention,ort-int4,ort-int4-attention)")
     parser.add_argument("--out", metavar="DIR", help="keep the graphs here (and reuse the builder's on a rerun)")
+    parser.add_argument("--huge-pages-rows", action="store_true",
+                        help="also qgraph ort / ort-int4 without huge pages and the builder with them")
     args = parser.parse_args(argv)
     if ran_as_child(args, _child):
         return 0
@@ -332,17 +350,22 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out / "qgraph")
         ours, seconds, hf_folder = _qgraph_graphs(out, args.presets.split(","))
         theirs = _builder_graphs(hf_folder, out)
-        configs = [(f"qgraph {p}", _precision(p), "qgraph", f) for p, f in ours.items()]  # "qgraph ort" = QGRAPH
-        configs += [(BUILDER, p, "genai", f) for p, f in theirs.items()]
-        configs += [(TRANSFORMERS, p, "transformers", hf_folder) for p in TRANSFORMERS_PRECISIONS]
+        configs = [(f"qgraph {p}", _precision(p), "qgraph", f, {}) for p, f in ours.items()]  # "qgraph ort" = QGRAPH
+        configs += [(BUILDER, p, "genai", f, {}) for p, f in theirs.items()]
+        if args.huge_pages_rows:  # each side with the other side's memory: where the difference comes from
+            configs += [(f"qgraph {p}{NO_HUGE}", _precision(p), "qgraph", ours[p], {"QGRAPH_HUGE_PAGES": "0"})
+                        for p in ("ort", "ort-int4") if p in ours]
+            configs += [(BUILDER + WITH_HUGE, p, "genai", f, {"GLIBC_TUNABLES": TUNABLE}) for p, f in theirs.items()]
+        configs += [(TRANSFORMERS, p, "transformers", hf_folder, {}) for p in TRANSFORMERS_PRECISIONS]
         results: dict[tuple[str, str], list[dict[str, Any]]] = {(c[0], c[1]): [] for c in configs}
         for round_ in range(args.rounds):
-            for label, precision, kind, folder in configs:
+            for label, precision, kind, folder, env in configs:
                 print(f"round {round_ + 1}/{args.rounds}: {label} {precision} ...", file=sys.stderr)
                 task = {"kind": kind, "folder": str(folder), "prompt": args.prompt, "tokens": args.max_new_tokens,
                         "repeats": args.repeats}
-                results[(label, precision)].append(in_child(__file__, task))
-        rows = [_row(label, precision, folder, results[(label, precision)]) for label, precision, _, folder in configs]
+                results[(label, precision)].append(in_child(__file__, task, env))
+        rows = [_row(label, precision, folder, results[(label, precision)])
+                for label, precision, _, folder, _ in configs]
         report = format_report(rows, args, seconds)
     publish(SECTION, report, args.write)
     return 0
