@@ -28,7 +28,10 @@ tokenizer.json without them, ~300 MiB less). ``--huge-pages-rows`` adds
 each side with the other's memory: qgraph's ort and ort-int4 with
 ``QGRAPH_HUGE_PAGES=0``, the builder's graphs with the tunable set, so the
 table shows how much of a difference is the graph and how much the pages.
-Each process loads,
+``--gguf-rows`` adds ``ort-int4`` on the packaged file's own Q4_1/Q8_0
+blocks (``quantize.gguf``, as ``compile(precision="gguf")``) at
+accuracy_level 0 (float activations: the weights are the fp32 graph's
+exactly) and 4 (int8 activations, as the builder's int4). Each process loads,
 one short warm-up generation, then ``--repeats`` generations of
 ``--max-new-tokens`` greedy tokens with end-of-sequence ignored, 2 threads.
 The configurations run in interleaved rounds (round 1: every graph, round
@@ -71,6 +74,7 @@ TRANSFORMERS_PRECISIONS = ("fp32",)
 QGRAPH, BUILDER, TRANSFORMERS = "qgraph ort", "onnxruntime-genai builder", "transformers (torch)"
 NO_HUGE, WITH_HUGE = " (huge pages off)", " (huge pages on)"
 TUNABLE = "glibc.malloc.hugetlb=1"  # qgraph.huge_pages.TUNABLE, given to the builder's process for its rows
+GGUF_ROWS = "ort-int4 gguf blocks"  # --gguf-rows: ort-int4 with quantize.gguf (the packaged file's own blocks)
 INSTALL = "pip install onnxruntime-genai   (into qgraph's venv: .venv/bin/pip install onnxruntime-genai)"
 
 
@@ -207,7 +211,7 @@ def _precision(preset: str) -> str:
     return "int4" if "int4" in preset else "int8" if "int8" in preset else "fp32"
 
 
-def _qgraph_graphs(out: Path, presets: list[str]) -> tuple[dict[str, Path], dict[str, float], Path]:
+def _qgraph_graphs(out: Path, presets: list[str], gguf_rows: bool) -> tuple[dict[str, Path], dict[str, float], Path]:
     from qgraph.demo import run_preset
     from qgraph.export import Progress, export_model
     from qgraph.export.cache import cache_root
@@ -222,7 +226,14 @@ def _qgraph_graphs(out: Path, presets: list[str]) -> tuple[dict[str, Path], dict
         print(f"preset {preset} ...", file=sys.stderr)
         run = run_preset(preset, exported.output_dir, out / "qgraph", registry)
         graphs[preset], seconds[preset] = run.folder, run.report.seconds
-    hf_folder = dequantized_folder(resolve(MODEL), cache_root(None), Progress(enabled=False))
+    source = resolve(MODEL)
+    for level in (0, 4) if gguf_rows else ():  # the packaged file's own Q4_1/Q8_0 blocks (compile(precision="gguf"))
+        label = f"{GGUF_ROWS} accuracy_level {level}"
+        print(f"preset {label} ...", file=sys.stderr)
+        run = run_preset("ort-int4", exported.output_dir, out / "qgraph", registry, label=f"gguf-level{level}",
+                         options={"quantize": {"gguf": str(source.path), "accuracy_level": level}})
+        graphs[label], seconds[label] = run.folder, run.report.seconds
+    hf_folder = dequantized_folder(source, cache_root(None), Progress(enabled=False))
     return graphs, seconds, hf_folder
 
 
@@ -336,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default=",".join(QGRAPH_PRESETS.values()),
                         help="comma-separated qgraph presets to measure (e.g. ort,ort-attention,ort-int4,ort-int4-attention)")
     parser.add_argument("--out", metavar="DIR", help="keep the graphs here (and reuse the builder's on a rerun)")
+    parser.add_argument("--gguf-rows", action="store_true",
+                        help="also ort-int4 on the packaged GGUF's own blocks (quantize.gguf), accuracy_level 0 and 4")
     parser.add_argument("--huge-pages-rows", action="store_true",
                         help="also qgraph ort / ort-int4 without huge pages and the builder with them")
     args = parser.parse_args(argv)
@@ -348,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(scratch)
         if (out / "qgraph").exists():
             shutil.rmtree(out / "qgraph")
-        ours, seconds, hf_folder = _qgraph_graphs(out, args.presets.split(","))
+        ours, seconds, hf_folder = _qgraph_graphs(out, args.presets.split(","), args.gguf_rows)
         theirs = _builder_graphs(hf_folder, out)
         configs = [(f"qgraph {p}", _precision(p), "qgraph", f, {}) for p, f in ours.items()]  # "qgraph ort" = QGRAPH
         configs += [(BUILDER, p, "genai", f, {}) for p, f in theirs.items()]

@@ -120,19 +120,24 @@ def graph_facts(model: Any) -> GraphFacts:
     return GraphFacts(count_nodes(model.graph), op_histogram(model.graph), model.opset_imports.get("", 0), cache)
 
 
-def run_preset(name: str, export_dir: Path, out_dir: Path, registry: Any) -> PresetRun:
-    """The preset's pipeline on the export; the result (+ tokenizer, sidecars) in ``out_dir/name``."""
+def run_preset(name: str, export_dir: Path, out_dir: Path, registry: Any, *,
+               options: dict[str, dict[str, Any]] | None = None, label: str | None = None) -> PresetRun:
+    """The preset's pipeline on the export (``options``: per pass, as ``--option`` sets them); the result
+    (+ tokenizer, sidecars) in ``out_dir/label`` (default: the preset's name)."""
     from qgraph import io
     from qgraph.manager import PassManager
     from qgraph.pipeline import Pipeline
 
     model = io.load(export_dir / "model.onnx")
-    report = PassManager(Pipeline.from_preset(name, registry), registry=registry).run(model)
+    pipeline = Pipeline.from_preset(name, registry)
+    if options:
+        pipeline.set_options(options)
+    report = PassManager(pipeline, registry=registry).run(model)
     facts = graph_facts(model)
     if facts.cache == "none":
         raise PassFailure(f"preset '{name}' gave a graph without a KV cache: the demo needs the kv-cache pass in it "
                           f"(its passes: {', '.join(dict.fromkeys(r.name for r in report.passes))})")
-    folder = out_dir / name
+    folder = out_dir / (label or name)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     io.save(model, folder / "model.onnx", external_data=True, protect=[export_dir / "model.onnx"])
