@@ -38,7 +38,7 @@ _CANONICALIZE = [_FOLD, {"pass": "rmsnorm"}, {"pass": "attention"}]
 # _CANONICALIZE: its compiler takes opset <= 17, which has no RotaryEmbedding.
 # cse right after: each rotary's slice of the shared cos/sin tables is one node
 # again before kv-cache reads the graph (half the kv-cache pass's time).
-_CANONICALIZE_ORT = [*_CANONICALIZE, {"pass": "rotary"}, {"pass": "pack-matmuls"}, {"pass": "cse"}]
+_CANONICALIZE_ORT = [*_CANONICALIZE, {"pass": "rotary"}, {"pass": "pack-matmuls"}, {"pass": "shape-reads"}, {"pass": "cse"}]
 
 # onnxruntime: canonical ops kept (it runs RMSNormalization, Attention and
 # RotaryEmbedding natively), the KV cache in the concat form
