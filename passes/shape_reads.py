@@ -57,6 +57,22 @@ def _is_const(value: ir.Value | None) -> bool:
     return value is not None and ir.convenience.get_const_tensor(value) is not None
 
 
+class _Names:
+    """Fresh value names: ``base``, else ``base_2``, ``base_3``... (unnamed nodes give empty bases)."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._taken = {v.name for v in graph.inputs} | set(graph.initializers)
+        self._taken |= {v.name for n in graph for v in n.outputs}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._taken:
+            k += 1
+            name = f"{base}_{k}"
+        self._taken.add(name)
+        return name
+
+
 def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.dtype, value.shape = value.const_value.dtype, ir.Shape(list(array.shape))
@@ -76,6 +92,7 @@ class ShapeReadsPass(Pass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         dims = DimSources(graph)
+        self._names = _Names(graph)
         changed = False
         for node in list(graph):
             if node.domain not in ("", "ai.onnx"):
@@ -100,7 +117,7 @@ class ShapeReadsPass(Pass):
             graph.remove(node, safe=True)
             self.report.count("identity-reshapes")
             return True
-        target = _constant(graph, np.array(out, np.int64), f"{node.name}/target")
+        target = _constant(graph, np.array(out, np.int64), self._names(f"shape_reads/{node.name or 'reshape'}/target"))
         node.replace_input_with(1, target)
         node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
         if -1 not in out:
@@ -124,14 +141,15 @@ class ShapeReadsPass(Pass):
         def flush() -> None:
             if run:
                 read = ir.node("Shape", [run[0].value], attributes={"start": run[0].axis, "end": run[-1].axis + 1},
-                               name=f"{node.name}/of_{run[0].value.name}_{len(pieces)}")
+                               name=self._names(f"shape_reads/{node.name or 'shape'}/of_{run[0].value.name}"))
                 read.outputs[0].dtype, read.outputs[0].shape = ir.DataType.INT64, ir.Shape([len(run)])
                 read.outputs[0].name = read.name
                 graph.insert_before(node, read)
                 pieces.append(read.outputs[0])
                 run.clear()
             if consts:
-                pieces.append(_constant(graph, np.array(consts, np.int64), f"{node.name}/dims_{len(pieces)}"))
+                pieces.append(_constant(graph, np.array(consts, np.int64),
+                                        self._names(f"shape_reads/{node.name or 'shape'}/dims")))
                 consts.clear()
 
         for source in sources:
@@ -147,7 +165,8 @@ class ShapeReadsPass(Pass):
         if len(pieces) == 1:
             new = pieces[0]
         else:
-            concat = ir.node("Concat", pieces, attributes={"axis": 0}, name=f"{node.name}/dims")
+            concat = ir.node("Concat", pieces, attributes={"axis": 0},
+                             name=self._names(f"shape_reads/{node.name or 'shape'}/concat"))
             concat.outputs[0].dtype, concat.outputs[0].shape = ir.DataType.INT64, ir.Shape([len(sources)])
             concat.outputs[0].name = concat.name
             graph.insert_before(node, concat)
