@@ -39,11 +39,14 @@ cache's ``position_ids`` widen to the batch).
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import onnx_ir as ir
 from qgraph_passes.dim_sources import Const, DimSources, InputDim
 
 from qgraph import Pass
+from qgraph.rewrite_pass import summarize_near_misses
 
 __all__ = ["ShapeReadsPass"]
 
@@ -80,6 +83,22 @@ def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
     return value
 
 
+def _why_kept(dims: DimSources, node: ir.Node) -> str:
+    """Why a Reshape's run-time target is not proven equal to a constant one."""
+    x = node.inputs[0]
+    entries = dims.entries(node.inputs[1])
+    if x is None or x.shape is None:
+        return "its input's rank is not known"
+    if entries is None:
+        return f"its target '{node.inputs[1].name}' is not computed from constants and dims"
+    for axis, entry in enumerate(entries):
+        if entry is None:
+            return f"entry {axis} of its target is not proven to be a number or a graph input's dim"
+        if isinstance(entry, InputDim) and dims.source(x, axis) != entry:
+            return f"entry {axis} of its target is dim {entry.axis} of '{entry.value.name}', not proven to be the input's own"
+    return "its target has more than one -1, or a 0 that allowzero makes a zero-sized dim"
+
+
 class ShapeReadsPass(Pass):
     """Answer shape arithmetic where it is proven: Reshape targets as constants, Shape reads of the inputs' dims.
 
@@ -93,6 +112,7 @@ class ShapeReadsPass(Pass):
         graph = model.graph
         dims = DimSources(graph)
         self._names = _Names(graph)
+        self._kept: list[types.SimpleNamespace] = []
         changed = False
         for node in list(graph):
             if node.domain not in ("", "ai.onnx"):
@@ -101,6 +121,8 @@ class ShapeReadsPass(Pass):
                 changed |= self._reshape(graph, dims, node)
             elif node.op_type == "Shape" and node.inputs[0] is not None and node.inputs[0] not in graph.inputs:
                 changed |= self._shape(graph, dims, node)
+        if self._kept:  # the table's "near miss in shape-reads" line: how many targets, the most common reason
+            self.report.near_misses = summarize_near_misses({"reshape-target": self._kept})
         renamed = self._name_dims(graph, dims)
         if renamed:
             self.report.count("dims-named", renamed)
@@ -109,6 +131,9 @@ class ShapeReadsPass(Pass):
     def _reshape(self, graph: ir.Graph, dims: DimSources, node: ir.Node) -> bool:
         out = dims.reshape_target(node)
         if out is None:
+            reason = _why_kept(dims, node)
+            self.report.notes.append(f"shape-reads: the target of Reshape '{node.name}' is kept: {reason}")
+            self._kept.append(types.SimpleNamespace(reason=reason))
             return False
         x, y = node.inputs[0], node.outputs[0]
         same = len(out) == len(x.shape) and all(v == 0 or dims.source(x, axis) == Const(v) for axis, v in enumerate(out))

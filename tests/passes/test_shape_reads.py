@@ -118,9 +118,14 @@ def test_a_target_read_from_another_tensor_is_left_alone(by_gather):
     """Reshape(x, Concat(Shape(y)[0], Shape(y)[1], ...)): y's dims equal x's only when the caller makes them."""
     model = _model(2, 4, by_gather, minus_last=False, of="y")
     heads = next(n for n in model.graph if n.op_type == "Reshape" and n.outputs[0].name == "heads")
+    heads.name = "heads_node"
     target = heads.inputs[1]
-    ShapeReadsPass()(model)
+    shape_reads = ShapeReadsPass()
+    shape_reads(model)
     assert heads.inputs[1] is target and ir.convenience.get_const_tensor(target) is None
+    # reported, not skipped in silence: the note names the node, the near miss counts it
+    assert any("Reshape 'heads_node'" in n and "not proven to be the input's own" in n for n in shape_reads.report.notes)
+    assert shape_reads.report.near_misses["reshape-target"]["candidates"] == 1
     y = model.graph.inputs[2]
     assert any(n.op_type == "Shape" and n.inputs[0] is y for n in model.graph)
 
