@@ -103,7 +103,7 @@ def main() -> None:
             seconds = sorted(r["seconds"] for r in runs)
             kv = statistics.median(r["kv_seconds"] for r in runs)
             rows.append(f"| {exporter} | {preset} | {statistics.median(seconds):.2f} s [{seconds[0]:.2f}–{seconds[-1]:.2f}]"
-                        f" | {kv:.2f} s | {runs[0]['gqa']} | {max(r['rss'] for r in runs):.0f} MiB"
+                        f" | {kv:.2f} s | {runs[0]['gqa'] if preset == 'ort' else '-'} | {max(r['rss'] for r in runs):.0f} MiB"
                         f" | {'yes' if same else '**no**'} |")
             print(rows[-1], file=sys.stderr)
         positions = [n for n in runs[0]["notes"] if "position" in n]
