@@ -108,10 +108,16 @@ class DimSources:
 
     def _find(self, value: ir.Value, axis: int, depth: int) -> Source | None:
         dim = value.shape.dims[axis]
-        if isinstance(dim, int):
+        fixed = value in self._inputs or ir.convenience.get_const_tensor(value) is not None
+        # A declared 1 on an intermediate is believed only where the op that made it says so: a pass that
+        # widens a batch-1 value (kv-cache feeding per-row positions to a rotary table) may leave it stale.
+        if isinstance(dim, int) and (dim != 1 or fixed):
             return Const(dim)
         if value in self._inputs:
             return InputDim(value, axis)
+        return self._from_producer(value, axis, depth)
+
+    def _from_producer(self, value: ir.Value, axis: int, depth: int) -> Source | None:
         node = value.producer()
         if node is None or node.domain not in ("", "ai.onnx", "com.microsoft") or not node.inputs:
             return None

@@ -144,3 +144,24 @@ def test_dim_sources_follow_the_ops_and_stop_where_nothing_is_proven():
     assert dims.source(values["merged"], 2) == Const(32)
     tab = model.graph.inputs[1]
     assert dims.source(tab, 1) == InputDim(tab, 1)  # not x's: only the Expand says they meet
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_declared_one_left_stale_by_an_earlier_pass_is_not_believed(batch):
+    """t's stored shape says batch 1 (as kv-cache leaves a rotary table it widened); the Add says x's batch."""
+    text = """
+    <ir_version: 10, opset_import: ["" : 23]>
+    g (float[B, S, 4] x) => (int64[1] n) {
+        zero = Constant <value_float = 0.0> ()
+        t = Add(x, zero)
+        n = Shape <start = 0, end = 1> (t)
+    }
+    """
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text)))
+    t = _by_name(model)["t"]
+    t.shape = ir.Shape([1, "S", 4])
+    feeds = {"x": np.zeros((batch, 2, 4), np.float32)}
+    ShapeReadsPass()(model)
+    assert _run(model, feeds)[0].tolist() == [batch]
+    shape = next(n for n in model.graph if n.op_type == "Shape")
+    assert shape.inputs[0] is model.graph.inputs[0]  # read from x, whose batch it is
