@@ -43,8 +43,11 @@ sequence replay, the input strategies and ``qgraph generate`` honour
 (generate runs several prompts one after another).
 
 Either way ``qgraph.kv.max_positions`` records how many rotary rows the
-caches hold (option ``max_positions``): a longer sequence is refused by the
-runtime, where the concat graph would have gone on.
+caches hold: a longer sequence is refused by the runtime, where the concat
+graph would have gone on. The rows are the model's own bound
+(:mod:`qgraph_passes.position_bound`: a bound already in the graph's
+metadata, else ``max_position_embeddings`` of the ``config.json`` beside
+the model), 8192 when it declares none, or option ``max_positions``.
 
 **Only what the graph proves is lowered.** Per layer: q, k, v as
 ``[B, S, H * D]`` (packed heads, ``attention-io``), taken whole from the
@@ -68,8 +71,10 @@ import types
 import numpy as np
 import onnx_ir as ir
 from qgraph_passes.gqa_probes import causal_window, rotary_cache
+from qgraph_passes.position_bound import declared_max_positions
 
 from qgraph import Option, Pass
+from qgraph.errors import BadInputError
 from qgraph.pass_base import Prerequisite
 from qgraph.rewrite_pass import summarize_near_misses
 from qgraph.verify.kv_contract import MASKS_KEY, MAX_POSITIONS_KEY
@@ -77,6 +82,8 @@ from qgraph.verify.kv_contract import MASKS_KEY, MAX_POSITIONS_KEY
 __all__ = ["LowerGQAPass"]
 
 MS_DOMAIN = "com.microsoft"
+# The rows of the rotary caches when neither the option nor the model says how many positions it takes.
+FALLBACK_POSITIONS = 8192
 _BATCH_NAMES = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -190,7 +197,9 @@ class LowerGQAPass(Pass):
     name = "lower-gqa"
     meaning = "sequence"  # a cached graph against the cached graph before it, replayed on the same tokens
     options = {
-        "max_positions": Option(int, 8192, "rows of the rotary cos/sin caches: the longest sequence the graph takes"),
+        "max_positions": Option(int, 0, "rows of the rotary cos/sin caches: the longest sequence the graph takes; "
+                                "0: the model's own bound (metadata qgraph.kv.max_positions, else max_position_embeddings "
+                                f"in the config.json beside the model), else {FALLBACK_POSITIONS}"),
         "mask": Option(str, "bias", "bias: the graph's own mask goes in as attention_bias (any batch, any padding); "
                        "none: no mask input, the graph then takes batch 1 with all-ones masks only",
                        choices=("bias", "none")),
@@ -206,6 +215,7 @@ class LowerGQAPass(Pass):
         if not {"attention_mask", "input_ids"} <= names:
             self.report.notes.append("lower-gqa: no input_ids / attention_mask inputs; nothing lowered")
             return ir.passes.PassResult(model, False)
+        self._rows = self._max_positions(model)
         graph_inputs, graph_outputs = set(graph.inputs), set(graph.outputs)
         layers, refused = [], []
         for node in list(graph):
@@ -245,6 +255,20 @@ class LowerGQAPass(Pass):
         self._windows: dict[ir.Value, int | None | str] = {}
         self._caches: dict[tuple[ir.Value, ir.Value], tuple | str] = {}
 
+    def _max_positions(self, model: ir.Model) -> int:
+        """The option's bound, else the model's own (:mod:`qgraph_passes.position_bound`), else the fallback."""
+        rows = self.config["max_positions"]
+        if rows < 0:
+            raise BadInputError(f"pass '{self.name}': option max_positions must be >= 0 (0: the model's own bound), "
+                                f"got {rows}")
+        if rows:
+            return rows
+        declared = declared_max_positions(model)
+        rows, where = declared if declared is not None else (FALLBACK_POSITIONS, "the model declares no bound")
+        self.report.notes.append(f"lower-gqa: rotary caches for {rows} positions ({where}; "
+                                 "option max_positions sets another)")
+        return rows
+
     def _probe(self, model: ir.Model, layer: _Layer) -> str | None:
         mask = layer.attention.inputs[3]
         if mask not in self._windows:
@@ -255,7 +279,7 @@ class LowerGQAPass(Pass):
         layer.window = window
         if layer.tables is not None:
             if layer.tables not in self._caches:
-                self._caches[layer.tables] = rotary_cache(model, *layer.tables, self.config["max_positions"])
+                self._caches[layer.tables] = rotary_cache(model, *layer.tables, self._rows)
             cache = self._caches[layer.tables]
             if isinstance(cache, str):
                 return cache

@@ -36,9 +36,12 @@ _CANONICALIZE = [_FOLD, {"pass": "rmsnorm"}, {"pass": "attention"}]
 # For onnxruntime the canonical form goes further: RotaryEmbedding (opset 23)
 # and packed sibling projections (Q/K/V, gate/up). The qaic preset stops at
 # _CANONICALIZE: its compiler takes opset <= 17, which has no RotaryEmbedding.
+# shape-reads: Reshape targets and Shape reads answered from proven dim sources, so a plain export's
+# rotary broadcast (Shape of the head-split Transpose) and TorchScript's run-time head-split targets no
+# longer stop attention-io; before kv-cache, whose rewiring leaves some declared shapes stale.
 # cse right after: each rotary's slice of the shared cos/sin tables is one node
 # again before kv-cache reads the graph (half the kv-cache pass's time).
-_CANONICALIZE_ORT = [*_CANONICALIZE, {"pass": "rotary"}, {"pass": "pack-matmuls"}, {"pass": "cse"}]
+_CANONICALIZE_ORT = [*_CANONICALIZE, {"pass": "rotary"}, {"pass": "pack-matmuls"}, {"pass": "shape-reads"}, {"pass": "cse"}]
 
 # onnxruntime: canonical ops kept (it runs RMSNormalization, Attention and
 # RotaryEmbedding natively), the KV cache in the concat form
@@ -76,8 +79,8 @@ def _with_gqa(preset: dict) -> dict:
     """``preset`` with each layer's attention lowered to com.microsoft::GroupQueryAttention right after
     ``attention-io`` (before ``quantize``, which then packs the QKV MatMul the GQA node reads). The graph's
     inputs and outputs stay the concat graph's (its mask goes in as attention_bias); ``qgraph generate``
-    binds each layer's past and present to one shared buffer. A layer lower-gqa refuses (TorchScript's
-    split heads, interleaved rotary, softcap, ...) keeps the standard Attention op, and is reported."""
+    binds each layer's past and present to one shared buffer. A layer lower-gqa refuses (interleaved or
+    partial rotary, softcap, ...) keeps the standard Attention op, and is reported."""
     steps = list(preset["steps"])
     at = steps.index({"pass": "attention-io"}) + 1
     return {"steps": [*steps[:at], {"pass": "lower-gqa"}, *steps[at:]]}

@@ -1,0 +1,297 @@
+"""Where each dim of a value comes from: a number, or one dim of a graph input, proven op by op.
+
+Exporters write the same layer with different shape bookkeeping. The dynamo
+exporter names every dim after the input it came from (``batch_size``,
+``sequence_length``); TorchScript's graphs, once onnx shape inference has run,
+call the batch dim of a head split ``unk__15`` and that of the next one
+``unk__19``, and compute the split's target shape at run time from a
+``Shape`` of some other tensor. Rules that must know that two dims are one
+(the heads split keeps the batch and sequence dims, a rotary table has the
+query's length) then fail on one exporter and not the other.
+
+:func:`DimSources.source` answers the question from what the ops compute,
+not from names: a dim is followed back through ops that copy it (Transpose
+moves it, Split/Slice/Concat keep the other axes, elementwise ops keep it
+when every operand that is not 1 there has the same source, MatMul by a 2-D
+weight keeps the leading dims, an embedding Gather keeps the ids' dims,
+Reshape copies a dim that its shape tensor reads as ``Shape(y)[j]``, or as 0)
+until it reaches a graph input's dim or a number. Two dims with the same
+source are equal for every input the graph accepts. Anything not listed
+gives None: unknown, never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["Const", "DimSources", "InputDim", "Source"]
+
+_MAX_DEPTH = 48
+
+
+class InputDim(tuple):
+    """Dim ``axis`` of graph input ``value``: ``(value, axis)``."""
+
+    __slots__ = ()
+
+    def __new__(cls, value: ir.Value, axis: int):
+        return super().__new__(cls, (value, axis))
+
+    @property
+    def value(self) -> ir.Value:
+        return self[0]
+
+    @property
+    def axis(self) -> int:
+        return self[1]
+
+
+class Const(int):
+    """A dim that is this number for every input."""
+
+
+Source = InputDim | Const
+
+# The output has the first input's shape (the second input of these is an attribute-like operand, a
+# weight or a scale, that never widens it).
+_SAME_AS_FIRST = frozenset({
+    "Identity", "Cast", "CastLike", "Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Erf", "Sqrt", "Exp", "Log",
+    "Reciprocal", "Softmax", "LogSoftmax", "Gelu", "FastGelu", "Not", "Sin", "Cos", "IsNaN", "Clip",
+    "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+    "CustomRMSNorm", "RotaryEmbedding", "Dropout",
+})
+_BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "And", "Or", "Equal", "Less", "Greater",
+                        "LessOrEqual", "GreaterOrEqual", "Max", "Min"})
+
+
+def _attr(node: ir.Node, name: str, default=None):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def _const_array(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None or tensor.size > 64:
+        return None
+    return np.asarray(tensor.numpy())
+
+
+class DimSources:
+    """Memoized :meth:`source` and :meth:`entries` over one graph (build a new one after rewriting it)."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._inputs = set(graph.inputs)
+        self._sources: dict[tuple[ir.Value, int], Source | None] = {}
+        self._entries: dict[ir.Value, list[Source | None] | None] = {}
+
+    # -- the dims of a value ---------------------------------------------------------------
+
+    def source(self, value: ir.Value | None, axis: int, depth: int = 0) -> Source | None:
+        """Where dim ``axis`` of ``value`` comes from, or None if not proven."""
+        rank = _rank(value)
+        if rank is None or not -rank <= axis < rank or depth > _MAX_DEPTH:
+            return None
+        axis %= rank
+        key = (value, axis)
+        if key not in self._sources:
+            self._sources[key] = self._find(value, axis, depth)
+        return self._sources[key]
+
+    def _find(self, value: ir.Value, axis: int, depth: int) -> Source | None:
+        dim = value.shape.dims[axis]
+        fixed = value in self._inputs or ir.convenience.get_const_tensor(value) is not None
+        # A declared 1 on an intermediate is believed only where the op that made it says so: a pass that
+        # widens a batch-1 value (kv-cache feeding per-row positions to a rotary table) may leave it stale.
+        if isinstance(dim, int) and (dim != 1 or fixed):
+            return Const(dim)
+        if value in self._inputs:
+            return InputDim(value, axis)
+        return self._from_producer(value, axis, depth)
+
+    def _from_producer(self, value: ir.Value, axis: int, depth: int) -> Source | None:
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx", "com.microsoft") or not node.inputs:
+            return None
+        op, first, d = node.op_type, node.inputs[0], depth + 1
+        rank = len(value.shape)
+        if op == "Transpose":
+            perm = _attr(node, "perm")
+            return self.source(first, perm[axis], d) if perm is not None else None
+        if op in _SAME_AS_FIRST and _rank(first) == rank and value is node.outputs[0]:
+            return self.source(first, axis, d)
+        if op in ("Split", "Concat"):
+            along = _attr(node, "axis", 0) % rank
+            return self.source(first, axis, d) if along != axis and _rank(first) == rank else None
+        if op == "Slice":
+            return self._sliced(node, axis, rank, d)
+        if op == "Attention" and value is node.outputs[0] and _rank(first) == rank and axis in ((0, 1), (0, 1, 2))[rank == 4]:
+            return self.source(first, axis, d)  # [B, S, Hq*Dv] or [B, Hq, S, Dv]: batch, heads and length are q's
+        if op in _BROADCAST:
+            return self._broadcast(node.inputs, axis, rank, d)
+        if op == "MatMul" and _rank(node.inputs[1]) == 2 and _rank(first) == rank and axis < rank - 1:
+            return self.source(first, axis, d)
+        if op == "Gather" and _attr(node, "axis", 0) == 0 and _rank(first) is not None:
+            ids = node.inputs[1]
+            ids_rank = _rank(ids)
+            if ids_rank is not None and rank == ids_rank + _rank(first) - 1:
+                return self.source(ids, axis, d) if axis < ids_rank else self.source(first, axis - ids_rank + 1, d)
+            return None
+        if op == "Reshape" and len(node.inputs) > 1:
+            return self._reshaped(node, axis, d)
+        if op == "Expand" and len(node.inputs) > 1:
+            entries = self.entries(node.inputs[1], d)
+            if entries is None or len(entries) != rank:
+                return None
+            return self._combine([self._aligned(first, axis, rank, d), entries[axis]])
+        if op == "Unsqueeze":
+            axes = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            if axes is None:
+                return None
+            inserted = sorted(int(a) % rank for a in axes.reshape(-1))
+            if axis in inserted:
+                return Const(1)
+            return self.source(first, axis - sum(1 for a in inserted if a < axis), d)
+        return None
+
+    def _aligned(self, operand: ir.Value | None, axis: int, rank: int, depth: int) -> Source | None:
+        """The operand's dim under output axis ``axis`` in numpy broadcasting (Const(1) where it has none)."""
+        r = _rank(operand)
+        if r is None:
+            return None
+        at = axis - (rank - r)
+        return Const(1) if at < 0 else self.source(operand, at, depth)
+
+    @staticmethod
+    def _combine(sources: list[Source | None]) -> Source | None:
+        """The broadcast of several dims: the one that is not 1, when all such agree."""
+        if any(s is None for s in sources):
+            return None
+        wide = {s for s in sources if not (isinstance(s, Const) and s == 1)}
+        if not wide:
+            return Const(1)
+        return wide.pop() if len(wide) == 1 else None
+
+    def _broadcast(self, operands, axis: int, rank: int, depth: int) -> Source | None:
+        return self._combine([self._aligned(x, axis, rank, depth) for x in operands if x is not None])
+
+    def _sliced(self, node: ir.Node, axis: int, rank: int, depth: int) -> Source | None:
+        if _rank(node.inputs[0]) != rank:
+            return None
+        axes = _const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        if axes is None:
+            starts = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            if starts is None:
+                return None
+            axes = np.arange(starts.size)
+        if axis in {int(a) % rank for a in axes.reshape(-1)}:
+            return None
+        return self.source(node.inputs[0], axis, depth)
+
+    def _reshaped(self, node: ir.Node, axis: int, depth: int) -> Source | None:
+        target = self.reshape_target(node, depth)
+        if target is not None and axis < len(target):
+            if target[axis] > 0:
+                return Const(target[axis])
+            return self.source(node.inputs[0], axis, depth) if target[axis] == 0 else None
+        entries = self.entries(node.inputs[1], depth)
+        if entries is None or axis >= len(entries):
+            return None
+        entry = entries[axis]
+        if isinstance(entry, Const):
+            if entry > 0:
+                return entry
+            if entry == 0 and not _attr(node, "allowzero", 0):
+                return self.source(node.inputs[0], axis, depth)
+            return None  # -1 (inferred) or a zero-sized dim: not followed
+        return entry
+
+    def reshape_target(self, node: ir.Node, depth: int = 0) -> list[int] | None:
+        """A constant target equal to the Reshape's own for every input (0: x's dim there, allowzero 0), if proven.
+
+        Every entry must be a number or x's own dim at that axis; a -1 is
+        resolved when the dims of x that are not copied are numbers.
+        """
+        x = node.inputs[0]
+        if x is None or x.shape is None or len(node.inputs) < 2:
+            return None
+        entries = self.entries(node.inputs[1], depth + 1)
+        if entries is None or any(e is None for e in entries):
+            return None
+        allowzero = _attr(node, "allowzero", 0)
+        rank_x = len(x.shape)
+        out: list[int] = []
+        for axis, entry in enumerate(entries):
+            if isinstance(entry, Const):
+                if entry == 0 and allowzero:
+                    return None  # a zero-sized dim on purpose
+                out.append(int(entry))
+            elif axis < rank_x and self.source(x, axis, depth + 1) == entry:
+                out.append(0)  # the entry reads x's own dim here
+            else:
+                return None
+        if out.count(-1) > 1 or any(v == 0 and axis >= rank_x for axis, v in enumerate(out)):
+            return None
+        if -1 in out:
+            copied = {axis for axis, v in enumerate(out) if v == 0}
+            rest = [self.source(x, axis, depth + 1) for axis in range(rank_x) if axis not in copied]
+            known = math.prod(v for v in out if v > 0)
+            if all(isinstance(r, Const) for r in rest) and known and math.prod(rest) % known == 0:
+                out[out.index(-1)] = math.prod(rest) // known
+        return out
+
+    # -- the entries of a 1-D shape tensor --------------------------------------------------
+
+    def entries(self, value: ir.Value | None, depth: int = 0) -> list[Source | None] | None:
+        """The entries of a 1-D int64 tensor (a Reshape/Expand target) as sources, each None if unknown."""
+        if value is None or depth > _MAX_DEPTH:
+            return None
+        if value not in self._entries:
+            self._entries[value] = self._find_entries(value, depth + 1)
+        return self._entries[value]
+
+    def _find_entries(self, value: ir.Value, depth: int) -> list[Source | None] | None:
+        array = _const_array(value)
+        if array is not None:
+            return [Const(int(x)) for x in array.reshape(-1)] if array.ndim <= 1 else None
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        op = node.op_type
+        if op == "Shape":
+            x = node.inputs[0]
+            rank = _rank(x)
+            if rank is None:
+                return None
+            axes = range(rank)[slice(_attr(node, "start", 0), _attr(node, "end", rank))]
+            return [self.source(x, a, depth) for a in axes]
+        if op == "Concat":
+            out: list[Source | None] = []
+            for piece in node.inputs:
+                got = self.entries(piece, depth)
+                if got is None:
+                    return None
+                out.extend(got)
+            return out
+        if op == "Gather" and _attr(node, "axis", 0) == 0 and len(node.inputs) == 2:
+            whole, index = self.entries(node.inputs[0], depth), _const_array(node.inputs[1])
+            if whole is None or index is None or index.ndim > 1:
+                return None
+            if not all(-len(whole) <= int(i) < len(whole) for i in index.reshape(-1)):
+                return None
+            return [whole[int(i)] for i in index.reshape(-1)]
+        if op == "Cast" and _attr(node, "to") not in (ir.DataType.INT64, ir.DataType.INT32):
+            return None
+        if op in ("Unsqueeze", "Squeeze", "Identity", "Reshape", "Cast"):
+            # a scalar made 1-D and back: the same one entry (a Cast between int types keeps a dim)
+            inner = self.entries(node.inputs[0], depth) if _rank(node.inputs[0]) in (0, 1) else None
+            return inner if inner is not None and len(inner) == 1 else None
+        return None

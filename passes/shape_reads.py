@@ -1,0 +1,228 @@
+"""Shape arithmetic answered where it is proven: Reshape targets as constants, Shape reads of inputs' dims.
+
+A user's plain export and qgraph's own compute the same layer with different
+shape bookkeeping, and the rules that follow (attention-io's packed heads,
+lower-gqa) read the bookkeeping:
+
+* TorchScript splits the heads with ``Reshape(q, Concat(Shape(h)[0],
+  Shape(h)[1], -1, 16))``: onnx shape inference cannot say that the result is
+  ``[B, S, 4, 16]`` of q's own B and S, so attention-io's ``heads`` check
+  fails on every layer ("not known to be [B, S, H*D] -> [B, S, H, D]").
+* The rotary pass broadcasts a batch-1 cos/sin table (a plain export counts
+  positions itself, one row for the batch) to the rotated tensor's shape
+  with ``Expand(table, Concat(Shape(q_heads)[0], Shape(q_heads)[2], D/2))``:
+  those ``Shape`` reads of the head-split Transpose are uses outside
+  attention-io's pattern, which then refuses to move the heads.
+
+What both need is to know where a dim comes from, which
+:mod:`qgraph_passes.dim_sources` proves op by op (a graph input's dim, or a
+number). With that this pass rewrites, each step exact for every input:
+
+* ``Reshape(x, t)`` with ``t`` computed at run time: when every entry of t
+  is a number or x's own dim at that axis, t becomes a constant (0 for a
+  copied dim, with allowzero 0; a -1 resolved when x's other dims are
+  numbers), and the output's declared shape says so. A Reshape whose target
+  copies every dim of x is x itself and is removed.
+* ``Shape(v)[a:b]`` whose dims all come from numbers or from graph inputs'
+  dims reads those inputs (``Shape(input_ids)[0:1]``) or becomes a constant,
+  so it no longer holds on to an intermediate. The q and k tables of a
+  layer, and of every layer, then compute the same value, which ``cse``
+  merges into one.
+* every declared dim with a proven source is renamed after it (the input's
+  dim name, or the number), so checks that compare declared shapes see the
+  equalities the ops guarantee.
+
+Run before ``kv-cache``: the sources are read from the exporter's declared
+shapes, which later passes may leave stale (a table of batch 1 that the
+cache's ``position_ids`` widen to the batch).
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import onnx_ir as ir
+from qgraph_passes.dim_sources import Const, DimSources, InputDim
+
+from qgraph import Pass
+from qgraph.rewrite_pass import summarize_near_misses
+
+__all__ = ["ShapeReadsPass"]
+
+
+def _attr(node: ir.Node, name: str, default=None):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _is_const(value: ir.Value | None) -> bool:
+    return value is not None and ir.convenience.get_const_tensor(value) is not None
+
+
+class _Names:
+    """Fresh value names: ``base``, else ``base_2``, ``base_3``... (unnamed nodes give empty bases)."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._taken = {v.name for v in graph.inputs} | set(graph.initializers)
+        self._taken |= {v.name for n in graph for v in n.outputs}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._taken:
+            k += 1
+            name = f"{base}_{k}"
+        self._taken.add(name)
+        return name
+
+
+def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.dtype, value.shape = value.const_value.dtype, ir.Shape(list(array.shape))
+    graph.register_initializer(value)
+    return value
+
+
+def _why_kept(dims: DimSources, node: ir.Node) -> str:
+    """Why a Reshape's run-time target is not proven equal to a constant one."""
+    x = node.inputs[0]
+    entries = dims.entries(node.inputs[1])
+    if x is None or x.shape is None:
+        return "its input's rank is not known"
+    if entries is None:
+        return f"its target '{node.inputs[1].name}' is not computed from constants and dims"
+    for axis, entry in enumerate(entries):
+        if entry is None:
+            return f"entry {axis} of its target is not proven to be a number or a graph input's dim"
+        if isinstance(entry, InputDim) and dims.source(x, axis) != entry:
+            return f"entry {axis} of its target is dim {entry.axis} of '{entry.value.name}', not proven to be the input's own"
+    return "its target has more than one -1, or a 0 that allowzero makes a zero-sized dim"
+
+
+class ShapeReadsPass(Pass):
+    """Answer shape arithmetic where it is proven: Reshape targets as constants, Shape reads of the inputs' dims.
+
+    The module docstring says what is rewritten and why each step is exact;
+    the proofs are :mod:`qgraph_passes.dim_sources`.
+    """
+
+    name = "shape-reads"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        dims = DimSources(graph)
+        self._names = _Names(graph)
+        self._kept: list[types.SimpleNamespace] = []
+        changed = False
+        for node in list(graph):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "Reshape" and len(node.inputs) > 1 and not _is_const(node.inputs[1]):
+                changed |= self._reshape(graph, dims, node)
+            elif node.op_type == "Shape" and node.inputs[0] is not None and node.inputs[0] not in graph.inputs:
+                changed |= self._shape(graph, dims, node)
+        if self._kept:  # the table's "near miss in shape-reads" line: how many targets, the most common reason
+            self.report.near_misses = summarize_near_misses({"reshape-target": self._kept})
+        renamed = self._name_dims(graph, dims)
+        if renamed:
+            self.report.count("dims-named", renamed)
+        return ir.passes.PassResult(model, changed or bool(renamed))
+
+    def _reshape(self, graph: ir.Graph, dims: DimSources, node: ir.Node) -> bool:
+        out = dims.reshape_target(node)
+        if out is None:
+            reason = _why_kept(dims, node)
+            self.report.notes.append(f"shape-reads: the target of Reshape '{node.name}' is kept: {reason}")
+            self._kept.append(types.SimpleNamespace(reason=reason))
+            return False
+        x, y = node.inputs[0], node.outputs[0]
+        same = len(out) == len(x.shape) and all(v == 0 or dims.source(x, axis) == Const(v) for axis, v in enumerate(out))
+        if same and not y.is_graph_output():
+            ir.convenience.replace_all_uses_with(y, x)
+            graph.remove(node, safe=True)
+            self.report.count("identity-reshapes")
+            return True
+        target = _constant(graph, np.array(out, np.int64), self._names(f"shape_reads/{node.name or 'reshape'}/target"))
+        node.replace_input_with(1, target)
+        node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
+        if -1 not in out:
+            y.shape = ir.Shape([x.shape[axis] if v == 0 else v for axis, v in enumerate(out)])
+        self.report.count("reshape-targets")
+        return True
+
+    def _shape(self, graph: ir.Graph, dims: DimSources, node: ir.Node) -> bool:
+        x = node.inputs[0]
+        if x.shape is None:
+            return False
+        rank = len(x.shape)
+        axes = range(rank)[slice(_attr(node, "start", 0), _attr(node, "end", rank))]
+        sources = [dims.source(x, axis) for axis in axes]
+        if not sources or any(s is None for s in sources):
+            return False
+        pieces: list[ir.Value] = []
+        run: list[InputDim] = []
+        consts: list[int] = []
+
+        def flush() -> None:
+            if run:
+                read = ir.node("Shape", [run[0].value], attributes={"start": run[0].axis, "end": run[-1].axis + 1},
+                               name=self._names(f"shape_reads/{node.name or 'shape'}/of_{run[0].value.name}"))
+                read.outputs[0].dtype, read.outputs[0].shape = ir.DataType.INT64, ir.Shape([len(run)])
+                read.outputs[0].name = read.name
+                graph.insert_before(node, read)
+                pieces.append(read.outputs[0])
+                run.clear()
+            if consts:
+                pieces.append(_constant(graph, np.array(consts, np.int64),
+                                        self._names(f"shape_reads/{node.name or 'shape'}/dims")))
+                consts.clear()
+
+        for source in sources:
+            if isinstance(source, Const):
+                if run:
+                    flush()
+                consts.append(int(source))
+            else:
+                if consts or (run and (source.value is not run[-1].value or source.axis != run[-1].axis + 1)):
+                    flush()
+                run.append(source)
+        flush()
+        if len(pieces) == 1:
+            new = pieces[0]
+        else:
+            concat = ir.node("Concat", pieces, attributes={"axis": 0},
+                             name=self._names(f"shape_reads/{node.name or 'shape'}/concat"))
+            concat.outputs[0].dtype, concat.outputs[0].shape = ir.DataType.INT64, ir.Shape([len(sources)])
+            concat.outputs[0].name = concat.name
+            graph.insert_before(node, concat)
+            new = concat.outputs[0]
+        old = node.outputs[0]
+        if old.is_graph_output():
+            return False
+        ir.convenience.replace_all_uses_with(old, new)
+        graph.remove(node, safe=True)
+        self.report.count("shape-reads")
+        return True
+
+    @staticmethod
+    def _name_dims(graph: ir.Graph, dims: DimSources) -> int:
+        """Declared dims renamed after their proven source; the number of dims renamed."""
+        renamed = 0
+        for node in graph:
+            for value in node.outputs:
+                if value.shape is None or all(isinstance(d, int) for d in value.shape.dims):
+                    continue
+                new = []
+                for axis, dim in enumerate(value.shape.dims):
+                    source = dims.source(value, axis) if not isinstance(dim, int) else None
+                    if isinstance(source, Const):
+                        new.append(int(source))
+                    elif isinstance(source, InputDim):
+                        root = source.value.shape.dims[source.axis]
+                        new.append(root if isinstance(root, int) or root.value is not None else dim)
+                    else:
+                        new.append(dim)
+                if new != list(value.shape.dims):
+                    renamed += sum(1 for a, b in zip(new, value.shape.dims, strict=True) if a != b)
+                    value.shape = ir.Shape(new)
+        return renamed

@@ -1,0 +1,68 @@
+"""The ort preset on a user's plain export: every layer lowered to GroupQueryAttention, as on qgraph's own.
+
+A plain ``torch.onnx.export(model, (input_ids, attention_mask))`` (the zoo's
+``wrapper="plain"``) counts positions itself, so its rotary tables have a
+batch of one and the rotary pass broadcasts them with Shape reads of the
+head-split Transpose; TorchScript computes its head split's target at run
+time. Before shape-reads, attention-io refused those layers and lower-gqa
+took none. The expected count is the architecture's layer count, and it is
+also what the same preset gives on qgraph's own export of the model: the
+plain export must lose nothing. ``qgraph optimize --preset ort --verify``
+exits 0, and the result replays the plain export's logits.
+
+Layers that stay refused are refused for what the architecture is, the same
+on both exports (Phi's partial rotary here), and the near-miss line says so.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from qgraph import io
+from qgraph.cli import main
+from qgraph.export.zoo import LAYERS
+from qgraph.manager import PassManager
+from qgraph.pipeline import Pipeline
+from qgraph.registry import default_registry
+from qgraph.verify.sequence import check_sequence_equivalence
+
+CASES = [(arch, exporter) for arch in ("llama", "mistral", "qwen2") for exporter in ("dynamo", "torchscript")]
+
+
+def _gqa_count(model) -> int:
+    return collections.Counter((n.domain, n.op_type) for n in model.graph)[("com.microsoft", "GroupQueryAttention")]
+
+
+def _own_export_count(tiny_zoo, arch: str, exporter: str) -> int:
+    registry = default_registry()
+    model = io.load(tiny_zoo.export(arch, exporter).model_path)
+    PassManager(Pipeline.from_preset("ort", registry), registry=registry).run(model)
+    return _gqa_count(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "exporter"), CASES)
+def test_every_layer_of_a_plain_export_is_lowered_and_replays(tiny_zoo, tmp_path, capsys, arch, exporter):
+    plain = tiny_zoo.export(arch, exporter, wrapper="plain")
+    out = tmp_path / "model.onnx"
+    assert main(["optimize", str(plain.model_path), "-o", str(out), "--preset", "ort", "--verify"]) == 0
+    table = capsys.readouterr().out
+    lowered = _gqa_count(io.load(out))
+    assert lowered == LAYERS == _own_export_count(tiny_zoo, arch, exporter)
+    assert "near miss in lower-gqa" not in table and "near miss in attention-io" not in table, table
+    replay = check_sequence_equivalence(out, plain.model_path, examples=8, seed=3, max_len=12)
+    assert replay.equivalent, str(replay)
+
+
+@pytest.mark.slow
+def test_a_layer_refused_on_both_exports_is_reported_as_what_it_is(tiny_zoo, tmp_path, capsys):
+    """Phi rotates half of each head: GroupQueryAttention cannot, on the plain export as on qgraph's own."""
+    plain = tiny_zoo.export("phi", "dynamo", wrapper="plain")
+    out = tmp_path / "model.onnx"
+    assert main(["optimize", str(plain.model_path), "-o", str(out), "--preset", "ort"]) == 0
+    table = capsys.readouterr().out
+    assert _gqa_count(io.load(out)) == 0 == _own_export_count(tiny_zoo, "phi", "dynamo")
+    line = next(line for line in table.splitlines() if line.startswith("near miss in lower-gqa"))
+    assert f"{LAYERS} candidate(s) rejected" in line and "partial rotary" in line, line
