@@ -114,7 +114,13 @@ class QuantizePass(Pass):
     that tensor's own codes and scales (``qgraph.gguf_blocks``: Q4_0/Q4_1
     -> 4 bits, Q8_0 -> 8 bits, blocks of 32; ``bits`` and ``block_size`` do
     not apply), so the graph computes what llama.cpp computes; any other
-    weight stays float, noted. Q4_1's minimum ``m`` is not a zero point:
+    weight stays float, noted. A weight pack-matmuls concatenated
+    (``PackedColumns``: Q/K/V, gate/up, packed before quantize in the ``ort``
+    presets) is no single GGUF tensor: each part is looked up, and when all
+    are tensors of one type their blocks are placed side by side along N
+    (``qgraph.quant_blocks.concatenate_columns``); a part the file does not
+    hold, or parts of different types, keep the packed weight float, noted
+    with the part. Q4_1's minimum ``m`` is not a zero point:
     MatMulNBits (zero points 0) is followed by ``+ (A @ block_sums) @ m``,
     two small float MatMuls, and such a tied embedding keeps its float
     lookup. The default budget is then tight (95 %, +1 %).
