@@ -410,35 +410,45 @@ class QuantizePass(Pass):
 
         A packed weight (``PackedColumns``, what pack-matmuls makes of Q/K/V
         and gate/up) matches no single GGUF tensor; its parts are looked up
-        one by one instead.
+        one by one instead. Any other weight no tensor matches whole may
+        still be GGUF tensors side by side (a packed weight saved and loaded
+        again): its columns are looked up as consecutive runs.
         """
         tensor = _constant(value)
         if isinstance(tensor, PackedColumns) and not transposed:
             return self._from_gguf_parts(value, tensor)
         array = tensor.numpy()
-        weight = array.T if transposed else array
-        match = self._source.find(np.ascontiguousarray(weight.T))
-        if match is None:
-            self.report.notes.append(f"kept '{value.name}' {list(weight.shape)} in float: no Q4_0/Q4_1/Q8_0 tensor "
-                                     f"of {self._source.path.name} dequantizes to it")
+        weight = np.ascontiguousarray((array.T if transposed else array).T)  # [N, K], the GGUF's layout
+        match = self._source.find(weight)
+        if match is not None:
+            self.report.count(f"gguf-{match.qtype.lower()}")
+            return match.blocks
+        runs = self._source.find_side_by_side(weight)
+        if runs is None or len(runs) < 2:
+            self.report.notes.append(f"kept '{value.name}' {list(weight.T.shape)} in float: no Q4_0/Q4_1/Q8_0 tensor "
+                                     f"of {self._source.path.name} dequantizes to it, nor do several side by side")
             return None
-        self.report.count(f"gguf-{match.qtype.lower()}")
-        return match.blocks
+        described = [f"columns {sum(r.blocks.n for r in runs[:i])}.."
+                     f"{sum(r.blocks.n for r in runs[:i + 1]) - 1}" for i in range(len(runs))]
+        return self._joined(value, list(weight.T.shape), described, runs)
 
     def _from_gguf_parts(self, value: ir.Value, packed: PackedColumns) -> BlockQuantized | None:
-        """The blocks of ``[W0 | W1 | ...]``: each part's GGUF blocks side by side along N (blocks run along K,
-        so a column's blocks are its own), when every part is a GGUF tensor of one block type; else None, noted
+        """The blocks of ``[W0 | W1 | ...]`` when every part is a GGUF tensor (of one block type); else None, noted
         with the part that kept it in float."""
         matches = [self._source.find(np.ascontiguousarray(part.numpy().T)) for part in packed.parts]
         described = [f"'{part.name or f'part {i}'}' {list(part.shape)}" for i, part in enumerate(packed.parts)]
-        shape = list(packed.shape)
         missing = [d for d, match in zip(described, matches) if match is None]
         if missing:
             self.report.notes.append(
-                f"kept packed '{value.name}' {shape} in float: its part(s) {', '.join(missing)} are no "
+                f"kept packed '{value.name}' {list(packed.shape)} in float: its part(s) {', '.join(missing)} are no "
                 f"Q4_0/Q4_1/Q8_0 tensor of {self._source.path.name} (of {len(described)} parts packed by pack-matmuls)")
             self.report.count("gguf-packed-kept-float")
             return None
+        return self._joined(value, list(packed.shape), described, matches)
+
+    def _joined(self, value: ir.Value, shape: list[int], described: list[str], matches: list) -> BlockQuantized | None:
+        """The GGUF tensors ``matches`` side by side along N (blocks run along K, so a column's blocks are its own:
+        ``concatenate_columns``), if one MatMulNBits layout holds them all; else None, noted."""
         types = [match.qtype for match in matches]
         if len(set(types)) > 1:
             found = ", ".join(f"{d} is {m.name} ({m.qtype})" for d, m in zip(described, matches))

@@ -72,10 +72,13 @@ def test_blocks_of_different_layouts_are_refused_naming_what_differs():
 
 # --- the pass on one packed MatMul ----------------------------------------------------------------
 
-def packed_model(parts: list[np.ndarray]) -> ir.Model:
-    """Y = A @ [W0 | W1 | ...] with the packed weight as pack-matmuls leaves it (a PackedColumns initializer)."""
+def packed_model(parts: list[np.ndarray], *, saved: bool = False) -> ir.Model:
+    """Y = A @ [W0 | W1 | ...] with the packed weight as pack-matmuls leaves it (a PackedColumns initializer),
+    or, ``saved``, as a saved and reloaded model holds it (one plain tensor: the parts are no longer known)."""
     tensors = [ir.tensor(np.ascontiguousarray(w), name=f"w{i}") for i, w in enumerate(parts)]
     packed = PackedColumns(tensors)
+    if saved:
+        packed = ir.tensor(packed.numpy())
     packed.name = "packed"
     k, n = packed.shape[0], packed.shape[1]
     a = ir.val("A", ir.DataType.FLOAT, ir.Shape([3, k]))
@@ -108,9 +111,9 @@ def placed_blocks(model: ir.Model, node: ir.Node) -> BlockQuantized:
 
 
 @SETTINGS
-@given(packed_parts(), st.booleans(), st.integers(0, 2**16))
+@given(packed_parts(), st.booleans(), st.booleans(), st.integers(0, 2**16))
 def test_a_packed_weight_gets_its_parts_gguf_blocks_and_computes_the_float_product(tmp_path_factory, parts, permute,
-                                                                                  seed):
+                                                                                  saved, seed):
     qtype, k, raws = parts
     path = write_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf",
                       {f"blk.0.w{i}": (raw, qtype) for i, raw in enumerate(raws)})
@@ -121,7 +124,7 @@ def test_a_packed_weight_gets_its_parts_gguf_blocks_and_computes_the_float_produ
         weights.append(dequantize(raw, qtype, k)[rows].T.copy())
     float_weight = np.concatenate(weights, axis=1)
     p = QuantizePass(gguf=str(path), accuracy_level=0)
-    model = p(packed_model(weights)).model
+    model = p(packed_model(weights, saved=saved)).model
     (node,) = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert p.report.rule_matches.get("gguf-packed") == 1
     assert p.report.rule_matches.get(f"gguf-{qtype.lower()}") == len(raws)  # one per GGUF tensor placed
@@ -248,3 +251,22 @@ def test_ort_int4_reports_the_packed_weight_whose_part_is_missing_and_keeps_it_f
     (note,) = [note for note in record.notes if note.startswith("kept packed")]
     assert "tiny.gguf" in note and "[64, 32]" in note  # the k part: 2 kv heads of 16
     assert sum(n.op_type == "MatMulNBits" for n in quantized.graph) == 2 * 4
+
+
+@pytest.mark.slow
+def test_a_packed_graph_saved_and_loaded_again_still_gets_the_gguf_blocks(tiny_zoo, tmp_path):
+    """Saved, a packed weight is one plain tensor: its columns are found as GGUF tensors side by side."""
+    source = tiny_zoo.export("llama", "dynamo").model_path
+    path = tmp_path / "tiny.gguf"
+    qio.save(qgraph.optimize(gguf_valued(source, path, qtype_of=_q4_1_with_a_q8_0_head), preset="ort"),
+             tmp_path / "ort.onnx")
+    float_weights = _float_product_weights(qio.load(tmp_path / "ort.onnx"))
+    p = QuantizePass(gguf=str(path))
+    quantized = p(qio.load(tmp_path / "ort.onnx")).model
+    assert p.report.rule_matches.get("gguf-packed") == 2 * 2
+    nbits = [n for n in quantized.graph if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 * 4 + 1
+    for node in nbits:
+        weight = float_weights[node.name.removesuffix(f"/q{node.attributes.get_int('bits')}")]
+        placed = placed_blocks(quantized, node).dequantize()
+        np.testing.assert_array_equal(placed.view(np.uint32), weight.view(np.uint32), err_msg=node.name)
