@@ -152,7 +152,8 @@ def test_a_part_the_gguf_does_not_hold_keeps_the_packed_weight_float_and_names_t
 
 
 def test_parts_of_different_gguf_types_keep_the_packed_weight_float_and_name_the_types(tmp_path):
-    raws = [(random_blocks(1, "Q4_1", 4, 64, 1.0, False), "Q4_1"), (random_blocks(2, "Q8_0", 4, 64, 1.0, False), "Q8_0")]
+    raws = [(random_blocks(1, "Q4_1", 4, 64, 1.0, False), "Q4_1"),
+            (random_blocks(2, "Q8_0", 4, 64, 1.0, False), "Q8_0")]
     path = write_gguf(tmp_path / "m.gguf", {"blk.0.q": raws[0], "blk.0.v": raws[1]})
     weights = [dequantize(raw, qtype, 64).T.copy() for raw, qtype in raws]
     p = QuantizePass(gguf=str(path))
