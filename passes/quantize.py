@@ -11,9 +11,10 @@ import onnx_ir as ir
 from qgraph.errors import BadInputError, PassFailure
 from qgraph.gguf_blocks import GgufWeights
 from qgraph.pass_base import Option, Pass
-from qgraph.quant_blocks import BITS, BLOCK_SIZES, BlockQuantized, quantize_rtn
+from qgraph.quant_blocks import BITS, BLOCK_SIZES, BlockQuantized, concatenate_columns, quantize_rtn
 from qgraph.quant_gptq import quantize_gptq
 from qgraph.rewrite.engine import PASS_KEY, RULE_KEY
+from qgraph_passes.pack_matmuls import PackedColumns
 
 __all__ = ["QuantizePass"]
 
@@ -113,7 +114,13 @@ class QuantizePass(Pass):
     that tensor's own codes and scales (``qgraph.gguf_blocks``: Q4_0/Q4_1
     -> 4 bits, Q8_0 -> 8 bits, blocks of 32; ``bits`` and ``block_size`` do
     not apply), so the graph computes what llama.cpp computes; any other
-    weight stays float, noted. Q4_1's minimum ``m`` is not a zero point:
+    weight stays float, noted. A weight pack-matmuls concatenated
+    (``PackedColumns``: Q/K/V, gate/up, packed before quantize in the ``ort``
+    presets) is no single GGUF tensor: each part is looked up, and when all
+    are tensors of one type their blocks are placed side by side along N
+    (``qgraph.quant_blocks.concatenate_columns``); a part the file does not
+    hold, or parts of different types, keep the packed weight float, noted
+    with the part. Q4_1's minimum ``m`` is not a zero point:
     MatMulNBits (zero points 0) is followed by ``+ (A @ block_sums) @ m``,
     two small float MatMuls, and such a tied embedding keeps its float
     lookup. The default budget is then tight (95 %, +1 %).
@@ -360,29 +367,12 @@ class QuantizePass(Pass):
     def _quantize(self, graph: ir.Graph, w: ir.Value, source: tuple[ir.Value, bool], a: ir.Value,
                   key: tuple[int, bool]) -> tuple[list[ir.Value], BlockQuantized] | None:
         value, transposed = source
-        array = _constant(value).numpy()
-        weight = array.T if transposed else array
         if self._source is not None:
-            quantized = self._from_gguf(value, weight)
+            quantized = self._from_gguf(value, transposed)
             if quantized is None:
                 return None
-        elif self.config["method"] == "gptq" and key in self._tied and self.config["tied_lookup"] == "quantized":
-            # The embedding lookup reads these blocks too, and for a lookup the weight error *is* the output
-            # error: GPTQ trades a larger weight error for a smaller LM-head output error, so it would hurt
-            # every embedded token. Round to nearest gives the smallest weight error.
-            quantized = quantize_rtn(weight, self.config["bits"], self.config["block_size"],
-                                     symmetric=self.config["symmetric"])
-            self.report.notes.append(f"gptq: the tied LM head '{value.name}' is rounded to nearest (its embedding "
-                                     "lookup reads the same blocks; tied_lookup=float lets GPTQ fit it)")
-        elif self.config["method"] == "gptq":
-            # A weight read by several MatMuls is fitted to its first reader's input (the others share it).
-            quantized = quantize_gptq(weight, self._hessians[a.name], self.config["bits"], self.config["block_size"],
-                                      symmetric=self.config["symmetric"], damping=self.config["damping"])
-            self.report.count("gptq-weights")
         else:
-            quantized = quantize_rtn(weight, self.config["bits"], self.config["block_size"],
-                                     symmetric=self.config["symmetric"])
-        del array, weight
+            quantized = self._rounded(value, transposed, a, key)
         b, scales, zero_points = quantized.matmul_nbits_inputs()
         base = f"{value.name or w.name}.q{quantized.bits}"
         inputs = []
@@ -398,15 +388,85 @@ class QuantizePass(Pass):
             self._offsets[id(quantized)] = _initializer(graph, base + ".offsets", np.ascontiguousarray(quantized.offsets.T))
         return inputs, quantized
 
-    def _from_gguf(self, value: ir.Value, weight: np.ndarray) -> BlockQuantized | None:
-        """The GGUF blocks of the tensor ``weight`` [K, N] is (rows of the GGUF's [N, K]), or None (noted)."""
-        match = self._source.find(np.ascontiguousarray(weight.T))
-        if match is None:
-            self.report.notes.append(f"kept '{value.name}' {list(weight.shape)} in float: no Q4_0/Q4_1/Q8_0 tensor "
-                                     f"of {self._source.path.name} dequantizes to it")
+    def _rounded(self, value: ir.Value, transposed: bool, a: ir.Value, key: tuple[int, bool]) -> BlockQuantized:
+        """The blocks this pass fits itself (round to nearest or GPTQ) for the weight read from ``value``."""
+        array = _constant(value).numpy()
+        weight = array.T if transposed else array
+        if self.config["method"] == "gptq" and key in self._tied and self.config["tied_lookup"] == "quantized":
+            # The embedding lookup reads these blocks too, and for a lookup the weight error *is* the output
+            # error: GPTQ trades a larger weight error for a smaller LM-head output error, so it would hurt
+            # every embedded token. Round to nearest gives the smallest weight error.
+            self.report.notes.append(f"gptq: the tied LM head '{value.name}' is rounded to nearest (its embedding "
+                                     "lookup reads the same blocks; tied_lookup=float lets GPTQ fit it)")
+        elif self.config["method"] == "gptq":
+            # A weight read by several MatMuls is fitted to its first reader's input (the others share it).
+            self.report.count("gptq-weights")
+            return quantize_gptq(weight, self._hessians[a.name], self.config["bits"], self.config["block_size"],
+                                 symmetric=self.config["symmetric"], damping=self.config["damping"])
+        return quantize_rtn(weight, self.config["bits"], self.config["block_size"], symmetric=self.config["symmetric"])
+
+    def _from_gguf(self, value: ir.Value, transposed: bool) -> BlockQuantized | None:
+        """The GGUF blocks of the weight read from ``value`` (rows of the GGUF's [N, K]), or None (noted).
+
+        A packed weight (``PackedColumns``, what pack-matmuls makes of Q/K/V
+        and gate/up) matches no single GGUF tensor; its parts are looked up
+        one by one instead. Any other weight no tensor matches whole may
+        still be GGUF tensors side by side (a packed weight saved and loaded
+        again): its columns are looked up as consecutive runs.
+        """
+        tensor = _constant(value)
+        if isinstance(tensor, PackedColumns) and not transposed:
+            return self._from_gguf_parts(value, tensor)
+        array = tensor.numpy()
+        weight = np.ascontiguousarray((array.T if transposed else array).T)  # [N, K], the GGUF's layout
+        match = self._source.find(weight)
+        if match is not None:
+            self.report.count(f"gguf-{match.qtype.lower()}")
+            return match.blocks
+        runs = self._source.find_side_by_side(weight)
+        if runs is None or len(runs) < 2:
+            self.report.notes.append(f"kept '{value.name}' {list(weight.T.shape)} in float: no Q4_0/Q4_1/Q8_0 tensor "
+                                     f"of {self._source.path.name} dequantizes to it, nor do several side by side")
             return None
-        self.report.count(f"gguf-{match.qtype.lower()}")
-        return match.blocks
+        described = [f"columns {sum(r.blocks.n for r in runs[:i])}.."
+                     f"{sum(r.blocks.n for r in runs[:i + 1]) - 1}" for i in range(len(runs))]
+        return self._joined(value, list(weight.T.shape), described, runs)
+
+    def _from_gguf_parts(self, value: ir.Value, packed: PackedColumns) -> BlockQuantized | None:
+        """The blocks of ``[W0 | W1 | ...]`` when every part is a GGUF tensor (of one block type); else None, noted
+        with the part that kept it in float."""
+        matches = [self._source.find(np.ascontiguousarray(part.numpy().T)) for part in packed.parts]
+        described = [f"'{part.name or f'part {i}'}' {list(part.shape)}" for i, part in enumerate(packed.parts)]
+        missing = [d for d, match in zip(described, matches) if match is None]
+        if missing:
+            self.report.notes.append(
+                f"kept packed '{value.name}' {list(packed.shape)} in float: its part(s) {', '.join(missing)} are no "
+                f"Q4_0/Q4_1/Q8_0 tensor of {self._source.path.name} (of {len(described)} parts packed by pack-matmuls)")
+            self.report.count("gguf-packed-kept-float")
+            return None
+        return self._joined(value, list(packed.shape), described, matches)
+
+    def _joined(self, value: ir.Value, shape: list[int], described: list[str], matches: list) -> BlockQuantized | None:
+        """The GGUF tensors ``matches`` side by side along N (blocks run along K, so a column's blocks are its own:
+        ``concatenate_columns``), if one MatMulNBits layout holds them all; else None, noted."""
+        types = [match.qtype for match in matches]
+        if len(set(types)) > 1:
+            found = ", ".join(f"{d} is {m.name} ({m.qtype})" for d, m in zip(described, matches))
+            self.report.notes.append(f"kept packed '{value.name}' {shape} in float: its parts are GGUF tensors of "
+                                     f"different block types, one MatMulNBits cannot hold them ({found})")
+            self.report.count("gguf-packed-kept-float")
+            return None
+        try:
+            blocks = concatenate_columns([match.blocks for match in matches])
+        except ValueError as error:
+            self.report.notes.append(f"kept packed '{value.name}' {shape} in float: its parts' GGUF blocks do not "
+                                     f"concatenate ({error})")
+            self.report.count("gguf-packed-kept-float")
+            return None
+        for match in matches:
+            self.report.count(f"gguf-{match.qtype.lower()}")
+        self.report.count("gguf-packed")
+        return blocks
 
     def _replace(self, model: ir.Model, node: ir.Node, a: ir.Value, inputs: list[ir.Value], q: BlockQuantized,
                  bias: ir.Value | None) -> None:

@@ -33,7 +33,11 @@ exactly those values) and matches rows. A row permutation is allowed, since
 transformers reorders the rows of Llama's q/k projections on load (llama.cpp
 stores them in its RoPE order); a weight is only taken when every row is
 bit-identical to a permuted GGUF row, so the blocks placed stand for exactly
-the float weight they replace.
+the float weight they replace. A weight packed from sibling projections
+(Q/K/V, gate/up) is several GGUF tensors side by side along N
+(:meth:`GgufWeights.find_side_by_side`); MatMulNBits blocks run along K per
+output column, so their blocks concatenate along N
+(:func:`qgraph.quant_blocks.concatenate_columns`).
 """
 
 from __future__ import annotations
@@ -160,18 +164,53 @@ class GgufWeights:
             return None
         hashes = _row_hashes(weight).tolist()
         for name in dict.fromkeys(name for name, _ in self._rows.get(hashes[0], ())):
-            perm = self._permutation(name, hashes)
-            if perm is None:
-                continue
-            values = self._dequantized(name)
-            if values.shape != weight.shape:
-                continue
-            if np.array_equal(values[perm].view(np.uint32), np.ascontiguousarray(weight).view(np.uint32)):
-                tensor = self._tensors[name]
-                qtype = tensor.tensor_type.name
-                blocks = blocks_from_gguf(np.asarray(tensor.data).reshape(values.shape[0], -1), qtype, weight.shape[1])
-                return GgufMatch(name, qtype, _rows_taken(blocks, perm))
+            match = self._match(name, weight, hashes)
+            if match is not None:
+                return match
         return None
+
+    def find_side_by_side(self, weight: np.ndarray) -> list[GgufMatch] | None:
+        """GGUF tensors whose rows, one tensor after the other, are exactly ``weight``'s rows ([N, K]), or None.
+
+        A weight packed from sibling projections and saved (its parts no
+        longer known) is such a run: its first N0 rows are one tensor (rows
+        possibly permuted), the next N1 another, and so on. Each run is
+        found from its first row's fingerprint and taken whole only when
+        bit-identical, so a wrong split cannot be placed.
+        """
+        if weight.dtype != np.float32 or weight.ndim != 2 or not weight.shape[0]:
+            return None
+        hashes = _row_hashes(weight).tolist()
+        matches, start = [], 0
+        while start < weight.shape[0]:
+            match = None
+            for name in dict.fromkeys(name for name, _ in self._rows.get(hashes[start], ())):
+                stop = start + int(self._tensors[name].shape[1])  # the tensor's N (GGUF lists K first)
+                if stop <= weight.shape[0]:
+                    match = self._match(name, weight[start:stop], hashes[start:stop])
+                if match is not None:
+                    break
+            if match is None:
+                return None
+            matches.append(match)
+            start += match.blocks.n
+        return matches
+
+    def _match(self, name: str, weight: np.ndarray, hashes: list[int]) -> GgufMatch | None:
+        """Tensor ``name`` as ``weight`` ([N, K], row fingerprints ``hashes``) if every row is bit-identical to a
+        distinct row of it, else None."""
+        perm = self._permutation(name, hashes)
+        if perm is None:
+            return None
+        values = self._dequantized(name)
+        if values.shape != weight.shape:
+            return None
+        if not np.array_equal(values[perm].view(np.uint32), np.ascontiguousarray(weight).view(np.uint32)):
+            return None
+        tensor = self._tensors[name]
+        qtype = tensor.tensor_type.name
+        blocks = blocks_from_gguf(np.asarray(tensor.data).reshape(values.shape[0], -1), qtype, weight.shape[1])
+        return GgufMatch(name, qtype, _rows_taken(blocks, perm))
 
     def _permutation(self, name: str, hashes: list[int]) -> np.ndarray | None:
         """For each row of the weight, a distinct row of tensor ``name`` with the same fingerprint."""

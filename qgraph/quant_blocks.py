@@ -31,8 +31,8 @@ import dataclasses
 import numpy as np
 
 __all__ = [
-    "BITS", "BLOCK_SIZES", "BlockQuantized", "block_codes", "block_parameters", "check_layout", "pack_codes",
-    "quantize_rtn", "unpack_codes", "unpack_matmul_nbits",
+    "BITS", "BLOCK_SIZES", "BlockQuantized", "block_codes", "block_parameters", "check_layout", "concatenate_columns",
+    "pack_codes", "quantize_rtn", "unpack_codes", "unpack_matmul_nbits",
 ]
 
 BITS = (4, 8)
@@ -80,6 +80,41 @@ class BlockQuantized:
 
     def attributes(self) -> dict[str, int]:
         return {"K": self.k, "N": self.n, "bits": self.bits, "block_size": self.block_size}
+
+
+def concatenate_columns(parts: list[BlockQuantized]) -> BlockQuantized:
+    """The blocks of ``[W0 | W1 | ...]`` (weights [K, N_i] side by side) from the blocks of each part.
+
+    Blocks run along K within one output column, so a column's codes, scale,
+    zero point and offset do not depend on its neighbours: the packed weight's
+    blocks are the parts' blocks one after another along N, and they
+    dequantize to the parts' weights side by side, bit for bit. The parts must
+    share K, bits, block size and kind of block (zero points or not, offsets
+    or not); otherwise the packed weight has no single MatMulNBits layout.
+
+    Raises:
+        ValueError: no parts, or parts whose layouts differ (the message names the first that differs).
+    """
+    if not parts:
+        raise ValueError("no blocks to concatenate")
+
+    def layout(q: BlockQuantized) -> tuple:
+        return (q.k, q.bits, q.block_size, q.zero_points is not None, q.offsets is not None, q.scales.dtype)
+
+    first = layout(parts[0])
+    for i, part in enumerate(parts[1:], start=1):
+        if layout(part) != first:
+            names = ("K", "bits", "block_size", "zero points", "offsets", "scale dtype")
+            diff = next(f"{name} {a} vs {b}" for name, a, b in zip(names, first, layout(part)) if a != b)
+            raise ValueError(f"part {i} has another block layout than part 0 ({diff})")
+
+    def joined(field: str) -> np.ndarray | None:
+        arrays = [getattr(q, field) for q in parts]
+        return None if arrays[0] is None else np.concatenate(arrays, axis=0)
+
+    q = parts[0]
+    return BlockQuantized(joined("codes"), joined("scales"), joined("zero_points"), q.bits, q.block_size, q.k,
+                          offsets=joined("offsets"))
 
 
 def check_layout(bits: int, block_size: int) -> None:
