@@ -29,9 +29,10 @@ each side with the other's memory: qgraph's ort and ort-int4 with
 ``QGRAPH_HUGE_PAGES=0``, the builder's graphs with the tunable set, so the
 table shows how much of a difference is the graph and how much the pages.
 ``--gguf-rows`` adds ``ort-int4`` on the packaged file's own Q4_1/Q8_0
-blocks (``quantize.gguf``, as ``compile(precision="gguf")``) at
-accuracy_level 0 (float activations: the weights are the fp32 graph's
-exactly) and 4 (int8 activations, as the builder's int4). Each process loads,
+blocks (``quantize.gguf``) at accuracy_level 0 (float activations: the
+4-bit weights are the fp32 graph's exactly; the 8-bit LM head at 4, as
+``compile(precision="gguf")`` builds it) and 4 (int8 activations
+everywhere, as the builder's int4). Each process loads,
 one short warm-up generation, then ``--repeats`` generations of
 ``--max-new-tokens`` greedy tokens with end-of-sequence ignored, 2 threads.
 The configurations run in interleaved rounds (round 1: every graph, round
@@ -227,11 +228,12 @@ def _qgraph_graphs(out: Path, presets: list[str], gguf_rows: bool) -> tuple[dict
         run = run_preset(preset, exported.output_dir, out / "qgraph", registry)
         graphs[preset], seconds[preset] = run.folder, run.report.seconds
     source = resolve(MODEL)
-    for level in (0, 4) if gguf_rows else ():  # the packaged file's own Q4_1/Q8_0 blocks (compile(precision="gguf"))
-        label = f"{GGUF_ROWS} accuracy_level {level}"
+    for level in (0, 4) if gguf_rows else ():  # the packaged file's own Q4_1/Q8_0 blocks; 0 = compile(precision="gguf")
+        label = f"{GGUF_ROWS} accuracy_level {level}" + (" (8-bit at 4)" if level == 0 else "")
         print(f"preset {label} ...", file=sys.stderr)
         run = run_preset("ort-int4", exported.output_dir, out / "qgraph", registry, label=f"gguf-level{level}",
-                         options={"quantize": {"gguf": str(source.path), "accuracy_level": level}})
+                         options={"quantize": {"gguf": str(source.path), "accuracy_level": level,
+                                               "accuracy_level_8bit": 4}})
         graphs[label], seconds[label] = run.folder, run.report.seconds
     hf_folder = dequantized_folder(source, cache_root(None), Progress(enabled=False))
     return graphs, seconds, hf_folder

@@ -136,6 +136,12 @@ class QuantizePass(Pass):
             int, 0, "MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations",
             choices=(0, 1, 2, 3, 4),
         ),
+        "accuracy_level_8bit": Option(
+            int, -1, "accuracy_level of the 8-bit MatMulNBits (a GGUF's Q8_0 tensors; bits=8): -1 as "
+            "accuracy_level. onnxruntime 1.32's CPU kernel has no float path for 8 bits and dequantizes the whole "
+            "weight on every call at levels 0-1 (~23x a float MatMul); 4 computes with int8 activations",
+            choices=(-1, 0, 1, 2, 3, 4),
+        ),
         "method": Option(
             str, "rtn", "how blocks are rounded: 'rtn' (round to nearest) or 'gptq' (each rounding error "
             "compensated on the rows not yet rounded, fitted to a calibration text; decoders only)",
@@ -470,7 +476,10 @@ class QuantizePass(Pass):
 
     def _replace(self, model: ir.Model, node: ir.Node, a: ir.Value, inputs: list[ir.Value], q: BlockQuantized,
                  bias: ir.Value | None) -> None:
-        attributes = {**q.attributes(), "accuracy_level": self.config["accuracy_level"]}
+        level = self.config["accuracy_level"]
+        if q.bits == 8 and self.config["accuracy_level_8bit"] >= 0:
+            level = self.config["accuracy_level_8bit"]
+        attributes = {**q.attributes(), "accuracy_level": level}
         operands = [a, *inputs]
         if bias is not None:  # inputs 3 and 4 (zero points, g_idx) may be absent before it
             operands += [None] * (5 - len(operands)) + [bias]

@@ -168,8 +168,9 @@ class AutoModelForCausalLM(_Loaded):
         ``precision``: "fp32", or (target ``ort``) "int8" / "int4": the
         ``ort-int8`` / ``ort-int4`` preset, weight-only MatMulNBits rounded
         to nearest, or "gguf" (a GGUF model): ``ort-int4`` with the file's
-        own Q4_0/Q4_1/Q8_0 blocks and float activations (accuracy_level 0
-        unless ``quantize`` says otherwise); part of the bundle's key.
+        own Q4_0/Q4_1/Q8_0 blocks and float activations (accuracy_level 0,
+        the 8-bit blocks at 4: onnxruntime has no float 8-bit kernel, unless
+        ``quantize`` says otherwise); part of the bundle's key.
         ``pass_options``: per pass, its options, the pass name with ``_`` for
         ``-`` (``fp16_clip={"activations": True}``, ``quantize={"symmetric": True}``).
         """
@@ -185,7 +186,10 @@ class AutoModelForCausalLM(_Loaded):
                 raise BadInputError(f"precision gguf keeps a GGUF file's blocks; {self.source.spec} is not a GGUF model")
             # accuracy_level 0: onnxruntime's float path. At 4 (the preset's, int8 activations) SmolLM2's greedy
             # tokens leave the float graph's after 9 of 32 (benchmarks/RESULTS.md); the blocks alone keep all 32.
-            pass_options = {**pass_options, "quantize": {"accuracy_level": 0, **pass_options.get("quantize", {}),
+            # The 8-bit blocks (a Q8_0 LM head) at 4: onnxruntime has no float 8-bit kernel and would dequantize
+            # the whole 576 x 49152 head every step (~150 ms); with it at 4, 32 of 32 tokens still equal.
+            pass_options = {**pass_options, "quantize": {"accuracy_level": 0, "accuracy_level_8bit": 4,
+                                                         **pass_options.get("quantize", {}),
                                                          "gguf": str(self.source.path)}}
         options = CompileOptions(target=target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len,
                                  batch_size=batch_size, kv_dtype=kv_dtype, verify_examples=verify_examples,

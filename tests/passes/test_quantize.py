@@ -268,6 +268,16 @@ def test_excluded_matmuls_stay_float_and_others_are_quantized():
     assert any("lm_head_matmul_again" in note and "excluded" in note for note in p.report.notes)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_eight_bit_blocks_take_their_own_accuracy_level(bits):
+    """accuracy_level_8bit sets the 8-bit nodes' level only (onnxruntime has no float 8-bit kernel); -1 follows."""
+    w = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    model, _ = quantize(matmul_model(w), bits=bits, accuracy_level=0, accuracy_level_8bit=4)
+    assert [n.attributes["accuracy_level"].value for n in nbits_nodes(model)] == [4 if bits == 8 else 0]
+    model, _ = quantize(matmul_model(w), bits=bits, accuracy_level=1)
+    assert [n.attributes["accuracy_level"].value for n in nbits_nodes(model)] == [1]
+
+
 def test_matmul_of_two_activations_is_not_touched():
     a = ir.val("A", ir.DataType.FLOAT, ir.Shape([2, 4]))
     b = ir.val("B", ir.DataType.FLOAT, ir.Shape([4, 3]))
