@@ -70,6 +70,9 @@ import types
 
 import numpy as np
 import onnx_ir as ir
+from qgraph_passes.attention_contract import attribute as _attr
+from qgraph_passes.attention_contract import concat_cache_reason
+from qgraph_passes.attention_contract import used as _used
 from qgraph_passes.gqa_probes import causal_window, rotary_cache
 from qgraph_passes.position_bound import declared_max_positions
 
@@ -85,11 +88,6 @@ MS_DOMAIN = "com.microsoft"
 # The rows of the rotary caches when neither the option nor the model says how many positions it takes.
 FALLBACK_POSITIONS = 8192
 _BATCH_NAMES = ("input_ids", "attention_mask", "position_ids")
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
@@ -109,10 +107,6 @@ class _Layer:
         self.tables: tuple[ir.Value, ir.Value] | None = None
 
 
-def _used(value: ir.Value) -> bool:
-    return bool(value.uses()) or value.is_graph_output()
-
-
 def _live(node: ir.Node, depth: int = 0) -> bool:
     """Whether anything the graph returns depends on ``node`` (dead leftovers of earlier rewrites do not count)."""
     if depth > 32:
@@ -123,21 +117,11 @@ def _live(node: ir.Node, depth: int = 0) -> bool:
 def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set[ir.Value]) -> str | None:
     """Why the layer's Attention is not the packed, rotated, cached one GroupQueryAttention computes, if it is not."""
     node = layer.attention
-    if len(node.inputs) != 6 or any(v is None for v in node.inputs):
-        return "the Attention does not read q, k, v, a mask and both past inputs (run kv-cache and attention-io first)"
-    q, k, v, _mask, past_k, past_v = node.inputs
-    if len(node.outputs) < 3 or any(o not in graph_outputs for o in node.outputs[1:3]):
-        return "its present outputs are not the graph's present.* outputs"
-    if len(node.outputs) > 3 and _used(node.outputs[3]):
-        return "its qk_matmul_output is in use"
-    if past_k not in graph_inputs or past_v not in graph_inputs:
-        return "its past inputs are not graph inputs"
-    if _attr(node, "softcap", 0.0):
-        return f"softcap {_attr(node, 'softcap')} (GroupQueryAttention's softcap is not lowered yet)"
-    if _attr(node, "is_causal", 0):
-        return "is_causal with past inputs (kv-cache writes an explicit mask)"
-    if _attr(node, "qk_matmul_output_mode", 0):
-        return "a qk_matmul_output_mode is set"
+    reason = concat_cache_reason(node, graph_inputs, graph_outputs,
+                                 softcap_note="GroupQueryAttention's softcap is not lowered yet")
+    if reason is not None:
+        return reason
+    q, k, v, _mask, past_k, _past_v = node.inputs
     hq, hkv = _attr(node, "q_num_heads"), _attr(node, "kv_num_heads")
     if not hq or not hkv:
         return "q_num_heads / kv_num_heads are not set (Q/K/V are not packed heads; run attention-io)"

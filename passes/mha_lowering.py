@@ -58,6 +58,9 @@ import types
 
 import numpy as np
 import onnx_ir as ir
+from qgraph_passes.attention_contract import attribute as _attr
+from qgraph_passes.attention_contract import concat_cache_reason
+from qgraph_passes.attention_contract import used as _used
 from qgraph_passes.attention_heads import HeadLayout, probe_head_layouts
 
 from qgraph import Pass
@@ -71,15 +74,6 @@ _HEADS_PERM = [0, 2, 1, 3]
 _RULE = "multi-head-attention"
 
 
-def _attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def _used(value: ir.Value) -> bool:
-    return bool(value.uses()) or value.is_graph_output()
-
-
 def _static(shape: ir.Shape | None, index: int) -> int | None:
     if shape is None or len(shape) <= index:
         return None
@@ -89,21 +83,11 @@ def _static(shape: ir.Shape | None, index: int) -> int | None:
 
 def _contract_reason(node: ir.Node, graph_inputs: set[ir.Value], graph_outputs: set[ir.Value]) -> str | None:
     """Why the Attention is not a concat-cache layer MultiHeadAttention can stand in for (before heads are known)."""
-    if len(node.inputs) != 6 or any(v is None for v in node.inputs):
-        return "the Attention does not read q, k, v, a mask and both past inputs (run kv-cache and attention-io first)"
+    reason = concat_cache_reason(node, graph_inputs, graph_outputs,
+                                 softcap_note="MultiHeadAttention has no soft-capping")
+    if reason is not None:
+        return reason
     q, k, v, mask, past_k, past_v = node.inputs
-    if len(node.outputs) < 3 or any(o not in graph_outputs for o in node.outputs[1:3]):
-        return "its present outputs are not the graph's present.* outputs"
-    if len(node.outputs) > 3 and _used(node.outputs[3]):
-        return "its qk_matmul_output is in use"
-    if past_k not in graph_inputs or past_v not in graph_inputs:
-        return "its past inputs are not graph inputs"
-    if _attr(node, "softcap", 0.0):
-        return f"softcap {_attr(node, 'softcap')} (MultiHeadAttention has no soft-capping)"
-    if _attr(node, "is_causal", 0):
-        return "is_causal with past inputs (kv-cache writes an explicit mask)"
-    if _attr(node, "qk_matmul_output_mode", 0):
-        return "a qk_matmul_output_mode is set"
     if q.dtype != ir.DataType.FLOAT:
         return f"q is {q.dtype}; the pass lowers float32 layers only (onnxruntime's CPU MultiHeadAttention)"
     ranks = {len(x.shape) if x.shape is not None else None for x in (q, k, v)}
