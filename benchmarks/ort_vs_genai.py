@@ -278,7 +278,8 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
     by = {(r["label"], r["precision"]): r for r in rows}
     lines = [
         f"Command: `.venv/bin/python benchmarks/ort_vs_genai.py --rounds {args.rounds} --repeats {args.repeats} "
-        f"--max-new-tokens {args.max_new_tokens} --presets {args.presets} --prompt-repeat {args.prompt_repeat} --write` "
+        f"--max-new-tokens {args.max_new_tokens} --presets {args.presets} --prompt-repeat {args.prompt_repeat}"
+        f"{' --huge-pages-rows' if args.huge_pages_rows else ''}{' --gguf-rows' if args.gguf_rows else ''} --write` "
         f"(onnxruntime-genai installed for it: `{INSTALL.split('   ')[0]}`)",
         "",
         f"Machine: {machine_description()}, onnxruntime-genai {onnxruntime_genai.__version__} "

@@ -11,7 +11,7 @@ process starts with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` -- a setting
 read once, at start-up. So the commands that run a model (``generate``,
 ``embed``, ``demo``, ``infer``, ``execute``) start themselves again, once,
 with it added to the environment (``os.execve``: same process id, same
-arguments and streams, ~40 ms before anything is read). Measured on
+arguments and streams; a second interpreter start-up, a few tens of ms, before anything is read). Measured on
 SmolLM2-135M: see benchmarks/RESULTS.md, "ort vs onnxruntime-genai" (its
 rows of qgraph with and without).
 
