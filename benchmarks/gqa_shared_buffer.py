@@ -24,11 +24,10 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from harness import benchmark_parser
+from harness import benchmark_parser, interleaved_decode
 from results_file import machine_description, publish
 
 SECTION = "GroupQueryAttention and the shared cache buffer"
@@ -53,25 +52,6 @@ def _graphs(out: Path, precision: str) -> dict[str, Path]:
     return graphs
 
 
-def _interleaved(engines: dict, prompt: np.ndarray, steps: int, flip: bool) -> tuple[dict, dict]:
-    """Prefill every engine, then decode steps alternating between them (A B A B ..., or B A B A ...)."""
-    names = list(engines)[::-1] if flip else list(engines)
-    logits = {}
-    for name in names:
-        engines[name].start(1)
-        logits[name] = engines[name].prefill(prompt, np.ones_like(prompt, bool))
-    times: dict[str, list[float]] = {n: [] for n in names}
-    tokens: dict[str, list[int]] = {n: [] for n in names}
-    for _ in range(steps):
-        for name in names:
-            token = np.argmax(logits[name], axis=-1)
-            tokens[name].append(int(token[0]))
-            started = time.perf_counter()
-            logits[name] = engines[name].decode(token, np.ones(1, bool))
-            times[name].append(time.perf_counter() - started)
-    return times, tokens
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__, SECTION)
     parser.add_argument("--contexts", default="16,512,2048")
@@ -94,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens: dict[str, list[int]] = {}
             for round_ in range(args.rounds):
                 print(f"context {context}, round {round_ + 1} ...", file=sys.stderr)
-                got, tokens = _interleaved(engines, prompt, args.steps, flip=bool(round_ % 2))
+                _, got, tokens = interleaved_decode(engines, prompt, args.steps, flip=bool(round_ % 2))
                 for name in names:
                     times[name] += got[name]
             same = sum(a == b for a, b in zip(tokens[names[0]], tokens[names[1]]))

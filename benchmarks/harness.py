@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["benchmark_parser", "exported", "huge_pages_mib", "in_child", "peak_rss_mib", "ran_as_child"]
+__all__ = ["benchmark_parser", "exported", "huge_pages_mib", "in_child", "interleaved_decode", "peak_rss_mib",
+           "ran_as_child"]
 
 
 def huge_pages_mib() -> float:
@@ -94,3 +95,33 @@ def ran_as_child(args: argparse.Namespace, child: Callable[[dict[str, Any]], dic
         return False
     print(json.dumps(child(json.loads(args.child))))
     return True
+
+
+def interleaved_decode(engines: dict[str, Any], prompt: Any, steps: int,
+                       flip: bool) -> tuple[dict[str, float], dict[str, list[float]], dict[str, list[int]]]:
+    """Prefill every ``qgraph.runtime`` engine (batch 1), then greedy decode steps alternating between them
+    (A B A B ..., or B A B A ... with ``flip``), so load on a shared machine falls on all of them alike.
+
+    Returns each engine's prefill seconds, per-step decode seconds and greedy tokens.
+    """
+    import time
+
+    import numpy as np
+
+    names = list(engines)[::-1] if flip else list(engines)
+    logits, prefill = {}, {}
+    for name in names:
+        engines[name].start(1)
+        started = time.perf_counter()
+        logits[name] = engines[name].prefill(prompt, np.ones_like(prompt, bool))
+        prefill[name] = time.perf_counter() - started
+    times: dict[str, list[float]] = {n: [] for n in names}
+    tokens: dict[str, list[int]] = {n: [] for n in names}
+    for _ in range(steps):
+        for name in names:
+            token = np.argmax(logits[name], axis=-1)
+            tokens[name].append(int(token[0]))
+            started = time.perf_counter()
+            logits[name] = engines[name].decode(token, np.ones(1, bool))
+            times[name].append(time.perf_counter() - started)
+    return prefill, times, tokens

@@ -22,11 +22,10 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from harness import benchmark_parser
+from harness import benchmark_parser, interleaved_decode
 from results_file import machine_description, publish
 
 SECTION = "MultiHeadAttention lowering: GPT-2 small, whole model"
@@ -74,26 +73,6 @@ def _graphs(out: Path) -> dict[str, Path]:
     return {"ort": plain, "ort + lower-mha": lowered}
 
 
-def _round(engines: dict, prompt: np.ndarray, steps: int, flip: bool) -> tuple[dict, dict, dict]:
-    names = list(engines)[::-1] if flip else list(engines)
-    logits, prefill = {}, {}
-    for name in names:
-        engines[name].start(1)
-        started = time.perf_counter()
-        logits[name] = engines[name].prefill(prompt, np.ones_like(prompt, bool))
-        prefill[name] = time.perf_counter() - started
-    times: dict[str, list[float]] = {n: [] for n in names}
-    tokens: dict[str, list[int]] = {n: [] for n in names}
-    for _ in range(steps):
-        for name in names:
-            token = np.argmax(logits[name], axis=-1)
-            tokens[name].append(int(token[0]))
-            started = time.perf_counter()
-            logits[name] = engines[name].decode(token, np.ones(1, bool))
-            times[name].append(time.perf_counter() - started)
-    return prefill, times, tokens
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__, SECTION)
     parser.add_argument("--contexts", default="16,256,900")
@@ -108,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         engines = {name: make_engine(path, threads=THREADS) for name, path in graphs.items()}
         names = list(engines)
         rng = np.random.default_rng(0)
-        _round(engines, rng.integers(3, 256, size=(1, 8)), 2, flip=False)  # warm-up: a session's first runs allocate
+        interleaved_decode(engines, rng.integers(3, 256, size=(1, 8)), 2, flip=False)  # warm-up: a session's first runs allocate
         rows = []
         for context in (int(c) for c in args.contexts.split(",")):
             prompt = rng.integers(3, 256, size=(1, context))
@@ -116,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             times: dict[str, list[float]] = {n: [] for n in names}
             for round_ in range(args.rounds):
                 print(f"context {context}, round {round_ + 1} ...", file=sys.stderr)
-                prefill, got, tokens = _round(engines, prompt, args.steps, flip=bool(round_ % 2))
+                prefill, got, tokens = interleaved_decode(engines, prompt, args.steps, flip=bool(round_ % 2))
                 if tokens[names[0]] != tokens[names[1]]:
                     raise SystemExit(f"greedy tokens differ at context {context}: {tokens}")
                 for name in names:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-__all__ = ["attribute", "concat_cache_reason", "used"]
+__all__ = ["attribute", "concat_cache_reason", "remove_dead", "used"]
 
 
 def attribute(node: ir.Node, name: str, default=None):
@@ -46,3 +46,17 @@ def concat_cache_reason(node: ir.Node, graph_inputs: set[ir.Value], graph_output
     if attribute(node, "qk_matmul_output_mode", 0):
         return "a qk_matmul_output_mode is set"
     return None
+
+
+def remove_dead(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    """Remove ``nodes`` and then their producers, as far as nothing else reads them (what a lowering replaced)."""
+    stack = list(nodes)
+    removed: set[ir.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in removed or node.graph is not graph or any(used(o) for o in node.outputs):
+            continue
+        producers = [x.producer() for x in node.inputs if x is not None]
+        graph.remove(node, safe=True)
+        removed.add(node)
+        stack.extend(p for p in producers if p is not None)

@@ -72,7 +72,7 @@ import numpy as np
 import onnx_ir as ir
 from qgraph_passes.attention_contract import attribute as _attr
 from qgraph_passes.attention_contract import concat_cache_reason
-from qgraph_passes.attention_contract import used as _used
+from qgraph_passes.attention_contract import remove_dead as _remove_dead
 from qgraph_passes.gqa_probes import causal_window, rotary_cache
 from qgraph_passes.position_bound import declared_max_positions
 
@@ -396,20 +396,6 @@ class _Shared:
             self._caches[tables] = (self._const(cos.astype(tables[0].dtype.numpy()), f"lower_gqa/cos_cache_{index}"),
                                     self._const(sin.astype(tables[1].dtype.numpy()), f"lower_gqa/sin_cache_{index}"))
         return self._caches[tables]
-
-
-def _remove_dead(graph: ir.Graph, nodes: list[ir.Node]) -> None:
-    """Remove ``nodes`` and then their producers, as far as nothing else reads them."""
-    stack = list(nodes)
-    removed: set[ir.Node] = set()
-    while stack:
-        node = stack.pop()
-        if node in removed or node.graph is not graph or any(_used(o) for o in node.outputs):
-            continue
-        producers = [x.producer() for x in node.inputs if x is not None]
-        graph.remove(node, safe=True)
-        removed.add(node)
-        stack.extend(p for p in producers if p is not None)
 
 
 def _narrow_to_batch_one(graph: ir.Graph) -> None:

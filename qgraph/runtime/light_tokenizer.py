@@ -90,7 +90,7 @@ class LightTokenizer:
             backend = Tokenizer.from_file(str(path))
         except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception for bad files
             raise BadInputError(f"{path}: the tokenizers library cannot read it ({error})") from None
-        config = _read_json(folder / CONFIG_FILE) or {}
+        config = read_json_object(folder / CONFIG_FILE) or {}
         named = _named_special_tokens(folder, config)
         extra = _extra_special_tokens(config)
 
@@ -181,7 +181,8 @@ class LightTokenizer:
 # -- tokenizer_config.json -------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A folder's side file as a JSON object, None where it is absent; a broken one names the file."""
     if not path.is_file():
         return None
     try:
@@ -205,7 +206,7 @@ def _token_text(value: Any) -> str | None:
 def _named_special_tokens(folder: Path, config: Mapping[str, Any]) -> dict[str, str]:
     values = dict(config)
     if "added_tokens_decoder" not in config:  # the legacy file is read only then, and overrides the config
-        values.update(_read_json(folder / SPECIAL_TOKENS_MAP_FILE) or {})
+        values.update(read_json_object(folder / SPECIAL_TOKENS_MAP_FILE) or {})
     named = {}
     for name in SPECIAL_TOKEN_NAMES:
         text = _token_text(values.get(name))

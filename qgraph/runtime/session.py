@@ -15,7 +15,6 @@ sequential execution.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import onnxruntime as ort
 
 from qgraph.errors import BadInputError
+from qgraph.runtime.light_tokenizer import LightTokenizer, read_json_object
 from qgraph.specializations import parse_specializations
 
 __all__ = ["DEFAULT_THREADS", "ModelFolder", "open_session"]
@@ -63,16 +63,7 @@ class ModelFolder:
     # -- side files ---------------------------------------------------------------
 
     def _json(self, name: str, folder: Path | None = None) -> dict[str, Any] | None:
-        path = (folder or self.folder) / name
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise BadInputError(f"{path}: cannot read it as JSON ({error})") from None
-        if not isinstance(data, dict):
-            raise BadInputError(f"{path}: expected a JSON object")
-        return data
+        return read_json_object((folder or self.folder) / name)
 
     def config(self) -> dict[str, Any] | None:
         """``config.json`` beside the model, else beside the tokenizer."""
@@ -124,8 +115,6 @@ class ModelFolder:
                 "(give a qgraph export folder, or --tokenizer DIR)"
             )
         if (folder / "tokenizer.json").is_file():
-            from qgraph.runtime.light_tokenizer import LightTokenizer
-
             return LightTokenizer.from_folder(folder)
         try:
             from transformers import AutoTokenizer
