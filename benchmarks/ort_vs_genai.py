@@ -42,7 +42,10 @@ line the ratio of the two sides' medians within each round (a pair run a
 few seconds apart), median and range. TTFT = from
 the prompt's ids to the first new token; decode = tokens after the first /
 time from the first to the last. Model size = the files of the graph
-(model.onnx + external data).
+(model.onnx + external data). Perplexity: each graph once, in its own
+process, teacher-forced through its KV cache over the fixed paragraphs of
+``benchmarks/perplexity.py``, so the int4 graphs' speed is read beside
+what their rounding costs.
 
 Targets of issue 19: decode tokens/s of qgraph's ort graph >= the builder's
 at fp32 and at int4, TTFT no worse, greedy tokens identical at fp32; the
@@ -200,8 +203,15 @@ def _child_transformers(task: dict[str, Any]) -> dict[str, Any]:
     return _timed_runs(once, task)
 
 
+def _child_perplexity(task: dict[str, Any]) -> dict[str, Any]:
+    from perplexity import perplexity
+
+    return {"perplexity": perplexity(Path(task["folder"]) / "model.onnx", task["texts"], THREADS)}
+
+
 def _child(task: dict[str, Any]) -> dict[str, Any]:
-    children = {"genai": _child_genai, "qgraph": _child_qgraph, "transformers": _child_transformers}
+    children = {"genai": _child_genai, "qgraph": _child_qgraph, "transformers": _child_transformers,
+                "perplexity": _child_perplexity}
     return children[task["kind"]](task)
 
 
@@ -259,7 +269,8 @@ def _builder_graphs(hf_folder: Path, out: Path) -> dict[str, Path]:
 # --- report ---------------------------------------------------------------------------------------
 
 
-def _row(label: str, precision: str, folder: Path, results: list[dict[str, Any]]) -> dict[str, Any]:
+def _row(label: str, precision: str, folder: Path, results: list[dict[str, Any]],
+         perplexities: dict[str, float]) -> dict[str, Any]:
     return {
         "label": label, "precision": precision,
         "decode": statistics.median(d for r in results for d in r["decode"]),
@@ -269,6 +280,7 @@ def _row(label: str, precision: str, folder: Path, results: list[dict[str, Any]]
         "heavy": sorted({m for r in results for m in r.get("heavy_imports", [])}),
         "round_decode": [statistics.median(r["decode"]) for r in results],
         "huge_mib": statistics.median(r.get("huge_pages_mib", 0.0) for r in results),
+        "perplexity": perplexities.get(str(folder)),
     }
 
 
@@ -290,16 +302,22 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
          f"{THREADS} threads; each child process loads, warms up once, then generates {args.repeats} times; "
          f"{args.rounds} interleaved rounds; medians over all runs (peak RSS: median over the rounds' processes)."),
         "",
-        "| graph | precision | decode tok/s | TTFT ms | peak RSS MiB | in huge pages MiB | model MiB "
+        (f"*perplexity*: teacher-forced through each graph's own KV cache, one token at a time, over "
+         f"{len(args.texts)} short paragraphs of different kinds ({sum(map(len, args.texts))} tokens; "
+         f"benchmarks/perplexity.py), and its rise over the builder's fp32 graph's."),
+        "",
+        "| graph | precision | decode tok/s | TTFT ms | peak RSS MiB | in huge pages MiB | model MiB | perplexity "
         "| decode vs builder | TTFT vs builder | peak RSS vs builder |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    fp32 = by[(BUILDER, "fp32")]["perplexity"]
     for r in rows:
         ref = by.get((BUILDER, r["precision"]))
         vs = (f"{r['decode'] / ref['decode']:.2f}x | {r['ttft_ms'] / ref['ttft_ms']:.2f}x | {r['rss'] / ref['rss']:.2f}x"
               if ref is not None and r["label"] != ref["label"] else "- | - | -")
+        quality = "-" if r["perplexity"] is None else f"{r['perplexity']:.2f} ({r['perplexity'] / fp32 - 1:+.1%})"
         lines.append(f"| {r['label']} | {r['precision']} | {r['decode']:.1f} | {r['ttft_ms']:.1f} | {r['rss']:.0f} | "
-                     f"{r['huge_mib']:.0f} | {r['size']:.0f} | {vs} |")
+                     f"{r['huge_mib']:.0f} | {r['size']:.0f} | {quality} | {vs} |")
     heavy = sorted({m for r in rows if r["label"].startswith("qgraph") for m in r["heavy"]})
     lines += ["", f"qgraph's child processes imported {', '.join(heavy)}." if heavy else
               "qgraph's child processes imported neither torch nor transformers: like `qgraph generate`, they read "
@@ -315,7 +333,8 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
             paired = sorted(q / g for q, g in zip(r["round_decode"], b["round_decode"]))  # the same round's pair
             lines.append(f"- {r['label']} {r['precision']}: decode {r['decode']:.1f} vs {b['decode']:.1f} tok/s "
                          f"({decode}; per round {statistics.median(paired):.2f}x, from {paired[0]:.2f}x to "
-                         f"{paired[-1]:.2f}x); TTFT {r['ttft_ms']:.1f} vs {b['ttft_ms']:.1f} ms ({ttft})")
+                         f"{paired[-1]:.2f}x); TTFT {r['ttft_ms']:.1f} vs {b['ttft_ms']:.1f} ms ({ttft}); "
+                         f"perplexity {r['perplexity']:.2f} vs {b['perplexity']:.2f}")
     b = builder["fp32"]["tokens"]
     for r in rows:
         if r["label"].startswith("qgraph"):
@@ -366,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out / "qgraph")
         ours, seconds, hf_folder = _qgraph_graphs(out, args.presets.split(","), args.gguf_rows)
         theirs = _builder_graphs(hf_folder, out)
+        from perplexity import TEXTS
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(hf_folder / "tokenizer.json"))
+        args.texts = [tokenizer.encode(text).ids for text in TEXTS]
         configs = [(f"qgraph {p}", _precision(p), "qgraph", f, {}) for p, f in ours.items()]  # "qgraph ort" = QGRAPH
         configs += [(BUILDER, p, "genai", f, {}) for p, f in theirs.items()]
         if args.huge_pages_rows:  # each side with the other side's memory: where the difference comes from
@@ -380,7 +404,12 @@ def main(argv: list[str] | None = None) -> int:
                 task = {"kind": kind, "folder": str(folder), "prompt": args.prompt, "tokens": args.max_new_tokens,
                         "repeats": args.repeats}
                 results[(label, precision)].append(in_child(__file__, task, env))
-        rows = [_row(label, precision, folder, results[(label, precision)])
+        perplexities = {}
+        for folder in dict.fromkeys(str(c[3]) for c in configs if c[2] != "transformers"):
+            print(f"perplexity of {folder} ...", file=sys.stderr)
+            task = {"kind": "perplexity", "folder": folder, "texts": args.texts}
+            perplexities[folder] = in_child(__file__, task)["perplexity"]
+        rows = [_row(label, precision, folder, results[(label, precision)], perplexities)
                 for label, precision, _, folder, _ in configs]
         report = format_report(rows, args, seconds)
     publish(SECTION, report, args.write)

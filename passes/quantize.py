@@ -131,7 +131,8 @@ class QuantizePass(Pass):
     options = {
         "bits": Option(int, 4, "bits per weight", choices=BITS),
         "block_size": Option(int, 32, "weights per scale along K (a power of 2, 16-256)", choices=BLOCK_SIZES),
-        "symmetric": Option(bool, False, "no zero points (the implicit 2**(bits-1)); otherwise one per block"),
+        "symmetric": Option(bool, False, "no zero points (the implicit 2**(bits-1); the block's largest-magnitude "
+                            "weight on code 0); otherwise one per block"),
         "accuracy_level": Option(
             int, 0, "MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations",
             choices=(0, 1, 2, 3, 4),

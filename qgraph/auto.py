@@ -172,7 +172,7 @@ class AutoModelForCausalLM(_Loaded):
         the 8-bit blocks at 4: onnxruntime has no float 8-bit kernel, unless
         ``quantize`` says otherwise); part of the bundle's key.
         ``pass_options``: per pass, its options, the pass name with ``_`` for
-        ``-`` (``fp16_clip={"activations": True}``, ``quantize={"symmetric": True}``).
+        ``-`` (``fp16_clip={"activations": True}``, ``quantize={"symmetric": False}``).
         """
         from qgraph.bundle import CompileOptions, compile_decoder
 

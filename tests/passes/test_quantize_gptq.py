@@ -94,7 +94,9 @@ def test_packed_gptq_blocks_are_valid_matmul_nbits(layer):
     zero = np.full(scales.shape, 2 ** (bits - 1)) if symmetric else read.zero_points.astype(np.int64)
     assert zero.max() <= top
     blocks_per_column = -(-k // block)
-    assert scales.shape == (n, blocks_per_column) and np.all(scales > 0)
+    assert scales.shape == (n, blocks_per_column)
+    # symmetric: the sign of the block's largest weight, which sits on code 0; asymmetric: a positive step
+    assert np.all(scales != 0) if symmetric else np.all(scales > 0)
     decoded = read.dequantize()
     np.testing.assert_array_equal(decoded, q.dequantize())
     # Every weight of block (n, j) on the grid of that block: (decoded / scale + zero) an integer code.
