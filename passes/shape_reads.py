@@ -124,12 +124,20 @@ class ShapeReadsPass(Pass):
     """
 
     name = "shape-reads"
+    explained_rules = ("reshape-target",)
+
+    def explain(self, model: ir.Model, rule: str) -> list[tuple[bool, str]]:
+        """Every Reshape with a run-time target and what the pass does with it, found by running it on a copy."""
+        copy = type(self)(**self.config)
+        copy(model.clone())
+        return copy._candidates
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         dims = DimSources(graph)
         self._names = _Names(graph)
         self._kept: list[types.SimpleNamespace] = []
+        self._candidates: list[tuple[bool, str]] = []  # for --explain reshape-target
         changed = False
         standard = [node for node in graph if node.domain in ("", "ai.onnx")]
         # Shape reads first: a Reshape whose output only they read (TorchScript's repeat_kv, read for its
@@ -142,6 +150,8 @@ class ShapeReadsPass(Pass):
                 changed |= self._reshape(graph, dims, node)
         if self._kept:  # the table's "near miss in shape-reads" line: how many targets, the most common reason
             self.report.near_misses = summarize_near_misses({"reshape-target": self._kept})
+            self.report.near_misses["reshape-target"]["listed_by"] = (
+                "--explain reshape-target names each; a kept target is computed at run time, with the same result")
         renamed = self._name_dims(graph, dims)
         if renamed:
             self.report.count("dims-named", renamed)
@@ -153,11 +163,17 @@ class ShapeReadsPass(Pass):
             reason = _why_kept(dims, node)
             y = node.outputs[0]
             if not y.uses() and not y.is_graph_output():
-                self.report.notes.append(f"shape-reads: Reshape '{node.name}' is no longer used (only Shape read it, "
-                                         f"now answered from the inputs); its target is not rewritten: {reason}")
+                note = (f"Reshape '{node.name}' is no longer used (only Shape read it, now answered from the inputs; "
+                        f"dce removes it); its target is not rewritten: {reason}")
+                self._candidates.append((False, f"[unused]   reshape-target at {node.name} (Reshape): no longer used "
+                                                f"(dce removes it); {reason}"))
+                self.report.notes.append(f"shape-reads: {note}")
                 return False
-            self.report.notes.append(f"shape-reads: the target of Reshape '{node.name}' is kept: {reason}; "
-                                     f"the Reshape computes its target at run time, with the same result")
+            note = (f"the target of Reshape '{node.name}' is kept: {reason}; the Reshape computes its target at run "
+                    f"time, with the same result")
+            self._candidates.append((False, f"[no match] reshape-target at {node.name} (Reshape): kept, computed at "
+                                            f"run time with the same result; {reason}"))
+            self.report.notes.append(f"shape-reads: {note}")
             self._kept.append(types.SimpleNamespace(reason=reason))
             return False
         x, y = node.inputs[0], node.outputs[0]
@@ -166,6 +182,8 @@ class ShapeReadsPass(Pass):
             ir.convenience.replace_all_uses_with(y, x)
             graph.remove(node, safe=True)
             self.report.count("identity-reshapes")
+            self._candidates.append((True, f"[match]    reshape-target at {node.name} (Reshape): removed, its target "
+                                           f"copies every dim of '{x.name}'"))
             return True
         target = _constant(graph, np.array(out, np.int64), self._names(f"shape_reads/{node.name or 'reshape'}/target"))
         node.replace_input_with(1, target)
@@ -173,6 +191,8 @@ class ShapeReadsPass(Pass):
         if -1 not in out:
             y.shape = ir.Shape([x.shape[axis] if v == 0 else v for axis, v in enumerate(out)])
         self.report.count("reshape-targets")
+        self._candidates.append((True, f"[match]    reshape-target at {node.name} (Reshape): the target of "
+                                       f"'{x.name}' is the constant {out}"))
         return True
 
     def _shape(self, graph: ir.Graph, dims: DimSources, node: ir.Node) -> bool:

@@ -353,3 +353,37 @@ def test_a_target_computed_by_an_op_not_followed_names_that_op():
                for n in shape_reads.report.notes), shape_reads.report.notes
     summary = shape_reads.report.near_misses["reshape-target"]["most_common_check"]
     assert "through Abs" in summary  # the op survives the summary's blanking of names
+
+
+# -- what the user sees --------------------------------------------------------------------------------
+
+def test_explain_names_each_reshape_and_the_table_says_where_the_names_are(tmp_path):
+    """The table blanks names ('…') to group reasons; --explain reshape-target lists every Reshape by name."""
+    import io
+
+    from qgraph.cli import main
+
+    model = _head_split(mask_dims=("other", "seq"))
+    _reshape(model, "heads").name = "split_heads"
+    path = tmp_path / "in.onnx"
+    onnx.save(ir.to_proto(model), path)
+    out = io.StringIO()
+    assert main(["optimize", str(path), "--passes", "shape-reads", "--explain", "reshape-target"], out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "rule 'reshape-target' of pass 'shape-reads': 1 candidate(s), 0 rewritten"
+    assert lines[1].startswith("  [no match] reshape-target at split_heads (Reshape): kept, computed at run time")
+    assert "dim 0 of 'mask', not proven equal to dim 0 of the reshaped value 'x'" in lines[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]  # explain only: nothing written
+
+    out = io.StringIO()
+    assert main(["optimize", str(path), "--passes", "shape-reads", "-o", str(tmp_path / "out.onnx")], out=out) == 0
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("near miss in shape-reads"))
+    assert line.endswith("(--explain reshape-target names each; a kept target is computed at run time, with the "
+                         "same result)"), line
+
+    same = _head_split()
+    onnx.save(ir.to_proto(same), path)
+    out = io.StringIO()
+    assert main(["optimize", str(path), "--passes", "shape-reads", "--explain", "reshape-target"], out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("1 candidate(s), 1 rewritten") and "is the constant [0, 0, 2, 4]" in lines[1]
