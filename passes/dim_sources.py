@@ -339,8 +339,10 @@ class DimSources:
         a, b = (self.entries(x, depth) for x in operands)
         if a is None or b is None or (len(a) != len(b) and 1 not in (len(a), len(b))):
             return None
-        n = max(len(a), len(b))
-        a, b = (e * n if len(e) == 1 else e for e in (a, b))
+        if len(a) == 1:
+            a = a * len(b)
+        elif len(b) == 1:
+            b = b * len(a)
         return [_combine_entry(op, x, y, bounds) for x, y in zip(a, b, strict=True)]
 
     def breaking_op(self, value: ir.Value | None, depth: int = 0) -> ir.Node | None:

@@ -387,3 +387,26 @@ def test_explain_names_each_reshape_and_the_table_says_where_the_names_are(tmp_p
     assert main(["optimize", str(path), "--passes", "shape-reads", "--explain", "reshape-target"], out=out) == 0
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("1 candidate(s), 1 rewritten") and "is the constant [0, 0, 2, 4]" in lines[1]
+
+
+@pytest.mark.parametrize(("left", "right", "expected"), [
+    ("[2, 3]", "[4]", [8, 12]), ("[4]", "[2, 3]", [8, 12]), ("[2, 3]", "[4, 5]", [8, 15]), ("[]", "[4]", []),
+    ("[2, 3]", "[4, 5, 6]", None),
+])
+def test_arithmetic_on_entries_broadcasts_as_numpy_does(left, right, expected):
+    text = f"""
+    <ir_version: 10, opset_import: ["" : 23]>
+    g (float[B] x) => (int64[n] r) {{
+        a = Constant <value_ints: ints = {left}> ()
+        b = Constant <value_ints: ints = {right}> ()
+        r = Mul(a, b)
+    }}
+    """
+    model = ir.from_proto(onnx.parser.parse_model(text))  # no shape inference: it rejects the mismatched case
+    for node in model.graph:
+        for value in node.outputs:
+            value.dtype = ir.DataType.INT64
+            const = ir.convenience.get_const_tensor(value)
+            value.shape = ir.Shape(const.shape if const is not None else ["n"])
+    got = DimSources(model.graph).entries(model.graph.outputs[0])
+    assert got == (None if expected is None else [Const(v) for v in expected])
