@@ -14,10 +14,25 @@ not from names: a dim is followed back through ops that copy it (Transpose
 moves it, Split/Slice/Concat keep the other axes, elementwise ops keep it
 when every operand that is not 1 there has the same source, MatMul by a 2-D
 weight keeps the leading dims, an embedding Gather keeps the ids' dims,
+``Range(0, d, 1)`` is d long,
 Reshape copies a dim that its shape tensor reads as ``Shape(y)[j]``, or as 0)
-until it reaches a graph input's dim or a number. Two dims with the same
+until it reaches a graph input's dim or a number. The entries of a shape
+tensor are followed through the integer arithmetic exporters write on them
+(TorchScript's repeat_kv target holds ``kv_heads * n_rep`` as a ``Mul`` of
+two numbers): numbers combine into a number, ``d * 1`` and ``d + 0`` stay
+the dim d; any other product or sum of a dim is not a dim of an input, and
+is unknown. Two dims with the same
 source are equal for every input the graph accepts. Anything not listed
 gives None: unknown, never guessed.
+
+Graph inputs' dims that carry the same ``dim_param`` are one source (the
+first input, in the graph's order, that carries it). That is the caller's
+contract, not a guess: the ONNX IR spec (docs/IR.md, *Static tensor
+shapes*) makes a dimension variable one value across the whole graph, so
+inputs declared ``[batch, seq]`` must be fed tensors of equal dims there.
+Only graph inputs are unified, whose names the caller declares; the names
+an exporter or shape inference gives intermediate values (``unk__15``,
+``s0``) prove nothing, and are never read.
 """
 
 from __future__ import annotations
@@ -90,6 +105,12 @@ class DimSources:
 
     def __init__(self, graph: ir.Graph) -> None:
         self._inputs = set(graph.inputs)
+        # dim_param -> the first graph input's dim that carries it: equal names on inputs are one value (IR spec)
+        self._declared: dict[str, InputDim] = {}
+        for value in graph.inputs:
+            for axis, dim in enumerate(value.shape.dims if value.shape is not None else ()):
+                if isinstance(dim, ir.SymbolicDim) and dim.value:
+                    self._declared.setdefault(dim.value, InputDim(value, axis))
         self._sources: dict[tuple[ir.Value, int], Source | None] = {}
         self._entries: dict[ir.Value, list[Source | None] | None] = {}
 
@@ -114,7 +135,8 @@ class DimSources:
         if isinstance(dim, int) and (dim != 1 or fixed):
             return Const(dim)
         if value in self._inputs:
-            return InputDim(value, axis)
+            named = self._declared.get(dim.value) if isinstance(dim, ir.SymbolicDim) and dim.value else None
+            return named or InputDim(value, axis)
         return self._from_producer(value, axis, depth)
 
     def _from_producer(self, value: ir.Value, axis: int, depth: int) -> Source | None:
@@ -152,6 +174,8 @@ class DimSources:
             if entries is None or len(entries) != rank:
                 return None
             return self._combine([self._aligned(first, axis, rank, d), entries[axis]])
+        if op == "Range" and len(node.inputs) == 3 and value.dtype in _INT_RANGE:
+            return self._range_length(node.inputs, d)
         if op == "Unsqueeze":
             axes = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
             if axes is None:
@@ -161,6 +185,16 @@ class DimSources:
                 return Const(1)
             return self.source(first, axis - sum(1 for a in inserted if a < axis), d)
         return None
+
+    def _range_length(self, bounds, depth: int) -> Source | None:
+        """The length of ``Range(start, limit, delta)``: a number, or the limit's dim when it counts 0, 1, 2..."""
+        start, limit, delta = (self.entries(x, depth) for x in bounds)
+        if any(e is None or len(e) != 1 or e[0] is None for e in (start, limit, delta)):
+            return None
+        (start,), (limit,), (delta,) = start, limit, delta
+        if all(isinstance(e, Const) for e in (start, limit, delta)) and delta != 0:
+            return Const(max(-((int(start) - int(limit)) // int(delta)), 0))  # ceil((limit - start) / delta)
+        return limit if start == Const(0) and delta == Const(1) and isinstance(limit, InputDim) else None
 
     def _aligned(self, operand: ir.Value | None, axis: int, rank: int, depth: int) -> Source | None:
         """The operand's dim under output axis ``axis`` in numpy broadcasting (Const(1) where it has none)."""
@@ -290,8 +324,57 @@ class DimSources:
             return [whole[int(i)] for i in index.reshape(-1)]
         if op == "Cast" and _attr(node, "to") not in (ir.DataType.INT64, ir.DataType.INT32):
             return None
+        if op in _ARITHMETIC and len(node.inputs) == 2 and value.dtype in _INT_RANGE:
+            return self._arithmetic(op, node.inputs, _INT_RANGE[value.dtype], depth)
         if op in ("Unsqueeze", "Squeeze", "Identity", "Reshape", "Cast"):
             # a scalar made 1-D and back: the same one entry (a Cast between int types keeps a dim)
             inner = self.entries(node.inputs[0], depth) if _rank(node.inputs[0]) in (0, 1) else None
             return inner if inner is not None and len(inner) == 1 else None
         return None
+
+    def _arithmetic(self, op: str, operands, bounds: tuple[int, int], depth: int) -> list[Source | None] | None:
+        """Entries of ``Mul``/``Add``/``Sub``/``Div`` of two 0-D or 1-D int tensors, entry by entry (broadcast)."""
+        if any(_rank(x) not in (0, 1) for x in operands):
+            return None
+        a, b = (self.entries(x, depth) for x in operands)
+        if a is None or b is None or (len(a) != len(b) and 1 not in (len(a), len(b))):
+            return None
+        if len(a) == 1:
+            a = a * len(b)
+        elif len(b) == 1:
+            b = b * len(a)
+        return [_combine_entry(op, x, y, bounds) for x, y in zip(a, b, strict=True)]
+
+    def breaking_op(self, value: ir.Value | None, depth: int = 0) -> ir.Node | None:
+        """The node where following the entries of ``value`` stops (entries() is None), if one is found."""
+        node = value.producer() if value is not None else None
+        if node is None or depth > _MAX_DEPTH or self.entries(value) is not None:
+            return None
+        unknown = [x for x in node.inputs if x is not None and self.entries(x) is None]
+        if node.op_type in ("Concat", "Unsqueeze", "Squeeze", "Identity", "Reshape", "Cast", "Gather",
+                            *_ARITHMETIC) and unknown:
+            return self.breaking_op(unknown[0], depth + 1) or node
+        return node
+
+
+# Integer arithmetic on shape entries: the output's dtype bounds the numbers (an overflow is not folded).
+_ARITHMETIC = ("Mul", "Add", "Sub", "Div")
+_INT_RANGE = {ir.DataType.INT64: (-(2**63), 2**63 - 1), ir.DataType.INT32: (-(2**31), 2**31 - 1)}
+
+
+def _combine_entry(op: str, x: Source | None, y: Source | None, bounds: tuple[int, int]) -> Source | None:
+    """One entry of ``x op y``: numbers fold, a dim times 1 (plus or minus 0, over 1) is that dim, else unknown."""
+    if x is None or y is None:
+        return None
+    if isinstance(x, Const) and isinstance(y, Const):
+        if op == "Div":  # integer Div truncates; folded only where truncation and floor agree
+            folded = int(x) // int(y) if int(x) >= 0 and int(y) > 0 else None
+        else:
+            folded = {"Mul": int(x) * int(y), "Add": int(x) + int(y), "Sub": int(x) - int(y)}[op]
+        return Const(folded) if folded is not None and bounds[0] <= folded <= bounds[1] else None
+    identity = {"Mul": 1, "Add": 0, "Sub": 0, "Div": 1}[op]
+    if isinstance(y, Const) and y == identity:
+        return x
+    if op in ("Mul", "Add") and isinstance(x, Const) and x == identity:
+        return y
+    return None

@@ -83,19 +83,36 @@ def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
     return value
 
 
+def _describe(source: Const | InputDim | None) -> str:
+    if source is None:
+        return "not proven"
+    return str(int(source)) if isinstance(source, Const) else f"dim {source.axis} of '{source.value.name}'"
+
+
 def _why_kept(dims: DimSources, node: ir.Node) -> str:
-    """Why a Reshape's run-time target is not proven equal to a constant one."""
+    """Why a Reshape's run-time target is not proven equal to a constant one (the names quoted, the ops not).
+
+    The quoted names are blanked in the near-miss summary, so the reason
+    groups by what failed; the notes keep them. No apostrophes outside the
+    quotes: the summary's blanking pairs quotes.
+    """
     x = node.inputs[0]
     entries = dims.entries(node.inputs[1])
     if x is None or x.shape is None:
         return "its input's rank is not known"
     if entries is None:
-        return f"its target '{node.inputs[1].name}' is not computed from constants and dims"
+        breaking = dims.breaking_op(node.inputs[1])
+        if breaking is None:
+            return f"its target '{node.inputs[1].name}' is not computed from constants and dims"
+        return (f"its target '{node.inputs[1].name}' is computed through {breaking.op_type} '{breaking.name}', "
+                "which dim_sources does not follow")
     for axis, entry in enumerate(entries):
         if entry is None:
             return f"entry {axis} of its target is not proven to be a number or a graph input's dim"
         if isinstance(entry, InputDim) and dims.source(x, axis) != entry:
-            return f"entry {axis} of its target is dim {entry.axis} of '{entry.value.name}', not proven to be the input's own"
+            return (f"entry {axis} of its target is dim {entry.axis} of '{entry.value.name}', not proven equal to "
+                    f"dim {axis} of the reshaped value '{x.name}' (of rank {len(x.shape)}; that dim is "
+                    f"{_describe(dims.source(x, axis))})")
     return "its target has more than one -1, or a 0 that allowzero makes a zero-sized dim"
 
 
@@ -107,22 +124,34 @@ class ShapeReadsPass(Pass):
     """
 
     name = "shape-reads"
+    explained_rules = ("reshape-target",)
+
+    def explain(self, model: ir.Model, rule: str) -> list[tuple[bool, str]]:
+        """Every Reshape with a run-time target and what the pass does with it, found by running it on a copy."""
+        copy = type(self)(**self.config)
+        copy(model.clone())
+        return copy._candidates
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         dims = DimSources(graph)
         self._names = _Names(graph)
         self._kept: list[types.SimpleNamespace] = []
+        self._candidates: list[tuple[bool, str]] = []  # for --explain reshape-target
         changed = False
-        for node in list(graph):
-            if node.domain not in ("", "ai.onnx"):
-                continue
+        standard = [node for node in graph if node.domain in ("", "ai.onnx")]
+        # Shape reads first: a Reshape whose output only they read (TorchScript's repeat_kv, read for its
+        # head size) is then unused, and a target left at run time there costs nothing (dce removes it).
+        for node in standard:
+            if node.op_type == "Shape" and node.inputs[0] is not None and node.inputs[0] not in graph.inputs:
+                changed |= self._shape(graph, dims, node)
+        for node in standard:
             if node.op_type == "Reshape" and len(node.inputs) > 1 and not _is_const(node.inputs[1]):
                 changed |= self._reshape(graph, dims, node)
-            elif node.op_type == "Shape" and node.inputs[0] is not None and node.inputs[0] not in graph.inputs:
-                changed |= self._shape(graph, dims, node)
         if self._kept:  # the table's "near miss in shape-reads" line: how many targets, the most common reason
             self.report.near_misses = summarize_near_misses({"reshape-target": self._kept})
+            self.report.near_misses["reshape-target"]["listed_by"] = (
+                "--explain reshape-target names each; a kept target is computed at run time, with the same result")
         renamed = self._name_dims(graph, dims)
         if renamed:
             self.report.count("dims-named", renamed)
@@ -132,7 +161,19 @@ class ShapeReadsPass(Pass):
         out = dims.reshape_target(node)
         if out is None:
             reason = _why_kept(dims, node)
-            self.report.notes.append(f"shape-reads: the target of Reshape '{node.name}' is kept: {reason}")
+            y = node.outputs[0]
+            if not y.uses() and not y.is_graph_output():
+                note = (f"Reshape '{node.name}' is no longer used (only Shape read it, now answered from the inputs; "
+                        f"dce removes it); its target is not rewritten: {reason}")
+                self._candidates.append((False, f"[unused]   reshape-target at {node.name} (Reshape): no longer used "
+                                                f"(dce removes it); {reason}"))
+                self.report.notes.append(f"shape-reads: {note}")
+                return False
+            note = (f"the target of Reshape '{node.name}' is kept: {reason}; the Reshape computes its target at run "
+                    f"time, with the same result")
+            self._candidates.append((False, f"[no match] reshape-target at {node.name} (Reshape): kept, computed at "
+                                            f"run time with the same result; {reason}"))
+            self.report.notes.append(f"shape-reads: {note}")
             self._kept.append(types.SimpleNamespace(reason=reason))
             return False
         x, y = node.inputs[0], node.outputs[0]
@@ -141,6 +182,8 @@ class ShapeReadsPass(Pass):
             ir.convenience.replace_all_uses_with(y, x)
             graph.remove(node, safe=True)
             self.report.count("identity-reshapes")
+            self._candidates.append((True, f"[match]    reshape-target at {node.name} (Reshape): removed, its target "
+                                           f"copies every dim of '{x.name}'"))
             return True
         target = _constant(graph, np.array(out, np.int64), self._names(f"shape_reads/{node.name or 'reshape'}/target"))
         node.replace_input_with(1, target)
@@ -148,6 +191,8 @@ class ShapeReadsPass(Pass):
         if -1 not in out:
             y.shape = ir.Shape([x.shape[axis] if v == 0 else v for axis, v in enumerate(out)])
         self.report.count("reshape-targets")
+        self._candidates.append((True, f"[match]    reshape-target at {node.name} (Reshape): the target of "
+                                       f"'{x.name}' is the constant {out}"))
         return True
 
     def _shape(self, graph: ir.Graph, dims: DimSources, node: ir.Node) -> bool:

@@ -2,8 +2,10 @@
 
 The candidates are listed on the model exactly as the owning pass sees it
 (after the passes before it and its prerequisites), so what is explained is
-what the pass will do. Without ``-o`` the run stops there: match-only mode,
-nothing is rewritten or written.
+what the pass will do. A pass that is not a table of rules explains the
+rules it names in ``explained_rules`` itself (``Pass.explain``). Without
+``-o`` the run stops there: match-only mode, nothing is rewritten or
+written.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ def _rule_of(p: Pass, rule_name: str) -> Rule | None:
     return None
 
 
+def _rule_names(p: Pass) -> list[str]:
+    names = [r.name for r in p.rule_set()] if isinstance(p, RewritePass) else []
+    return names + list(p.explained_rules)
+
+
 class ExplainHook:
     """A ``before_pass`` hook for the PassManager."""
 
@@ -46,13 +53,22 @@ class ExplainHook:
         passes: list[Pass] = []
         for step in manager._instances:
             passes.extend(step.passes if isinstance(step, FixpointPasses) else [step])
-        if any(_rule_of(p, self.rule_name) for p in passes):
+        if any(self.rule_name in _rule_names(p) for p in passes):
             return
-        known = sorted({r.name for p in passes if isinstance(p, RewritePass) for r in p.rule_set()})
+        known = sorted({name for p in passes for name in _rule_names(p)})
         listing = ", ".join(known) if known else "none (no rule-based pass in it)"
         raise BadInputError(f"--explain: no pass in the pipeline has a rule '{self.rule_name}' (its rules: {listing})")
 
     def __call__(self, p: Pass, model: ir.Model) -> bool | None:
+        if not self.explained and self.rule_name in p.explained_rules:
+            lines = p.explain(model, self.rule_name)
+            matched = sum(done for done, _ in lines)
+            print(f"rule '{self.rule_name}' of pass '{p.name}': {len(lines)} candidate(s), {matched} rewritten",
+                  file=self.out)
+            for _, line in lines:
+                print(f"  {line}", file=self.out)
+            self.explained = True
+            return False if self.stop_after else None
         rule = None if self.explained else _rule_of(p, self.rule_name)
         if rule is None:
             return None

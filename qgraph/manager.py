@@ -121,6 +121,7 @@ class RunReport:
                 lines.append(
                     f"near miss in {rec.name}: {rule}: {miss['candidates']} candidate(s) rejected, most often "
                     f"({miss['times']}x) by: {miss['most_common_check']}"
+                    + (f" ({miss['listed_by']})" if miss.get("listed_by") else "")
                 )
         changed = [rec for rec in self.passes if rec.changed]
         if changed and not any(rec.verified for rec in changed):

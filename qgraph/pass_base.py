@@ -134,6 +134,8 @@ class Pass(ir.passes.InPlacePass):
     # within the budget ``verification_budget()`` states, see
     # qgraph.verify.budget).
     meaning: ClassVar[str] = "outputs"
+    # Near-miss rules of a pass that is not a RewritePass which ``--explain RULE`` can list (see explain()).
+    explained_rules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
@@ -164,6 +166,13 @@ class Pass(ir.passes.InPlacePass):
         returns a function restoring them.
         """
         return None
+
+    def explain(self, model: ir.Model, rule: str) -> list[tuple[bool, str]]:
+        """For ``--explain RULE`` (RULE in ``explained_rules``): each candidate as (rewritten?, one line naming it).
+
+        The model is the one the pass is about to see; it must not be changed.
+        """
+        raise NotImplementedError(f"pass '{self.name}' explains no rule '{rule}'")
 
     @classmethod
     def summary(cls) -> str:

@@ -39,7 +39,7 @@ _DIMS_BY_SLICES = """
 
 GRAPH = """
 <ir_version: 10, opset_import: ["" : 23]>
-g (float[B, S, {hidden}] x, float[1, S, {half}] tab, float[B2, S2, {hidden}] y) => (float[b1, s1, h1] table,
+g (float[B, S, {hidden}] x, float[1, {tab_len}, {half}] tab, float[B2, S2, {hidden}] y) => (float[b1, s1, h1] table,
                                                                                    float[b2, s2, f2] merged,
                                                                                    float[b3, h3, s3, d3] qh) {{
     {dims}
@@ -61,11 +61,12 @@ g (float[B, S, {hidden}] x, float[1, S, {half}] tab, float[B2, S2, {hidden}] y) 
 """
 
 
-def _model(heads: int, d: int, by_gather: bool, minus_last: bool, of: str = "x") -> ir.Model:
+def _model(heads: int, d: int, by_gather: bool, minus_last: bool, of: str = "x", tab_len: str = "S") -> ir.Model:
     dims = (_DIMS_BY_GATHER if by_gather else _DIMS_BY_SLICES).format(of=of)
     # the head count or the head size written, the other one inferred (-1)
     tail = "split, minus" if not minus_last else "minus, split"
-    text = GRAPH.format(hidden=heads * d, half=d // 2, dims=dims, split=heads if not minus_last else d, tail=tail)
+    text = GRAPH.format(hidden=heads * d, half=d // 2, dims=dims, split=heads if not minus_last else d, tail=tail,
+                        tab_len=tab_len)
     proto = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text))
     model = ir.from_proto(proto)
     for value in (v for n in model.graph for v in n.outputs):  # what a TorchScript export stores: symbolic
@@ -123,15 +124,18 @@ def test_a_target_read_from_another_tensor_is_left_alone(by_gather):
     shape_reads = ShapeReadsPass()
     shape_reads(model)
     assert heads.inputs[1] is target and ir.convenience.get_const_tensor(target) is None
-    # reported, not skipped in silence: the note names the node, the near miss counts it
-    assert any("Reshape 'heads_node'" in n and "not proven to be the input's own" in n for n in shape_reads.report.notes)
+    # reported, not skipped in silence: the note names the node and both values, the near miss counts it
+    assert any("Reshape 'heads_node'" in n and "dim 0 of 'y', not proven equal to dim 0 of the reshaped value 'x'" in n
+               for n in shape_reads.report.notes), shape_reads.report.notes
     assert shape_reads.report.near_misses["reshape-target"]["candidates"] == 1
     y = model.graph.inputs[2]
     assert any(n.op_type == "Shape" and n.inputs[0] is y for n in model.graph)
 
 
-def test_dim_sources_follow_the_ops_and_stop_where_nothing_is_proven():
-    model = _model(4, 8, by_gather=True, minus_last=False)
+@pytest.mark.parametrize("tab_len", ["S", "T"])
+def test_dim_sources_follow_the_ops_and_stop_where_nothing_is_proven(tab_len):
+    """tab declared [1, S, D/2] has x's S (the IR spec: one dim_param, one value); [1, T, D/2] does not."""
+    model = _model(4, 8, by_gather=True, minus_last=False, tab_len=tab_len)
     dims = DimSources(model.graph)
     values = _by_name(model)
     x = model.graph.inputs[0]
@@ -139,11 +143,15 @@ def test_dim_sources_follow_the_ops_and_stop_where_nothing_is_proven():
     assert dims.source(values["qh"], 2) == InputDim(x, 1)  # the Transpose moved the sequence axis
     assert dims.source(values["qh"], 1) == Const(4)  # the -1: x's width 32 over the written 8
     assert dims.source(values["table"], 0) == InputDim(x, 0)  # tab's batch is 1: the Expand's target says
-    assert dims.source(values["table"], 1) is None  # tab's length or q's, whichever is not 1: not proven
+    tab = model.graph.inputs[1]
+    if tab_len == "S":
+        assert dims.source(tab, 1) == InputDim(x, 1)  # the caller declared it x's length
+        assert dims.source(values["table"], 1) == InputDim(x, 1)
+    else:
+        assert dims.source(tab, 1) == InputDim(tab, 1)  # not x's: only the Expand says they meet
+        assert dims.source(values["table"], 1) is None  # tab's length or q's, whichever is not 1: not proven
     assert dims.source(values["table"], 2) == Const(4)
     assert dims.source(values["merged"], 2) == Const(32)
-    tab = model.graph.inputs[1]
-    assert dims.source(tab, 1) == InputDim(tab, 1)  # not x's: only the Expand says they meet
 
 
 @pytest.mark.parametrize("batch", [1, 3])
