@@ -67,9 +67,9 @@ ORT_ATTENTION: dict = {
 def _quantized(preset: dict, bits: int) -> dict:
     """``preset`` with weight-only MatMulNBits: blocks of 32 along K, and accuracy_level 4
     (onnxruntime multiplies with int8 activations, its fast CPU path). 4-bit blocks are
-    symmetric (no zero points): on SmolLM2-135M they decode ~3 % faster than blocks with zero
-    points and raise perplexity less (+27 % against +30 %); 8-bit blocks keep zero points
-    (+0.3 % against +0.8 %, the same speed; benchmarks/RESULTS.md, "quantize methods").
+    symmetric (no zero points): on SmolLM2-135M they raise perplexity less than blocks with
+    zero points (+26.0 % against +29.7 %) and decode as fast (benchmarks/RESULTS.md, "quantize
+    methods"); 8-bit blocks keep zero points (+0.3 % there, "ort vs onnxruntime-genai").
     Quantizing after the KV cache keeps the cache pass on float weights; the
     ``quantize`` options can still be set with ``--option quantize.KEY=VALUE``."""
     quantize = {"pass": "quantize",

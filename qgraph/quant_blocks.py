@@ -9,11 +9,10 @@ A MatMul weight ``W`` [K, N] is quantized along K in blocks of
 Round to nearest (RTN): symmetric blocks have the implicit zero point
 ``2**(bits-1)`` (what MatMulNBits assumes when the zero-point input is
 absent) and put the block's largest-magnitude weight ``e`` on code 0
-(``scale = e / -2**(bits-1)``, negative when ``e`` is), so all ``2**bits``
+(``scale = e / -2**(bits-1)``, of the opposite sign to ``e``), so all ``2**bits``
 codes are used, as llama.cpp's Q4_0/Q8_0 and onnxruntime's own quantizer do:
 ``max|w| / (2**(bits-1) - 1)`` would leave one code unused, a 15-level grid
-at 4 bits (measured on SmolLM2-135M: perplexity rise +58.7 % against +22.9 %,
-benchmarks/RESULTS.md, "quantize methods"). Asymmetric blocks stretch
+at 4 bits, with a coarser step for the same weights. Asymmetric blocks stretch
 ``[min(w, 0), max(w, 0)]`` over ``[0, 2**bits - 1]``. Codes are computed with the scale as
 it is stored (the weight's dtype), so dequantizing the stored tensors gives
 exactly the quantized weight.
