@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TEXTS", "perplexity", "stepwise_logits"]
+__all__ = ["TEXTS", "next_token_losses", "perplexity", "stepwise_logits"]
 
 TEXTS = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
@@ -87,13 +87,16 @@ def perplexity(model: Path, texts: list[list[int]], threads: int = 2) -> float:
     options.intra_op_num_threads, options.log_severity_level = threads, 3
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     head_size = _head_size(Path(model).parent)
-    losses = []
-    for ids in texts:
-        logits = stepwise_logits(session, ids, head_size)[:-1].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        losses.extend(-log_probs[np.arange(len(ids) - 1), ids[1:]])
-    return float(np.exp(np.mean(losses)))
+    return float(np.exp(np.mean(np.concatenate(
+        [next_token_losses(stepwise_logits(session, ids, head_size), ids) for ids in texts]))))
+
+
+def next_token_losses(logits: np.ndarray, ids) -> np.ndarray:
+    """-log p(ids[t+1]) under the logits after ids[t], for every t but the last ([len(ids), vocab] logits)."""
+    scores = logits[:-1].astype(np.float64)
+    scores -= scores.max(-1, keepdims=True)
+    log_probs = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
+    return -log_probs[np.arange(len(ids) - 1), np.asarray(ids)[1:]]
 
 
 def _head_size(folder: Path) -> int | None:

@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import benchmark_parser, exported, in_child, ran_as_child  # noqa: E402
-from perplexity import TEXTS  # noqa: E402
+from perplexity import TEXTS, next_token_losses  # noqa: E402
 from results_file import machine_description, publish  # noqa: E402
 
 SECTION = "quantize methods: rounding, block size and GPTQ (int4, SmolLM2-135M)"
@@ -90,13 +90,7 @@ def _build(export: Path, preset: str, options: dict[str, Any], out: Path) -> tup
 
 def _perplexity(decoder: Any, texts: list[np.ndarray]) -> float:
     """Over every text, every position's next token (each text on its own, from an empty past)."""
-    losses = []
-    for ids in texts:
-        logits = decoder.all_positions(ids)[:-1].astype(np.float64)
-        scores = logits - logits.max(-1, keepdims=True)
-        log_probs = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
-        losses.extend(-log_probs[np.arange(len(ids) - 1), ids[1:]])
-    return float(np.exp(np.mean(losses)))
+    return float(np.exp(np.mean(np.concatenate([next_token_losses(decoder.all_positions(ids), ids) for ids in texts]))))
 
 
 def main() -> None:
