@@ -36,10 +36,12 @@ everywhere, as the builder's int4). Each process loads,
 one short warm-up generation, then ``--repeats`` generations of
 ``--max-new-tokens`` greedy tokens with end-of-sequence ignored, 2 threads.
 The configurations run in interleaved rounds (round 1: every graph, round
-2: every graph, ...) so load on the shared machine spreads over all of
+2: every graph, ..., each round in its own seeded order, so no engine
+always follows the same one) and load on the machine spreads over all of
 them; the table gives medians over every run of every round, and each target
-line the ratio of the two sides' medians within each round (a pair run a
-few seconds apart), median and range. TTFT = from
+line the ratio of the two sides' medians within each round (a pair run
+seconds apart): the median ratio, a distribution-free interval for it and
+how many rounds were above 1 (``benchmarks/paired.py``), and the range. TTFT = from
 the prompt's ids to the first new token; decode = tokens after the first /
 time from the first to the last. Model size = the files of the graph
 (model.onnx + external data). Perplexity: each graph once, in its own
@@ -56,6 +58,7 @@ table has qgraph vs onnxruntime-genai vs transformers per precision.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import statistics
 import subprocess
@@ -66,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import benchmark_parser, huge_pages_mib, in_child, peak_rss_mib, ran_as_child
+from paired import paired_summary
 from results_file import machine_description, publish
 
 SECTION = "ort vs onnxruntime-genai"
@@ -300,7 +304,7 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
         (f"SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized to float32 once; both sides start from that "
          f"folder). Prompt {args.prompt_repeat} x {args.base_prompt!r}, {args.max_new_tokens} greedy tokens, end-of-sequence ignored, "
          f"{THREADS} threads; each child process loads, warms up once, then generates {args.repeats} times; "
-         f"{args.rounds} interleaved rounds; medians over all runs (peak RSS: median over the rounds' processes)."),
+         f"{args.rounds} interleaved rounds (each in its own seeded order); medians over all runs (peak RSS: median over the rounds' processes)."),
         "",
         (f"*perplexity*: teacher-forced through each graph's own KV cache, one token at a time, over "
          f"{len(args.texts)} short paragraphs of different kinds ({sum(map(len, args.texts))} tokens; "
@@ -332,7 +336,7 @@ def format_report(rows: list[dict[str, Any]], args: Any, seconds: dict[str, floa
             ttft = "met" if r["ttft_ms"] <= b["ttft_ms"] else "NOT met"
             paired = sorted(q / g for q, g in zip(r["round_decode"], b["round_decode"]))  # the same round's pair
             lines.append(f"- {r['label']} {r['precision']}: decode {r['decode']:.1f} vs {b['decode']:.1f} tok/s "
-                         f"({decode}; per round {statistics.median(paired):.2f}x, from {paired[0]:.2f}x to "
+                         f"({decode}; per round {paired_summary(paired)}, from {paired[0]:.2f}x to "
                          f"{paired[-1]:.2f}x); TTFT {r['ttft_ms']:.1f} vs {b['ttft_ms']:.1f} ms ({ttft}); "
                          f"perplexity {r['perplexity']:.2f} vs {b['perplexity']:.2f}")
     b = builder["fp32"]["tokens"]
@@ -398,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             configs += [(BUILDER + WITH_HUGE, p, "genai", f, {"GLIBC_TUNABLES": TUNABLE}) for p, f in theirs.items()]
         configs += [(TRANSFORMERS, p, "transformers", hf_folder, {}) for p in TRANSFORMERS_PRECISIONS]
         results: dict[tuple[str, str], list[dict[str, Any]]] = {(c[0], c[1]): [] for c in configs}
-        for round_ in range(args.rounds):
-            for label, precision, kind, folder, env in configs:
+        for round_ in range(args.rounds):  # each round in its own seeded order: no engine always runs first
+            for label, precision, kind, folder, env in random.Random(round_).sample(configs, len(configs)):
                 print(f"round {round_ + 1}/{args.rounds}: {label} {precision} ...", file=sys.stderr)
                 task = {"kind": kind, "folder": str(folder), "prompt": args.prompt, "tokens": args.max_new_tokens,
                         "repeats": args.repeats}
