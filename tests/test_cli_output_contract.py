@@ -151,6 +151,19 @@ def test_a_data_file_from_another_write_is_refused_at_load(tmp_path):
         qgraph.io.load(first / "m.onnx")
 
 
+def test_a_pair_another_tool_rewrote_loads(tmp_path):
+    """onnx keeps qgraph's metadata when it loads and saves a pair again; its data file has no marker to check."""
+    qgraph.io.save(_external_model(tmp_path, 1.0), tmp_path / "m.onnx", external_data=True)
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert any(p.key == qgraph.io.PAIR_KEY for p in proto.metadata_props)
+    proto.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.full([512], 5.0, np.float32), "w"))
+    (tmp_path / "edited").mkdir()
+    onnx.save(proto, tmp_path / "edited" / "m.onnx", save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    model = qgraph.io.load(tmp_path / "edited" / "m.onnx")
+    assert np.all(model.graph.initializers["w"].const_value.numpy() == 5.0)
+
+
 def test_the_pair_marker_does_not_leak_into_the_loaded_model(tmp_path):
     qgraph.io.save(_external_model(tmp_path, 1.0), tmp_path / "m.onnx", external_data=True)
     model = qgraph.io.load(tmp_path / "m.onnx")
