@@ -12,14 +12,14 @@ than the widest K (1536 on SmolLM2's down projections) for a Hessian of full
 rank, and a graph without a KV cache pays one whole forward run per generated
 token; random ids cost one run per segment. What it buys on SmolLM2-135M
 (int4, blocks of 32; benchmarks/RESULTS.md, "quantize methods"): each
-layer's output error on unseen English falls for Q/K/V, O and gate/up
-(to 0.5-0.8x round to nearest's) but rises for the down projections, whose
-1536-wide inputs 4096 tokens underdetermine (1.1-1.9x); and the model's
-perplexity rises more than with round to nearest, also with 8x the tokens
-of English calibration text (Python's docstrings). Fitted to the very texts
-it is judged on, it does fall below round to nearest's: GPTQ there does not
-carry from its calibration text to other text, so ``method=rtn`` stays the
-default.
+layer's output error on unseen English falls for Q/K/V and O (to 0.45-0.85x
+round to nearest's), is mixed for gate/up and rises for the down
+projections, whose 1536-wide inputs 4096 tokens underdetermine
+(1.1-1.9x); and the model's perplexity rises more than with round to
+nearest, also with 8x the tokens of English calibration text (Python's
+docstrings). Fitted to the very texts it is judged on, it does fall below
+round to nearest's: GPTQ there does not carry from its calibration text to
+other text, so ``method=rtn`` stays the default.
 Everything is seeded: the same graph gives the same text and the same weights.
 
 The activations are read by running the float graph once per segment in
