@@ -259,15 +259,22 @@ def compare_with_torch(
     import torch
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(os.fspath(onnx_path), options, providers=["CPUExecutionProvider"])
+    options.log_severity_level = 4  # a failure is raised with its message; no second copy on stderr
+    try:
+        session = ort.InferenceSession(os.fspath(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's own exception types; the exporter wrote a graph it refuses
+        raise ExportFailure(f"onnxruntime cannot load the exported graph: {_first_line(error)}") from None
     results = []
     for index, (batch, seq, pad) in enumerate(cases):
         side = "left" if task == "causal-lm" else "right"
         feeds = sample_inputs(vocab_size, batch, seq, pad=pad, side=side, seed=100 + index)
         with torch.no_grad():
             reference = module(*(torch.from_numpy(feeds[name]) for name in INPUT_NAMES)).numpy()
-        (got,) = session.run(None, feeds)
+        try:
+            (got,) = session.run(None, feeds)
+        except Exception as error:  # e.g. a Reshape the exporter traced with a constant of the wrong size
+            raise ExportFailure(f"onnxruntime cannot run the exported graph on batch={batch} seq={seq}: "
+                                f"{_first_line(error)}") from None
         if got.shape != reference.shape:
             raise ExportFailure(f"onnxruntime gives shape {list(got.shape)}, torch {list(reference.shape)} "
                                 f"for batch={batch} seq={seq}")
@@ -280,3 +287,8 @@ def compare_with_torch(
             diff = float("inf")
         results.append(Comparison(batch, seq, pad, diff, scale, atol + rtol * scale))
     return results
+
+
+def _first_line(error: Exception) -> str:
+    """onnxruntime's message without its source-file prefix noise: the first line, which names the node."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

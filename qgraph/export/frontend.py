@@ -259,7 +259,12 @@ def _build(source: Source, folder: Path, key: str, request: dict[str, Any], root
         del model
         # Against the very module traced: in plain mode the model's own positions are the meaning.
         with progress.step("checking the graph against torch in onnxruntime") as check_time:
-            comparisons = compare_with_torch(module, folder / "model.onnx", task, vocab_size, _CHECK_CASES)
+            try:
+                comparisons = compare_with_torch(module, folder / "model.onnx", task, vocab_size, _CHECK_CASES)
+            except ExportFailure as failure:
+                other = "dynamo" if exporter == "torchscript" else "torchscript"
+                raise ExportFailure(f"the {exporter} export of {source.spec}: {failure} (a tracing error of "
+                                    f"the exporter: --exporter {other} may export it)") from None
     bad = [c for c in comparisons if not c.ok]
     if bad:
         raise ExportFailure(

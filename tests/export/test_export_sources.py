@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 from qgraph.errors import BadInputError
@@ -169,3 +171,27 @@ def test_a_gguf_without_the_gguf_and_accelerate_packages_says_what_to_install(tm
     path.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(BadInputError, match=r"m.gguf: reading a GGUF file needs the packages accelerate; .*pip install gguf accelerate"):
         sources.check_supported(resolve(path))
+
+
+def test_a_graph_onnxruntime_cannot_run_is_an_export_failure_naming_the_node(tmp_path):
+    """An exporter can trace a shape constant wrongly (torch's TorchScript exporter on Cohere does): the check
+    against torch must say so as an export failure (exit 1) naming the node, not crash as an internal error."""
+    import torch
+
+    from qgraph.export.exporters import ExportFailure, compare_with_torch
+
+    ids = onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["b", "s"])
+    mask = onnx.helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["b", "s"])
+    out = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)
+    shape = onnx.numpy_helper.from_array(np.array([3, 5], np.int64), "wrong_shape")
+    nodes = [onnx.helper.make_node("Cast", ["input_ids"], ["f"], to=onnx.TensorProto.FLOAT),
+             onnx.helper.make_node("Reshape", ["f", "wrong_shape"], ["logits"], name="traced/Reshape")]
+    graph = onnx.helper.make_graph(nodes, "g", [ids, mask], [out], [shape])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+
+    class Logits(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return input_ids.float()[..., None].expand(*input_ids.shape, 8)
+
+    with pytest.raises(ExportFailure, match=r"cannot run the exported graph on batch=2 seq=7: .*traced/Reshape"):
+        compare_with_torch(Logits(), tmp_path / "m.onnx", "causal-lm", 8)
