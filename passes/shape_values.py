@@ -14,18 +14,47 @@ exports reshape heads with ``Concat(Gather(Shape(x), 0), ..., -1, 16)``,
 and onnx shape inference (without data propagation) leaves every dim of the
 result symbolic, though the head size 16 is written in the graph.
 :func:`static_dim` reads such a dim back through the op that made it
-(Reshape's shape tensor, Slice bounds, Transpose, element-wise ops), so
-``static_value`` of ``Shape(x)`` sees it too.
+(Reshape's shape tensor, Slice bounds, Split sizes, Transpose, Unsqueeze,
+Concat, element-wise ops with broadcasting), so ``static_value`` of
+``Shape(x)`` sees it too: Falcon splits q, k and v off a fused projection,
+GPT-NeoX slices its rotary part to ``cos.shape[-1]``, whose width comes from
+the frequency table.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import numpy as np
 import onnx_ir as ir
 
 __all__ = ["static_dim", "static_value"]
 
-_MAX_DEPTH = 12
+# Shape arithmetic reaches back through a few ops per dim; TorchScript's GPT-NeoX slices its rotary
+# part by a width read from the cos table, itself computed from the frequencies: ~20 steps.
+_MAX_DEPTH = 32
+
+
+class _State(threading.local):
+    memo: dict | None = None
+
+
+_STATE = _State()
+
+
+@contextlib.contextmanager
+def _memo():
+    """One memo per outermost call: a dim asked for along two paths (both operands of a residual sum reach
+    back to the same stream) is worked out once, so the walk is linear in the values it visits."""
+    if _STATE.memo is not None:
+        yield
+        return
+    _STATE.memo = {}
+    try:
+        yield
+    finally:
+        _STATE.memo = None
 # Integer Div in ONNX truncates toward zero (numpy's // floors).
 _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": lambda a, b: np.fix(np.true_divide(a, b))}
 
@@ -41,7 +70,7 @@ def _shape(node: ir.Node, depth: int) -> np.ndarray | None:
         return None
     rank = len(x.shape)
     start, end = _attr(node, "start", 0), _attr(node, "end", rank)
-    dims = [static_dim(x, axis, depth + 1) for axis in range(rank)[slice(start, end)]]
+    dims = [_dim(x, axis, depth + 1) for axis in range(rank)[slice(start, end)]]
     if not all(isinstance(d, int) for d in dims):
         return None
     return np.array(dims, np.int64)
@@ -60,7 +89,7 @@ def _gathered_dims(node: ir.Node, depth: int) -> np.ndarray | None:
     picked = np.asarray(index.numpy())
     if not all(-len(axes) <= int(i) < len(axes) for i in picked.reshape(-1)):
         return None
-    dims = [static_dim(x, axis, depth + 1) for axis in axes]
+    dims = [_dim(x, axis, depth + 1) for axis in axes]
     values = [dims[int(i)] for i in picked.reshape(-1)]
     if not all(isinstance(d, int) for d in values):
         return None
@@ -110,7 +139,8 @@ def _value(value: ir.Value | None, depth: int) -> np.ndarray | None:
 
 def static_value(value: ir.Value | None) -> np.ndarray | None:
     """The value of ``value`` if it follows from constants and static dims alone, else None."""
-    return _value(value, 0)
+    with _memo():
+        return _value(value, 0)
 
 
 # Ops whose output has the input's shape (the first input's, for the binary ones only when the
@@ -143,7 +173,7 @@ def _reshaped_dim(node: ir.Node, axis: int, depth: int) -> int | None:
     if entry is None or entry < 0:
         return None
     if entry == 0 and not _attr(node, "allowzero", 0):
-        return static_dim(node.inputs[0], axis, depth + 1)  # 0 copies the input's dim
+        return _dim(node.inputs[0], axis, depth + 1)  # 0 copies the input's dim
     return entry
 
 
@@ -156,16 +186,21 @@ def _sliced_dim(node: ir.Node, axis: int, rank: int, depth: int) -> int | None:
         return None
     normalized = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
     if axis not in normalized:
-        return static_dim(node.inputs[0], axis, depth + 1)
+        return _dim(node.inputs[0], axis, depth + 1)
     k = normalized.index(axis)
-    width = static_dim(node.inputs[0], axis, depth + 1)
+    width = _dim(node.inputs[0], axis, depth + 1)
     if width is None:
         return None
     return len(range(width)[slice(int(starts.reshape(-1)[k]), int(ends.reshape(-1)[k]), int(steps.reshape(-1)[k]))])
 
 
-def static_dim(value: ir.Value | None, axis: int, depth: int = 0) -> int | None:
+def static_dim(value: ir.Value | None, axis: int) -> int | None:
     """Dim ``axis`` of ``value`` if it is a number, read from its shape or from the op that made it."""
+    with _memo():
+        return _dim(value, axis, 0)
+
+
+def _dim(value: ir.Value | None, axis: int, depth: int) -> int | None:
     if value is None or value.shape is None or depth > _MAX_DEPTH:
         return None
     rank = len(value.shape)
@@ -175,6 +210,14 @@ def static_dim(value: ir.Value | None, axis: int, depth: int = 0) -> int | None:
     dim = value.shape.dims[axis]
     if isinstance(dim, int):
         return dim
+    memo = _STATE.memo
+    if (value, axis) not in memo:
+        memo[value, axis] = None  # a cycle through this dim (none in a DAG) or the depth limit: unknown
+        memo[value, axis] = _dim_from_producer(value, axis, rank, depth)
+    return memo[value, axis]
+
+
+def _dim_from_producer(value: ir.Value, axis: int, rank: int, depth: int) -> int | None:
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
         return None
@@ -185,12 +228,56 @@ def static_dim(value: ir.Value | None, axis: int, depth: int = 0) -> int | None:
         return _sliced_dim(node, axis, rank, depth)
     if op == "Transpose":
         perm = _attr(node, "perm", None)
-        return static_dim(node.inputs[0], perm[axis], depth + 1) if perm is not None else None
+        return _dim(node.inputs[0], perm[axis], depth + 1) if perm is not None else None
     same_rank = node.inputs[0].shape is not None and len(node.inputs[0].shape) == rank
     if op in _SAME_SHAPE and same_rank:
-        return static_dim(node.inputs[0], axis, depth + 1)
-    if op in _BINARY and same_rank and len(node.inputs) == 2:
-        other = ir.convenience.get_const_tensor(node.inputs[1])
-        if other is not None and other.size == 1:
-            return static_dim(node.inputs[0], axis, depth + 1)
+        return _dim(node.inputs[0], axis, depth + 1)
+    if op in _BINARY and len(node.inputs) == 2:
+        return _broadcast_dim(node, axis, rank, depth)
+    if op == "Split" and same_rank:
+        return _split_dim(node, value, axis, rank, depth)
+    if op == "Unsqueeze":
+        return _unsqueezed_dim(node, axis, rank, depth)
+    if op == "Concat" and all(x is not None and x.shape is not None and len(x.shape) == rank for x in node.inputs):
+        if axis != _attr(node, "axis", 0) % rank:
+            return next((d for x in node.inputs if (d := _dim(x, axis, depth + 1)) is not None), None)
+        widths = [_dim(x, axis, depth + 1) for x in node.inputs]
+        return sum(widths) if all(isinstance(w, int) for w in widths) else None
     return None
+
+
+def _broadcast_dim(node: ir.Node, axis: int, rank: int, depth: int) -> int | None:
+    """Numpy broadcasting, right-aligned: a known dim other than 1 is the result's; all known 1s give 1."""
+    dims = []
+    for x in node.inputs:
+        if x is None or x.shape is None or len(x.shape) > rank:
+            return None
+        own = axis - (rank - len(x.shape))
+        dims.append(1 if own < 0 else _dim(x, own, depth + 1))
+    wide = [d for d in dims if isinstance(d, int) and d != 1]
+    if wide:
+        return wide[0]
+    return 1 if all(d == 1 for d in dims) else None
+
+
+def _split_dim(node: ir.Node, value: ir.Value, axis: int, rank: int, depth: int) -> int | None:
+    """A Split output keeps every dim but the split one, whose width the split sizes give."""
+    if axis != _attr(node, "axis", 0) % rank:
+        return _dim(node.inputs[0], axis, depth + 1)
+    sizes = _value(node.inputs[1], depth + 1) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if sizes is not None:
+        return int(sizes.reshape(-1)[node.outputs.index(value)])
+    width = _dim(node.inputs[0], axis, depth + 1)
+    parts = len(node.outputs)
+    return width // parts if isinstance(width, int) and width % parts == 0 else None
+
+
+def _unsqueezed_dim(node: ir.Node, axis: int, rank: int, depth: int) -> int | None:
+    """An inserted axis is 1; any other is the input's, counted without the inserted ones."""
+    axes = _value(node.inputs[1], depth + 1) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if axes is None:
+        return None
+    inserted = sorted(int(a) % rank for a in axes.reshape(-1))
+    if axis in inserted:
+        return 1
+    return _dim(node.inputs[0], axis - sum(a < axis for a in inserted), depth + 1)

@@ -18,7 +18,10 @@ no cache yet), without knowing the architecture:
 * ``h_L``, the stream entering the final norm: among the dominators of the
   logits after the last Attention, the last one made by the same op as
   ``h_N`` and followed by the op that follows ``h_N`` on its way to the
-  query (the norm's first).
+  query (the norm's first). A decoder that normalizes after each block
+  instead (OLMo2) has no norm between the stream and the next layer's
+  projections; there it is the last such op whose two inputs are both
+  computed (a norm's bias Add has a constant one).
 
 The final norm then reads ``h_N`` instead of ``h_L``, and the unused layers
 are removed. Anything that does not line up (no such value, other shapes)
@@ -90,6 +93,14 @@ def _chain(values: list[ir.Value]) -> list[str]:
     return [v.producer().op_type for v in values]
 
 
+def _computed(value: ir.Value | None) -> bool:
+    """Made at run time: neither an initializer nor a Constant's output (a norm's bias is one of those)."""
+    if value is None or value.const_value is not None:
+        return False
+    producer = value.producer()
+    return producer is not None and producer.op_type != "Constant"
+
+
 def _fail(message: str) -> PassFailure:
     return PassFailure(f"pass 'truncate-layers': {message}", pass_name="truncate-layers")
 
@@ -153,5 +164,11 @@ class TruncateLayersPass(Pass):
         for i in range(len(chain) - 2, -1, -1):
             if ops[i] == kind and ops[i + 1] == want[0]:
                 return chain[i]
+        # A decoder that normalizes after each block (OLMo2) feeds the stream to the next layer's projections
+        # directly, so no norm follows it there; its last sum of two computed values is the stream.
+        for i in range(len(chain) - 2, -1, -1):
+            if ops[i] == kind and len(inputs := chain[i].producer().inputs) == 2 and all(map(_computed, inputs)):
+                return chain[i]
         raise _fail(f"the final norm was not found: after the last Attention, no {kind} followed by {want[0]} (as "
-                    f"the stream into a layer is followed) among the values leading to the logits: {ops}")
+                    f"the stream into a layer is followed) and no {kind} of two computed values among the values "
+                    f"leading to the logits: {ops}")

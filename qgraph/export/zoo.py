@@ -31,6 +31,19 @@ gptj         interleaved partial rotary (8 of 16 dims, rotated in pairs), its
              sin/cos gathered from a table by position, parallel attention
              and MLP (the dynamo export reshapes them with the traced batch of
              1, so kv-cache tabulates them)
+gpt_neox     partial rotary (a quarter of head_dim), fused query_key_value
+             laid out head by head, parallel attention and MLP, LayerNorm
+stablelm     partial rotary (a quarter of head_dim), biases on q/k/v,
+             LayerNorm; GQA 4/2
+granite      scalar multipliers: embeddings x12, attention scale 0.05 (not
+             1/sqrt(head_dim)), residual branches x0.22, logits /8; GQA 4/2
+olmo2        RMSNorm after attention and after the MLP (not before), RMSNorm
+             over the whole q and k projections; GQA 4/2
+starcoder2   GQA 4/2 with biases everywhere, LayerNorm, GeLU MLP
+falcon       multi-query (1 KV head) fused query_key_value; attention and MLP
+             in parallel from one LayerNorm; RoPE
+llama3_rope  llama with llama3 rotary scaling (factor 8 over 16 original
+             positions): cos/sin tables that are not the default frequencies'
 ===========  ===================================================================
 
 Every causal LM exports in both wrapper modes (:func:`export_tiny`'s
@@ -39,7 +52,10 @@ user's plain ``torch.onnx.export(model, (input_ids, attention_mask))``
 traces, positions counted by the model itself.
 
 Mixture-of-experts models (Mixtral, Qwen2-MoE) are not in the zoo: torch
-2.13 cannot export them (see README.md, export section).
+2.13 cannot export them (see README.md, export section). Neither is Cohere:
+torch's TorchScript exporter traces one of its attention Reshapes with a
+wrong size (``qgraph export`` refuses that graph, naming the node); its
+dynamo export passes kv-cache's replays.
 
 Weights are random (seeded, so every process builds the same bytes) at the
 architecture's own init scale (Bloom's raised, see :func:`_bloom`). Each model is written as an ordinary
@@ -199,6 +215,63 @@ def _gptj():
                       n_positions=POSITIONS, **_TOKENS)
 
 
+def _gpt_neox():
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, rotary_pct=0.25, max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _stablelm():
+    from transformers import StableLmConfig
+
+    return StableLmConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                          num_attention_heads=HEADS, num_key_value_heads=2, partial_rotary_factor=0.25,
+                          use_qkv_bias=True, max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _granite():
+    from transformers import GraniteConfig
+
+    return GraniteConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=2, embedding_multiplier=12.0,
+                         attention_multiplier=0.05, residual_multiplier=0.22, logits_scaling=8.0,
+                         max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _olmo2():
+    from transformers import Olmo2Config
+
+    return Olmo2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _starcoder2():
+    from transformers import Starcoder2Config
+
+    return Starcoder2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                            num_attention_heads=HEADS, num_key_value_heads=2, sliding_window=None,
+                            max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _falcon():
+    from transformers import FalconConfig
+
+    return FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                        multi_query=True, parallel_attn=True, bias=False, alibi=False,
+                        max_position_embeddings=POSITIONS, **_TOKENS)
+
+
+def _llama3_rope():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS,
+                       rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 16}, **_TOKENS)
+
+
 def _bert():
     from transformers import BertConfig
 
@@ -232,6 +305,19 @@ TINY_ARCHS: dict[str, TinyArch] = {
                                          "unscaled attention", _gpt_neo),
         TinyArch("gptj", "causal-lm", "interleaved partial rotary (8 of 16 dims, pairs), sin/cos read from a "
                                       "table by position, parallel attention and MLP", _gptj),
+        TinyArch("gpt_neox", "causal-lm", "partial rotary (a quarter of head_dim), fused query_key_value laid out "
+                                          "per head, parallel attention and MLP, LayerNorm", _gpt_neox),
+        TinyArch("stablelm", "causal-lm", "partial rotary (a quarter of head_dim), biases on q/k/v, LayerNorm; "
+                                          "GQA 4/2", _stablelm),
+        TinyArch("granite", "causal-lm", "multipliers: embeddings x12, attention scale 0.05, residual x0.22, "
+                                         "logits /8; GQA 4/2", _granite),
+        TinyArch("olmo2", "causal-lm", "RMSNorm after attention and MLP (not before), RMSNorm over whole q and k; "
+                                       "GQA 4/2", _olmo2),
+        TinyArch("starcoder2", "causal-lm", "GQA 4/2 with biases everywhere, LayerNorm, GeLU MLP", _starcoder2),
+        TinyArch("falcon", "causal-lm", "multi-query (1 KV head) fused query_key_value, attention and MLP in parallel "
+                                        "from one LayerNorm, RoPE", _falcon),
+        TinyArch("llama3_rope", "causal-lm", "llama with llama3 rotary scaling (factor 8 over 16 original positions): "
+                                             "cos/sin tables that are not the default frequencies'", _llama3_rope),
     )
 }
 

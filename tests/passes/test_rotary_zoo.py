@@ -18,8 +18,11 @@ from qgraph.export.zoo import LAYERS
 from qgraph.verify import check_equivalent
 
 ROTARY_LAYERS = {"llama": LAYERS, "qwen2": LAYERS, "phi3": LAYERS, "gemma": LAYERS, "mistral": LAYERS,
-                 "qwen3": LAYERS, "gemma2": LAYERS, "phi": LAYERS, "gptj": LAYERS, "smollm3": 1}
-PARTIAL = {"phi", "gptj"}  # partial_rotary_factor 0.5, rotary_dim 8 of 16
+                 "qwen3": LAYERS, "gemma2": LAYERS, "phi": LAYERS, "gptj": LAYERS, "smollm3": 1,
+                 "gpt_neox": LAYERS, "stablelm": LAYERS, "granite": LAYERS, "olmo2": LAYERS, "starcoder2": LAYERS,
+                 "falcon": LAYERS, "llama3_rope": LAYERS}
+# rotary_dim 8 of 16 (Phi, GPT-J: partial_rotary_factor 0.5), 4 of 16 (GPT-NeoX, StableLM: 0.25)
+PARTIAL = {"phi", "gptj", "gpt_neox", "stablelm"}
 INTERLEAVED = {"gptj"}  # rotate_every_two
 NO_ROTARY = ("gpt2", "opt", "bloom", "gpt_bigcode", "gpt_neo")  # learned positions, ALiBi
 EXPORTERS = ("torchscript", "dynamo")

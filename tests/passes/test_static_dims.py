@@ -76,3 +76,67 @@ def test_a_zero_entry_copies_the_input_dim_only_without_allowzero(allowzero, exp
     y = next(n for n in model.graph if n.op_type == "Reshape").outputs[0]
     y.shape = ir.Shape(["a", "b"])
     assert static_dim(y, 1) == expected
+
+
+# Falcon's fused projection split into q, k, v on the heads axis; GPT-NeoX's cos table, whose width is the
+# concatenation of two frequency products broadcast from positions [B, S, 1] and frequencies [F]; its
+# rotary part sliced to the table's width. Every stored shape is erased to symbols (as TorchScript leaves
+# them) and the dims static_dim reads back are checked against the shapes onnxruntime produces.
+SPLIT_TEXT = """
+<ir_version: 10, opset_import: ["" : 23]>
+g (float[B, S, {hidden}] x, float[B, S, 1] pos) => (float[p1, p2, p3, p4] q, float[c1, c2, c3, c4] cos,
+                                                     float[r1, r2, r3, r4] rot, float[u1, u2, u3] twice,
+                                                     float[k1, k2, k3, k4] k0) {{
+    shape = Constant <value_ints = [0, 0, -1, {d}]> ()
+    heads = Reshape(x, shape)
+    sizes = Constant <value_ints = [{q_heads}, {kv_heads}, {kv_heads}]> ()
+    q0, k0, v0 = Split <axis = -2> (heads, sizes)
+    q = Transpose <perm = [0, 2, 1, 3]> (q0)
+    freqs = Constant <value_floats = {freqs}> ()
+    angles = Mul(pos, freqs)
+    both = Concat <axis = -1> (angles, angles)
+    table = Cos(both)
+    ax1 = Constant <value_ints = [1]> ()
+    cos = Unsqueeze(table, ax1)
+    cos_shape = Shape(cos)
+    three = Constant <value_int = 3> ()
+    width = Gather <axis = 0> (cos_shape, three)
+    ax0 = Constant <value_ints = [0]> ()
+    end = Unsqueeze(width, ax0)
+    start = Constant <value_ints = [0]> ()
+    last = Constant <value_ints = [3]> ()
+    rot = Slice(q, start, end, last)
+    twice = Mul(pos, both)
+}}
+"""
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(kv_heads=st.integers(1, 3), group=st.integers(1, 3), d=st.sampled_from([8, 16, 32]), data=st.data())
+def test_split_unsqueeze_concat_and_broadcast_dims_are_the_ones_onnxruntime_computes(kv_heads, group, d, data):
+    import numpy as np
+    import onnxruntime as ort
+
+    half = data.draw(st.integers(1, d // 2))
+    q_heads = kv_heads * group
+    text = SPLIT_TEXT.format(hidden=(q_heads + 2 * kv_heads) * d, d=d, q_heads=q_heads, kv_heads=kv_heads,
+                             freqs=[1.0 / (k + 1) for k in range(half)])
+    proto = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text))
+    model = ir.from_proto(proto)
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    for name, value in values.items():
+        if value.shape is not None and len(value.shape) > 1:
+            value.shape = ir.Shape([f"{name}_{i}" for i in range(len(value.shape))])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"x": np.zeros((2, 3, (q_heads + 2 * kv_heads) * d), np.float32), "pos": np.ones((2, 3, 1), np.float32)}
+    got = dict(zip(["q", "cos", "rot", "twice", "k0"], session.run(None, feeds)))
+    for name, array in got.items():
+        for axis, size in enumerate(array.shape):
+            read = static_dim(values[name], axis)
+            assert read in (None, size), (name, axis, read, size)
+    # what the rotary rules need: the head size, the table width and the rotated part, all read back
+    assert static_dim(values["q"], 3) == d and static_dim(values["q"], 1) == q_heads
+    assert static_dim(values["k0"], 2) == kv_heads
+    assert static_dim(values["cos"], 3) == 2 * half and static_dim(values["cos"], 1) == 1
+    assert static_dim(values["rot"], 3) == min(2 * half, d)
+    assert static_dim(values["twice"], 2) == 2 * half  # [B, S, 1] x [B, S, 2F]: the 1 broadcasts

@@ -23,7 +23,7 @@ from qgraph.pipeline import Pipeline
 from qgraph.runtime.session import open_session
 
 DECODERS = [name for name, arch in TINY_ARCHS.items() if arch.task == "causal-lm"]
-_LAYER_LISTS = ("model.layers", "transformer.h", "model.decoder.layers")
+_LAYER_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers")
 
 
 def _first_layer_only(model: torch.nn.Module) -> torch.nn.Module:
@@ -64,7 +64,8 @@ def test_the_first_layer_with_the_head_is_the_model_cut_to_one_layer(tiny_zoo, t
         want = _first_layer_only(build_tiny(arch))(input_ids=torch.tensor(ids),
                                                     attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
-    assert np.abs(_run(source, ids) - got).max() > 1e-2  # the full model says something else
+    # the full model says something else (relative: Granite's logits are divided by 8 and small)
+    assert np.abs(_run(source, ids) - got).max() > 1e-2 * np.abs(got).max()
 
 
 @pytest.mark.parametrize("layers", [0, 2, 5])
