@@ -287,8 +287,3 @@ def compare_with_torch(
             diff = float("inf")
         results.append(Comparison(batch, seq, pad, diff, scale, atol + rtol * scale))
     return results
-
-
-def _first_line(error: Exception) -> str:
-    """onnxruntime's message without its source-file prefix noise: the first line, which names the node."""
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
