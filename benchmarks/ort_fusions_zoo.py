@@ -26,7 +26,7 @@ from harness import benchmark_parser
 from results_file import machine_description, publish
 
 SECTION = "ort fusions across the zoo"
-FUSION_PASSES = ("rotary", "pack-matmuls", "skip-rmsnorm")
+FUSION_PASSES = ("rotary", "pack-matmuls", "skip-rmsnorm", "lower-gqa")
 
 
 def run_one(arch: str, exporter: str, scratch: Path) -> dict:
@@ -55,13 +55,18 @@ def run_one(arch: str, exporter: str, scratch: Path) -> dict:
     matches = collections.Counter()
     for record in report.passes:
         matches.update(record.rule_matches)
-    notes = [f"{r.name}: {n}" for r in report.passes if r.name in FUSION_PASSES for n in r.notes]
+    # lower-gqa also says how many rotary rows its caches hold: that is not a refusal
+    notes = [n if n.startswith(f"{r.name}:") else f"{r.name}: {n}" for r in report.passes if r.name in FUSION_PASSES
+             for n in r.notes if not n.startswith(f"{r.name}: rotary caches for")]
     replay = check_sequence_equivalence(out, exported.model_path, examples=6, require_greedy=True)
     return {"arch": arch, "exporter": exporter,
-            "rotary": f"{ops['RotaryEmbedding']} ({matches['rotary-partial'] + matches['rotary-partial-heads-second']} "
-                      f"partial, {interleaved} interleaved)",
+            # rotations the rotary pass fused, whether they stay RotaryEmbedding or go into GroupQueryAttention
+            "rotary": f"{matches['rotary-half'] + matches['rotary-interleaved']} "
+                      f"({matches['rotary-partial'] + matches['rotary-partial-heads-second']} partial, "
+                      f"{interleaved} interleaved; {ops['RotaryEmbedding']} left)",
             "split": f"{matches['pack-three-matmuls']} x3, {matches['pack-two-matmuls']} x2",
             "skip": ops["SkipSimplifiedLayerNormalization"], "attention": ops["Attention"],
+            "gqa": ops["GroupQueryAttention"],
             "seconds": seconds, "replay": "equivalent" if replay.equivalent else f"FAILED: {replay}".splitlines()[0],
             "notes": notes}
 
@@ -82,23 +87,28 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(run_one(arch, exporter, Path(scratch)))
                 except Exception as exc:  # an export or preset failure is a row of the table, not a crash
                     rows.append({"arch": arch, "exporter": exporter, "rotary": "-", "split": "-", "skip": "-",
-                                 "attention": "-", "seconds": 0.0, "replay": f"ERROR: {type(exc).__name__}: {exc}"[:200],
-                                 "notes": []})
+                                 "gqa": "-", "attention": "-", "seconds": 0.0,
+                                 "replay": f"ERROR: {type(exc).__name__}: {exc}"[:200], "notes": []})
                 print(rows[-1]["arch"], rows[-1]["exporter"], rows[-1]["replay"], flush=True)
     lines = [
         "Command: `.venv/bin/python benchmarks/ort_fusions_zoo.py --write`", "",
-        f"Machine: {machine_description()}. Shared with other engineers' jobs while this ran.", "",
-        "Tiny zoo (2 layers each). Counts in the `ort` preset's output (RotaryEmbedding: how many turn part of "
-        "the head, how many turn interleaved pairs); *packed* = groups of 3 and of 2 "
-        "sibling MatMuls packed into one; replay = cached graph vs the no-cache export on drawn sequences.", "",
-        "| arch | exporter | RotaryEmbedding | packed | SkipSimplifiedLayerNorm | Attention | preset s | replay |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        f"Machine: {machine_description()}. *preset s*: one run each, a rough figure (the preset's timing is "
+        "\"ort preset time\").", "",
+        "Tiny zoo (2 layers each). *rotations fused*: q and k rotations the `rotary` pass made RotaryEmbedding "
+        "(how many turn part of the head, how many turn interleaved pairs; how many are left as RotaryEmbedding "
+        "after `lower-gqa` took the rest into GroupQueryAttention); *packed* = groups of 3 and of 2 "
+        "sibling MatMuls packed into one; the other columns count ops in the `ort` preset's output; "
+        "replay = cached graph vs the no-cache export on drawn sequences.", "",
+        "| arch | exporter | rotations fused | packed | SkipSimplifiedLayerNorm | GroupQueryAttention "
+        "| Attention | preset s | replay |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['exporter']} | {r['rotary']} | {r['split']} | {r['skip']} | {r['attention']} | "
-                     f"{r['seconds']:.2f} | {r['replay']} |")
+        lines.append(f"| {r['arch']} | {r['exporter']} | {r['rotary']} | {r['split']} | {r['skip']} | {r['gqa']} | "
+                     f"{r['attention']} | {r['seconds']:.2f} | {r['replay']} |")
     notes = [f"- {r['arch']} {r['exporter']}: {n}" for r in rows for n in r["notes"]]
-    lines += ["", "Candidates the fusion passes refused (from their report notes):", ""] + (notes or ["- none"])
+    lines += ["", "Candidates the fusion and lowering passes refused (from their report notes):", ""]
+    lines += notes or ["- none"]
     if args.note:
         lines += ["", args.note]
     publish(SECTION, "\n".join(lines), args.write)

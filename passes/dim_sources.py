@@ -14,6 +14,7 @@ not from names: a dim is followed back through ops that copy it (Transpose
 moves it, Split/Slice/Concat keep the other axes, elementwise ops keep it
 when every operand that is not 1 there has the same source, MatMul by a 2-D
 weight keeps the leading dims, an embedding Gather keeps the ids' dims,
+Attention's 4-D output has q's batch, heads and length and v's head size,
 ``Range(0, d, 1)`` is d long,
 Reshape copies a dim that its shape tensor reads as ``Shape(y)[j]``, or as 0)
 until it reaches a graph input's dim or a number. The entries of a shape
@@ -157,6 +158,8 @@ class DimSources:
             return self._sliced(node, axis, rank, d)
         if op == "Attention" and value is node.outputs[0] and _rank(first) == rank and axis in ((0, 1), (0, 1, 2))[rank == 4]:
             return self.source(first, axis, d)  # [B, S, Hq*Dv] or [B, Hq, S, Dv]: batch, heads and length are q's
+        if op == "Attention" and value is node.outputs[0] and rank == 4 and axis == 3 and _rank(node.inputs[2]) == 4:
+            return self.source(node.inputs[2], 3, d)  # Dv, v's head size
         if op in _BROADCAST:
             return self._broadcast(node.inputs, axis, rank, d)
         if op == "MatMul" and _rank(node.inputs[1]) == 2 and _rank(first) == rank and axis < rank - 1:
