@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['arch']} | {r['exporter']} | {r['rotary']} | {r['split']} | {r['skip']} | {r['gqa']} | "
                      f"{r['attention']} | {r['seconds']:.2f} | {r['replay']} |")
     notes = [f"- {r['arch']} {r['exporter']}: {n}" for r in rows for n in r["notes"]]
-    lines += ["", "Candidates the fusion and lowering passes refused (from their report notes):", ""]
+    lines += ["", "What the fusion and lowering passes refused or kept apart (from their report notes):", ""]
     lines += notes or ["- none"]
     if args.note:
         lines += ["", args.note]

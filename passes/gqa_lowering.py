@@ -53,15 +53,22 @@ the model), 8192 when it declares none, or option ``max_positions``.
 ``[B, S, H * D]`` (packed heads, ``attention-io``), taken whole from the
 packed projection when they are its Split in the order q, k, v, else
 apart (GroupQueryAttention's unpacked form: biased projections that
-``pack-matmuls`` leaves apart); the same rotary tables on q and k,
-half-rotation over the whole head (GroupQueryAttention has no partial
-rotary), and those tables a per-position function of ``position_ids``
-(probed, :mod:`qgraph_passes.gqa_probes`: the caches are the graph's own
-numbers, not a re-derived formula); a mask that is causal (with a sliding
+``pack-matmuls`` leaves apart); a mask that is causal (with a sliding
 window at most) on all-ones masks, probed; no softcap, no qk output, no
-bias; a head size that is a multiple of 16 when rotary is fused (what the
-CPU kernel requires). A layer that fails a check is left as it was, and the
-report names the layer and the check.
+bias. A layer that fails a check is left as it was, and the report names
+the layer and the check.
+
+**Rotary in the kernel where it can be, else kept.** The rotations go into
+the kernel (``do_rotary``) when q and k are turned by the same tables, by
+half-rotation over the whole head, with a head size that is a multiple of
+16 (what the CPU kernel requires), and those tables are a per-position
+function of ``position_ids`` (probed, :mod:`qgraph_passes.gqa_probes`: the
+caches are the graph's own numbers, not a re-derived formula). Otherwise --
+Phi's and StableLM's partial rotary, interleaved pairs -- the layer is
+lowered all the same: its RotaryEmbedding nodes stay, q and k enter the
+kernel turned and apart, and the report says why the rotations stayed. The
+shared cache buffer is what such a layer gains; the rotation was already
+one node.
 """
 
 from __future__ import annotations
@@ -102,7 +109,8 @@ class _Layer:
         self.attention = attention
         self.split: ir.Node | None = None  # the packed projection's Split, when q, k, v come from one
         self.qkv: tuple[ir.Value, ir.Value, ir.Value] | None = None
-        self.rotaries: list[ir.Node] = []
+        self.rotaries: list[ir.Node] = []  # the rotations the kernel takes in (do_rotary)
+        self.kept_rotary: str | None = None  # why the rotations stay RotaryEmbedding nodes instead, if they do
         self.window: int | None = None
         self.tables: tuple[ir.Value, ir.Value] | None = None
 
@@ -147,25 +155,39 @@ def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set
     layer.split = split if packed else None
     layer.qkv = (q3, k3, v)
     if rotated[0]:
-        for r, heads in zip(rotaries, (hq, hkv), strict=True):
-            if _attr(r, "interleaved", 0):
-                return f"RotaryEmbedding '{r.name}' is interleaved (lowering to rotary_interleaved is not done yet)"
-            if _attr(r, "num_heads", 0) != heads:
-                return f"RotaryEmbedding '{r.name}' rotates {_attr(r, 'num_heads')} packed heads, the Attention has {heads}"
-            if len(r.inputs) > 3 and r.inputs[3] is not None:
-                return f"RotaryEmbedding '{r.name}' reads position_ids itself"
-            dim = _attr(r, "rotary_embedding_dim", 0)
-            if dim and dim != head_dim:
-                return f"partial rotary (rotary_embedding_dim {dim} of {head_dim}); GroupQueryAttention rotates whole heads"
-        if rotaries[0].inputs[1] is not rotaries[1].inputs[1] or rotaries[0].inputs[2] is not rotaries[1].inputs[2]:
-            return "q and k are rotated with different tables"
-        if head_dim % 16:
-            return f"head size {head_dim}: onnxruntime's CPU GroupQueryAttention rotates only multiples of 16"
-        for r in rotaries:
-            if r.outputs[0].is_graph_output() or any(u.node is not node and _live(u.node) for u in r.outputs[0].uses()):
-                return f"RotaryEmbedding '{r.name}' is read outside the attention"
-        layer.rotaries = rotaries
-        layer.tables = (rotaries[0].inputs[1], rotaries[0].inputs[2])
+        kept = _rotary_kept_reason(rotaries, node, head_dim)
+        if kept is None:
+            layer.rotaries = rotaries
+            layer.tables = (rotaries[0].inputs[1], rotaries[0].inputs[2])
+        else:  # the rotations stay RotaryEmbedding nodes; GroupQueryAttention takes q and k rotated, apart
+            layer.kept_rotary = kept
+            layer.split = None
+            layer.qkv = (q, k, v)
+    return None
+
+
+def _rotary_kept_reason(rotaries: list[ir.Node], attention: ir.Node, head_dim: int) -> str | None:
+    """Why GroupQueryAttention cannot take the rotations into the kernel (do_rotary), if it cannot.
+
+    Such a layer is lowered all the same: its RotaryEmbedding nodes stay and
+    feed the kernel q and k already turned, as the concat graph does (Phi's
+    and StableLM's partial rotary, interleaved pairs)."""
+    for r in rotaries:
+        if _attr(r, "interleaved", 0):
+            return f"RotaryEmbedding '{r.name}' is interleaved (rotary_interleaved is not lowered to yet)"
+        if len(r.inputs) > 3 and r.inputs[3] is not None:
+            return f"RotaryEmbedding '{r.name}' reads position_ids itself"
+        dim = _attr(r, "rotary_embedding_dim", 0)
+        if dim and dim != head_dim:
+            return f"partial rotary (rotary_embedding_dim {dim} of {head_dim}); the kernel rotates whole heads"
+    if rotaries[0].inputs[1] is not rotaries[1].inputs[1] or rotaries[0].inputs[2] is not rotaries[1].inputs[2]:
+        return "q and k are rotated with different tables"
+    if head_dim % 16:
+        return f"head size {head_dim}: onnxruntime's CPU GroupQueryAttention rotates only multiples of 16"
+    for r in rotaries:
+        rotated = r.outputs[0]
+        if rotated.is_graph_output() or any(u.node is not attention and _live(u.node) for u in rotated.uses()):
+            return f"RotaryEmbedding '{r.name}' is read outside the attention"
     return None
 
 
@@ -213,6 +235,9 @@ class LowerGQAPass(Pass):
                 self.report.notes.append(f"lower-gqa: Attention '{node.name}' not lowered: {reason}")
                 refused.append(types.SimpleNamespace(reason=reason))
                 continue
+            if layer.kept_rotary is not None:
+                self.report.notes.append(f"lower-gqa: Attention '{node.name}' lowered with its rotations kept as "
+                                         f"RotaryEmbedding: {layer.kept_rotary}")
             layers.append(layer)
         if refused:  # the table's "near miss in lower-gqa" line: how many layers, the most common check
             self.report.near_misses = summarize_near_misses({"group-query-attention": refused})

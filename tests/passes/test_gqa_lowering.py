@@ -39,6 +39,9 @@ ZOO = [(arch, exporter) for arch in ("llama", "mistral", "qwen2") for exporter i
 # TorchScript's heads split reaches attention-io in the same form once shape-reads has made its run-time
 # Reshape targets constants.
 LOWERED = ZOO
+# partial rotary (Phi: 8 of 16 channels, StableLM: 4 of 16): the kernel rotates whole heads, so the
+# RotaryEmbedding nodes stay in front of it and q, k, v go in apart
+KEPT_ROTARY = [("phi", "dynamo"), ("stablelm", "torchscript")]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def ort_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """The ort-attention preset's graph of each case (what lower-gqa takes), made once for the module."""
     out = tmp_path_factory.mktemp("ort-graphs")
     graphs = {}
-    for arch, exporter in ZOO:
+    for arch, exporter in [*ZOO, *KEPT_ROTARY]:
         run = run_preset("ort-attention", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}",
                          default_registry())
         graphs[(arch, exporter)] = run.folder / "model.onnx"
@@ -213,7 +216,6 @@ def _interleaved(model: ir.Model) -> None:
 
 @pytest.mark.parametrize(("arch", "exporter", "change", "why"), [
     ("llama", "torchscript", _softcapped, "softcap 30.0"),
-    ("llama", "dynamo", _interleaved, "is interleaved"),
 ])
 def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, change, why) -> None:
     model = io.load(ort_graphs[(arch, exporter)])
@@ -228,6 +230,36 @@ def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, change, why
     assert all(why in note for note in notes) and all(any(a in note for note in notes) for a in attentions)
     assert record.near_misses["group-query-attention"]["candidates"] == 2  # the table's "near miss" line
     assert MASKS_KEY not in model.metadata_props  # nothing lowered: the graph keeps its whole domain
+
+
+@pytest.mark.parametrize("mask", ["bias", "none"])
+@pytest.mark.parametrize(("arch", "exporter", "change", "why"), [
+    *((arch, exporter, None, "partial rotary") for arch, exporter in KEPT_ROTARY),
+    ("llama", "dynamo", _interleaved, "is interleaved"),
+])
+def test_a_rotation_the_kernel_cannot_take_stays_in_front_of_it(ort_graphs, tmp_path, arch, exporter, change, why,
+                                                                 mask) -> None:
+    """Partial or interleaved rotations: each layer is lowered with do_rotary off, its two RotaryEmbedding nodes
+    kept and feeding the kernel q and k apart, the reason in the report; the graph replays the concat graph."""
+    source = ort_graphs[(arch, exporter)]
+    if change is not None:  # the concat graph with the change is the reference
+        changed = io.load(source)
+        change(changed)
+        source = tmp_path / "concat" / "model.onnx"
+        source.parent.mkdir()
+        io.save(changed, source)
+    model, report = _lower(source, mask=mask)
+    gqa = _gqa_nodes(model)
+    assert len(gqa) == 2 and not [n for n in model.graph if n.op_type == "Attention"]
+    for node in gqa:
+        assert "do_rotary" not in node.attributes or node.attributes["do_rotary"].value == 0
+        assert [node.inputs[i].producer().op_type for i in (0, 1)] == ["RotaryEmbedding"] * 2
+        assert node.inputs[2] is not None and node.inputs[2].producer().op_type != "RotaryEmbedding"
+    record = next(r for r in report.passes if r.name == "lower-gqa")
+    kept = [n for n in record.notes if "kept as RotaryEmbedding" in n]
+    assert len(kept) == 2 and all(why in n for n in kept)
+    result = check_sequence_equivalence(model, source, examples=12, seed=2, max_len=10)
+    assert result.equivalent, str(result)
 
 
 _BROKEN = """
