@@ -9,6 +9,8 @@
   ``kv_heads * n_rep`` as a ``Mul`` of two numbers. A dim times a number
   other than 1 is not an input's dim, and stays unknown.
 * ``Range(0, d, 1)`` is d long (TorchScript's mask indices).
+* Attention's 4-D output is ``[B, Hq, S, Dv]``: q's first three dims, v's head
+  size (TorchScript's Phi and StarCoder2 view it as ``[B, -1, S, Dv]``).
 
 Every graph is hand-built and small; where a pass rewrites it, onnxruntime
 runs it before and after on sizes hypothesis draws.
@@ -410,3 +412,29 @@ def test_arithmetic_on_entries_broadcasts_as_numpy_does(left, right, expected):
             value.shape = ir.Shape(const.shape if const is not None else ["n"])
     got = DimSources(model.graph).entries(model.graph.outputs[0])
     assert got == (None if expected is None else [Const(v) for v in expected])
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(kv_heads=st.integers(1, 3), group=st.integers(1, 2), dk=st.sampled_from([4, 8]), dv=st.sampled_from([4, 8, 16]))
+def test_the_attention_output_has_q_batch_heads_length_and_v_head_size(kv_heads, group, dk, dv):
+    """Attention's 4-D output is [B, Hq, S, Dv]: the first three dims are q's, the last v's (what lets
+    shape-reads remove TorchScript's ``view(B, -1, S, D)`` of it, StarCoder2's and Phi's); checked against
+    the shape onnxruntime gives, with every stored shape but the inputs' erased."""
+    text = f"""
+    <ir_version: 10, opset_import: ["" : 23]>
+    g (float[B, {kv_heads * group}, S, {dk}] q, float[B, {kv_heads}, T, {dk}] k, float[B, {kv_heads}, T, {dv}] v)
+        => (float[o1, o2, o3, o4] y) {{
+        y = Attention(q, k, v)
+    }}
+    """
+    model = ir.from_proto(onnx.parser.parse_model(text))
+    y = model.graph.outputs[0]
+    dims = DimSources(model.graph)
+    q, _, v = model.graph.inputs
+    assert [dims.source(y, axis) for axis in range(4)] == [InputDim(q, 0), Const(kv_heads * group), InputDim(q, 2),
+                                                           Const(dv)]
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.standard_normal((2, kv_heads * group, 3, dk)), "k": rng.standard_normal((2, kv_heads, 5, dk)),
+             "v": rng.standard_normal((2, kv_heads, 5, dv))}
+    (got,) = _run(model, {name: array.astype(np.float32) for name, array in feeds.items()})
+    assert got.shape == (2, kv_heads * group, 3, dv)

@@ -10,8 +10,10 @@ also what the same preset gives on qgraph's own export of the model: the
 plain export must lose nothing. ``qgraph optimize --preset ort --verify``
 exits 0, and the result replays the plain export's logits.
 
-Layers that stay refused are refused for what the architecture is, the same
-on both exports (Phi's partial rotary here), and the near-miss line says so.
+Phi's partial rotary stays RotaryEmbedding in front of the kernel, the
+same on both exports. Layers that stay refused are refused for what the
+architecture is, the same on both exports (Gemma 2's softcap here), and the
+near-miss line says so.
 """
 
 from __future__ import annotations
@@ -57,12 +59,26 @@ def test_every_layer_of_a_plain_export_is_lowered_and_replays(tiny_zoo, tmp_path
 
 
 @pytest.mark.slow
-def test_a_layer_refused_on_both_exports_is_reported_as_what_it_is(tiny_zoo, tmp_path, capsys):
-    """Phi rotates half of each head: GroupQueryAttention cannot, on the plain export as on qgraph's own."""
+def test_a_partial_rotary_is_lowered_with_its_rotations_kept_on_both_exports(tiny_zoo, tmp_path, capsys):
+    """Phi rotates half of each head, which GroupQueryAttention's kernel cannot: its layers are lowered with the
+    RotaryEmbedding nodes in front, on the plain export as on qgraph's own, and replay the plain export."""
     plain = tiny_zoo.export("phi", "dynamo", wrapper="plain")
+    out = tmp_path / "model.onnx"
+    assert main(["optimize", str(plain.model_path), "-o", str(out), "--preset", "ort", "--verify"]) == 0
+    model = io.load(out)
+    assert _gqa_count(model) == LAYERS == _own_export_count(tiny_zoo, "phi", "dynamo")
+    assert sum(n.op_type == "RotaryEmbedding" for n in model.graph) == 2 * LAYERS
+    replay = check_sequence_equivalence(out, plain.model_path, examples=8, seed=3, max_len=12)
+    assert replay.equivalent, str(replay)
+
+
+@pytest.mark.slow
+def test_a_layer_refused_on_both_exports_is_reported_as_what_it_is(tiny_zoo, tmp_path, capsys):
+    """Gemma 2 soft-caps its scores: lower-gqa does not lower that, on the plain export as on qgraph's own."""
+    plain = tiny_zoo.export("gemma2", "dynamo", wrapper="plain")
     out = tmp_path / "model.onnx"
     assert main(["optimize", str(plain.model_path), "-o", str(out), "--preset", "ort"]) == 0
     table = capsys.readouterr().out
-    assert _gqa_count(io.load(out)) == 0 == _own_export_count(tiny_zoo, "phi", "dynamo")
+    assert _gqa_count(io.load(out)) == 0 == _own_export_count(tiny_zoo, "gemma2", "dynamo")
     line = next(line for line in table.splitlines() if line.startswith("near miss in lower-gqa"))
-    assert f"{LAYERS} candidate(s) rejected" in line and "partial rotary" in line, line
+    assert f"{LAYERS} candidate(s) rejected" in line and "softcap" in line, line

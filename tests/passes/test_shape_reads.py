@@ -173,29 +173,3 @@ def test_a_declared_one_left_stale_by_an_earlier_pass_is_not_believed(batch):
     assert _run(model, feeds)[0].tolist() == [batch]
     shape = next(n for n in model.graph if n.op_type == "Shape")
     assert shape.inputs[0] is model.graph.inputs[0]  # read from x, whose batch it is
-
-
-@settings(max_examples=10, deadline=None, derandomize=True)
-@given(kv_heads=st.integers(1, 3), group=st.integers(1, 2), dk=st.sampled_from([4, 8]), dv=st.sampled_from([4, 8, 16]))
-def test_the_attention_output_has_q_batch_heads_length_and_v_head_size(kv_heads, group, dk, dv):
-    """Attention's 4-D output is [B, Hq, S, Dv]: the first three dims are q's, the last v's (what lets
-    shape-reads remove TorchScript's ``view(B, -1, S, D)`` of it, StarCoder2's and Phi's); checked against
-    the shape onnxruntime gives, with every stored shape but the inputs' erased."""
-    text = f"""
-    <ir_version: 10, opset_import: ["" : 23]>
-    g (float[B, {kv_heads * group}, S, {dk}] q, float[B, {kv_heads}, T, {dk}] k, float[B, {kv_heads}, T, {dv}] v)
-        => (float[o1, o2, o3, o4] y) {{
-        y = Attention(q, k, v)
-    }}
-    """
-    model = ir.from_proto(onnx.parser.parse_model(text))
-    y = model.graph.outputs[0]
-    dims = DimSources(model.graph)
-    q, _, v = model.graph.inputs
-    assert [dims.source(y, axis) for axis in range(4)] == [InputDim(q, 0), Const(kv_heads * group), InputDim(q, 2),
-                                                           Const(dv)]
-    rng = np.random.default_rng(0)
-    feeds = {"q": rng.standard_normal((2, kv_heads * group, 3, dk)), "k": rng.standard_normal((2, kv_heads, 5, dk)),
-             "v": rng.standard_normal((2, kv_heads, 5, dv))}
-    (got,) = _run(model, {name: array.astype(np.float32) for name, array in feeds.items()})
-    assert got.shape == (2, kv_heads * group, 3, dv)
