@@ -55,6 +55,8 @@ def _memo():
         yield
     finally:
         _STATE.memo = None
+
+
 # Integer Div in ONNX truncates toward zero (numpy's // floors).
 _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": lambda a, b: np.fix(np.true_divide(a, b))}
 
