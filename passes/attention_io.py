@@ -12,14 +12,17 @@ After ``kv-cache`` (concat style) each layer computes::
 axis), and Q/K/V as ``[B, S, H * D]`` with ``q_num_heads`` /
 ``kv_num_heads`` (it splits the heads the same way the Reshape did, and
 gives its output back merged). ``RotaryEmbedding`` likewise rotates
-``[B, S, H * D]`` given ``num_heads``. Three rules, each exact::
+``[B, S, H * D]`` given ``num_heads``. Four rules, each exact::
 
     Attention(q, Concat(pk, k), Concat(pv, v), m)          -> Attention(q, k, v, m, pk, pv)  (+ present outputs)
+    Transpose(RMSNormalization(Reshape(x3, [B, S, H, D]))) -> heads(Reshape(RMSNormalization(...), [0, 0, H * D]))
     RotaryEmbedding(heads(x3), c, s)                       -> heads(RotaryEmbedding(x3, c, s, num_heads=H))
     merge(Attention(heads(q3), heads(k3), heads(v3), ...)) -> Attention(q3, k3, v3, ..., q_num_heads, kv_num_heads)
 
 where ``heads(x3) = Transpose(Reshape(x3, [B, S, H, D]), [0, 2, 1, 3])``
-and ``merge`` is its inverse. A layer then runs 2 rotations and 1 attention
+and ``merge`` is its inverse. The second moves a norm of each head (Qwen3
+normalizes q and k per head before moving the heads) onto a view of its
+own, so the projection the heads come from is the norm's output merged. A layer then runs 2 rotations and 1 attention
 instead of 14 nodes (6 transposes, 4 reshapes, 2 concats). A Reshape counts
 as ``heads`` only when shape inference shows it keeps x3's first two dims
 and splits the last into two known ones; anything else is kept, and named
@@ -80,7 +83,43 @@ def with_cache_inputs(op, q, k, v, mask, past_k, past_v, attributes):
     return y, present_k, present_v
 
 
-# -- rule 2: rotate before splitting the heads ---------------------------------------
+# -- rule 2: a norm of each head (Qwen3's q/k norm) between the split and the transpose --
+
+
+def heads_normalized(op, x3, x_shape, scale):
+    split = op.Reshape(x3, x_shape, allowzero=op.capture("x_shape_allowzero"))
+    normed = op.RMSNormalization(split, scale, epsilon=op.capture("epsilon"), axis=op.capture("axis"),
+                                 stash_type=op.capture("stash_type"))
+    return op.Transpose(normed, perm=_HEADS)
+
+
+def check_heads_normalized(match, x3, x_shape, axis) -> str | None:
+    if axis not in (-1, 3):
+        return f"the norm runs from axis {axis} on, not over each head's last axis"
+    reshaped = _reshaped(match, x3, "x_shape")
+    reason = _split_heads_reason(x3, reshaped)
+    if reason:
+        return reason
+    match["heads_shape"] = reshaped.shape
+    match["packed"] = np.array([0, 0, x3.shape[2]], np.int64)
+    return None
+
+
+def normalize_then_heads(op, x3, x_shape, scale, x_shape_allowzero, epsilon, axis, stash_type, heads_shape, packed):
+    """The norm stays on the [B, S, H, D] view; its output merged back to [B, S, H*D] is what the heads come
+    from, so the rules below see heads(y3) and pack them like any other projection."""
+    split = op.Reshape(x3, x_shape, allowzero=x_shape_allowzero)
+    split.shape = heads_shape
+    normed = op.RMSNormalization(split, scale, epsilon=epsilon, axis=axis, stash_type=stash_type)
+    normed.shape = heads_shape
+    merged = op.Reshape(normed, op.Constant(value_ints=[int(v) for v in packed]), allowzero=0)
+    merged.shape = x3.shape
+    again = op.Reshape(merged, x_shape, allowzero=x_shape_allowzero)
+    again.shape = heads_shape
+    return op.Transpose(again, perm=_HEADS)
+
+
+# -- rule 3: rotate before splitting the heads ---------------------------------------
 
 
 def _split_heads_reason(x3: ir.Value, heads: ir.Value) -> str | None:
@@ -131,7 +170,7 @@ def rotate_then_split(op, x3, x_shape, cos, sin, num_heads, rotary_dim, x_shape_
     return op.Transpose(reshaped, perm=_HEADS)
 
 
-# -- rule 3: Attention on packed heads ------------------------------------------------
+# -- rule 4: Attention on packed heads ------------------------------------------------
 
 
 def attention_of_heads(op, q3, k3, v3, q_shape, k_shape, v_shape, out_shape, mask, past_k, past_v):
@@ -182,6 +221,12 @@ RULES = RuleSet(
              doc="Attention(q, Concat(pk, k), Concat(pv, v), m) -> Attention(q, k, v, m, pk, pv) with its present outputs",
              example_inputs={"q": (_F, (_B, 4, _S, 4)), "k": (_F, (_B, 2, _S, 4)), "v": (_F, (_B, 2, _S, 4)),
                              **_PAST, **_MASK}, example_values=_MASK_VALUE),
+        Rule("normalized-heads", heads_normalized, normalize_then_heads, check_heads_normalized,
+             doc="Transpose(RMSNormalization(Reshape(x3, [B, S, H, D]))) -> heads(Reshape(RMSNormalization(...), "
+                 "[0, 0, H*D])): a per-head norm (Qwen3's q/k norm) no longer stands between the split and the heads",
+             example_inputs={"x3": (_F, (_B, _S, 12)), "scale": (_F, (4,))},
+             example_values={"x_shape": _shape(0, 0, 3, 4), "x_shape_allowzero": 0, "epsilon": 1e-6, "axis": -1,
+                             "stash_type": 1}),
         Rule("rotary-packed-heads", rotary_of_heads, rotate_then_split, check_rotary_of_heads,
              doc="RotaryEmbedding(heads(x3)) -> heads(RotaryEmbedding(x3, num_heads=H))",
              example_inputs={"x3": (_F, (_B, _S, 12)), "cos": (_F, (_B, _S, 2)), "sin": (_F, (_B, _S, 2))},

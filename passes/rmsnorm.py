@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from qgraph_passes.opset_upgrade import opset_at_least
+from qgraph_passes.shape_values import static_dim
 from qgraph_passes.rmsnorm_report import unfused_notes
 
 from qgraph import RewritePass, Rule, RuleSet
@@ -76,14 +77,17 @@ def _dims_equal(a: int | ir.SymbolicDim, b: int | ir.SymbolicDim) -> bool:
     return a.value is not None and a.value == b.value
 
 
-def _scale_reason(scale_shape: ir.Shape | None, x_shape: ir.Shape | None) -> str | None:
+def _scale_reason(scale_shape: ir.Shape | None, x: ir.Value) -> str | None:
     """Why RMSNormalization could not take this scale (it must broadcast to x one way), if it could not."""
+    x_shape = x.shape
     if scale_shape is None or x_shape is None:
         return "the shapes of x and the scale are not both known (run shape-inference)"
     if len(scale_shape) > len(x_shape):
         return f"the scale (rank {len(scale_shape)}) would broadcast x (rank {len(x_shape)}) to a higher rank"
-    for s, d in zip(reversed(scale_shape.dims), reversed(x_shape.dims)):
-        if s != 1 and not _dims_equal(s, d):
+    for k, (s, d) in enumerate(zip(reversed(scale_shape.dims), reversed(x_shape.dims)), start=1):
+        # static_dim: TorchScript's per-head norm (Qwen3's q/k norm) reads a head split whose size 16 is
+        # written in its Reshape target, while the stored shape leaves it symbolic
+        if s != 1 and not _dims_equal(s, d) and not (isinstance(s, int) and static_dim(x, -k) == s):
             return f"the scale's dim {s} is not x's dim {d}: x would be broadcast"
     return None
 
@@ -159,7 +163,7 @@ def canonical_rms_norm(match, x, scale, axes, eps, compute_to=None, out_to=None)
         match["x_to"] = int(compute)  # the scale is applied in C (Gemma's x.float())
     else:
         return f"the result is cast to {out}, which is neither x's dtype ({x.dtype}) nor the compute dtype"
-    return _scale_reason(scale.shape, x.shape)
+    return _scale_reason(scale.shape, x)
 
 
 def canonical_one_plus_weight(match, x, w, axes, eps, compute_to=None, scale_to=None):
@@ -178,7 +182,7 @@ def canonical_one_plus_weight(match, x, w, axes, eps, compute_to=None, scale_to=
     match["x_to"] = None if compute == x.dtype else int(compute)
     match["folded_scale"] = ir.tensor(weight + np.ones((), dtype=weight.dtype))
     match["folded_name"] = f"{w.name}_plus_one"
-    return _scale_reason(ir.Shape(weight.shape), x.shape)
+    return _scale_reason(ir.Shape(weight.shape), x)
 
 
 # -- replacements --------------------------------------------------------------

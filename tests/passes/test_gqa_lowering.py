@@ -34,8 +34,9 @@ from qgraph.registry import default_registry
 from qgraph.verify.kv_contract import MASKS_KEY, MAX_POSITIONS_KEY, detect_kv_layout
 from qgraph.verify.sequence import SequenceReplayer, ReplayCase, check_sequence_equivalence
 
-ZOO = [(arch, exporter) for arch in ("llama", "mistral", "qwen2") for exporter in ("dynamo", "torchscript")]
-# llama, mistral: packed QKV (one MatMul + Split); qwen2: biased q/k/v projections left apart by pack-matmuls.
+ZOO = [(arch, exporter) for arch in ("llama", "mistral", "qwen2", "qwen3") for exporter in ("dynamo", "torchscript")]
+# llama, mistral: packed QKV (one MatMul + Split); qwen2: biased q/k/v projections left apart by pack-matmuls;
+# qwen3: q and k normalized per head before the rotation (attention-io packs the norms' outputs), so apart too.
 # TorchScript's heads split reaches attention-io in the same form once shape-reads has made its run-time
 # Reshape targets constants.
 LOWERED = ZOO
@@ -75,7 +76,7 @@ def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter, mask
     assert len(gqa) == 2  # the zoo's two layers, each one node
     assert not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
     assert all(n.attributes["do_rotary"].value == 1 for n in gqa)
-    if arch == "qwen2":  # q, k, v apart: GroupQueryAttention's unpacked form
+    if arch in ("qwen2", "qwen3"):  # q, k, v apart: GroupQueryAttention's unpacked form
         assert all(n.inputs[1] is not None and n.inputs[2] is not None for n in gqa)
     else:  # the packed projection whole, its Split gone
         assert all(n.inputs[0].producer().op_type == "MatMul" and n.inputs[1] is None for n in gqa)
