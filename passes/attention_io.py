@@ -19,7 +19,8 @@ gives its output back merged). ``RotaryEmbedding`` likewise rotates
     RotaryEmbedding(heads(x3), c, s)                       -> heads(RotaryEmbedding(x3, c, s, num_heads=H))
     merge(Attention(heads(q3), heads(k3), heads(v3), ...)) -> Attention(q3, k3, v3, ..., q_num_heads, kv_num_heads)
 
-where ``heads(x3) = Transpose(Reshape(x3, [B, S, H, D]), [0, 2, 1, 3])``
+(a merge straight into rows, ``[-1, H * D]`` as GPT-2's Conv1D writes it,
+keeps its Reshape after the packed Attention), where ``heads(x3) = Transpose(Reshape(x3, [B, S, H, D]), [0, 2, 1, 3])``
 and ``merge`` is its inverse. The second moves a norm of each head (Qwen3
 normalizes q and k per head before moving the heads) onto a view of its
 own, so the projection the heads come from is the norm's output merged. A layer then runs 2 rotations and 1 attention
@@ -189,7 +190,11 @@ def check_attention_of_heads(match, q3, k3, v3) -> str | None:
         if reason:
             return reason
     merged = next(n for n in match.nodes if n.op_type == "Reshape" and n.inputs[1] is match["out_shape"]).outputs[0]
-    reason = _split_heads_reason(merged, _reshaped(match, q3, "q_shape"))  # merging is the inverse split
+    heads = _reshaped(match, q3, "q_shape")
+    # GPT-2's Conv1D merges the heads straight into the rows of its Gemm: [-1, H*D], which the packed output
+    # [B, S, H*D] gives with the same Reshape
+    match["flat"] = _flattened(match["out_shape"], heads)
+    reason = None if match["flat"] else _split_heads_reason(merged, heads)  # merging is the inverse split
     if reason:
         return f"the output merge: {reason}"
     attributes = _attention_attributes(node)
@@ -199,8 +204,19 @@ def check_attention_of_heads(match, q3, k3, v3) -> str | None:
     return None
 
 
-def on_packed_heads(op, q3, k3, v3, mask, past_k, past_v, attributes):
+def _flattened(out_shape: ir.Value, heads: ir.Value) -> bool:
+    """Whether the merge's target is the constant [-1, H*D] of the heads' [B, S, H, D]."""
+    target = ir.convenience.get_const_tensor(out_shape)
+    if target is None or heads.shape is None or len(heads.shape) != 4:
+        return False
+    h, d = heads.shape[2], heads.shape[3]
+    return isinstance(h, int) and isinstance(d, int) and target.numpy().tolist() == [-1, h * d]
+
+
+def on_packed_heads(op, q3, k3, v3, mask, past_k, past_v, out_shape, attributes, flat):
     y, present_k, present_v = op.Attention(q3, k3, v3, mask, past_k, past_v, _outputs=3, **attributes)
+    if flat:
+        y = op.Reshape(y, out_shape)
     return y, present_k, present_v
 
 

@@ -43,6 +43,8 @@ LOWERED = ZOO
 # partial rotary (Phi: 8 of 16 channels, StableLM: 4 of 16): the kernel rotates whole heads, so the
 # RotaryEmbedding nodes stay in front of it and q, k, v go in apart
 KEPT_ROTARY = [("phi", "dynamo"), ("stablelm", "torchscript")]
+# learned positions, no rotation at all; its Conv1D merges the heads straight into Gemm rows ([-1, H*D])
+NO_ROTARY = [("gpt2", "dynamo")]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def ort_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """The ort-attention preset's graph of each case (what lower-gqa takes), made once for the module."""
     out = tmp_path_factory.mktemp("ort-graphs")
     graphs = {}
-    for arch, exporter in [*ZOO, *KEPT_ROTARY]:
+    for arch, exporter in [*ZOO, *KEPT_ROTARY, *NO_ROTARY]:
         run = run_preset("ort-attention", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}",
                          default_registry())
         graphs[(arch, exporter)] = run.folder / "model.onnx"
@@ -260,6 +262,22 @@ def test_a_rotation_the_kernel_cannot_take_stays_in_front_of_it(ort_graphs, tmp_
     kept = [n for n in record.notes if "kept as RotaryEmbedding" in n]
     assert len(kept) == 2 and all(why in n for n in kept)
     result = check_sequence_equivalence(model, source, examples=12, seed=2, max_len=10)
+    assert result.equivalent, str(result)
+
+
+@pytest.mark.parametrize("mask", ["bias", "none"])
+@pytest.mark.parametrize(("arch", "exporter"), NO_ROTARY)
+def test_a_decoder_without_rotary_is_lowered_and_replays(ort_graphs, arch, exporter, mask) -> None:
+    """GPT-2: no rotation to take in (do_rotary off, no caches); the kernel's [B, S, H*D] output goes on through
+    the model's own flattening Reshape to the Gemm rows."""
+    source = ort_graphs[(arch, exporter)]
+    model, _ = _lower(source, mask=mask)
+    gqa = _gqa_nodes(model)
+    assert len(gqa) == 2 and not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
+    for node in gqa:
+        assert "do_rotary" not in node.attributes and len(node.inputs) < 8 or node.inputs[7] is None
+        assert [u.node.op_type for u in node.outputs[0].uses()] == ["Reshape"]
+    result = check_sequence_equivalence(model, source, examples=12, seed=4, max_len=10)
     assert result.equivalent, str(result)
 
 
