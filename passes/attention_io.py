@@ -19,15 +19,17 @@ gives its output back merged). ``RotaryEmbedding`` likewise rotates
     RotaryEmbedding(heads(x3), c, s)                       -> heads(RotaryEmbedding(x3, c, s, num_heads=H))
     merge(Attention(heads(q3), heads(k3), heads(v3), ...)) -> Attention(q3, k3, v3, ..., q_num_heads, kv_num_heads)
 
-(a merge straight into rows, ``[-1, H * D]`` as GPT-2's Conv1D writes it,
-keeps its Reshape after the packed Attention), where ``heads(x3) = Transpose(Reshape(x3, [B, S, H, D]), [0, 2, 1, 3])``
-and ``merge`` is its inverse. The second moves a norm of each head (Qwen3
-normalizes q and k per head before moving the heads) onto a view of its
-own, so the projection the heads come from is the norm's output merged. A layer then runs 2 rotations and 1 attention
-instead of 14 nodes (6 transposes, 4 reshapes, 2 concats). A Reshape counts
-as ``heads`` only when shape inference shows it keeps x3's first two dims
-and splits the last into two known ones; anything else is kept, and named
-in the report notes with the check that failed.
+where ``heads(x3) = Transpose(Reshape(x3, [B, S, H, D]), [0, 2, 1, 3])``
+and ``merge`` is its inverse (a merge straight into rows, ``[-1, H * D]``
+as GPT-2's Conv1D writes it, keeps its Reshape after the packed
+Attention). The second moves a norm of each head (Qwen3 normalizes q and k
+per head before moving the heads) onto a view of its own, so the
+projection the heads come from is the norm's output merged. A layer then
+runs 2 rotations and 1 attention instead of 14 nodes (6 transposes, 4
+reshapes, 2 concats). A Reshape counts as ``heads`` only when shape
+inference shows it keeps x3's first two dims and splits the last into two
+known ones; anything else is kept, and named in the report notes with the
+check that failed.
 """
 
 from __future__ import annotations
