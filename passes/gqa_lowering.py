@@ -155,7 +155,7 @@ def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set
     layer.split = split if packed else None
     layer.qkv = (q3, k3, v)
     if rotated[0]:
-        kept = _rotary_kept_reason(rotaries, node, head_dim)
+        kept = _rotary_kept_reason(rotaries, (hq, hkv), node, head_dim)
         if kept is None:
             layer.rotaries = rotaries
             layer.tables = (rotaries[0].inputs[1], rotaries[0].inputs[2])
@@ -166,15 +166,18 @@ def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set
     return None
 
 
-def _rotary_kept_reason(rotaries: list[ir.Node], attention: ir.Node, head_dim: int) -> str | None:
+def _rotary_kept_reason(rotaries: list[ir.Node], heads: tuple[int, int], attention: ir.Node,
+                        head_dim: int) -> str | None:
     """Why GroupQueryAttention cannot take the rotations into the kernel (do_rotary), if it cannot.
 
     Such a layer is lowered all the same: its RotaryEmbedding nodes stay and
     feed the kernel q and k already turned, as the concat graph does (Phi's
     and StableLM's partial rotary, interleaved pairs)."""
-    for r in rotaries:
+    for r, count in zip(rotaries, heads, strict=True):
         if _attr(r, "interleaved", 0):
             return f"RotaryEmbedding '{r.name}' is interleaved (rotary_interleaved is not lowered to yet)"
+        if _attr(r, "num_heads", 0) != count:
+            return f"RotaryEmbedding '{r.name}' rotates {_attr(r, 'num_heads')} packed heads, the Attention has {count}"
         if len(r.inputs) > 3 and r.inputs[3] is not None:
             return f"RotaryEmbedding '{r.name}' reads position_ids itself"
         dim = _attr(r, "rotary_embedding_dim", 0)
