@@ -86,6 +86,9 @@ __all__ = [
 
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, POSITIONS = 256, 64, 2, 4, 128, 128
 _TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+# What every decoder config spelled with the usual names shares; each builder adds what its architecture is.
+_DECODER = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS, "max_position_embeddings": POSITIONS, **_TOKENS}
 
 
 @dataclass(frozen=True)
@@ -99,32 +102,25 @@ class TinyArch:
 def _llama():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS, **_TOKENS)
+    return LlamaConfig(**_DECODER, num_key_value_heads=2)
 
 
 def _qwen2():
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS,
-                       tie_word_embeddings=False, **_TOKENS)
+    return Qwen2Config(**_DECODER, num_key_value_heads=2, tie_word_embeddings=False)
 
 
 def _phi3():
     from transformers import Phi3Config
 
-    return Phi3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                      num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS,
-                      original_max_position_embeddings=POSITIONS, **_TOKENS)
+    return Phi3Config(**_DECODER, num_key_value_heads=2, original_max_position_embeddings=POSITIONS)
 
 
 def _gemma():
     from transformers import GemmaConfig
 
-    return GemmaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=1, head_dim=32,
-                       max_position_embeddings=POSITIONS, **_TOKENS)
+    return GemmaConfig(**_DECODER, num_key_value_heads=1, head_dim=32)
 
 
 def _gpt2():
@@ -145,33 +141,25 @@ def _opt():
 def _mistral():
     from transformers import MistralConfig
 
-    return MistralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=2, sliding_window=4,
-                         max_position_embeddings=POSITIONS, **_TOKENS)
+    return MistralConfig(**_DECODER, num_key_value_heads=2, sliding_window=4)
 
 
 def _qwen3():
     from transformers import Qwen3Config
 
-    return Qwen3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=2, head_dim=16,
-                       max_position_embeddings=POSITIONS, **_TOKENS)
+    return Qwen3Config(**_DECODER, num_key_value_heads=2, head_dim=16)
 
 
 def _gemma2():
     from transformers import Gemma2Config
 
-    return Gemma2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                        num_attention_heads=HEADS, num_key_value_heads=2, head_dim=16, sliding_window=4,
-                        max_position_embeddings=POSITIONS, **_TOKENS)
+    return Gemma2Config(**_DECODER, num_key_value_heads=2, head_dim=16, sliding_window=4)
 
 
 def _phi():
     from transformers import PhiConfig
 
-    return PhiConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                     num_attention_heads=HEADS, partial_rotary_factor=0.5, max_position_embeddings=POSITIONS,
-                     **_TOKENS)
+    return PhiConfig(**_DECODER, partial_rotary_factor=0.5)
 
 
 def _bloom():
@@ -194,9 +182,7 @@ def _smollm3():
     from transformers import SmolLM3Config
 
     # no_rope_layers[i] == 1: layer i uses RoPE; 0: no positions at all (NoPE).
-    return SmolLM3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=2, no_rope_layers=[1, 0],
-                         max_position_embeddings=POSITIONS, **_TOKENS)
+    return SmolLM3Config(**_DECODER, num_key_value_heads=2, no_rope_layers=[1, 0])
 
 
 def _gpt_neo():
@@ -218,40 +204,32 @@ def _gptj():
 def _gpt_neox():
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, rotary_pct=0.25, max_position_embeddings=POSITIONS, **_TOKENS)
+    return GPTNeoXConfig(**_DECODER, rotary_pct=0.25)
 
 
 def _stablelm():
     from transformers import StableLmConfig
 
-    return StableLmConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                          num_attention_heads=HEADS, num_key_value_heads=2, partial_rotary_factor=0.25,
-                          use_qkv_bias=True, max_position_embeddings=POSITIONS, **_TOKENS)
+    return StableLmConfig(**_DECODER, num_key_value_heads=2, partial_rotary_factor=0.25, use_qkv_bias=True)
 
 
 def _granite():
     from transformers import GraniteConfig
 
-    return GraniteConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=2, embedding_multiplier=12.0,
-                         attention_multiplier=0.05, residual_multiplier=0.22, logits_scaling=8.0,
-                         max_position_embeddings=POSITIONS, **_TOKENS)
+    return GraniteConfig(**_DECODER, num_key_value_heads=2, embedding_multiplier=12.0, attention_multiplier=0.05,
+                         residual_multiplier=0.22, logits_scaling=8.0)
 
 
 def _olmo2():
     from transformers import Olmo2Config
 
-    return Olmo2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS, **_TOKENS)
+    return Olmo2Config(**_DECODER, num_key_value_heads=2)
 
 
 def _starcoder2():
     from transformers import Starcoder2Config
 
-    return Starcoder2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                            num_attention_heads=HEADS, num_key_value_heads=2, sliding_window=None,
-                            max_position_embeddings=POSITIONS, **_TOKENS)
+    return Starcoder2Config(**_DECODER, num_key_value_heads=2, sliding_window=None)
 
 
 def _falcon():
@@ -265,11 +243,10 @@ def _falcon():
 def _llama3_rope():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS,
+    return LlamaConfig(**_DECODER, num_key_value_heads=2,
                        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                        "original_max_position_embeddings": 16}, **_TOKENS)
+                                        "original_max_position_embeddings": 16})
 
 
 def _bert():
