@@ -275,7 +275,7 @@ def test_a_decoder_without_rotary_is_lowered_and_replays(ort_graphs, arch, expor
     gqa = _gqa_nodes(model)
     assert len(gqa) == 2 and not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
     for node in gqa:
-        assert "do_rotary" not in node.attributes and len(node.inputs) < 8 or node.inputs[7] is None
+        assert "do_rotary" not in node.attributes and (len(node.inputs) < 8 or node.inputs[7] is None)  # no caches
         assert [u.node.op_type for u in node.outputs[0].uses()] == ["Reshape"]
     result = check_sequence_equivalence(model, source, examples=12, seed=4, max_len=10)
     assert result.equivalent, str(result)
