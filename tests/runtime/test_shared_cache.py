@@ -4,8 +4,9 @@
 graph: past and present bound to the same OrtValue, grown by doubling. Its
 greedy tokens and every step's logits must be the concat graph's (the
 ``ort`` preset without the lowering) for drawn prompts, left-padded batches
-(``mask=bias``), chunkings and buffer sizes small enough to make the buffers
-grow mid-generation.
+(``mask=bias``) whose finished rows are fed as padding, chunkings, a further
+turn after the decode steps, and buffer sizes small enough to make the
+buffers grow mid-generation.
 """
 
 from __future__ import annotations
@@ -69,12 +70,28 @@ def test_shared_buffer_gives_the_concat_graphs_logits(graphs, data) -> None:
     want = concat.prefill(prompt, valid, chunk)
     got = shared.prefill(prompt, valid, chunk)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    for _ in range(steps):
+    for step in range(steps):
         token = np.argmax(want, axis=-1)
         assert (np.argmax(got, axis=-1) == token).all()
+        # a finished row is fed as padding (not valid), as generate feeds it; every row's logits must agree
+        active = np.asarray(data.draw(st.lists(st.booleans(), min_size=batch, max_size=batch), label=f"active {step}")
+                            if mask == "bias" else [True])
+        want = concat.decode(token, active)
+        got = shared.decode(token, active)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # a further turn: a wider step after one-column ones, then one-column steps again (a chat's next message)
+    more = data.draw(st.integers(2, 4), label="next turn's width")
+    turn = np.asarray(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch * more, max_size=batch * more),
+                                label="next turn")).reshape(batch, more)
+    want = concat.prefill(turn, np.ones(turn.shape, bool))
+    got = shared.prefill(turn, np.ones(turn.shape, bool))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    for _ in range(2):
+        token = np.argmax(want, axis=-1)
         want = concat.decode(token, np.ones(batch, bool))
         got = shared.decode(token, np.ones(batch, bool))
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    steps += more + 2
     assert shared.capacity >= width + steps
     # the buffer holds what the concat graph's present holds, slot for slot
     name = shared.layout.past[0][0]
