@@ -25,10 +25,10 @@ def used(value: ir.Value) -> bool:
 
 
 def concat_cache_reason(node: ir.Node, graph_inputs: set[ir.Value], graph_outputs: set[ir.Value], *,
-                        softcap_note: str) -> str | None:
+                        softcap_note: str | None) -> str | None:
     """Why ``node`` is not a concat-cache layer a fused kernel can stand in for, if it is not.
 
-    ``softcap_note`` says, in the refusal, what the kernel lacks for a soft-capped layer.
+    ``softcap_note`` says, in the refusal, what the kernel lacks for a soft-capped layer (None: it takes one).
     """
     if len(node.inputs) != 6 or any(v is None for v in node.inputs):
         return "the Attention does not read q, k, v, a mask and both past inputs (run kv-cache and attention-io first)"
@@ -39,7 +39,7 @@ def concat_cache_reason(node: ir.Node, graph_inputs: set[ir.Value], graph_output
         return "its qk_matmul_output is in use"
     if past_k not in graph_inputs or past_v not in graph_inputs:
         return "its past inputs are not graph inputs"
-    if attribute(node, "softcap", 0.0):
+    if softcap_note is not None and attribute(node, "softcap", 0.0):
         return f"softcap {attribute(node, 'softcap')} ({softcap_note})"
     if attribute(node, "is_causal", 0):
         return "is_causal with past inputs (kv-cache writes an explicit mask)"

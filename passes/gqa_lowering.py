@@ -54,9 +54,12 @@ the model), 8192 when it declares none, or option ``max_positions``.
 packed projection when they are its Split in the order q, k, v, else
 apart (GroupQueryAttention's unpacked form: biased projections that
 ``pack-matmuls`` leaves apart); a mask that is causal (with a sliding
-window at most) on all-ones masks, probed; no softcap, no qk output, no
-bias. A layer that fails a check is left as it was, and the report names
-the layer and the check.
+window at most) on all-ones masks, probed; no qk output, no bias. A
+soft-capped layer (Gemma 2) keeps its cap as the kernel's ``softcap``
+(the two kernels cap alike: tests/passes/test_gqa_lowering.py replays a cap
+that bends every score, padded rows and a sliding window included). A layer
+that fails a check is left as it was, and the report names the layer and
+the check.
 
 **Rotary in the kernel where it can be, else kept.** The rotations go into
 the kernel (``do_rotary``) when q and k are turned by the same tables, by
@@ -125,8 +128,7 @@ def _live(node: ir.Node, depth: int = 0) -> bool:
 def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set[ir.Value]) -> str | None:
     """Why the layer's Attention is not the packed, rotated, cached one GroupQueryAttention computes, if it is not."""
     node = layer.attention
-    reason = concat_cache_reason(node, graph_inputs, graph_outputs,
-                                 softcap_note="GroupQueryAttention's softcap is not lowered yet")
+    reason = concat_cache_reason(node, graph_inputs, graph_outputs, softcap_note=None)
     if reason is not None:
         return reason
     q, k, v, _mask, past_k, _past_v = node.inputs
@@ -309,6 +311,8 @@ class LowerGQAPass(Pass):
             attributes["scale"] = float(_attr(node, "scale"))
         if layer.window is not None:
             attributes["local_window_size"] = int(layer.window)
+        if _attr(node, "softcap"):
+            attributes["softcap"] = float(_attr(node, "softcap"))
         if layer.tables is not None:
             cos_cache, sin_cache = shared.caches(self._caches[layer.tables], layer.tables)
             inputs += [cos_cache, sin_cache, shared.inputs["position_ids"] if "position_ids" in shared.inputs else None]

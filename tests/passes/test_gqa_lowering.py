@@ -203,11 +203,19 @@ def test_a_mask_that_is_not_causal_is_refused(ort_graphs) -> None:
     assert isinstance(reason, str) and "not a causal padding mask" in reason
 
 
-def _softcapped(model: ir.Model) -> None:
-    """Soft-capped scores (Gemma 2's attention; GroupQueryAttention's softcap is not lowered yet)."""
+def _softcapped(model: ir.Model, cap: float = 0.05) -> None:
+    """Soft-capped scores, as Gemma 2's. The tiny models' scores are ~0.1, so a cap of 0.05 bends every one
+    of them (Gemma 2's own cap of 50 would leave them as they are, to float precision)."""
     for node in model.graph:
         if node.op_type == "Attention":
-            node.attributes["softcap"] = ir.AttrFloat32("softcap", 30.0)
+            node.attributes["softcap"] = ir.AttrFloat32("softcap", cap)
+
+
+def _qk_output_mode(model: ir.Model) -> None:
+    """A qk_matmul_output_mode asks for the scores at some stage; the kernel has no such output."""
+    for node in model.graph:
+        if node.op_type == "Attention":
+            node.attributes["qk_matmul_output_mode"] = ir.AttrInt64("qk_matmul_output_mode", 1)
 
 
 def _interleaved(model: ir.Model) -> None:
@@ -218,7 +226,7 @@ def _interleaved(model: ir.Model) -> None:
 
 
 @pytest.mark.parametrize(("arch", "exporter", "change", "why"), [
-    ("llama", "torchscript", _softcapped, "softcap 30.0"),
+    ("llama", "torchscript", _qk_output_mode, "a qk_matmul_output_mode is set"),
 ])
 def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, change, why) -> None:
     model = io.load(ort_graphs[(arch, exporter)])
@@ -233,6 +241,27 @@ def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, change, why
     assert all(why in note for note in notes) and all(any(a in note for note in notes) for a in attentions)
     assert record.near_misses["group-query-attention"]["candidates"] == 2  # the table's "near miss" line
     assert MASKS_KEY not in model.metadata_props  # nothing lowered: the graph keeps its whole domain
+
+
+@pytest.mark.parametrize("mask", ["bias", "none"])
+@pytest.mark.parametrize(("arch", "exporter"), [("llama", "torchscript"), ("mistral", "dynamo")])
+def test_a_softcap_goes_into_the_kernel(ort_graphs, tmp_path, arch, exporter, mask) -> None:
+    """Soft-capped layers (Gemma 2) are lowered with the kernel's softcap (Mistral: with its sliding window too),
+    and replay the soft-capped concat graph; the cap is large enough to change the logits, so a lowering
+    that dropped it would not."""
+    source = tmp_path / "softcapped.onnx"
+    model = io.load(ort_graphs[(arch, exporter)])
+    _softcapped(model)
+    io.save(model, source)
+    uncapped = check_sequence_equivalence(io.load(ort_graphs[(arch, exporter)]), source, examples=3, seed=0,
+                                          max_len=8)
+    assert not uncapped.equivalent  # the cap changes what the graph computes
+    lowered, _ = _lower(source, mask=mask)
+    gqa = _gqa_nodes(lowered)
+    assert len(gqa) == 2 and not [n for n in lowered.graph if n.op_type == "Attention"]
+    assert all(n.attributes["softcap"].value == pytest.approx(0.05) for n in gqa)
+    result = check_sequence_equivalence(lowered, source, examples=10, seed=1, max_len=12)
+    assert result.equivalent, str(result)
 
 
 @pytest.mark.parametrize("mask", ["bias", "none"])

@@ -37,11 +37,11 @@ LOWERED = {
     ("bloom", "dynamo"): 2, ("bloom", "torchscript"): 2,        # ALiBi: an additive float mask per head
     ("gpt_neo", "dynamo"): 1, ("gpt_neo", "torchscript"): 2,    # unscaled; dynamo's local layer goes to lower-gqa
     ("gptj", "dynamo"): 2, ("gptj", "torchscript"): 2,          # interleaved partial rotary
+    ("gemma2", "dynamo"): 0,                                     # soft-capped: lower-gqa takes both layers
 }
 # (arch, exporter): what the report says of each refused layer
 REFUSED = {
     ("gpt_bigcode", "dynamo"): "q has 4 heads, k 1, v 1",      # multi-query: the cache keeps 1 KV head
-    ("gemma2", "dynamo"): "softcap 50.0",
     ("phi3", "torchscript"): "q has 4 heads, k 2, v 2",        # split heads, read by running the graph
 }
 
@@ -141,6 +141,19 @@ def test_layers_not_lowered_are_reported(attention_graphs, arch, exporter) -> No
     why = REFUSED[(arch, exporter)]
     assert all(why in note for note in notes) and all(any(a in note for note in notes) for a in attentions)
     assert record.near_misses["multi-head-attention"]["candidates"] == 2  # the table's "near miss" line
+
+
+def test_a_soft_capped_layer_is_refused(attention_graphs) -> None:
+    """MultiHeadAttention has no softcap: GPT-2's TorchScript layers (which it lowers) soft-capped stay Attention."""
+    model = io.load(attention_graphs[("gpt2", "torchscript")])
+    for node in model.graph:
+        if node.op_type == "Attention":
+            node.attributes["softcap"] = ir.AttrFloat32("softcap", 30.0)
+    report = PassManager(["lower-gqa", "lower-mha"]).run(model)
+    record = next(r for r in report.passes if r.name == "lower-mha")
+    assert not record.changed and not _mha_nodes(model)
+    notes = [n for n in record.notes if "not lowered" in n]
+    assert len(notes) == 2 and all("softcap 30.0 (MultiHeadAttention has no soft-capping)" in n for n in notes), notes
 
 
 def test_heads_of_split_operands_are_read_by_running(attention_graphs) -> None:
