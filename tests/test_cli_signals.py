@@ -17,13 +17,17 @@ from framework_passes import relu_neg_model
 import qgraph.cli
 from qgraph.staging import STAGING_SUFFIX
 
-# A run whose save stops, staging folder written, until a signal arrives.
+# A run whose save stops, staging folder written, until a signal arrives. Ctrl-C reaches it as it reaches a
+# terminal's foreground job: a shell starts background jobs (``make test &``, ``nohup``) with SIGINT ignored,
+# and the child would inherit that.
 _CHILD = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     import qgraph.io
     from qgraph.cli import main
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     real_write = qgraph.io._write_model_file
 

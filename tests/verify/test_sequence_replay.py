@@ -34,7 +34,10 @@ from qgraph.verify.sequence import (
 )
 
 EXAMPLES = 25
-FIND = settings(max_examples=300, database=None, deadline=None, phases=[hypothesis.Phase.generate, hypothesis.Phase.shrink])
+# Derandomized: whether the strategy reaches a kind of case must not depend on a lucky draw (300 random
+# examples once missed a padded batch with a later chunk and a decode step).
+FIND = settings(max_examples=300, database=None, deadline=None, derandomize=True,
+                phases=[hypothesis.Phase.generate, hypothesis.Phase.shrink])
 
 
 def _tokens(batch: int, total: int, seed: int = 0) -> np.ndarray:
