@@ -75,7 +75,7 @@ class SharedCacheEngine(ConcatEngine):
         self._decode_logits_array = np.zeros(0, np.float32)
         # One-column steps write their token and position into these arrays, which stay bound (see _run_one).
         self._one_ids = np.zeros((0, 1), layout.ids_dtype)
-        self._one_positions = np.zeros((0, 1), layout.positions_dtype or np.int64)
+        self._one_positions = np.zeros((0, 1), np.int64 if layout.positions_dtype is None else layout.positions_dtype)
         self._one_bound = False
 
     def start(self, batch: int) -> None:
