@@ -12,7 +12,11 @@ After ``kv-cache`` (concat style) each layer computes::
 axis), and Q/K/V as ``[B, S, H * D]`` with ``q_num_heads`` /
 ``kv_num_heads`` (it splits the heads the same way the Reshape did, and
 gives its output back merged). ``RotaryEmbedding`` likewise rotates
-``[B, S, H * D]`` given ``num_heads``. Four rules, each exact::
+``[B, S, H * D]`` given ``num_heads``: it splits the last axis into
+``[H, D]`` first, and ``interleaved`` (which channels pair up) and
+``rotary_embedding_dim`` (how many of them turn) act within each head's
+``D`` channels, so they carry over as they are (GPT-J's partial,
+interleaved rotation as well as a whole half-rotation). Four rules, each exact::
 
     Attention(q, Concat(pk, k), Concat(pv, v), m)          -> Attention(q, k, v, m, pk, pv)  (+ present outputs)
     Transpose(RMSNormalization(Reshape(x3, [B, S, H, D]))) -> heads(Reshape(RMSNormalization(...), [0, 0, H * D]))
@@ -147,7 +151,7 @@ def _reshaped(match, x3: ir.Value, shape_name: str) -> ir.Value:
 
 
 def rotary_of_heads(op, x3, x_shape, cos, sin):
-    return op.RotaryEmbedding(_heads(op, x3, x_shape), cos, sin, interleaved=0)
+    return op.RotaryEmbedding(_heads(op, x3, x_shape), cos, sin, interleaved=op.capture("interleaved"))
 
 
 def check_rotary_of_heads(match, x3, x_shape) -> str | None:
@@ -164,8 +168,12 @@ def check_rotary_of_heads(match, x3, x_shape) -> str | None:
     return None
 
 
-def rotate_then_split(op, x3, x_shape, cos, sin, num_heads, rotary_dim, x_shape_allowzero, heads_shape):
+def rotate_then_split(op, x3, x_shape, cos, sin, num_heads, rotary_dim, interleaved, x_shape_allowzero, heads_shape):
+    # interleaved and rotary_embedding_dim pair and pick channels within each head's last axis, which
+    # the packed form splits off first (num_heads): they mean the same on either layout
     extra = {"rotary_embedding_dim": rotary_dim} if rotary_dim else {}
+    if interleaved:
+        extra["interleaved"] = interleaved
     rotated = op.RotaryEmbedding(x3, cos, sin, num_heads=num_heads, **extra)
     rotated.shape = x3.shape
     reshaped = op.Reshape(rotated, x_shape, allowzero=x_shape_allowzero)
@@ -246,9 +254,11 @@ RULES = RuleSet(
              example_values={"x_shape": _shape(0, 0, 3, 4), "x_shape_allowzero": 0, "epsilon": 1e-6, "axis": -1,
                              "stash_type": 1}),
         Rule("rotary-packed-heads", rotary_of_heads, rotate_then_split, check_rotary_of_heads,
-             doc="RotaryEmbedding(heads(x3)) -> heads(RotaryEmbedding(x3, num_heads=H))",
+             doc="RotaryEmbedding(heads(x3)) -> heads(RotaryEmbedding(x3, num_heads=H)), half or interleaved, "
+                 "whole or partial",
              example_inputs={"x3": (_F, (_B, _S, 12)), "cos": (_F, (_B, _S, 2)), "sin": (_F, (_B, _S, 2))},
-             example_values={"x_shape": _shape(0, 0, 3, 4), "x_shape_allowzero": 0}),
+             # interleaved pairs (GPT-J's rotate_every_two): the half form is the property test's too
+             example_values={"x_shape": _shape(0, 0, 3, 4), "x_shape_allowzero": 0, "interleaved": 1}),
         Rule("attention-packed-heads", attention_of_heads, on_packed_heads, check_attention_of_heads,
              doc="merge(Attention(heads(q3), heads(k3), heads(v3), ...)) -> Attention(q3, k3, v3, ..., q/kv_num_heads)",
              # static dims: onnx infers Attention's present shapes only from known lengths, and the

@@ -15,7 +15,7 @@ from qgraph_passes.attention_io import RULES
 import qgraph
 from qgraph.verify.rule_check import check_rule
 
-SETTINGS = settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -26,10 +26,18 @@ def layers(draw) -> dict:
         "q_heads": kv * draw(st.sampled_from([1, 2, 3])),
         "d": draw(st.sampled_from([4, 8])),
         "rotary": draw(st.booleans()),
+        # which channels pair up, and how many of each head's turn (GPT-J: interleaved, half the head)
+        "interleaved": draw(st.booleans()),
+        "rotary_dim": draw(st.sampled_from([0, 2])),
         "scale": draw(st.sampled_from([None, 0.25])),
         "bool_mask": draw(st.booleans()),
         "qk_used": False,
     }
+
+
+def _turned(case: dict) -> int:
+    """How many channels of each head the rotation turns."""
+    return case.get("rotary_dim") or case["d"]
 
 
 def build(case: dict) -> onnx.ModelProto:
@@ -45,7 +53,10 @@ def build(case: dict) -> onnx.ModelProto:
         nodes.append(helper.make_node("Reshape", [x3, shape(f"{tag}_shape", 0, 0, h, d)], [f"{tag}_bshd"]))
         nodes.append(helper.make_node("Transpose", [f"{tag}_bshd"], [f"{tag}_bhsd"], perm=[0, 2, 1, 3]))
         if case["rotary"] and tag in ("q", "k"):
-            nodes.append(helper.make_node("RotaryEmbedding", [f"{tag}_bhsd", "cos", "sin"], [f"{tag}_rot"]))
+            attrs = {"interleaved": 1} if case.get("interleaved") else {}
+            if case.get("rotary_dim"):
+                attrs["rotary_embedding_dim"] = case["rotary_dim"]
+            nodes.append(helper.make_node("RotaryEmbedding", [f"{tag}_bhsd", "cos", "sin"], [f"{tag}_rot"], **attrs))
             return f"{tag}_rot"
         return f"{tag}_bhsd"
 
@@ -70,8 +81,8 @@ def build(case: dict) -> onnx.ModelProto:
               # the new keys are always visible to themselves (no fully masked row)
               helper.make_tensor_value_info("mask_new", mask_dtype, ["B", 1, "S", "S"])]
     if case["rotary"]:
-        inputs += [helper.make_tensor_value_info("cos", f, ["B", "S", d // 2]),
-                   helper.make_tensor_value_info("sin", f, ["B", "S", d // 2])]
+        inputs += [helper.make_tensor_value_info("cos", f, ["B", "S", _turned(case) // 2]),
+                   helper.make_tensor_value_info("sin", f, ["B", "S", _turned(case) // 2])]
     outputs = [helper.make_tensor_value_info("out", f, ["B", "S", hq * d]),
                helper.make_tensor_value_info("present_k", f, ["B", hkv, None, d]),
                helper.make_tensor_value_info("present_v", f, ["B", hkv, None, d])]
@@ -90,7 +101,7 @@ def _feeds_with_visible_diagonal(case: dict, rng: np.random.Generator) -> dict:
         "past_k": rng.standard_normal((b, case["kv_heads"], p, d)), "past_v": rng.standard_normal((b, case["kv_heads"], p, d)),
     }
     if case["rotary"]:
-        angles = rng.uniform(-3, 3, (b, s, d // 2))
+        angles = rng.uniform(-3, 3, (b, s, _turned(case) // 2))
         feeds |= {"cos": np.cos(angles), "sin": np.sin(angles)}
     feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
     visible = rng.random((b, 1, s, p)) < 0.7
@@ -114,6 +125,12 @@ def test_a_cached_layer_becomes_rotations_and_one_attention_with_the_same_output
     attention = next(n for n in rewritten.graph if n.op_type == "Attention")
     assert attention.attributes["q_num_heads"].value == case["q_heads"]
     assert attention.attributes["kv_num_heads"].value == case["kv_heads"]
+    for rotary in (n for n in rewritten.graph if n.op_type == "RotaryEmbedding"):  # on packed heads, same rotation
+        assert len(rotary.inputs[0].shape) == 3 and rotary.attributes["num_heads"].value in (case["q_heads"],
+                                                                                            case["kv_heads"])
+        attrs = {k: a.value for k, a in rotary.attributes.items()}
+        assert attrs.get("interleaved", 0) == int(case["interleaved"])
+        assert attrs.get("rotary_embedding_dim", 0) == case["rotary_dim"]
     rng = np.random.default_rng(seed)
     from builders import run
     for _ in range(2):
