@@ -43,6 +43,9 @@ LOWERED = ZOO
 # partial rotary (Phi: 8 of 16 channels, StableLM: 4 of 16): the kernel rotates whole heads, so the
 # RotaryEmbedding nodes stay in front of it and q, k, v go in apart
 KEPT_ROTARY = [("phi", "dynamo"), ("stablelm", "torchscript")]
+# GPT-J: interleaved pairs of the first 8 of 16 channels, rotated as [B, S, H, D] before the heads move in
+# front; attention-io packs the rotations all the same, and they stay in front of the kernel
+KEPT_INTERLEAVED = [("gptj", "dynamo"), ("gptj", "torchscript")]
 # learned positions, no rotation at all; its Conv1D merges the heads straight into Gemm rows ([-1, H*D])
 NO_ROTARY = [("gpt2", "dynamo")]
 
@@ -52,7 +55,7 @@ def ort_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """The ort-attention preset's graph of each case (what lower-gqa takes), made once for the module."""
     out = tmp_path_factory.mktemp("ort-graphs")
     graphs = {}
-    for arch, exporter in [*ZOO, *KEPT_ROTARY, *NO_ROTARY]:
+    for arch, exporter in [*ZOO, *KEPT_ROTARY, *KEPT_INTERLEAVED, *NO_ROTARY]:
         run = run_preset("ort-attention", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}",
                          default_registry())
         graphs[(arch, exporter)] = run.folder / "model.onnx"
@@ -268,11 +271,13 @@ def test_a_softcap_goes_into_the_kernel(ort_graphs, tmp_path, arch, exporter, ma
 @pytest.mark.parametrize(("arch", "exporter", "change", "why"), [
     *((arch, exporter, None, "partial rotary") for arch, exporter in KEPT_ROTARY),
     ("llama", "dynamo", _interleaved, "is interleaved"),
+    *((arch, exporter, None, "is interleaved") for arch, exporter in KEPT_INTERLEAVED),
 ])
-def test_a_rotation_the_kernel_cannot_take_stays_in_front_of_it(ort_graphs, tmp_path, arch, exporter, change, why,
-                                                                 mask) -> None:
+def test_a_rotation_the_kernel_cannot_take_stays_in_front_of_it(ort_graphs, tiny_zoo, tmp_path, arch, exporter,
+                                                                 change, why, mask) -> None:
     """Partial or interleaved rotations: each layer is lowered with do_rotary off, its two RotaryEmbedding nodes
-    kept and feeding the kernel q and k apart, the reason in the report; the graph replays the concat graph."""
+    kept and feeding the kernel q and k apart, the reason in the report; the graph replays the concat graph,
+    and a model's own rotations the no-cache export too (the concat graph's rotations are attention-io's)."""
     source = ort_graphs[(arch, exporter)]
     if change is not None:  # the concat graph with the change is the reference
         changed = io.load(source)
@@ -292,6 +297,10 @@ def test_a_rotation_the_kernel_cannot_take_stays_in_front_of_it(ort_graphs, tmp_
     assert len(kept) == 2 and all(why in n for n in kept)
     result = check_sequence_equivalence(model, source, examples=12, seed=2, max_len=10)
     assert result.equivalent, str(result)
+    if change is None:
+        export = tiny_zoo.export(arch, exporter).model_path
+        result = check_sequence_equivalence(model, export, examples=6, seed=3, max_len=10)
+        assert result.equivalent, str(result)
 
 
 @pytest.mark.parametrize("mask", ["bias", "none"])
@@ -361,14 +370,15 @@ def test_lowering_composes_with_quantize(tiny_zoo, tmp_path) -> None:
     assert result.equivalent, str(result)
 
 
-@pytest.mark.parametrize(("arch", "exporter"), ZOO)
+@pytest.mark.parametrize(("arch", "exporter"), [*ZOO, *KEPT_INTERLEAVED])
 def test_optimize_verify_passes_on_the_zoo(ort_graphs, tmp_path, capsys, arch, exporter) -> None:
-    """``qgraph optimize --passes lower-gqa --verify``: every layer lowered and replayed, both exporters."""
+    """``qgraph optimize --passes lower-gqa --verify``: every layer lowered and replayed, both exporters (GPT-J's
+    with its rotations kept in front of the kernel)."""
     out = tmp_path / "gqa.onnx"
     assert main(["optimize", str(ort_graphs[(arch, exporter)]), "-o", str(out), "--passes", "lower-gqa", "--verify"]) == 0
     table = capsys.readouterr().out
     lowered = _gqa_nodes(io.load(out))
-    assert (arch, exporter) in LOWERED
+    assert (arch, exporter) in [*LOWERED, *KEPT_INTERLEAVED]
     assert len(lowered) == 2 and "cached replay gives the logits of the input's own cache" in table
     assert "near miss in lower-gqa" not in table
 

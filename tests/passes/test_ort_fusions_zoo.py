@@ -30,9 +30,10 @@ EXPECTED = {"llama": (2, 0, 0, 1, 1, 2), "phi": (2, 2, 0, 1, 1, 0), "phi3": (2, 
 # is computed at run time; shape-reads makes it a constant, and the dynamo exports pack. The TorchScript
 # exports of Phi and StarCoder2 view the attention output as [B, -1, S, D] before moving the heads back:
 # shape-reads removes that view (D proven to be v's head size), and the heads pack. Phi3's keeps a
-# Reshape the rule does not know (a near miss in the report: "is Reshape, not Attention"), and GPT-J
-# rotates [B, S, H, D] before moving the heads, so their Attention keeps BHSD inputs.
-PACKED_HEADS = {"llama": 1, "phi": 1, "phi3": 1, "gptj": 0, "starcoder2": 1}
+# Reshape the rule does not know (a near miss in the report: "is Reshape, not Attention"), so its Attention
+# keeps BHSD inputs. GPT-J rotates [B, S, H, D] before moving the heads; once the rotary pass has cancelled the
+# transposes, its partial, interleaved rotations read heads(x3) like any other and pack (num_heads).
+PACKED_HEADS = {"llama": 1, "phi": 1, "phi3": 1, "gptj": 1, "starcoder2": 1}
 NOT_PACKED = {("phi3", "torchscript")}
 # GPT-J rotates q and k as [B, S, H, D] and then moves the heads in front: the rotary pass's transpose back
 # merges with that one, per layer for q and for k.
@@ -61,6 +62,8 @@ def test_the_ort_preset_fuses_what_the_architecture_has_and_replays(tiny_zoo, tm
     assert matches["pack-three-matmuls"] == qkv * LAYERS and matches["pack-two-matmuls"] == gate_up * LAYERS
     packed = 0 if (arch, exporter) in NOT_PACKED else PACKED_HEADS[arch]
     assert matches["attention-packed-heads"] == packed * LAYERS
+    # every rotation moved onto the packed heads with its attention
+    assert matches["rotary-packed-heads"] == packed * rotations * LAYERS
     assert matches["attention-cache-inputs"] == LAYERS
     # TorchScript's second sum of a layer has addends of unrelated dim names after kv-cache; their dims'
     # proven sources are the same (skip-rmsnorm reads them), so both exporters fuse every sum
@@ -69,6 +72,8 @@ def test_the_ort_preset_fuses_what_the_architecture_has_and_replays(tiny_zoo, tm
     # no head transpose left where the heads packed (StarCoder2's tied LM head keeps its 2-D weight Transpose)
     head_transposes = sum(1 for n in model.graph if n.op_type == "Transpose" and len(n.attributes["perm"].value) == 4)
     assert ops["Neg"] == 0 and (head_transposes == 0 or not packed)
+    # packed heads are what lower-gqa needs: each such layer is one GroupQueryAttention, none left as Attention
+    assert (ops["GroupQueryAttention"], ops["Attention"]) == ((LAYERS, 0) if packed else (0, LAYERS))
     out = tmp_path / "model.onnx"
     qio.save(model, out)
     replay = check_sequence_equivalence(out, exported.model_path, examples=6, require_greedy=True)
