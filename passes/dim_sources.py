@@ -223,17 +223,40 @@ class DimSources:
         return self._combine([self._aligned(x, axis, rank, depth) for x in operands if x is not None])
 
     def _sliced(self, node: ir.Node, axis: int, rank: int, depth: int) -> Source | None:
-        if _rank(node.inputs[0]) != rank:
+        if _rank(node.inputs[0]) != rank or len(node.inputs) < 3:
             return None
         axes = _const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
         if axes is None:
-            starts = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            starts = self.entries(node.inputs[1], depth)
             if starts is None:
                 return None
-            axes = np.arange(starts.size)
-        if axis in {int(a) % rank for a in axes.reshape(-1)}:
+            axes = np.arange(len(starts))
+        sliced = [int(a) % rank for a in axes.reshape(-1)]
+        whole = self.source(node.inputs[0], axis, depth)
+        return self._slice_length(node, sliced.index(axis), whole, depth) if axis in sliced else whole
+
+    def _slice_length(self, node: ir.Node, at: int, whole: Source | None, depth: int) -> Source | None:
+        """The length of a Slice along its ``at``-th axis, where the bounds are numbers and the step positive.
+
+        A dim that is a number gives a number (ONNX clamps a positive step's
+        bounds as Python's slices do); any dim stays itself under ``[0:end:1]``
+        with end the largest int64, TorchScript's ``x[..., :]`` and the
+        ``x[..., d:]`` / ``x[..., :d]`` of a rotary over the whole head.
+        """
+        bounds = []
+        for i in (1, 2, 4):
+            entries = self.entries(node.inputs[i], depth) if i < len(node.inputs) and node.inputs[i] is not None \
+                else ([Const(1)] * (at + 1) if i == 4 else None)
+            entry = entries[at] if entries is not None and at < len(entries) else None
+            if not isinstance(entry, Const):
+                return None
+            bounds.append(int(entry))
+        start, end, step = bounds
+        if step <= 0 or whole is None:
             return None
-        return self.source(node.inputs[0], axis, depth)
+        if isinstance(whole, Const):
+            return Const(len(range(int(whole))[start:end:step]))
+        return whole if (start, step) == (0, 1) and end >= _INT_RANGE[ir.DataType.INT64][1] else None
 
     def _split_part(self, node: ir.Node, value: ir.Value, axis: int, depth: int) -> Source | None:
         """The length of one part along the split axis: the constant ``split`` entry, else the equal parts'."""
