@@ -32,10 +32,28 @@ def packed_merge_reason(graph: ir.Graph, target: ir.Value, allowzero: int) -> st
     """Why ``Reshape(y3, target)`` may differ from ``Reshape(Transpose(y), target)``, or None when it cannot."""
     if allowzero:
         return None
-    entries = DimSources(graph).entries(target)
+    entries = _entries(DimSources(graph), target)
     if entries is None:
         return f"the entries of its target '{target.name}' are not known (an entry 0 from index 2 on would copy a dim)"
     for index, entry in enumerate(entries[2:], start=2):
         if not isinstance(entry, Const) or entry == 0:
             return f"entry {index} of its target '{target.name}' is not proven a non-zero number (a 0 copies a dim)"
     return None
+
+
+def _entries(dims: DimSources, target: ir.Value) -> list | None:
+    """The target's entries, each None if unknown: a Concat of pieces of static lengths is known piece by piece
+    (GPT-Neo's ``Concat(B, Min(128, S), 64)``: the Min is not followed, the 64 after it is still a number)."""
+    entries = dims.entries(target)
+    node = target.producer()
+    if entries is not None or node is None or node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+        return entries
+    out: list = []
+    for piece in node.inputs:
+        got = dims.entries(piece)
+        if got is None:
+            if piece is None or piece.shape is None or len(piece.shape) != 1 or not isinstance(piece.shape[0], int):
+                return None
+            got = [None] * piece.shape[0]
+        out.extend(got)
+    return out
