@@ -15,12 +15,16 @@ moves it, Split/Slice/Concat keep the other axes, elementwise ops keep it
 when every operand that is not 1 there has the same source, MatMul by a 2-D
 weight keeps the leading dims, an embedding Gather keeps the ids' dims,
 Attention's 4-D output has q's batch, heads and length and v's head size,
-``Range(0, d, 1)`` is d long,
-Reshape copies a dim that its shape tensor reads as ``Shape(y)[j]``, or as 0)
+``Range(0, d, 1)`` is d long, CumSum keeps its input's dims, a Split's
+parts along its axis are its constant ``split`` or equal parts of a number,
+a Slice by numbers with a positive step has the length Python's slice
+gives, Reshape copies a dim that its shape tensor reads as ``Shape(y)[j]``,
+or as 0, and infers for its -1 the one dim of x the other entries leave)
 until it reaches a graph input's dim or a number. The entries of a shape
 tensor are followed through the integer arithmetic exporters write on them
 (TorchScript's repeat_kv target holds ``kv_heads * n_rep`` as a ``Mul`` of
-two numbers): numbers combine into a number, ``d * 1`` and ``d + 0`` stay
+two numbers; GPT-2's Conv1D reads ``Shape(x)[-1:]``, a Slice): numbers
+combine into a number, ``d * 1`` and ``d + 0`` stay
 the dim d; any other product or sum of a dim is not a dim of an input, and
 is unknown. Two dims with the same
 source are equal for every input the graph accepts. Anything not listed

@@ -28,6 +28,9 @@ number). With that this pass rewrites, each step exact for every input:
   so it no longer holds on to an intermediate. The q and k tables of a
   layer, and of every layer, then compute the same value, which ``cse``
   merges into one.
+* a Slice proven to keep everything is its input, and a Concat operand
+  proven empty is dropped (:mod:`qgraph_passes.whole_slices`: Phi-3's
+  TorchScript rotary of ``x[..., :d]``, d read from the cos table).
 * every declared dim with a proven source is renamed after it (the input's
   dim name, or the number), so checks that compare declared shapes see the
   equalities the ops guarantee.
