@@ -26,8 +26,10 @@ interleaved rotation as well as a whole half-rotation). Four rules, each exact::
 where ``heads(x3) = Transpose(Reshape(x3, [B, S, H, D]), [0, 2, 1, 3])``
 and ``merge`` is its inverse (a merge straight into rows, ``[-1, H * D]``
 as GPT-2's Conv1D writes it, keeps its Reshape after the packed
-Attention). The second moves a norm of each head (Qwen3 normalizes q and k
-per head before moving the heads) onto a view of its own, so the
+Attention, and so does a merge whose target is not proven ``[B, S, H * D]``
+but reads the packed output alike: :mod:`qgraph_passes.packed_merge`).
+The second moves a norm of each head (Qwen3 normalizes q and k per head
+before moving the heads) onto a view of its own, so the
 projection the heads come from is the norm's output merged. A layer then
 runs 2 rotations and 1 attention instead of 14 nodes (6 transposes, 4
 reshapes, 2 concats). A Reshape counts as ``heads`` only when shape
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from qgraph_passes.packed_merge import packed_merge_reason
 
 from qgraph import RewritePass, Rule, RuleSet
 
@@ -206,7 +209,11 @@ def check_attention_of_heads(match, q3, k3, v3) -> str | None:
     match["flat"] = _flattened(match["out_shape"], heads)
     reason = None if match["flat"] else _split_heads_reason(merged, heads)  # merging is the inverse split
     if reason:
-        return f"the output merge: {reason}"
+        # not proven [B, S, H*D]: the merge's Reshape stays, reading the packed output (qgraph_passes.packed_merge)
+        kept = packed_merge_reason(node.graph, match["out_shape"], match["out_allowzero"])
+        if kept:
+            return f"the output merge: {reason}, and it cannot stay after the packed output: {kept}"
+        match["flat"] = True
     attributes = _attention_attributes(node)
     attributes["q_num_heads"] = _reshaped(match, q3, "q_shape").shape[2]
     attributes["kv_num_heads"] = _reshaped(match, k3, "k_shape").shape[2]
@@ -223,10 +230,10 @@ def _flattened(out_shape: ir.Value, heads: ir.Value) -> bool:
     return isinstance(h, int) and isinstance(d, int) and target.numpy().tolist() == [-1, h * d]
 
 
-def on_packed_heads(op, q3, k3, v3, mask, past_k, past_v, out_shape, attributes, flat):
+def on_packed_heads(op, q3, k3, v3, mask, past_k, past_v, out_shape, out_allowzero, attributes, flat):
     y, present_k, present_v = op.Attention(q3, k3, v3, mask, past_k, past_v, _outputs=3, **attributes)
     if flat:
-        y = op.Reshape(y, out_shape)
+        y = op.Reshape(y, out_shape, allowzero=out_allowzero)
     return y, present_k, present_v
 
 

@@ -15,12 +15,16 @@ moves it, Split/Slice/Concat keep the other axes, elementwise ops keep it
 when every operand that is not 1 there has the same source, MatMul by a 2-D
 weight keeps the leading dims, an embedding Gather keeps the ids' dims,
 Attention's 4-D output has q's batch, heads and length and v's head size,
-``Range(0, d, 1)`` is d long,
-Reshape copies a dim that its shape tensor reads as ``Shape(y)[j]``, or as 0)
+``Range(0, d, 1)`` is d long, CumSum keeps its input's dims, a Split's
+parts along its axis are its constant ``split`` or equal parts of a number,
+a Slice by numbers with a positive step has the length Python's slice
+gives, Reshape copies a dim that its shape tensor reads as ``Shape(y)[j]``,
+or as 0, and infers for its -1 the one dim of x the other entries leave)
 until it reaches a graph input's dim or a number. The entries of a shape
 tensor are followed through the integer arithmetic exporters write on them
 (TorchScript's repeat_kv target holds ``kv_heads * n_rep`` as a ``Mul`` of
-two numbers): numbers combine into a number, ``d * 1`` and ``d + 0`` stay
+two numbers; GPT-2's Conv1D reads ``Shape(x)[-1:]``, a Slice): numbers
+combine into a number, ``d * 1`` and ``d + 0`` stay
 the dim d; any other product or sum of a dim is not a dim of an input, and
 is unknown. Two dims with the same
 source are equal for every input the graph accepts. Anything not listed
@@ -77,7 +81,7 @@ _SAME_AS_FIRST = frozenset({
     "Identity", "Cast", "CastLike", "Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Erf", "Sqrt", "Exp", "Log",
     "Reciprocal", "Softmax", "LogSoftmax", "Gelu", "FastGelu", "Not", "Sin", "Cos", "IsNaN", "Clip",
     "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
-    "CustomRMSNorm", "RotaryEmbedding", "Dropout",
+    "CustomRMSNorm", "RotaryEmbedding", "Dropout", "CumSum",
 })
 _BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "And", "Or", "Equal", "Less", "Greater",
                         "LessOrEqual", "GreaterOrEqual", "Max", "Min"})
@@ -151,6 +155,8 @@ class DimSources:
             return self.source(first, perm[axis], d) if perm is not None else None
         if op in _SAME_AS_FIRST and _rank(first) == rank and value is node.outputs[0]:
             return self.source(first, axis, d)
+        if op == "Split" and _rank(first) == rank and _attr(node, "axis", 0) % rank == axis:
+            return self._split_part(node, value, axis, d)
         if op in ("Split", "Concat"):
             along = _attr(node, "axis", 0) % rank
             return self.source(first, axis, d) if along != axis and _rank(first) == rank else None
@@ -221,24 +227,63 @@ class DimSources:
         return self._combine([self._aligned(x, axis, rank, depth) for x in operands if x is not None])
 
     def _sliced(self, node: ir.Node, axis: int, rank: int, depth: int) -> Source | None:
-        if _rank(node.inputs[0]) != rank:
+        if _rank(node.inputs[0]) != rank or len(node.inputs) < 3:
             return None
         axes = _const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
         if axes is None:
-            starts = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            starts = self.entries(node.inputs[1], depth)
             if starts is None:
                 return None
-            axes = np.arange(starts.size)
-        if axis in {int(a) % rank for a in axes.reshape(-1)}:
+            axes = np.arange(len(starts))
+        sliced = [int(a) % rank for a in axes.reshape(-1)]
+        whole = self.source(node.inputs[0], axis, depth)
+        return self._slice_length(node, sliced.index(axis), whole, depth) if axis in sliced else whole
+
+    def _slice_length(self, node: ir.Node, at: int, whole: Source | None, depth: int) -> Source | None:
+        """The length of a Slice along its ``at``-th axis, where the bounds are numbers and the step positive.
+
+        A dim that is a number gives a number (ONNX clamps a positive step's
+        bounds as Python's slices do); any dim stays itself under ``[0:end:1]``
+        with end the largest int64, TorchScript's ``x[..., :]`` and the
+        ``x[..., d:]`` / ``x[..., :d]`` of a rotary over the whole head.
+        """
+        bounds = []
+        for i in (1, 2, 4):
+            entries = self.entries(node.inputs[i], depth) if i < len(node.inputs) and node.inputs[i] is not None \
+                else ([Const(1)] * (at + 1) if i == 4 else None)
+            entry = entries[at] if entries is not None and at < len(entries) else None
+            if not isinstance(entry, Const):
+                return None
+            bounds.append(int(entry))
+        start, end, step = bounds
+        if step <= 0 or whole is None:
             return None
-        return self.source(node.inputs[0], axis, depth)
+        if isinstance(whole, Const):
+            return Const(len(range(int(whole))[start:end:step]))
+        return whole if (start, step) == (0, 1) and end >= _INT_RANGE[ir.DataType.INT64][1] else None
+
+    def _split_part(self, node: ir.Node, value: ir.Value, axis: int, depth: int) -> Source | None:
+        """The length of one part along the split axis: the constant ``split`` entry, else the equal parts'."""
+        index = next(i for i, out in enumerate(node.outputs) if out is value)
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            split = _const_array(node.inputs[1])
+            if split is None or split.size != len(node.outputs):
+                return None
+            return Const(int(split.reshape(-1)[index]))
+        whole = self.source(node.inputs[0], axis, depth)
+        if not isinstance(whole, Const):
+            return None
+        # equal parts of ceil(n / parts), the last one what is left (opset 18's num_outputs; before it, even only)
+        chunk = -(-int(whole) // len(node.outputs))
+        return Const(max(0, min(chunk, int(whole) - index * chunk)))
 
     def _reshaped(self, node: ir.Node, axis: int, depth: int) -> Source | None:
         target = self.reshape_target(node, depth)
         if target is not None and axis < len(target):
             if target[axis] > 0:
                 return Const(target[axis])
-            return self.source(node.inputs[0], axis, depth) if target[axis] == 0 else None
+            if target[axis] == 0:
+                return self.source(node.inputs[0], axis, depth)
         entries = self.entries(node.inputs[1], depth)
         if entries is None or axis >= len(entries):
             return None
@@ -248,8 +293,50 @@ class DimSources:
                 return entry
             if entry == 0 and not _attr(node, "allowzero", 0):
                 return self.source(node.inputs[0], axis, depth)
-            return None  # -1 (inferred) or a zero-sized dim: not followed
+            if entry == -1:
+                return self._inferred(node, entries, axis, depth)
+            return None  # a zero-sized dim on purpose
         return entry
+
+    def _inferred(self, node: ir.Node, entries: list[Source | None], axis: int, depth: int) -> Source | None:
+        """The dim a Reshape infers for its -1 entry (at ``axis``): x's one dim that the other entries leave.
+
+        The -1 is ``size(x) / prod(other entries)``. Where the other entries
+        are x's dims but one, s (dims with one source cancel, whatever their
+        axis), and the numbers on both sides have one product, that quotient is
+        s for every input: where a cancelled dim is 0 onnxruntime refuses to
+        infer a -1 at all. TorchScript writes ``view(-1, S)`` of ``[B, S]`` ids
+        and ``view(B, S, -1, D)`` for the head split.
+        """
+        x = node.inputs[0]
+        rank_x = _rank(x)
+        if rank_x is None:
+            return None
+        others: list[Source | None] = []
+        for at, entry in enumerate(entries):
+            if at == axis:
+                continue
+            if entry == Const(0) and not _attr(node, "allowzero", 0):
+                entry = self.source(x, at, depth) if at < rank_x else None
+            if entry is None or entry == Const(-1) or (isinstance(entry, Const) and entry <= 0):
+                return None
+            others.append(entry)
+        left = [self.source(x, at, depth) for at in range(rank_x)]
+        if any(s is None for s in left):
+            return None
+        for entry in others:
+            if not isinstance(entry, Const):
+                if entry not in left:
+                    return None
+                left.remove(entry)
+        dims = [s for s in left if not isinstance(s, Const)]
+        numbers = math.prod(int(s) for s in left if isinstance(s, Const))
+        known = math.prod(int(e) for e in others if isinstance(e, Const))
+        if len(dims) == 1 and numbers == known:
+            return dims[0]
+        if not dims and known and numbers % known == 0:
+            return Const(numbers // known)
+        return None
 
     def reshape_target(self, node: ir.Node, depth: int = 0) -> list[int] | None:
         """A constant target equal to the Reshape's own for every input (0: x's dim there, allowzero 0), if proven.
@@ -318,6 +405,8 @@ class DimSources:
                     return None
                 out.extend(got)
             return out
+        if op == "Slice" and len(node.inputs) >= 3:
+            return self._sliced_entries(node, depth)
         if op == "Gather" and _attr(node, "axis", 0) == 0 and len(node.inputs) == 2:
             whole, index = self.entries(node.inputs[0], depth), _const_array(node.inputs[1])
             if whole is None or index is None or index.ndim > 1:
@@ -334,6 +423,23 @@ class DimSources:
             inner = self.entries(node.inputs[0], depth) if _rank(node.inputs[0]) in (0, 1) else None
             return inner if inner is not None and len(inner) == 1 else None
         return None
+
+    def _sliced_entries(self, node: ir.Node, depth: int) -> list[Source | None] | None:
+        """``Slice`` of a 1-D shape tensor by constant bounds with a positive step (``Shape(x)[-1:]``).
+
+        For a positive step ONNX clamps start and end as Python's slices do
+        (negative ones counted from the end, then into ``[0, n]``).
+        """
+        whole = self.entries(node.inputs[0], depth)
+        bounds = [_const_array(x) if x is not None else None for x in node.inputs[1:5]]
+        starts, ends = bounds[0], bounds[1]
+        axes = bounds[2] if len(bounds) > 2 and node.inputs[3] is not None else np.zeros(1, np.int64)
+        steps = bounds[3] if len(bounds) > 3 and node.inputs[4] is not None else np.ones(1, np.int64)
+        if whole is None or any(b is None or b.size != 1 for b in (starts, ends, axes, steps)):
+            return None
+        if int(axes.reshape(-1)[0]) not in (0, -1) or int(steps.reshape(-1)[0]) <= 0:
+            return None
+        return whole[slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), int(steps.reshape(-1)[0]))]
 
     def _arithmetic(self, op: str, operands, bounds: tuple[int, int], depth: int) -> list[Source | None] | None:
         """Entries of ``Mul``/``Add``/``Sub``/``Div`` of two 0-D or 1-D int tensors, entry by entry (broadcast)."""
@@ -354,7 +460,7 @@ class DimSources:
         if node is None or depth > _MAX_DEPTH or self.entries(value) is not None:
             return None
         unknown = [x for x in node.inputs if x is not None and self.entries(x) is None]
-        if node.op_type in ("Concat", "Unsqueeze", "Squeeze", "Identity", "Reshape", "Cast", "Gather",
+        if node.op_type in ("Concat", "Unsqueeze", "Squeeze", "Identity", "Reshape", "Cast", "Gather", "Slice",
                             *_ARITHMETIC) and unknown:
             return self.breaking_op(unknown[0], depth + 1) or node
         return node

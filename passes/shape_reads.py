@@ -28,6 +28,9 @@ number). With that this pass rewrites, each step exact for every input:
   so it no longer holds on to an intermediate. The q and k tables of a
   layer, and of every layer, then compute the same value, which ``cse``
   merges into one.
+* a Slice proven to keep everything is its input, and a Concat operand
+  proven empty is dropped (:mod:`qgraph_passes.whole_slices`: Phi-3's
+  TorchScript rotary of ``x[..., :d]``, d read from the cos table).
 * every declared dim with a proven source is renamed after it (the input's
   dim name, or the number), so checks that compare declared shapes see the
   equalities the ops guarantee.
@@ -44,6 +47,7 @@ import types
 import numpy as np
 import onnx_ir as ir
 from qgraph_passes.dim_sources import Const, DimSources, InputDim
+from qgraph_passes.whole_slices import drop_whole_slices_and_empty_operands
 
 from qgraph import Pass
 from qgraph.rewrite_pass import summarize_near_misses
@@ -148,6 +152,12 @@ class ShapeReadsPass(Pass):
         for node in standard:
             if node.op_type == "Reshape" and len(node.inputs) > 1 and not _is_const(node.inputs[1]):
                 changed |= self._reshape(graph, dims, node)
+        # a rotary over the whole head written for a partial one: cat(rotate(x[..., :D]), x[..., D:]) is rotate(x)
+        slices, operands = drop_whole_slices_and_empty_operands(graph, dims)
+        for rule, n in (("whole-slices", slices), ("empty-operands", operands)):
+            if n:
+                self.report.count(rule, n)
+                changed = True
         if self._kept:  # the table's "near miss in shape-reads" line: how many targets, the most common reason
             self.report.near_misses = summarize_near_misses({"reshape-target": self._kept})
             self.report.near_misses["reshape-target"]["listed_by"] = (

@@ -39,15 +39,26 @@ ZOO = [(arch, exporter) for arch in ("llama", "mistral", "qwen2", "qwen3") for e
 # qwen3: q and k normalized per head before the rotation (attention-io packs the norms' outputs), so apart too.
 # TorchScript's heads split reaches attention-io in the same form once shape-reads has made its run-time
 # Reshape targets constants.
-LOWERED = ZOO
+# Phi-3: its packed qkv_proj is sliced (not Split) into q, k, v, which go in apart. TorchScript rotates a
+# slice of each head as wide as the cos table, and keeps the rest: the whole head and an empty rest here,
+# which shape-reads proves (a whole Slice, an empty Concat operand), so the rotation reaches the heads.
+PHI3 = [("phi3", "dynamo"), ("phi3", "torchscript")]
+LOWERED = [*ZOO, *PHI3]
 # partial rotary (Phi: 8 of 16 channels, StableLM: 4 of 16): the kernel rotates whole heads, so the
 # RotaryEmbedding nodes stay in front of it and q, k, v go in apart
 KEPT_ROTARY = [("phi", "dynamo"), ("stablelm", "torchscript")]
 # GPT-J: interleaved pairs of the first 8 of 16 channels, rotated as [B, S, H, D] before the heads move in
 # front; attention-io packs the rotations all the same, and they stay in front of the kernel
 KEPT_INTERLEAVED = [("gptj", "dynamo"), ("gptj", "torchscript")]
-# learned positions, no rotation at all; its Conv1D merges the heads straight into Gemm rows ([-1, H*D])
-NO_ROTARY = [("gpt2", "dynamo")]
+# learned positions, no rotation at all, plain multi-head attention (kv_num_heads == num_heads). GPT-2's
+# Conv1D merges the heads straight into Gemm rows ([-1, H*D]); OPT and GPT-Neo project them with a MatMul.
+# TorchScript computes every head split's target at run time ([B, S, -1, D] of a Split's part; GPT-2 views
+# the ids as [-1, S] first): dim_sources proves them. GPT-Neo alternates a global and a local (sliding window
+# of 4) layer; its dynamo export merges the global layer's heads into [B, Min(128, S), H*D], a Reshape that
+# stays after the kernel's packed output.
+NO_ROTARY = [(arch, exporter) for arch in ("gpt2", "opt", "gpt_neo") for exporter in ("dynamo", "torchscript")]
+# not lowered: ALiBi (an additive float mask per head), heads never packed by attention-io
+REFUSED = [("bloom", "dynamo"), ("bloom", "torchscript")]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +66,7 @@ def ort_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """The ort-attention preset's graph of each case (what lower-gqa takes), made once for the module."""
     out = tmp_path_factory.mktemp("ort-graphs")
     graphs = {}
-    for arch, exporter in [*ZOO, *KEPT_ROTARY, *KEPT_INTERLEAVED, *NO_ROTARY]:
+    for arch, exporter in [*LOWERED, *KEPT_ROTARY, *KEPT_INTERLEAVED, *NO_ROTARY, *REFUSED]:
         run = run_preset("ort-attention", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}",
                          default_registry())
         graphs[(arch, exporter)] = run.folder / "model.onnx"
@@ -81,7 +92,7 @@ def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter, mask
     assert len(gqa) == 2  # the zoo's two layers, each one node
     assert not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
     assert all(n.attributes["do_rotary"].value == 1 for n in gqa)
-    if arch in ("qwen2", "qwen3"):  # q, k, v apart: GroupQueryAttention's unpacked form
+    if arch in ("qwen2", "qwen3", "phi3"):  # q, k, v apart: GroupQueryAttention's unpacked form
         assert all(n.inputs[1] is not None and n.inputs[2] is not None for n in gqa)
     else:  # the packed projection whole, its Split gone
         assert all(n.inputs[0].producer().op_type == "MatMul" and n.inputs[1] is None for n in gqa)
@@ -230,6 +241,8 @@ def _interleaved(model: ir.Model) -> None:
 
 @pytest.mark.parametrize(("arch", "exporter", "change", "why"), [
     ("llama", "torchscript", _qk_output_mode, "a qk_matmul_output_mode is set"),
+    ("bloom", "dynamo", None, "is not known to be [B, S, 4 x 16]"),
+    ("bloom", "torchscript", None, "q_num_heads / kv_num_heads are not set"),
 ])
 def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, change, why) -> None:
     model = io.load(ort_graphs[(arch, exporter)])
@@ -306,15 +319,24 @@ def test_a_rotation_the_kernel_cannot_take_stays_in_front_of_it(ort_graphs, tiny
 @pytest.mark.parametrize("mask", ["bias", "none"])
 @pytest.mark.parametrize(("arch", "exporter"), NO_ROTARY)
 def test_a_decoder_without_rotary_is_lowered_and_replays(ort_graphs, arch, exporter, mask) -> None:
-    """GPT-2: no rotation to take in (do_rotary off, no caches); the kernel's [B, S, H*D] output goes on through
-    the model's own flattening Reshape to the Gemm rows."""
+    """GPT-2, OPT, GPT-Neo: no rotation to take in (do_rotary off, no caches), as many KV heads as query heads;
+    every layer is one kernel, no head transpose is left, and its [B, S, H*D] output reaches the output
+    projection (through at most the model's own Reshape: GPT-2's rows, GPT-Neo's dynamo merge). GPT-Neo's
+    local layer keeps its window of 4."""
     source = ort_graphs[(arch, exporter)]
     model, _ = _lower(source, mask=mask)
     gqa = _gqa_nodes(model)
     assert len(gqa) == 2 and not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
+    assert not [n for n in model.graph if n.op_type == "Transpose" and len(n.attributes["perm"].value) == 4]
     for node in gqa:
         assert "do_rotary" not in node.attributes and (len(node.inputs) < 8 or node.inputs[7] is None)  # no caches
-        assert [u.node.op_type for u in node.outputs[0].uses()] == ["Reshape"]
+        assert node.attributes["num_heads"].value == node.attributes["kv_num_heads"].value == 4
+        (use,) = [u.node for u in node.outputs[0].uses()]
+        if use.op_type == "Reshape":
+            (use,) = [u.node for u in use.outputs[0].uses()]
+        assert use.op_type in ("MatMul", "Gemm")
+    windows = [n.attributes["local_window_size"].value if "local_window_size" in n.attributes else None for n in gqa]
+    assert windows == ([None, 4] if arch == "gpt_neo" else [None, None])
     result = check_sequence_equivalence(model, source, examples=12, seed=4, max_len=10)
     assert result.equivalent, str(result)
 

@@ -6,7 +6,9 @@ of several rows, left and right padding, a prefill then chunks and decode
 steps after a past), gives the logits of the graph it came from. Inputs are
 the ``ort-attention`` preset's graphs of the zoo; the pipeline under test is
 ``lower-gqa`` then ``lower-mha``, as in the ``ort`` target, so the layers
-lower-mha sees are exactly those lower-gqa refused. A lowering broken on
+lower-mha sees are exactly those lower-gqa refused; where a test needs a
+layer lower-gqa would take (GPT-Neo's unscaled scores, packed heads),
+lower-mha runs alone. A lowering broken on
 purpose (wrong num_heads, bias dropped, scale wrong) fails ``qgraph optimize
 --verify`` with exit code 1; layers that cannot be lowered are named in the
 report with the check that failed.
@@ -30,25 +32,27 @@ from qgraph.registry import default_registry
 from qgraph.verify.sequence import ReplayCase, SequenceReplayer, check_sequence_equivalence
 
 # (arch, exporter): MultiHeadAttention nodes after lower-gqa + lower-mha (the zoo's models have 2 layers)
+# (GPT-2, OPT, GPT-Neo and GPT-J pack their heads on both exporters: lower-gqa takes every layer, and they
+# are lower-mha's cases only alone, in PACKED.)
 LOWERED = {
-    ("gpt2", "dynamo"): 0, ("gpt2", "torchscript"): 2,          # no rotary; dynamo's heads pack: lower-gqa's
-    ("opt", "torchscript"): 2,                                   # (dynamo: lower-gqa takes both layers)
+    ("gpt2", "dynamo"): 0,                                       # no rotary; the heads pack: lower-gqa's
     ("phi", "dynamo"): 0, ("phi", "torchscript"): 0,            # partial rotary: lower-gqa takes them, rotary kept
     ("bloom", "dynamo"): 2, ("bloom", "torchscript"): 2,        # ALiBi: an additive float mask per head
-    ("gpt_neo", "dynamo"): 1, ("gpt_neo", "torchscript"): 2,    # unscaled; dynamo's local layer goes to lower-gqa
     ("gptj", "dynamo"): 0, ("gptj", "torchscript"): 0,          # interleaved partial rotary, packed: lower-gqa's
     ("gemma2", "dynamo"): 0,                                     # soft-capped: lower-gqa takes both layers
 }
 # (arch, exporter): what the report says of each refused layer
 REFUSED = {
     ("gpt_bigcode", "dynamo"): "q has 4 heads, k 1, v 1",      # multi-query: the cache keeps 1 KV head
-    ("phi3", "torchscript"): "q has 4 heads, k 2, v 2",        # split heads, read by running the graph
+    ("gpt_bigcode", "torchscript"): "q has 4 heads, k 1, v 1",  # split heads, read by running the graph
 }
 
 
 # attention-io packed their heads ([B, S, H*D], q_num_heads / kv_num_heads); lower-gqa would take them, lower-mha
 # alone takes those whose KV heads are the query heads
-PACKED = {("opt", "dynamo"): 2, ("llama", "dynamo"): 0, ("gpt2", "dynamo"): 2}
+PACKED = {("opt", "dynamo"): 2, ("llama", "dynamo"): 0, ("gpt2", "dynamo"): 2, ("gpt2", "torchscript"): 2,
+          ("opt", "torchscript"): 2, ("gpt_neo", "dynamo"): 2, ("gpt_neo", "torchscript"): 2,
+          ("gptj", "dynamo"): 2, ("gptj", "torchscript"): 2}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,13 @@ def attention_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
 def _lower(path: Path) -> tuple[ir.Model, object]:
     model = io.load(path)
     report = PassManager(["lower-gqa", "lower-mha"]).run(model)
+    return model, report
+
+
+def _lower_alone(path: Path) -> tuple[ir.Model, object]:
+    """lower-mha without lower-gqa in front: it then also sees the layers lower-gqa would take."""
+    model = io.load(path)
+    report = PassManager(["lower-mha"]).run(model)
     return model, report
 
 
@@ -87,14 +98,14 @@ def test_lowered_graph_replays_the_concat_graph(attention_graphs, arch, exporter
     assert result.equivalent, str(result)
 
 
-@pytest.mark.parametrize(("arch", "exporter"), [("gpt2", "torchscript"), ("bloom", "dynamo"),
-                                                ("gpt_neo", "torchscript")])
-def test_padded_batch_and_chunks_after_a_past(attention_graphs, arch, exporter) -> None:
-    """A left-padded batch of two, a prefill of 3, a chunk of 3 after it, then single-token decode steps (layers
-    lower-mha took: GPT-J's, the rotated case this had, pack their heads now and go to lower-gqa)."""
-    assert LOWERED[(arch, exporter)] == 2
+@pytest.mark.parametrize(("arch", "exporter", "alone"), [("bloom", "dynamo", False), ("bloom", "torchscript", False),
+                                                         ("gptj", "torchscript", True)])
+def test_padded_batch_and_chunks_after_a_past(attention_graphs, arch, exporter, alone) -> None:
+    """A left-padded batch of two, a prefill of 3, a chunk of 3 after it, then single-token decode steps (GPT-J's
+    rotated layers go to lower-gqa in the presets; lower-mha alone takes them here)."""
     source = attention_graphs[(arch, exporter)]
-    model, _ = _lower(source)
+    model, _ = (_lower_alone if alone else _lower)(source)
+    assert len(_mha_nodes(model)) == 2
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, 256, size=(2, 8))
     valid = np.ones((2, 8), bool)
@@ -106,20 +117,21 @@ def test_padded_batch_and_chunks_after_a_past(attention_graphs, arch, exporter) 
 
 
 def test_one_bias_for_all_layers_and_the_models_own_heads(attention_graphs) -> None:
-    """gpt-neo (torchscript, unscaled attention): each bool mask becomes one additive bias, shared by the layers
-    that read it (a global and a local one here); the model's head transposes are gone, not added. (GPT-2's
-    dynamo export, the case this was, packs its heads now and goes to lower-gqa.)"""
-    masks = {n.inputs[3].name for n in io.load(attention_graphs[("gpt_neo", "torchscript")]).graph
-             if n.op_type == "Attention"}
-    model, _ = _lower(attention_graphs[("gpt_neo", "torchscript")])
+    """gpt-neo (torchscript, unscaled attention; lower-mha alone, lower-gqa would take it): each bool mask
+    becomes one additive bias, shared by the layers that read it (a global and a local one here); the
+    packed heads go in as they are, and no head transpose is added."""
+    before = io.load(attention_graphs[("gpt_neo", "torchscript")])
+    masks = {n.inputs[3].name for n in before.graph if n.op_type == "Attention"}
+    operands = [[x.name for x in n.inputs[:3]] for n in before.graph if n.op_type == "Attention"]
+    model, _ = _lower_alone(attention_graphs[("gpt_neo", "torchscript")])
     mha = _mha_nodes(model)
     biases = {n.inputs[5] for n in mha}
     assert len(masks) == 2 and len(biases) == len(masks)
     assert all(b.producer().op_type == "Where" for b in biases)
+    assert [[x.name for x in n.inputs[:3]] for n in mha] == operands
     for node in mha:
         assert node.attributes["num_heads"].value == 4 and node.attributes["scale"].value == 1.0
-        assert all(x.producer().op_type == "Reshape" for x in node.inputs[:3])  # Reshape of [B, S, H, D]
-        assert [u.node.op_type for u in node.outputs[0].uses()] == ["Reshape"]
+        assert [u.node.op_type for u in node.outputs[0].uses()] == ["MatMul"]  # the output projection
     heads = [n for n in model.graph if n.op_type == "Transpose" and list(n.attributes["perm"].value) == [0, 2, 1, 3]]
     assert not heads
 
@@ -147,12 +159,13 @@ def test_layers_not_lowered_are_reported(attention_graphs, arch, exporter) -> No
 
 
 def test_a_soft_capped_layer_is_refused(attention_graphs) -> None:
-    """MultiHeadAttention has no softcap: GPT-2's TorchScript layers (which it lowers) soft-capped stay Attention."""
+    """MultiHeadAttention has no softcap: GPT-2's TorchScript layers (which it lowers alone) soft-capped stay
+    Attention."""
     model = io.load(attention_graphs[("gpt2", "torchscript")])
     for node in model.graph:
         if node.op_type == "Attention":
             node.attributes["softcap"] = ir.AttrFloat32("softcap", 30.0)
-    report = PassManager(["lower-gqa", "lower-mha"]).run(model)
+    report = PassManager(["lower-mha"]).run(model)
     record = next(r for r in report.passes if r.name == "lower-mha")
     assert not record.changed and not _mha_nodes(model)
     notes = [n for n in record.notes if "not lowered" in n]
@@ -160,31 +173,34 @@ def test_a_soft_capped_layer_is_refused(attention_graphs) -> None:
 
 
 def test_heads_of_split_operands_are_read_by_running(attention_graphs) -> None:
-    """TorchScript leaves q's shape partly unknown; running the graph tells 4 query heads from 2 KV heads (phi3),
-    4 / 4 (gpt2). (llama's TorchScript heads are packed since shape-reads, so lower-gqa takes them.)"""
-    for arch, heads in (("phi3", (4, 2, 2)), ("gpt2", (4, 4, 4))):
+    """TorchScript's heads that attention-io does not pack: running the graph tells 4 query heads from 1 KV head
+    (gpt_bigcode, multi-query), 4 / 4 (bloom, whose q shape is not declared at all). (llama's, phi3's and
+    gpt2's TorchScript heads are packed since shape-reads, so lower-gqa takes them.)"""
+    for arch, heads in (("gpt_bigcode", (4, 1, 1)), ("bloom", (4, 4, 4))):
         model = io.load(attention_graphs[(arch, "torchscript")])
         attentions = [n for n in model.graph if n.op_type == "Attention"]
         q_shape = attentions[0].inputs[0].shape
-        assert not (isinstance(q_shape[1], int) and isinstance(q_shape[3], int))  # what the declared shape does not say
+        if arch == "bloom":  # what the declared shape does not say
+            assert not (isinstance(q_shape[1], int) and isinstance(q_shape[3], int))
         layouts = probe_head_layouts(model, {n: tuple(n.inputs[:3]) for n in attentions})
         assert not isinstance(layouts, str), layouts
         assert {(lay.q_heads, lay.k_heads, lay.v_heads, lay.q_size) for lay in layouts.values()} == {(*heads, 16)}
 
 
-# one case per architecture, both exporters among them; gpt-neo (dynamo) has one layer of each lowering
-@pytest.mark.parametrize(("arch", "exporter"), [("gpt2", "torchscript"), ("opt", "torchscript"), ("bloom", "torchscript"),
-                                                ("gpt_neo", "dynamo")])
+# Bloom, the architecture lower-gqa leaves to lower-mha, both exporters; GPT-J's rotated layers with lower-mha alone
+@pytest.mark.parametrize(("arch", "exporter"), [("bloom", "torchscript"), ("bloom", "dynamo"), ("gptj", "torchscript"),
+                                                ("gptj", "dynamo")])
 def test_optimize_verify_passes(attention_graphs, tmp_path, capsys, arch, exporter) -> None:
-    """``qgraph optimize --passes lower-gqa lower-mha --verify`` exits 0 and says what it proved."""
+    """``qgraph optimize --passes [lower-gqa] lower-mha --verify`` exits 0 and says what it proved."""
     out = tmp_path / "mha.onnx"
-    args = ["optimize", str(attention_graphs[(arch, exporter)]), "-o", str(out), "--passes", "lower-gqa", "lower-mha",
-            "--verify"]
+    alone = (arch, exporter) in PACKED
+    passes = ["lower-mha"] if alone else ["lower-gqa", "lower-mha"]
+    args = ["optimize", str(attention_graphs[(arch, exporter)]), "-o", str(out), "--passes", *passes, "--verify"]
     assert main(args) == 0
     table = capsys.readouterr().out
     line = next(line for line in table.splitlines() if line.startswith("lower-mha"))
     assert "cached replay gives the logits of the input's own cache" in line, table
-    assert len(_mha_nodes(io.load(out))) == LOWERED[(arch, exporter)]
+    assert len(_mha_nodes(io.load(out))) == (PACKED if alone else LOWERED)[(arch, exporter)] == 2
 
 
 _BROKEN = """
@@ -205,22 +221,25 @@ class BrokenMHA(LowerMHAPass):
         return result
 """
 
-MUTATIONS = {  # the zoo case and the change
-    "wrong num_heads": (("gpt2", "torchscript"), 'node.attributes["num_heads"] = ir.AttrInt64("num_heads", 2)'),
-    "bias dropped": (("gpt2", "torchscript"), "node.replace_input_with(5, None)"),  # no causal mask, no padding mask
-    # gpt-neo's attention is unscaled (scale 1.0); the kernel's default would be 1/sqrt(head size)
-    "scale dropped": (("gpt_neo", "torchscript"), 'node.attributes.pop("scale")'),
+MUTATIONS = {  # the zoo case, the change, and the passes in front of lower-mha
+    # GPT-J's layers go to lower-gqa when it runs: lower-mha alone
+    "wrong num_heads": (("gptj", "torchscript"), 'node.attributes["num_heads"] = ir.AttrInt64("num_heads", 2)', []),
+    # no causal mask, no padding mask
+    "bias dropped": (("bloom", "torchscript"), "node.replace_input_with(5, None)", ["lower-gqa"]),
+    # gpt-neo's attention is unscaled (scale 1.0); the kernel's default would be 1/sqrt(head size). lower-gqa
+    # would take its layers, so lower-mha runs alone.
+    "scale dropped": (("gpt_neo", "torchscript"), 'node.attributes.pop("scale")', []),
 }
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_verify_fails_on_a_broken_lowering(attention_graphs, tmp_path, mutation) -> None:
-    case, code = MUTATIONS[mutation]
+    case, code, before = MUTATIONS[mutation]
     plugin = tmp_path / "broken.py"
     name = "lower-mha-" + mutation.replace(" ", "-")  # plugin pass names are process-wide: one per mutation
     plugin.write_text(textwrap.dedent(_BROKEN).replace("{mutation}", code).replace("{name}", name))
     source = attention_graphs[case]
-    args = [str(source), "--plugin", str(plugin), "--verify", "--passes", "lower-gqa"]
+    args = [str(source), "--plugin", str(plugin), "--verify", "--passes", *before]
     assert main(["optimize", "-o", str(tmp_path / "good.onnx"), *args, "lower-mha"]) == 0
     assert main(["optimize", "-o", str(tmp_path / "broken.onnx"), *args, name]) == 1
     assert not (tmp_path / "broken.onnx").exists()
@@ -228,18 +247,18 @@ def test_verify_fails_on_a_broken_lowering(attention_graphs, tmp_path, mutation)
 
 def test_the_scale_kept_is_the_models(attention_graphs) -> None:
     """gpt-neo does not scale its scores: the lowered node says 1.0, not the kernel's 1/sqrt(16) default."""
-    model, _ = _lower(attention_graphs[("gpt_neo", "torchscript")])
+    model, _ = _lower_alone(attention_graphs[("gpt_neo", "torchscript")])
     assert {n.attributes["scale"].value for n in _mha_nodes(model)} == {1.0}
 
 
 def test_generate_runs_the_lowered_graph(attention_graphs, tmp_path) -> None:
     """``qgraph generate``'s engine drives the lowered graph (concat engine: no shared buffer without GQA on
-    every past) and gives the source graph's greedy tokens on a left-padded batch of two. (GPT-J, the case this
-    was, packs its heads now and goes to lower-gqa.)"""
+    every past) and gives the source graph's greedy tokens on a left-padded batch of two."""
     from qgraph.runtime.engines import make_engine
 
-    source = attention_graphs[("gpt_neo", "torchscript")]
-    model, _ = _lower(source)
+    source = attention_graphs[("gptj", "torchscript")]
+    model, _ = _lower_alone(source)  # lower-gqa would take GPT-J's layers
+    assert len(_mha_nodes(model)) == 2
     lowered = tmp_path / "mha.onnx"
     io.save(model, lowered)
     engines = [make_engine(path, threads=1) for path in (source, lowered)]
@@ -290,7 +309,7 @@ def test_a_row_with_every_key_hidden_stays_finite(attention_graphs, tmp_path) ->
     _hide_padded_queries(model)
     source = tmp_path / "hidden-rows.onnx"
     io.save(model, source)
-    lowered, _ = _lower(source)
+    lowered, _ = _lower_alone(source)
     assert len(_mha_nodes(lowered)) == 2
     tokens = np.random.default_rng(1).integers(3, 256, size=(2, 6))
     valid = np.ones((2, 6), bool)

@@ -1,10 +1,12 @@
 """The ort preset's fusions on zoo exports: counts that follow from the architecture, and sequence replay.
 
 Expected counts come from the architectures, not from the passes: every
-layer rotates q and k (Phi: only the first half of each head; GPT-J: the
-first half, in interleaved pairs), projects Q/K/V from one input (and
-gate/up in a gated MLP; Phi3's are packed already), and a pre-norm decoder
-normalizes each residual sum. The whole zoo, both exporters, is
+layer of a rotary model rotates q and k (Phi: only the first half of each
+head; GPT-J: the first half, in interleaved pairs; GPT-2, OPT and GPT-Neo
+learn positions instead), projects Q/K/V from one input (and gate/up in a
+gated MLP; Phi3's and GPT-2's are packed already), and a pre-norm RMSNorm
+decoder normalizes each residual sum; every layer whose heads pack is one
+GroupQueryAttention. The whole zoo, both exporters, is
 benchmarks/ort_fusions_zoo.py (RESULTS.md, "ort fusions across the zoo").
 """
 
@@ -24,24 +26,32 @@ from qgraph.verify.sequence import check_sequence_equivalence
 # arch: (rotations, partial ones, interleaved ones, packs of three, packs of two, skip norms) per layer.
 # Phi and GPT-J run attention and MLP in parallel on one norm, so q, k, v and fc1 are four siblings: a
 # pack of three, then of two.
+# GPT-2, OPT and GPT-Neo have learned positions (no rotation) and LayerNorm (no RMSNorm to fuse); GPT-2's
+# Conv1D already projects Q/K/V as one Gemm.
 EXPECTED = {"llama": (2, 0, 0, 1, 1, 2), "phi": (2, 2, 0, 1, 1, 0), "phi3": (2, 0, 0, 0, 0, 2),
-            "gptj": (2, 2, 2, 1, 1, 0), "starcoder2": (2, 0, 0, 1, 0, 0)}
+            "gptj": (2, 2, 2, 1, 1, 0), "starcoder2": (2, 0, 0, 1, 0, 0), "gpt2": (0, 0, 0, 0, 0, 0),
+            "opt": (0, 0, 0, 1, 0, 0), "gpt_neo": (0, 0, 0, 1, 0, 0)}
 # attention-io's head packing per layer. Phi and Phi3 merge their heads back through a Reshape whose target
 # is computed at run time; shape-reads makes it a constant, and the dynamo exports pack. The TorchScript
 # exports of Phi and StarCoder2 view the attention output as [B, -1, S, D] before moving the heads back:
-# shape-reads removes that view (D proven to be v's head size), and the heads pack. Phi3's keeps a
-# Reshape the rule does not know (a near miss in the report: "is Reshape, not Attention"), so its Attention
-# keeps BHSD inputs. GPT-J rotates [B, S, H, D] before moving the heads; once the rotary pass has cancelled the
-# transposes, its partial, interleaved rotations read heads(x3) like any other and pack (num_heads).
-PACKED_HEADS = {"llama": 1, "phi": 1, "phi3": 1, "gptj": 1, "starcoder2": 1}
-NOT_PACKED = {("phi3", "torchscript")}
+# shape-reads removes that view (D proven to be v's head size), and the heads pack. Phi3's TorchScript
+# rotates a slice of each head as wide as its cos table and concatenates the rest: shape-reads proves the
+# slice whole and the rest empty, and the heads pack. GPT-2's, OPT's and GPT-Neo's TorchScript head splits
+# are [B, S, -1, D] of a run-time B and S (dim_sources proves them); GPT-Neo's dynamo export merges one
+# layer's heads into [B, Min(128, S), H*D], a Reshape kept after the packed output. GPT-J rotates
+# [B, S, H, D] before moving the heads; once the rotary pass has cancelled the transposes, its partial,
+# interleaved rotations read heads(x3) like any other and pack (num_heads).
+PACKED_HEADS = {"llama": 1, "phi": 1, "phi3": 1, "gptj": 1, "starcoder2": 1, "gpt2": 1, "opt": 1, "gpt_neo": 1}
+NOT_PACKED: set[tuple[str, str]] = set()
 # GPT-J rotates q and k as [B, S, H, D] and then moves the heads in front: the rotary pass's transpose back
 # merges with that one, per layer for q and for k.
 HEADS_BACK = {"gptj": 2}
 # The TorchScript export of the decoders whose rotary needed more than the dynamo spelling (Phi's and
 # Phi3's head size is symbolic in its stored shapes; GPT-J is interleaved) must fuse the same rotations.
+# GPT-2, OPT and GPT-Neo's TorchScript exports compute every head split's shape at run time.
 CASES = [*((arch, "dynamo") for arch in EXPECTED), ("llama", "torchscript"), ("phi", "torchscript"),
-         ("phi3", "torchscript"), ("gptj", "torchscript"), ("starcoder2", "torchscript")]
+         ("phi3", "torchscript"), ("gptj", "torchscript"), ("starcoder2", "torchscript"), ("gpt2", "torchscript"),
+         ("opt", "torchscript"), ("gpt_neo", "torchscript")]
 
 
 @pytest.mark.slow
