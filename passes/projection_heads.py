@@ -248,35 +248,44 @@ def _cut(graph: ir.Graph, names: _Names, node: ir.Node, source: ir.Value, operan
     return how
 
 
-def _merge_chain(y: ir.Value) -> ir.Value | None:
-    """The first 3-D value the Attention output's data moves into (Shape reads aside); None if there is none."""
-    value = y
+def _merge_chain(y: ir.Value) -> list[ir.Value]:
+    """The 3-D values the Attention output's data moves through (Shape reads aside), nearest first."""
+    value, found = y, []
     for _ in range(_MAX_MERGE_STEPS):
         readers = [u.node for u in value.uses() if not _default(u.node, "Shape")]
         if len(readers) != 1 or readers[0].op_type not in MOVEMENT or readers[0].inputs[0] is not value:
-            return None
+            break
         value = readers[0].outputs[0]
         if value.shape is not None and len(value.shape) == 3:
-            return value
-    return None
+            found.append(value)
+    return found
 
 
 def _merge_output(graph: ir.Graph, names: _Names, node: ir.Node) -> str | None:
-    """Give the Attention output a plain merge when its data moves to [B, S, Hq*D] some other way; a note."""
+    """Give the Attention output a plain merge when its data moves to [B, S, Hq*D] some other way; a note.
+
+    The merge is the first 3-D value on the way that the probe shows to be ``merge(y)`` (a batched-heads
+    core, Bloom's, passes a [B*H, S, D] view first)."""
     q, _k, v = _operands(node)  # heads(x3) now: their shapes are the projections' dims
     b, heads, s, size = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
     y = node.outputs[0]
     y.shape = ir.Shape([b, heads, s, size])  # what Attention gives: q's batch, heads and length, v's head size
-    z = _merge_chain(y)
-    if z is None:
+    chain = _merge_chain(y)
+    if not chain:
         return None
     first = next(u.node for u in y.uses() if not _default(u.node, "Shape"))
+    z = chain[0]
     if (_default(first, "Transpose") and tuple(_attr(first, "perm", ())) == _HEADS
             and z.producer().inputs[0] is first.outputs[0] and z.shape[2] == heads * size):
         return None  # already Reshape(Transpose(y)) to a known width: attention-io reads it as it is
-    reason = _merged(y, z)
-    if reason is not None:
-        return f"the output merge kept: {reason}"
+    reasons = []
+    for z in chain:
+        reason = _merged(y, z)
+        if reason is None:
+            break
+        reasons.append(reason)
+    else:
+        return f"the output merge kept: {'; '.join(reasons)}"
     build = _Builder(graph, names, f"{node.name}/merge", node)
     (moved,) = build.add("Transpose", [y], [[b, s, heads, size]], y.dtype, perm=list(_HEADS))
     (merged,) = build.add("Reshape", [moved, build.const(np.array([0, 0, heads * size], np.int64), "shape")],
