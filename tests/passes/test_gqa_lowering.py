@@ -39,12 +39,22 @@ ZOO = [(arch, exporter) for arch in ("llama", "mistral", "qwen2", "qwen3") for e
 # qwen3: q and k normalized per head before the rotation (attention-io packs the norms' outputs), so apart too.
 # TorchScript's heads split reaches attention-io in the same form once shape-reads has made its run-time
 # Reshape targets constants.
-LOWERED = ZOO
-# partial rotary (Phi: 8 of 16 channels, StableLM: 4 of 16): the kernel rotates whole heads, so the
-# RotaryEmbedding nodes stay in front of it and q, k, v go in apart
-KEPT_ROTARY = [("phi", "dynamo"), ("stablelm", "torchscript")]
-# learned positions, no rotation at all; its Conv1D merges the heads straight into Gemm rows ([-1, H*D])
-NO_ROTARY = [("gpt2", "dynamo")]
+# Falcon: multi-query (one K/V head, kv_num_heads 1) cut out of one fused projection by a split of the heads
+# axis; attention-io reads q, k, v as heads of its columns. They go in apart: the projection is packed with
+# the parallel MLP's, so its Split has a fourth part.
+MULTI_QUERY = [("falcon", "dynamo"), ("falcon", "torchscript")]
+APART = {"qwen2", "qwen3", "falcon"}
+LOWERED = [*ZOO, *MULTI_QUERY]
+# partial rotary (Phi: 8 of 16 channels, StableLM and GPT-NeoX: 4 of 16): the kernel rotates whole heads, so
+# the RotaryEmbedding nodes stay in front of it and q, k, v go in apart. GPT-NeoX's fused projection holds
+# each head's q, k and v side by side; attention-io reorders its columns to [Q | K | V] in the weights.
+KEPT_ROTARY = [("phi", "dynamo"), ("stablelm", "torchscript"), ("gpt_neox", "dynamo"), ("gpt_neox", "torchscript")]
+# learned positions, no rotation at all. GPT-2's Conv1D merges the heads straight into Gemm rows ([-1, H*D]);
+# GPT-BigCode is multi-query, its one K/V head's columns after the query's in one fused projection.
+NO_ROTARY = [("gpt2", "dynamo"), ("gpt_bigcode", "dynamo"), ("gpt_bigcode", "torchscript")]
+# the layers attention-io reads as heads of a fused projection's columns (cut out some other way)
+FUSED_QKV = [*MULTI_QUERY, ("gpt_neox", "dynamo"), ("gpt_neox", "torchscript"), ("gpt_bigcode", "dynamo"),
+             ("gpt_bigcode", "torchscript")]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +62,7 @@ def ort_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """The ort-attention preset's graph of each case (what lower-gqa takes), made once for the module."""
     out = tmp_path_factory.mktemp("ort-graphs")
     graphs = {}
-    for arch, exporter in [*ZOO, *KEPT_ROTARY, *NO_ROTARY]:
+    for arch, exporter in [*LOWERED, *KEPT_ROTARY, *NO_ROTARY]:
         run = run_preset("ort-attention", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}",
                          default_registry())
         graphs[(arch, exporter)] = run.folder / "model.onnx"
@@ -78,10 +88,12 @@ def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter, mask
     assert len(gqa) == 2  # the zoo's two layers, each one node
     assert not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
     assert all(n.attributes["do_rotary"].value == 1 for n in gqa)
-    if arch in ("qwen2", "qwen3"):  # q, k, v apart: GroupQueryAttention's unpacked form
+    if arch in APART:  # q, k, v apart: GroupQueryAttention's unpacked form
         assert all(n.inputs[1] is not None and n.inputs[2] is not None for n in gqa)
     else:  # the packed projection whole, its Split gone
         assert all(n.inputs[0].producer().op_type == "MatMul" and n.inputs[1] is None for n in gqa)
+    if arch == "falcon":  # multi-query: one K/V head for the 4 query heads
+        assert all((n.attributes["num_heads"].value, n.attributes["kv_num_heads"].value) == (4, 1) for n in gqa)
     if arch == "mistral":  # the tiny config's sliding_window=4, read from the probed mask
         assert {n.attributes["local_window_size"].value for n in gqa} == {4}
     else:
@@ -95,6 +107,25 @@ def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter, mask
     assert result.equivalent, str(result)
     if mask == "bias":  # the draw had padded batches of several rows
         assert MASKS_KEY not in model.metadata_props
+
+
+@pytest.mark.parametrize("mask", ["bias", "none"])
+@pytest.mark.parametrize(("arch", "exporter"), FUSED_QKV)
+def test_heads_cut_from_a_fused_projection_are_lowered_and_replay_the_export(tiny_zoo, ort_graphs, arch, exporter,
+                                                                             mask) -> None:
+    """Falcon, GPT-BigCode (multi-query) and GPT-NeoX (q, k, v side by side per head): every layer is lowered, no
+    column reorder is left as a Gather (GPT-NeoX's is in the weights), and the lowered graph replays the
+    no-cache export the whole preset started from."""
+    model, _ = _lower(ort_graphs[(arch, exporter)], mask=mask)
+    gqa = _gqa_nodes(model)
+    assert len(gqa) == 2 and not [n for n in model.graph if n.op_type == "Attention"]
+    assert {n.attributes["kv_num_heads"].value for n in gqa} == ({4} if arch == "gpt_neox" else {1})
+    # a Gather of computed activations would be a column reorder left in the graph (table lookups and shapes aside)
+    assert not [n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is None
+                and n.inputs[0].dtype == ir.DataType.FLOAT]
+    result = check_sequence_equivalence(model, tiny_zoo.export(arch, exporter).model_path, examples=10, seed=5,
+                                        max_len=12)
+    assert result.equivalent, str(result)
 
 
 def test_the_graph_declares_its_narrower_domain(ort_graphs) -> None:
@@ -305,7 +336,8 @@ def test_a_decoder_without_rotary_is_lowered_and_replays(ort_graphs, arch, expor
     assert len(gqa) == 2 and not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
     for node in gqa:
         assert "do_rotary" not in node.attributes and (len(node.inputs) < 8 or node.inputs[7] is None)  # no caches
-        assert [u.node.op_type for u in node.outputs[0].uses()] == ["Reshape"]
+        if arch == "gpt2":
+            assert [u.node.op_type for u in node.outputs[0].uses()] == ["Reshape"]
     result = check_sequence_equivalence(model, source, examples=12, seed=4, max_len=10)
     assert result.equivalent, str(result)
 
@@ -361,14 +393,14 @@ def test_lowering_composes_with_quantize(tiny_zoo, tmp_path) -> None:
     assert result.equivalent, str(result)
 
 
-@pytest.mark.parametrize(("arch", "exporter"), ZOO)
+@pytest.mark.parametrize(("arch", "exporter"), [*ZOO, *FUSED_QKV])
 def test_optimize_verify_passes_on_the_zoo(ort_graphs, tmp_path, capsys, arch, exporter) -> None:
     """``qgraph optimize --passes lower-gqa --verify``: every layer lowered and replayed, both exporters."""
     out = tmp_path / "gqa.onnx"
     assert main(["optimize", str(ort_graphs[(arch, exporter)]), "-o", str(out), "--passes", "lower-gqa", "--verify"]) == 0
     table = capsys.readouterr().out
     lowered = _gqa_nodes(io.load(out))
-    assert (arch, exporter) in LOWERED
+    assert (arch, exporter) in [*LOWERED, *KEPT_ROTARY, *NO_ROTARY]
     assert len(lowered) == 2 and "cached replay gives the logits of the input's own cache" in table
     assert "near miss in lower-gqa" not in table
 
