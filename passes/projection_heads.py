@@ -280,7 +280,7 @@ def _merge_output(graph: ir.Graph, names: _Names, node: ir.Node) -> str | None:
         return None  # already Reshape(Transpose(y)) to a known width: attention-io reads it as it is
     reasons = []
     for z in chain:
-        reason = _merged(y, z)
+        reason = f"'{z.name}' is a graph output" if z.is_graph_output() else _merged(y, z)
         if reason is None:
             break
         reasons.append(reason)
