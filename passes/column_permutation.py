@@ -5,7 +5,7 @@ GPT-NeoX lays its fused QKV projection out head by head (``[h0: q, k, v]
 reorder is a ``Gather(p, perm, axis=-1)`` of the projection ``p``, and it
 costs nothing once it is in the constants::
 
-    Gather(x @ W, perm, -1)           == x @ W[..., perm]          # column j is x . W[:, perm[j]]: same sums, same order
+    Gather(x @ W, perm, -1)           == x @ W[..., perm]     # column j is x . W[:, perm[j]]: same sums
     Gather(y + c, perm, -1)           == Gather(y, perm, -1) + c[..., perm]   # (c's last dim 1: c itself)
     Gather(Split(y)[i], perm, -1)     == Split(Gather(y, perm', -1))[i]       # perm' moves segment i only
 
@@ -31,7 +31,10 @@ _ARITHMETIC = frozenset({"Add", "Sub", "Mul"})
 
 
 def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
-    if value is None or value.producer() is not None and value.producer().op_type != "Constant":
+    """The value's tensor if it is a constant (an initializer a graph input may override is not)."""
+    if value is None or value.is_graph_input():
+        return None
+    if value.producer() is not None and value.producer().op_type != "Constant":
         return None
     return ir.convenience.get_const_tensor(value)
 

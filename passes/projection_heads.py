@@ -169,7 +169,8 @@ class _Builder:
         self.graph, self.names, self.prefix, self.after = graph, names, prefix, after
 
     def add(self, op: str, inputs, shapes, dtype, **attributes) -> list[ir.Value]:
-        node = ir.node(op, inputs, attributes=attributes, num_outputs=len(shapes), name=self.names(f"{self.prefix}/{op}"))
+        node = ir.node(op, inputs, attributes=attributes, num_outputs=len(shapes),
+                       name=self.names(f"{self.prefix}/{op}"))
         for out, shape in zip(node.outputs, shapes, strict=True):
             out.name, out.dtype, out.shape = self.names(f"{self.prefix}/{op}"), dtype, ir.Shape(shape)
         if self.after is None:
@@ -193,7 +194,8 @@ def _layer_heads(graph: ir.Graph, names: _Names, node: ir.Node,
             return [], f"{what} '{t.name}' is not known to be 4-D"
         source = movement_source(t)
         if source is t or source.shape is None or len(source.shape) != 3:
-            return [], f"{what} '{t.name}' is not moved out of a [B, S, C] projection (its data starts at '{source.name}')"
+            return [], (f"{what} '{t.name}' is not moved out of a [B, S, C] projection "
+                        f"(its data starts at '{source.name}')")
         columns = _columns(source, t)
         if isinstance(columns, str):
             return [], f"{what}: {columns}"
