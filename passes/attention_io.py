@@ -43,6 +43,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from qgraph_passes.packed_merge import packed_merge_reason
+from qgraph_passes.projection_heads import read_heads_from_projections
 
 from qgraph import RewritePass, Rule, RuleSet
 
@@ -285,8 +286,18 @@ class AttentionIOPass(RewritePass):
     """Give Attention its KV-cache inputs and packed heads, and RotaryEmbedding packed heads (onnxruntime).
 
     The rule table is ``RULES``; the module docstring gives the three
-    rewrites and why each is exact.
+    rewrites and why each is exact. First, q, k and v that a layer cuts out
+    of a fused projection some other way (Falcon, GPT-BigCode, GPT-NeoX) are
+    made ``heads(x3)`` of its columns (:mod:`qgraph_passes.projection_heads`).
     """
 
     name = "attention-io"
     rules = RULES
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        count, notes = read_heads_from_projections(model)
+        if count:
+            self.report.count("projection-heads", count)
+        self.report.notes.extend(f"attention-io: {note}" for note in notes)
+        result = super().call(model)
+        return ir.passes.PassResult(model, result.modified or count > 0)

@@ -16,7 +16,10 @@ the path, or of a graph value whose dims share the source's dim names);
 anything else they read makes the probe refuse, with the value it met.
 
 The probe draws every symbolic dim as a small distinct prime (one per dim
-name), so a dim of the result tells which source dim it came from.
+name), so a dim of the result tells which source dim it came from; a caller
+may draw another set (``primes``) to see that what it read does not depend
+on the sizes drawn. The source holds each element's number exactly: a probe
+larger than its dtype counts exactly (2048 for float16) is refused.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ _SCALAR_BINARY = frozenset({"Mul", "Div", "Add", "Sub"})
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19)
 _MAX_NODES = 64
 _MAX_ELEMENTS = 1 << 16
+# The largest count each float dtype holds exactly (2 ** (mantissa bits + 1)).
+_EXACT_COUNT = {ir.DataType.FLOAT16: 1 << 11, ir.DataType.BFLOAT16: 1 << 8, ir.DataType.FLOAT: 1 << 24}
 
 
 @dataclasses.dataclass
@@ -199,7 +204,7 @@ class _Collector:
         return None
 
 
-def _draw_shape(value: ir.Value, dims: dict[str, int]) -> list[int] | str:
+def _draw_shape(value: ir.Value, dims: dict[str, int], primes: tuple[int, ...] = _PRIMES) -> list[int] | str:
     if value.shape is None:
         return f"the rank of '{value.name}' is not known"
     shape = []
@@ -210,19 +215,22 @@ def _draw_shape(value: ir.Value, dims: dict[str, int]) -> list[int] | str:
             continue
         name = getattr(dim, "value", None) or f"{value.name}#{axis}"  # an unnamed dim: its own size
         if name not in dims:
-            if len(dims) >= len(_PRIMES):
+            if len(dims) >= len(primes):
                 return f"'{value.name}' has more symbolic dims than the probe draws"
-            dims[name] = _PRIMES[len(dims)]
+            dims[name] = primes[len(dims)]
         shape.append(dims[name])
     return shape
 
 
-def probe(source: ir.Value, target: ir.Value, allow_neg: bool = True, skip_elementwise: bool = False) -> Probe | str:
+def probe(source: ir.Value, target: ir.Value, allow_neg: bool = True, skip_elementwise: bool = False,
+          primes: tuple[int, ...] = _PRIMES, max_elements: int = _MAX_ELEMENTS) -> Probe | str:
     """Run the element-moving subgraph from ``source`` to ``target``; why it cannot be run, if it cannot.
 
     ``skip_elementwise`` runs element-wise ops on the path (cos, casts,
     scaling by a number) as Identity: the probe then shows where each
-    element went, which those ops do not change.
+    element went, which those ops do not change. ``primes`` are the sizes
+    drawn for the symbolic dims, in the order met; ``max_elements`` bounds
+    the source drawn.
     """
     if source.dtype is None or not source.name or not target.name:
         return f"'{source.name}' or '{target.name}' has no dtype or name to build a probe with"
@@ -233,16 +241,19 @@ def probe(source: ir.Value, target: ir.Value, allow_neg: bool = True, skip_eleme
     if any(not v.name for node in collector.nodes for v in (*node.inputs, *node.outputs) if v is not None):
         return f"a value between '{source.name}' and '{target.name}' has no name to build a probe with"
     dims: dict[str, int] = {}
-    source_shape = _draw_shape(source, dims)
+    source_shape = _draw_shape(source, dims, primes)
     if isinstance(source_shape, str):
         return source_shape
     size = int(np.prod(source_shape))
-    if size > _MAX_ELEMENTS:
+    if size > max_elements:
         return f"the probe of '{source.name}' would hold {size} elements"
+    exact = _EXACT_COUNT.get(source.dtype)
+    if exact is not None and size > exact:
+        return f"the probe of '{source.name}' would hold {size} elements, more than {source.dtype} counts exactly"
     feeds = {source.name: np.arange(1, size + 1, dtype=np.float32).reshape(source_shape).astype(source.dtype.numpy())}
     inputs = [onnx.helper.make_tensor_value_info(source.name, source.dtype, source_shape)]
     for name, value in collector.shape_inputs.items():
-        shape = _draw_shape(value, dims)
+        shape = _draw_shape(value, dims, primes)
         if isinstance(shape, str) or value.dtype is None:
             return shape if isinstance(shape, str) else f"the dtype of '{name}' is not known"
         feeds[name] = np.zeros(shape, value.dtype.numpy())

@@ -43,21 +43,32 @@ ZOO = [(arch, exporter) for arch in ("llama", "mistral", "qwen2", "qwen3") for e
 # slice of each head as wide as the cos table, and keeps the rest: the whole head and an empty rest here,
 # which shape-reads proves (a whole Slice, an empty Concat operand), so the rotation reaches the heads.
 PHI3 = [("phi3", "dynamo"), ("phi3", "torchscript")]
-LOWERED = [*ZOO, *PHI3]
-# partial rotary (Phi: 8 of 16 channels, StableLM: 4 of 16): the kernel rotates whole heads, so the
-# RotaryEmbedding nodes stay in front of it and q, k, v go in apart
-KEPT_ROTARY = [("phi", "dynamo"), ("stablelm", "torchscript")]
+# Falcon: multi-query (one K/V head, kv_num_heads 1) cut out of one fused projection by a split of the heads
+# axis; attention-io reads q, k, v as heads of its columns. They go in apart: the projection is packed with
+# the parallel MLP's, so its Split has a fourth part.
+MULTI_QUERY = [("falcon", "dynamo"), ("falcon", "torchscript")]
+APART = {"qwen2", "qwen3", "phi3", "falcon"}
+LOWERED = [*ZOO, *PHI3, *MULTI_QUERY]
+# partial rotary (Phi: 8 of 16 channels, StableLM and GPT-NeoX: 4 of 16): the kernel rotates whole heads, so
+# the RotaryEmbedding nodes stay in front of it and q, k, v go in apart. GPT-NeoX's fused projection holds
+# each head's q, k and v side by side; attention-io reorders its columns to [Q | K | V] in the weights.
+KEPT_ROTARY = [("phi", "dynamo"), ("stablelm", "torchscript"), ("gpt_neox", "dynamo"), ("gpt_neox", "torchscript")]
 # GPT-J: interleaved pairs of the first 8 of 16 channels, rotated as [B, S, H, D] before the heads move in
 # front; attention-io packs the rotations all the same, and they stay in front of the kernel
 KEPT_INTERLEAVED = [("gptj", "dynamo"), ("gptj", "torchscript")]
-# learned positions, no rotation at all, plain multi-head attention (kv_num_heads == num_heads). GPT-2's
-# Conv1D merges the heads straight into Gemm rows ([-1, H*D]); OPT and GPT-Neo project them with a MatMul.
-# TorchScript computes every head split's target at run time ([B, S, -1, D] of a Split's part; GPT-2 views
-# the ids as [-1, S] first): dim_sources proves them. GPT-Neo alternates a global and a local (sliding window
-# of 4) layer; its dynamo export merges the global layer's heads into [B, Min(128, S), H*D], a Reshape that
-# stays after the kernel's packed output.
-NO_ROTARY = [(arch, exporter) for arch in ("gpt2", "opt", "gpt_neo") for exporter in ("dynamo", "torchscript")]
-# not lowered: ALiBi (an additive float mask per head), heads never packed by attention-io
+# learned positions, no rotation at all. GPT-2, OPT and GPT-Neo: plain multi-head attention (kv_num_heads ==
+# num_heads); GPT-2's Conv1D merges the heads straight into Gemm rows ([-1, H*D]); OPT and GPT-Neo project them
+# with a MatMul. TorchScript computes every head split's target at run time ([B, S, -1, D] of a Split's part;
+# GPT-2 views the ids as [-1, S] first): dim_sources proves them. GPT-Neo alternates a global and a local
+# (sliding window of 4) layer; its dynamo export merges the global layer's heads into [B, Min(128, S), H*D],
+# a Reshape that stays after the kernel's packed output. GPT-BigCode is multi-query, its one K/V head's
+# columns after the query's in one fused projection.
+NO_ROTARY = [(arch, exporter) for arch in ("gpt2", "opt", "gpt_neo", "gpt_bigcode")
+             for exporter in ("dynamo", "torchscript")]
+# the layers attention-io reads as heads of a fused projection's columns (cut out some other way)
+FUSED_QKV = [*MULTI_QUERY, ("gpt_neox", "dynamo"), ("gpt_neox", "torchscript"), ("gpt_bigcode", "dynamo"),
+             ("gpt_bigcode", "torchscript")]
+# not lowered: ALiBi (an additive float mask per head)
 REFUSED = [("bloom", "dynamo"), ("bloom", "torchscript")]
 
 
@@ -92,10 +103,12 @@ def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter, mask
     assert len(gqa) == 2  # the zoo's two layers, each one node
     assert not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
     assert all(n.attributes["do_rotary"].value == 1 for n in gqa)
-    if arch in ("qwen2", "qwen3", "phi3"):  # q, k, v apart: GroupQueryAttention's unpacked form
+    if arch in APART:  # q, k, v apart: GroupQueryAttention's unpacked form
         assert all(n.inputs[1] is not None and n.inputs[2] is not None for n in gqa)
     else:  # the packed projection whole, its Split gone
         assert all(n.inputs[0].producer().op_type == "MatMul" and n.inputs[1] is None for n in gqa)
+    if arch == "falcon":  # multi-query: one K/V head for the 4 query heads
+        assert all((n.attributes["num_heads"].value, n.attributes["kv_num_heads"].value) == (4, 1) for n in gqa)
     if arch == "mistral":  # the tiny config's sliding_window=4, read from the probed mask
         assert {n.attributes["local_window_size"].value for n in gqa} == {4}
     else:
@@ -109,6 +122,25 @@ def test_lowered_graph_replays_the_concat_graph(ort_graphs, arch, exporter, mask
     assert result.equivalent, str(result)
     if mask == "bias":  # the draw had padded batches of several rows
         assert MASKS_KEY not in model.metadata_props
+
+
+@pytest.mark.parametrize("mask", ["bias", "none"])
+@pytest.mark.parametrize(("arch", "exporter"), FUSED_QKV)
+def test_heads_cut_from_a_fused_projection_are_lowered_and_replay_the_export(tiny_zoo, ort_graphs, arch, exporter,
+                                                                             mask) -> None:
+    """Falcon, GPT-BigCode (multi-query) and GPT-NeoX (q, k, v side by side per head): every layer is lowered, no
+    column reorder is left as a Gather (GPT-NeoX's is in the weights), and the lowered graph replays the
+    no-cache export the whole preset started from."""
+    model, _ = _lower(ort_graphs[(arch, exporter)], mask=mask)
+    gqa = _gqa_nodes(model)
+    assert len(gqa) == 2 and not [n for n in model.graph if n.op_type == "Attention"]
+    assert {n.attributes["kv_num_heads"].value for n in gqa} == ({4} if arch == "gpt_neox" else {1})
+    # a Gather of computed activations would be a column reorder left in the graph (table lookups and shapes aside)
+    assert not [n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is None
+                and n.inputs[0].dtype == ir.DataType.FLOAT]
+    result = check_sequence_equivalence(model, tiny_zoo.export(arch, exporter).model_path, examples=10, seed=5,
+                                        max_len=12)
+    assert result.equivalent, str(result)
 
 
 def test_the_graph_declares_its_narrower_domain(ort_graphs) -> None:
@@ -241,8 +273,9 @@ def _interleaved(model: ir.Model) -> None:
 
 @pytest.mark.parametrize(("arch", "exporter", "change", "why"), [
     ("llama", "torchscript", _qk_output_mode, "a qk_matmul_output_mode is set"),
-    ("bloom", "dynamo", None, "is not known to be [B, S, 4 x 16]"),
-    ("bloom", "torchscript", None, "q_num_heads / kv_num_heads are not set"),
+    # Bloom's heads pack (attention-io reads them from its fused projection), but its mask carries ALiBi
+    ("bloom", "dynamo", None, "adds a key-position bias (ALiBi)"),
+    ("bloom", "torchscript", None, "adds a key-position bias (ALiBi)"),
 ])
 def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, change, why) -> None:
     model = io.load(ort_graphs[(arch, exporter)])
@@ -330,7 +363,8 @@ def test_a_decoder_without_rotary_is_lowered_and_replays(ort_graphs, arch, expor
     assert not [n for n in model.graph if n.op_type == "Transpose" and len(n.attributes["perm"].value) == 4]
     for node in gqa:
         assert "do_rotary" not in node.attributes and (len(node.inputs) < 8 or node.inputs[7] is None)  # no caches
-        assert node.attributes["num_heads"].value == node.attributes["kv_num_heads"].value == 4
+        kv_heads = 1 if arch == "gpt_bigcode" else 4  # multi-query: one K/V head
+        assert node.attributes["num_heads"].value == 4 and node.attributes["kv_num_heads"].value == kv_heads
         (use,) = [u.node for u in node.outputs[0].uses()]
         if use.op_type == "Reshape":
             (use,) = [u.node for u in use.outputs[0].uses()]
@@ -392,7 +426,7 @@ def test_lowering_composes_with_quantize(tiny_zoo, tmp_path) -> None:
     assert result.equivalent, str(result)
 
 
-@pytest.mark.parametrize(("arch", "exporter"), [*ZOO, *KEPT_INTERLEAVED])
+@pytest.mark.parametrize(("arch", "exporter"), [*ZOO, *KEPT_INTERLEAVED, *FUSED_QKV])
 def test_optimize_verify_passes_on_the_zoo(ort_graphs, tmp_path, capsys, arch, exporter) -> None:
     """``qgraph optimize --passes lower-gqa --verify``: every layer lowered and replayed, both exporters (GPT-J's
     with its rotations kept in front of the kernel)."""
@@ -400,7 +434,7 @@ def test_optimize_verify_passes_on_the_zoo(ort_graphs, tmp_path, capsys, arch, e
     assert main(["optimize", str(ort_graphs[(arch, exporter)]), "-o", str(out), "--passes", "lower-gqa", "--verify"]) == 0
     table = capsys.readouterr().out
     lowered = _gqa_nodes(io.load(out))
-    assert (arch, exporter) in [*LOWERED, *KEPT_INTERLEAVED]
+    assert (arch, exporter) in [*LOWERED, *KEPT_ROTARY, *KEPT_INTERLEAVED, *NO_ROTARY]
     assert len(lowered) == 2 and "cached replay gives the logits of the input's own cache" in table
     assert "near miss in lower-gqa" not in table
 

@@ -30,7 +30,14 @@ from qgraph.verify.sequence import check_sequence_equivalence
 # Conv1D already projects Q/K/V as one Gemm.
 EXPECTED = {"llama": (2, 0, 0, 1, 1, 2), "phi": (2, 2, 0, 1, 1, 0), "phi3": (2, 0, 0, 0, 0, 2),
             "gptj": (2, 2, 2, 1, 1, 0), "starcoder2": (2, 0, 0, 1, 0, 0), "gpt2": (0, 0, 0, 0, 0, 0),
-            "opt": (0, 0, 0, 1, 0, 0), "gpt_neo": (0, 0, 0, 1, 0, 0)}
+            "opt": (0, 0, 0, 1, 0, 0), "gpt_neo": (0, 0, 0, 1, 0, 0),
+            # one fused QKV projection each; Falcon's parallel MLP reads the same norm (a pack of two),
+            # GPT-NeoX rotates a quarter of each head, GPT-BigCode has learned positions
+            "falcon": (2, 0, 0, 0, 1, 0), "gpt_bigcode": (0, 0, 0, 0, 0, 0), "gpt_neox": (2, 2, 0, 0, 1, 0)}
+# GPT-NeoX's parallel MLP has a norm of its own, with the same initial weights as the attention's in the tiny
+# zoo: the dynamo exporter stores equal weights once, so cse merges the two norms and the QKV and MLP
+# projections become siblings; the TorchScript export keeps two weights, two norms, nothing to pack.
+PACKS_OF_TWO = {("gpt_neox", "torchscript"): 0}
 # attention-io's head packing per layer. Phi and Phi3 merge their heads back through a Reshape whose target
 # is computed at run time; shape-reads makes it a constant, and the dynamo exports pack. The TorchScript
 # exports of Phi and StarCoder2 view the attention output as [B, -1, S, D] before moving the heads back:
@@ -41,7 +48,12 @@ EXPECTED = {"llama": (2, 0, 0, 1, 1, 2), "phi": (2, 2, 0, 1, 1, 0), "phi3": (2, 
 # layer's heads into [B, Min(128, S), H*D], a Reshape kept after the packed output. GPT-J rotates
 # [B, S, H, D] before moving the heads; once the rotary pass has cancelled the transposes, its partial,
 # interleaved rotations read heads(x3) like any other and pack (num_heads).
-PACKED_HEADS = {"llama": 1, "phi": 1, "phi3": 1, "gptj": 1, "starcoder2": 1, "gpt2": 1, "opt": 1, "gpt_neo": 1}
+PACKED_HEADS = {"llama": 1, "phi": 1, "phi3": 1, "gptj": 1, "starcoder2": 1, "gpt2": 1, "opt": 1, "gpt_neo": 1,
+                "falcon": 1, "gpt_bigcode": 1, "gpt_neox": 1}
+# Falcon and GPT-BigCode (multi-query: one K/V head) and GPT-NeoX (q, k, v side by side per head) cut their heads
+# out of the fused projection in their own ways; attention-io reads them as heads of its columns (GPT-NeoX's
+# reordered in the weights) and every layer is lowered to GroupQueryAttention.
+PROJECTION_HEADS = {"falcon", "gpt_bigcode", "gpt_neox"}
 NOT_PACKED: set[tuple[str, str]] = set()
 # GPT-J rotates q and k as [B, S, H, D] and then moves the heads in front: the rotary pass's transpose back
 # merges with that one, per layer for q and for k.
@@ -51,7 +63,7 @@ HEADS_BACK = {"gptj": 2}
 # GPT-2, OPT and GPT-Neo's TorchScript exports compute every head split's shape at run time.
 CASES = [*((arch, "dynamo") for arch in EXPECTED), ("llama", "torchscript"), ("phi", "torchscript"),
          ("phi3", "torchscript"), ("gptj", "torchscript"), ("starcoder2", "torchscript"), ("gpt2", "torchscript"),
-         ("opt", "torchscript"), ("gpt_neo", "torchscript")]
+         ("opt", "torchscript"), ("gpt_neo", "torchscript"), *((arch, "torchscript") for arch in sorted(PROJECTION_HEADS))]
 
 
 @pytest.mark.slow
@@ -69,6 +81,7 @@ def test_the_ort_preset_fuses_what_the_architecture_has_and_replays(tiny_zoo, tm
     assert matches["rotary-interleaved"] == interleaved * LAYERS
     assert matches["rotary-partial"] + matches["rotary-partial-heads-second"] == partial * LAYERS
     assert matches["rotary-heads-back"] == HEADS_BACK.get(arch, 0) * LAYERS
+    gate_up = PACKS_OF_TWO.get((arch, exporter), gate_up)
     assert matches["pack-three-matmuls"] == qkv * LAYERS and matches["pack-two-matmuls"] == gate_up * LAYERS
     packed = 0 if (arch, exporter) in NOT_PACKED else PACKED_HEADS[arch]
     assert matches["attention-packed-heads"] == packed * LAYERS
@@ -78,6 +91,7 @@ def test_the_ort_preset_fuses_what_the_architecture_has_and_replays(tiny_zoo, tm
     # TorchScript's second sum of a layer has addends of unrelated dim names after kv-cache; their dims'
     # proven sources are the same (skip-rmsnorm reads them), so both exporters fuse every sum
     assert matches["skip-rmsnorm"] == skip * LAYERS
+    assert matches["projection-heads"] == (LAYERS if arch in PROJECTION_HEADS else 0)
     ops = collections.Counter(n.op_type for n in model.graph)
     # no head transpose left where the heads packed (StarCoder2's tied LM head keeps its 2-D weight Transpose)
     head_transposes = sum(1 for n in model.graph if n.op_type == "Transpose" and len(n.attributes["perm"].value) == 4)
