@@ -54,7 +54,10 @@ the model), 8192 when it declares none, or option ``max_positions``.
 packed projection when they are its Split in the order q, k, v, else
 apart (GroupQueryAttention's unpacked form: biased projections that
 ``pack-matmuls`` leaves apart); a mask that is causal (with a sliding
-window at most) on all-ones masks, probed; no qk output, no bias. A
+window at most) on all-ones masks, probed; no qk output. A mask that also
+adds a bias to the scores it shows (Bloom's ALiBi, slope_h * key position)
+is lowered only with ``mask=bias``, which passes it in whole; ``mask=none``
+would drop the bias, so it refuses the layer. A
 soft-capped layer (Gemma 2) keeps its cap as the kernel's ``softcap``
 (the two kernels cap alike: tests/passes/test_gqa_lowering.py replays a cap
 that bends every score, padded rows and a sliding window included). A layer
@@ -286,7 +289,7 @@ class LowerGQAPass(Pass):
     def _probe(self, model: ir.Model, layer: _Layer) -> str | None:
         mask = layer.attention.inputs[3]
         if mask not in self._windows:
-            self._windows[mask] = causal_window(model, mask)
+            self._windows[mask] = causal_window(model, mask, bias_goes_in=self.config["mask"] == "bias")
         window = self._windows[mask]
         if isinstance(window, str):
             return window

@@ -18,8 +18,11 @@ only when running the graph's own subgraphs shows they are that function:
 * **mask.** With an all-ones ``attention_mask`` of batch 1 (the only masks a
   lowered graph takes), the mask subgraph must hide exactly the keys a causal
   mask with at most a sliding window hides, in a prefill and in a chunk that
-  follows a past -- no bias on the visible scores (ALiBi), no bidirectional
-  keys. Probing reuses the kv-cache pass's slice runner and mask reader.
+  follows a past, and no bidirectional keys. A bias on the visible scores
+  (ALiBi: slope * key position, per head) is allowed only where the mask
+  goes into the kernel whole, as its ``attention_bias`` (``mask=bias``);
+  without it nothing would add the bias. Probing reuses the kv-cache pass's
+  slice runner and mask reader.
 
 Every function returns the value or a sentence saying why not; the pass
 puts that sentence in its report, naming the layer.
@@ -92,8 +95,12 @@ def _feeds(model: ir.Model, past: int, seq: int, positions: np.ndarray | None = 
     return feeds
 
 
-def causal_window(model: ir.Model, mask: ir.Value) -> int | None | str:
-    """The sliding window of a causal mask (None: unbounded), or why ``mask`` is not one for all-ones masks."""
+def causal_window(model: ir.Model, mask: ir.Value, *, bias_goes_in: bool = False) -> int | None | str:
+    """The sliding window of a causal mask (None: unbounded), or why ``mask`` is not one for all-ones masks.
+
+    ``bias_goes_in``: the mask itself becomes the kernel's attention_bias, so a bias it adds to the scores it
+    shows (ALiBi) is computed; the keys it hides must still be the causal ones the kernel hides itself.
+    """
     read = _inputs_read(model, [mask])
     unknown = read - {"input_ids", "attention_mask", "position_ids"} - {
         v.name for v in model.graph.inputs if v.name and v.name.startswith("past_key_values.")}
@@ -110,14 +117,16 @@ def causal_window(model: ir.Model, mask: ir.Value) -> int | None | str:
         meaning = mask_meaning(prefill, np.ones((1, length), bool), is_causal=False)
     except ProbeError as error:
         return f"the mask '{mask.name}': {error}"
-    if meaning.slopes is not None:
-        return f"the mask '{mask.name}' adds a key-position bias (ALiBi), which GroupQueryAttention has no input for"
+    if meaning.slopes is not None and not bias_goes_in:
+        return (f"the mask '{mask.name}' adds a key-position bias (ALiBi), which mask=none leaves out (mask=bias "
+                "passes it in as attention_bias)")
     # the same mask once a past is cached: the chunk's queries are the last rows of the prefill's
     if chunk.shape[-2:] != (length - past, length):
         return f"the mask '{mask.name}' of a {length - past}-token chunk after {past} has shape {list(chunk.shape)}"
-    visible = np.broadcast_to(prefill, (1, 1, length, length))[0, 0, past:]
-    got = chunk[0, 0] if chunk.dtype == np.bool_ else chunk[0, 0] > np.finfo(chunk.dtype).min / 4
+    # (one mask for all heads, or one per head: ALiBi's)
+    visible = prefill[0, :, past:]
+    got = chunk[0] if chunk.dtype == np.bool_ else chunk[0] > np.finfo(chunk.dtype).min / 4
     expected = visible if visible.dtype == np.bool_ else visible > np.finfo(visible.dtype).min / 4
-    if not np.array_equal(got, expected):
+    if got.shape != expected.shape or not np.array_equal(got, expected):
         return f"the mask '{mask.name}' of a chunk after a past is not the prefill mask's last rows"
     return meaning.window

@@ -68,8 +68,9 @@ NO_ROTARY = [(arch, exporter) for arch in ("gpt2", "opt", "gpt_neo", "gpt_bigcod
 # the layers attention-io reads as heads of a fused projection's columns (cut out some other way)
 FUSED_QKV = [*MULTI_QUERY, ("gpt_neox", "dynamo"), ("gpt_neox", "torchscript"), ("gpt_bigcode", "dynamo"),
              ("gpt_bigcode", "torchscript")]
-# not lowered: ALiBi (an additive float mask per head)
-REFUSED = [("bloom", "dynamo"), ("bloom", "torchscript")]
+# ALiBi: the mask adds slope_h * key position to head h's scores (a float [B, H, S, T] mask). The kernel has no
+# ALiBi of its own, so only mask=bias, which passes the mask in whole as attention_bias, lowers it.
+ALIBI = [("bloom", "dynamo"), ("bloom", "torchscript")]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def ort_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """The ort-attention preset's graph of each case (what lower-gqa takes), made once for the module."""
     out = tmp_path_factory.mktemp("ort-graphs")
     graphs = {}
-    for arch, exporter in [*LOWERED, *KEPT_ROTARY, *KEPT_INTERLEAVED, *NO_ROTARY, *REFUSED]:
+    for arch, exporter in [*LOWERED, *KEPT_ROTARY, *KEPT_INTERLEAVED, *NO_ROTARY, *ALIBI]:
         run = run_preset("ort-attention", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}",
                          default_registry())
         graphs[(arch, exporter)] = run.folder / "model.onnx"
@@ -271,17 +272,17 @@ def _interleaved(model: ir.Model) -> None:
             node.attributes["interleaved"] = ir.AttrInt64("interleaved", 1)
 
 
-@pytest.mark.parametrize(("arch", "exporter", "change", "why"), [
-    ("llama", "torchscript", _qk_output_mode, "a qk_matmul_output_mode is set"),
-    # Bloom's heads pack (attention-io reads them from its fused projection), but its mask carries ALiBi
-    ("bloom", "dynamo", None, "adds a key-position bias (ALiBi)"),
-    ("bloom", "torchscript", None, "adds a key-position bias (ALiBi)"),
+@pytest.mark.parametrize(("arch", "exporter", "change", "mask", "why"), [
+    ("llama", "torchscript", _qk_output_mode, "bias", "a qk_matmul_output_mode is set"),
+    # Bloom's mask carries ALiBi: without the bias input nothing would add it
+    ("bloom", "dynamo", None, "none", "adds a key-position bias (ALiBi), which mask=none leaves out"),
+    ("bloom", "torchscript", None, "none", "adds a key-position bias (ALiBi), which mask=none leaves out"),
 ])
-def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, change, why) -> None:
+def test_layers_not_lowered_are_reported(ort_graphs, arch, exporter, change, mask, why) -> None:
     model = io.load(ort_graphs[(arch, exporter)])
     if change is not None:
         change(model)
-    report = PassManager(["lower-gqa"]).run(model)
+    report = PassManager([("lower-gqa", {"mask": mask})]).run(model)
     record = next(r for r in report.passes if r.name == "lower-gqa")
     assert not record.changed and not _gqa_nodes(model)
     notes = [n for n in record.notes if "not lowered" in n]
@@ -347,6 +348,26 @@ def test_a_rotation_the_kernel_cannot_take_stays_in_front_of_it(ort_graphs, tiny
         export = tiny_zoo.export(arch, exporter).model_path
         result = check_sequence_equivalence(model, export, examples=6, seed=3, max_len=10)
         assert result.equivalent, str(result)
+
+
+@pytest.mark.parametrize(("arch", "exporter"), ALIBI)
+def test_alibi_goes_into_the_kernel_as_its_bias(ort_graphs, tiny_zoo, arch, exporter) -> None:
+    """Bloom (mask=bias): every layer one GroupQueryAttention whose attention_bias is the layer's own float
+    [B, H, S, T] mask, ALiBi's per-head slopes and all, and the lowered graph gives the concat graph's and the
+    no-cache export's logits on padded batches, prefill, chunks and decode steps."""
+    source = ort_graphs[(arch, exporter)]
+    masks = {n.inputs[3].name for n in io.load(source).graph if n.op_type == "Attention"}
+    model, _ = _lower(source)
+    gqa = _gqa_nodes(model)
+    assert len(gqa) == 2 and not [n for n in model.graph if n.op_type == "Attention"]
+    assert {n.inputs[10].name for n in gqa} == masks  # attention_bias: the mask itself, no Where around it
+    for node in gqa:
+        assert node.attributes["num_heads"].value == node.attributes["kv_num_heads"].value == 4
+    result = check_sequence_equivalence(model, source, examples=12, seed=4, max_len=10)
+    assert result.equivalent, str(result)
+    export = tiny_zoo.export(arch, exporter).model_path
+    result = check_sequence_equivalence(model, export, examples=8, seed=5, max_len=10)
+    assert result.equivalent, str(result)
 
 
 @pytest.mark.parametrize("mask", ["bias", "none"])

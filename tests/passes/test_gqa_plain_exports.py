@@ -14,8 +14,9 @@ Phi's partial rotary stays RotaryEmbedding in front of the kernel, the
 same on both exports. Falcon and GPT-BigCode (multi-query) and GPT-NeoX
 cut q, k and v out of one fused projection in their own ways; attention-io
 reads them as heads of its columns, on the plain export as on qgraph's own.
-Layers that stay refused are refused for what the architecture is, the same
-on both exports (Bloom's ALiBi biases here), and the near-miss line says so.
+Bloom's ALiBi biases go into the kernel inside its mask (``attention_bias``);
+with ``mask=none``, which has no bias input, its layers are refused for what
+the architecture is, the same on both exports, and the near-miss line says so.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from qgraph.registry import default_registry
 from qgraph.verify.sequence import check_sequence_equivalence
 
 # gemma2: soft-capped scores (GroupQueryAttention's softcap) and alternating sliding windows; falcon, gpt_bigcode,
-# gpt_neox: heads cut out of a fused QKV projection (multi-query; per-head q, k, v with a partial rotary)
-ARCHS = ("llama", "mistral", "qwen2", "gemma2", "falcon", "gpt_bigcode", "gpt_neox")
+# gpt_neox: heads cut out of a fused QKV projection (multi-query; per-head q, k, v with a partial rotary); bloom:
+# per-head q, k, v and ALiBi in its mask
+ARCHS = ("llama", "mistral", "qwen2", "gemma2", "falcon", "gpt_bigcode", "gpt_neox", "bloom")
 CASES = [(arch, exporter) for arch in ARCHS for exporter in ("dynamo", "torchscript")]
 
 
@@ -80,13 +82,14 @@ def test_a_partial_rotary_is_lowered_with_its_rotations_kept_on_both_exports(tin
 @pytest.mark.slow
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_a_layer_refused_on_both_exports_is_reported_as_what_it_is(tiny_zoo, tmp_path, capsys, exporter):
-    """Bloom adds ALiBi position biases to its scores, which GroupQueryAttention has no input for: lower-gqa
-    lowers none of its layers, on the plain export as on qgraph's own, and the near-miss line says why (its
-    fused, per-head QKV projection no longer stops it earlier: attention-io packs its heads)."""
+    """Bloom adds ALiBi position biases to its scores, which lower-gqa's mask=none has no input for: it lowers
+    none of its layers, and the near-miss line says why (its fused, per-head QKV projection no longer stops it
+    earlier: attention-io packs its heads)."""
     plain = tiny_zoo.export("bloom", exporter, wrapper="plain")
     out = tmp_path / "model.onnx"
-    assert main(["optimize", str(plain.model_path), "-o", str(out), "--preset", "ort"]) == 0
+    assert main(["optimize", str(plain.model_path), "-o", str(out), "--preset", "ort",
+                 "--option", "lower-gqa.mask=none"]) == 0
     table = capsys.readouterr().out
-    assert _gqa_count(io.load(out)) == 0 == _own_export_count(tiny_zoo, "bloom", exporter)
+    assert _gqa_count(io.load(out)) == 0
     line = next(line for line in table.splitlines() if line.startswith("near miss in lower-gqa"))
     assert f"{LAYERS} candidate(s) rejected" in line and "key-position bias (ALiBi)" in line, line

@@ -5,10 +5,12 @@ lowered graph, replayed on token sequences hypothesis draws (padded batches
 of several rows, left and right padding, a prefill then chunks and decode
 steps after a past), gives the logits of the graph it came from. Inputs are
 the ``ort-attention`` preset's graphs of the zoo; the pipeline under test is
-``lower-gqa`` then ``lower-mha``, as in the ``ort`` target, so the layers
-lower-mha sees are exactly those lower-gqa refused; where a test needs a
-layer lower-gqa would take (GPT-Neo's unscaled scores, packed heads),
-lower-mha runs alone. A lowering broken on
+``lower-gqa`` then ``lower-mha``, so the layers lower-mha sees are exactly
+those lower-gqa refused. lower-gqa takes every layer of the zoo with its
+default ``mask=bias``; with ``mask=none`` (no attention_bias) it refuses
+Bloom's ALiBi, which lower-mha then takes -- that is the pipeline here. Where
+a test needs a layer lower-gqa takes either way (GPT-Neo's unscaled scores,
+GPT-J's rotations, packed heads), lower-mha runs alone. A lowering broken on
 purpose (wrong num_heads, bias dropped, scale wrong) fails ``qgraph optimize
 --verify`` with exit code 1; layers that cannot be lowered are named in the
 report with the check that failed.
@@ -38,7 +40,7 @@ from qgraph.verify.sequence import ReplayCase, SequenceReplayer, check_sequence_
 LOWERED = {
     ("gpt2", "dynamo"): 0,                                       # no rotary; the heads pack: lower-gqa's
     ("phi", "dynamo"): 0, ("phi", "torchscript"): 0,            # partial rotary: lower-gqa takes them, rotary kept
-    ("bloom", "dynamo"): 2, ("bloom", "torchscript"): 2,        # ALiBi: an additive float mask per head
+    ("bloom", "dynamo"): 2, ("bloom", "torchscript"): 2,        # ALiBi: lower-gqa's only with mask=bias
     ("gptj", "dynamo"): 0, ("gptj", "torchscript"): 0,          # interleaved partial rotary, packed: lower-gqa's
     ("gemma2", "dynamo"): 0,                                     # soft-capped: lower-gqa takes both layers
 }
@@ -71,7 +73,7 @@ def attention_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 def _lower(path: Path) -> tuple[ir.Model, object]:
     model = io.load(path)
-    report = PassManager(["lower-gqa", "lower-mha"]).run(model)
+    report = PassManager([("lower-gqa", {"mask": "none"}), "lower-mha"]).run(model)
     return model, report
 
 
@@ -200,7 +202,7 @@ def test_optimize_verify_passes(attention_graphs, tmp_path, capsys, arch, export
     """``qgraph optimize --passes [lower-gqa] lower-mha --verify`` exits 0 and says what it proved."""
     out = tmp_path / "mha.onnx"
     alone = (arch, exporter) in PACKED
-    passes = ["lower-mha"] if alone else ["lower-gqa", "lower-mha"]
+    passes = ["lower-mha"] if alone else ["lower-gqa", "lower-mha", "--option", "lower-gqa.mask=none"]
     args = ["optimize", str(attention_graphs[(arch, exporter)]), "-o", str(out), "--passes", *passes, "--verify"]
     assert main(args) == 0
     table = capsys.readouterr().out
@@ -230,8 +232,8 @@ class BrokenMHA(LowerMHAPass):
 MUTATIONS = {  # the zoo case, the change, and the passes in front of lower-mha
     # GPT-J's layers go to lower-gqa when it runs: lower-mha alone
     "wrong num_heads": (("gptj", "torchscript"), 'node.attributes["num_heads"] = ir.AttrInt64("num_heads", 2)', []),
-    # no causal mask, no padding mask
-    "bias dropped": (("bloom", "torchscript"), "node.replace_input_with(5, None)", ["lower-gqa"]),
+    # no causal mask, no padding mask, no ALiBi (lower-gqa would take Bloom's layers with its default mask=bias)
+    "bias dropped": (("bloom", "torchscript"), "node.replace_input_with(5, None)", []),
     # gpt-neo's attention is unscaled (scale 1.0); the kernel's default would be 1/sqrt(head size). lower-gqa
     # would take its layers, so lower-mha runs alone.
     "scale dropped": (("gpt_neo", "torchscript"), 'node.attributes.pop("scale")', []),
