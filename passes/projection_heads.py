@@ -39,10 +39,10 @@ probe fails is left as it was, and the note names the operand and the check.
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+from qgraph_passes.fresh_names import FreshNames
 from qgraph_passes.attention_contract import remove_dead
 from qgraph_passes.channel_probe import MOVEMENT, movement_source, probe
 from qgraph_passes.column_permutation import fold_column_gather
@@ -137,24 +137,7 @@ def _merged(y: ir.Value, z: ir.Value) -> str | None:
     return None
 
 
-@dataclasses.dataclass
-class _Names:
-    graph: ir.Graph
-
-    def __post_init__(self) -> None:
-        self.taken = {v.name for v in self.graph.inputs} | set(self.graph.initializers)
-        self.taken |= {v.name for n in self.graph for v in n.outputs}
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
-
-
-def _constant(graph: ir.Graph, names: _Names, array: np.ndarray, base: str) -> ir.Value:
+def _constant(graph: ir.Graph, names: FreshNames, array: np.ndarray, base: str) -> ir.Value:
     name = names(base)
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.dtype, value.shape = value.const_value.dtype, ir.Shape(list(array.shape))
@@ -165,7 +148,7 @@ def _constant(graph: ir.Graph, names: _Names, array: np.ndarray, base: str) -> i
 class _Builder:
     """New nodes of one layer, placed in order right after a given node (or first in the graph)."""
 
-    def __init__(self, graph: ir.Graph, names: _Names, prefix: str, after: ir.Node | None) -> None:
+    def __init__(self, graph: ir.Graph, names: FreshNames, prefix: str, after: ir.Node | None) -> None:
         self.graph, self.names, self.prefix, self.after = graph, names, prefix, after
 
     def add(self, op: str, inputs, shapes, dtype, **attributes) -> list[ir.Value]:
@@ -185,7 +168,7 @@ class _Builder:
         return _constant(self.graph, self.names, array, f"{self.prefix}/{what}")
 
 
-def _layer_heads(graph: ir.Graph, names: _Names, node: ir.Node,
+def _layer_heads(graph: ir.Graph, names: FreshNames, node: ir.Node,
                  operands: tuple[ir.Value, ...]) -> tuple[list[str], str | None]:
     """Rewrite the layer's operands as heads of its projections' columns: (what was done, why not)."""
     sources, maps = [], []
@@ -212,7 +195,7 @@ def _layer_heads(graph: ir.Graph, names: _Names, node: ir.Node,
                  [maps[i] for i, s in enumerate(sources) if s is source]) for source in dict.fromkeys(sources)], None
 
 
-def _cut(graph: ir.Graph, names: _Names, node: ir.Node, source: ir.Value, operands: list[ir.Value],
+def _cut(graph: ir.Graph, names: FreshNames, node: ir.Node, source: ir.Value, operands: list[ir.Value],
          maps: list[np.ndarray]) -> str:
     """Replace ``operands`` (heads of ``source``'s columns ``maps``) by ``heads`` of a Split of those columns."""
     width = source.shape[2]
@@ -263,7 +246,7 @@ def _merge_chain(y: ir.Value) -> list[ir.Value]:
     return found
 
 
-def _merge_output(graph: ir.Graph, names: _Names, node: ir.Node) -> str | None:
+def _merge_output(graph: ir.Graph, names: FreshNames, node: ir.Node) -> str | None:
     """Give the Attention output a plain merge when its data moves to [B, S, Hq*D] some other way; a note.
 
     The merge is the first 3-D value on the way that the probe shows to be ``merge(y)`` (a batched-heads
@@ -301,7 +284,7 @@ def _merge_output(graph: ir.Graph, names: _Names, node: ir.Node) -> str | None:
 def read_heads_from_projections(model: ir.Model) -> tuple[int, list[str]]:
     """Rewrite every cached layer whose q, k, v are heads of fused projections; (layers rewritten, notes)."""
     graph = model.graph
-    names = _Names(graph)
+    names = FreshNames(graph)
     count, notes = 0, []
     for node in list(graph):
         if not _default(node, "Attention"):

@@ -46,6 +46,7 @@ import types
 
 import numpy as np
 import onnx_ir as ir
+from qgraph_passes.fresh_names import FreshNames
 from qgraph_passes.dim_sources import Const, DimSources, InputDim
 from qgraph_passes.whole_slices import drop_whole_slices_and_empty_operands
 
@@ -62,22 +63,6 @@ def _attr(node: ir.Node, name: str, default=None):
 
 def _is_const(value: ir.Value | None) -> bool:
     return value is not None and ir.convenience.get_const_tensor(value) is not None
-
-
-class _Names:
-    """Fresh value names: ``base``, else ``base_2``, ``base_3``... (unnamed nodes give empty bases)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self._taken = {v.name for v in graph.inputs} | set(graph.initializers)
-        self._taken |= {v.name for n in graph for v in n.outputs}
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self._taken:
-            k += 1
-            name = f"{base}_{k}"
-        self._taken.add(name)
-        return name
 
 
 def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
@@ -139,7 +124,7 @@ class ShapeReadsPass(Pass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         dims = DimSources(graph)
-        self._names = _Names(graph)
+        self._names = FreshNames(graph)
         self._kept: list[types.SimpleNamespace] = []
         self._candidates: list[tuple[bool, str]] = []  # for --explain reshape-target
         changed = False
