@@ -1,20 +1,23 @@
-"""A whole GPT-2-small-shaped model in onnxruntime: the ``ort`` graph (Attention) against it with ``lower-mha``.
+"""A whole GPT-2-small-shaped model in onnxruntime: its attention as Attention, MultiHeadAttention, GroupQueryAttention.
 
     .venv/bin/python benchmarks/mha_lowering_model.py [--contexts 16,256,900] [--steps 16] [--rounds 2]
-                                                     [--out DIR] [--write] [--note TEXT]
+                                                     [--exporter dynamo|torchscript] [--out DIR] [--write]
+                                                     [--note TEXT]
 
 What ``benchmarks/mha_lowering.py`` measures on attention layers alone,
 measured where it counts: a random-weight GPT-2 with GPT-2 small's shape
-(12 layers, 12 heads of 64, vocabulary 50257; ``lower-gqa`` takes none of its
-layers), exported by dynamo, through the ``ort`` preset, then the same graph
-with ``lower-mha`` after it. Both run as ``qgraph generate`` runs them
-(:func:`qgraph.runtime.engines.make_engine`, concat cache, 2 threads, one
-process). For each context c: a prefill of c random tokens (timed, each
-graph in turn) and ``--steps`` greedy decode steps alternating between the
-two graphs (every other round starts with the lowered one), after one
-warm-up generation each. Greedy tokens
-must agree (the benchmark fails otherwise). GPT-2 has 1024 positions, so
-contexts stay below that.
+(12 layers, 12 heads of 64, vocabulary 50257), exported by dynamo or
+TorchScript, through the ``ort-attention`` preset (every layer an ONNX
+``Attention`` on the concat cache), the same graph with ``lower-mha`` after
+it (every layer a ``MultiHeadAttention``, concat cache), and the ``ort``
+preset (every layer a ``GroupQueryAttention``, one shared cache buffer).
+Each runs as ``qgraph generate`` runs it
+(:func:`qgraph.runtime.engines.make_engine`, 2 threads, one process). For
+each context c: a prefill of c random tokens (timed, each graph in turn)
+and ``--steps`` greedy decode steps alternating between the graphs (every
+other round in the reverse order), after one warm-up generation each.
+Greedy tokens must agree (the benchmark fails otherwise). GPT-2 has 1024
+positions, so contexts stay below that.
 """
 
 from __future__ import annotations
@@ -50,27 +53,30 @@ def _hf_folder(folder: Path) -> Path:
     return folder
 
 
-def _graphs(out: Path) -> dict[str, Path]:
+def _graphs(out: Path, exporter: str) -> dict[str, Path]:
     from qgraph import io
     from qgraph.demo import run_preset
     from qgraph.export import Progress, export_model
     from qgraph.manager import PassManager
     from qgraph.registry import default_registry
 
+    out = out / exporter
     lowered = out / "lower-mha" / "model.onnx"
-    plain = out / "ort" / "model.onnx"
+    plain = out / "ort-attention" / "model.onnx"
+    gqa = out / "ort" / "model.onnx"
     if not lowered.exists():
-        exported = export_model(_hf_folder(out / "gpt2-small-hf"), out / "export", exporter="dynamo",
+        exported = export_model(_hf_folder(out.parent / "gpt2-small-hf"), out / "export", exporter=exporter,
                                 progress=Progress())
-        print("preset ort ...", file=sys.stderr)
-        run_preset("ort", exported.output_dir, out, default_registry())
+        for preset in ("ort-attention", "ort"):
+            print(f"preset {preset} ...", file=sys.stderr)
+            run_preset(preset, exported.output_dir, out, default_registry())
         model = io.load(plain)
         report = PassManager(["lower-mha"]).run(model)
         record = next(r for r in report.passes if r.name == "lower-mha")
         print(f"lower-mha: {record.rule_matches}", file=sys.stderr)
         lowered.parent.mkdir(parents=True, exist_ok=True)
         io.save(model, lowered, external_data=True)
-    return {"ort": plain, "ort + lower-mha": lowered}
+    return {"Attention": plain, "MultiHeadAttention": lowered, "GroupQueryAttention": gqa}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="16,256,900")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     parser.add_argument("--out", metavar="DIR", help="keep (and reuse) the model, export and graphs here")
     args = parser.parse_args(argv)
     from qgraph.runtime.engines import make_engine
 
     with tempfile.TemporaryDirectory(prefix="qgraph-mha-") as scratch:
-        graphs = _graphs(Path(args.out) if args.out else Path(scratch))
+        graphs = _graphs(Path(args.out) if args.out else Path(scratch), args.exporter)
         engines = {name: make_engine(path, threads=THREADS) for name, path in graphs.items()}
         names = list(engines)
         rng = np.random.default_rng(0)
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):
                 print(f"context {context}, round {round_ + 1} ...", file=sys.stderr)
                 prefill, got, tokens = interleaved_decode(engines, prompt, args.steps, flip=bool(round_ % 2))
-                if tokens[names[0]] != tokens[names[1]]:
+                if any(tokens[n] != tokens[names[0]] for n in names):
                     raise SystemExit(f"greedy tokens differ at context {context}: {tokens}")
                 for name in names:
                     prefills[name].append(prefill[name])
@@ -104,27 +111,29 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((context, {n: 1000 * min(prefills[n]) for n in names},
                          {n: 1000 * statistics.median(times[n]) for n in names},
                          {n: 1000 * min(times[n]) for n in names}))
-    a, b = names
+    base, *others = names
+    kinds = {n: f"{n} ({engines[n].kind})" for n in names}
     lines = [
         f"Command: `.venv/bin/python benchmarks/mha_lowering_model.py --contexts {args.contexts} --steps {args.steps} "
-        f"--rounds {args.rounds} --write`",
+        f"--rounds {args.rounds} --exporter {args.exporter} --write`",
         "",
         f"Machine: {machine_description()}.",
         "",
-        ("Random-weight GPT-2 with GPT-2 small's shape (12 layers, 12 heads of 64, vocabulary 50257), dynamo export; "
-         f"`{a}` (every layer an Attention: lower-gqa takes none) against `{b}` (every layer a MultiHeadAttention), "
-         f"concat cache as `qgraph generate` runs it, {THREADS} threads, one process. Prefill of c random tokens: "
-         f"fastest of {args.rounds}; decode: median / fastest of {args.rounds} x {args.steps} steps alternating "
-         "between the two graphs; greedy tokens agree (checked)."),
+        (f"Random-weight GPT-2 with GPT-2 small's shape (12 layers, 12 heads of 64, vocabulary 50257), {args.exporter} "
+         f"export; every layer as {', '.join(kinds.values())}; {THREADS} threads, one process. Prefill of c random "
+         f"tokens: fastest of {args.rounds}; decode: median / fastest of {args.rounds} x {args.steps} steps "
+         f"alternating between the graphs; greedy tokens agree (checked). Ratios: against {base}."),
         "",
-        f"| context c | {a} prefill ms | {b} prefill ms | ratio | {a} decode ms/step | {b} decode ms/step "
-        "| ratio (median) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| context c | step | " + " | ".join(f"{n} ms" for n in names) + " | "
+        + " | ".join(f"{n} / {base}" for n in others) + " |",
+        "|---:|---|" + "---:|" * (len(names) + len(others)),
     ]
     for context, prefill, median, fastest in rows:
-        lines.append(f"| {context} | {prefill[a]:.1f} | {prefill[b]:.1f} | {prefill[b] / prefill[a]:.2f}x "
-                     f"| {median[a]:.2f} / {fastest[a]:.2f} | {median[b]:.2f} / {fastest[b]:.2f} "
-                     f"| {median[b] / median[a]:.2f}x |")
+        lines.append(f"| {context} | prefill | " + " | ".join(f"{prefill[n]:.1f}" for n in names) + " | "
+                     + " | ".join(f"{prefill[n] / prefill[base]:.2f}x" for n in others) + " |")
+        lines.append(f"| {context} | decode (median / fastest) | "
+                     + " | ".join(f"{median[n]:.2f} / {fastest[n]:.2f}" for n in names) + " | "
+                     + " | ".join(f"{median[n] / median[base]:.2f}x" for n in others) + " |")
     if args.note:
         lines += ["", args.note]
     publish(SECTION, "\n".join(lines), args.write)
