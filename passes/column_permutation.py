@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+from qgraph_passes.fresh_names import FreshNames
 
 __all__ = ["fold_column_gather"]
 
@@ -41,11 +42,7 @@ def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
 
 def _permuted(graph: ir.Graph, value: ir.Value, tensor: ir.TensorProtocol, perm: np.ndarray) -> ir.Value:
     """A new initializer: ``tensor`` with its last axis reordered by ``perm`` (computed when read)."""
-    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
-    name, k = f"{value.name}/columns", 1
-    while name in taken:
-        k += 1
-        name = f"{value.name}/columns_{k}"
+    name = FreshNames(graph)(f"{value.name}/columns")
     lazy = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(tensor.numpy()[..., perm])), dtype=tensor.dtype,
                          shape=tensor.shape, name=name)
     new = ir.Value(name=name, const_value=lazy)

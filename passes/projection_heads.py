@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from qgraph_passes.fresh_names import FreshNames
 from qgraph_passes.attention_contract import remove_dead
 from qgraph_passes.channel_probe import MOVEMENT, movement_source, probe
 from qgraph_passes.column_permutation import fold_column_gather
+from qgraph_passes.fresh_names import FreshNames
 
 __all__ = ["read_heads_from_projections"]
 

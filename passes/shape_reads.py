@@ -46,8 +46,8 @@ import types
 
 import numpy as np
 import onnx_ir as ir
-from qgraph_passes.fresh_names import FreshNames
 from qgraph_passes.dim_sources import Const, DimSources, InputDim
+from qgraph_passes.fresh_names import FreshNames
 from qgraph_passes.whole_slices import drop_whole_slices_and_empty_operands
 
 from qgraph import Pass
