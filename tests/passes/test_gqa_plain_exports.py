@@ -35,8 +35,10 @@ from qgraph.verify.sequence import check_sequence_equivalence
 
 # gemma2: soft-capped scores (GroupQueryAttention's softcap) and alternating sliding windows; falcon, gpt_bigcode,
 # gpt_neox: heads cut out of a fused QKV projection (multi-query; per-head q, k, v with a partial rotary); bloom:
-# per-head q, k, v and ALiBi in its mask
-ARCHS = ("llama", "mistral", "qwen2", "gemma2", "falcon", "gpt_bigcode", "gpt_neox", "bloom")
+# per-head q, k, v and ALiBi in its mask; gpt2, opt, gpt_neo: learned positions, TorchScript's head splits of
+# run-time shapes (gpt_neo: a local layer, and dynamo's Min(128, S) merge); phi3: packed qkv_proj sliced apart
+ARCHS = ("llama", "mistral", "qwen2", "gemma2", "falcon", "gpt_bigcode", "gpt_neox", "bloom", "gpt2", "opt", "gpt_neo",
+         "phi3")
 CASES = [(arch, exporter) for arch in ARCHS for exporter in ("dynamo", "torchscript")]
 
 
