@@ -65,12 +65,17 @@ that fails a check is left as it was, and the report names the layer and
 the check.
 
 **Rotary in the kernel where it can be, else kept.** The rotations go into
-the kernel (``do_rotary``) when q and k are turned by the same tables, by
-half-rotation over the whole head, with a head size that is a multiple of
-16 (what the CPU kernel requires), and those tables are a per-position
-function of ``position_ids`` (probed, :mod:`qgraph_passes.gqa_probes`: the
-caches are the graph's own numbers, not a re-derived formula). Otherwise --
-Phi's and StableLM's partial rotary, interleaved pairs -- the layer is
+the kernel (``do_rotary``) when q and k are turned by the same tables, alike
+(both half-rotated or both in interleaved pairs: ``rotary_interleaved``) and
+over the same channels, and those tables are a per-position function of
+``position_ids`` (probed, :mod:`qgraph_passes.gqa_probes`: the caches are
+the graph's own numbers, not a re-derived formula). A partial rotation (Phi,
+GPT-J, GPT-NeoX, StableLM) goes in too: the kernel turns the first
+``2 x cos_cache width`` channels of each head and keeps the rest, as
+RotaryEmbedding's ``rotary_embedding_dim`` does. onnxruntime's CPU kernel
+takes heads of a multiple of 16 channels and turns a multiple of 16 of them
+(checked on onnxruntime 1.32: heads of 16 to 80, whole and partial, both
+forms). Otherwise -- a tiny model's 4 or 8 rotated channels -- the layer is
 lowered all the same: its RotaryEmbedding nodes stay, q and k enter the
 kernel turned and apart, and the report says why the rotations stayed. The
 shared cache buffer is what such a layer gains; the rotation was already
@@ -95,7 +100,7 @@ from qgraph.pass_base import Prerequisite
 from qgraph.rewrite_pass import summarize_near_misses
 from qgraph.verify.kv_contract import MASKS_KEY, MAX_POSITIONS_KEY
 
-__all__ = ["LowerGQAPass"]
+__all__ = ["LowerGQAPass", "kernel_rotary_reason"]
 
 MS_DOMAIN = "com.microsoft"
 # The rows of the rotary caches when neither the option nor the model says how many positions it takes.
@@ -119,6 +124,8 @@ class _Layer:
         self.kept_rotary: str | None = None  # why the rotations stay RotaryEmbedding nodes instead, if they do
         self.window: int | None = None
         self.tables: tuple[ir.Value, ir.Value] | None = None
+        self.rotary_dim = 0  # the channels of each head the rotations turn (the whole head, or fewer)
+        self.interleaved = 0  # rotary_interleaved: the rotations turn pairs (x0, x1), (x2, x3), ...
 
 
 def _live(node: ir.Node, depth: int = 0) -> bool:
@@ -164,10 +171,26 @@ def _layer_reason(layer: _Layer, graph_inputs: set[ir.Value], graph_outputs: set
         if kept is None:
             layer.rotaries = rotaries
             layer.tables = (rotaries[0].inputs[1], rotaries[0].inputs[2])
+            layer.rotary_dim = _attr(rotaries[0], "rotary_embedding_dim", 0) or head_dim
+            layer.interleaved = _attr(rotaries[0], "interleaved", 0)
         else:  # the rotations stay RotaryEmbedding nodes; GroupQueryAttention takes q and k rotated, apart
             layer.kept_rotary = kept
             layer.split = None
             layer.qkv = (q, k, v)
+    return None
+
+
+def kernel_rotary_reason(head_dim: int, rotary_dim: int) -> str | None:
+    """Why onnxruntime's CPU GroupQueryAttention cannot turn ``rotary_dim`` of each head's ``head_dim`` channels.
+
+    The kernel reads the turned width from its cos cache (twice the cache's width) and keeps the rest of the
+    head; it requires heads of a multiple of 16 channels and turns a multiple of 16 of them (onnxruntime 1.32;
+    tests/passes/test_gqa_rotary_kernel.py checks every accepted pair against RotaryEmbedding)."""
+    if head_dim % 16:
+        return f"head size {head_dim}: onnxruntime's CPU GroupQueryAttention rotates only heads of a multiple of 16"
+    if rotary_dim % 16 or not 0 < rotary_dim <= head_dim:
+        return (f"partial rotary (rotary_embedding_dim {rotary_dim} of {head_dim}): onnxruntime's CPU "
+                "GroupQueryAttention turns only a multiple of 16 channels")
     return None
 
 
@@ -176,22 +199,21 @@ def _rotary_kept_reason(rotaries: list[ir.Node], heads: tuple[int, int], attenti
     """Why GroupQueryAttention cannot take the rotations into the kernel (do_rotary), if it cannot.
 
     Such a layer is lowered all the same: its RotaryEmbedding nodes stay and
-    feed the kernel q and k already turned, as the concat graph does (Phi's
-    and StableLM's partial rotary, interleaved pairs)."""
+    feed the kernel q and k already turned, as the concat graph does."""
     for r, count in zip(rotaries, heads, strict=True):
-        if _attr(r, "interleaved", 0):
-            return f"RotaryEmbedding '{r.name}' is interleaved (rotary_interleaved is not lowered to yet)"
         if _attr(r, "num_heads", 0) != count:
             return f"RotaryEmbedding '{r.name}' rotates {_attr(r, 'num_heads')} packed heads, the Attention has {count}"
         if len(r.inputs) > 3 and r.inputs[3] is not None:
             return f"RotaryEmbedding '{r.name}' reads position_ids itself"
-        dim = _attr(r, "rotary_embedding_dim", 0)
-        if dim and dim != head_dim:
-            return f"partial rotary (rotary_embedding_dim {dim} of {head_dim}); the kernel rotates whole heads"
     if rotaries[0].inputs[1] is not rotaries[1].inputs[1] or rotaries[0].inputs[2] is not rotaries[1].inputs[2]:
         return "q and k are rotated with different tables"
-    if head_dim % 16:
-        return f"head size {head_dim}: onnxruntime's CPU GroupQueryAttention rotates only multiples of 16"
+    forms = [(_attr(r, "interleaved", 0), _attr(r, "rotary_embedding_dim", 0) or head_dim) for r in rotaries]
+    if forms[0] != forms[1]:
+        return (f"q and k are rotated differently (interleaved, channels: {forms[0]} and {forms[1]}); "
+                "the kernel turns both alike")
+    reason = kernel_rotary_reason(head_dim, forms[0][1])
+    if reason is not None:
+        return reason
     for r in rotaries:
         rotated = r.outputs[0]
         if rotated.is_graph_output() or any(u.node is not attention and _live(u.node) for u in rotated.uses()):
@@ -300,6 +322,9 @@ class LowerGQAPass(Pass):
             cache = self._caches[layer.tables]
             if isinstance(cache, str):
                 return cache
+            if 2 * cache[0].shape[1] != layer.rotary_dim:  # the kernel turns 2 x the cache's width of channels
+                return (f"the rotary tables are {cache[0].shape[1]} wide for {layer.rotary_dim} rotated channels "
+                        f"(the kernel turns twice the tables' width)")
         return None
 
     def _lower(self, model: ir.Model, layer: _Layer, shared: _Shared) -> None:
@@ -320,6 +345,8 @@ class LowerGQAPass(Pass):
             cos_cache, sin_cache = shared.caches(self._caches[layer.tables], layer.tables)
             inputs += [cos_cache, sin_cache, shared.inputs["position_ids"] if "position_ids" in shared.inputs else None]
             attributes["do_rotary"] = 1
+            if layer.interleaved:
+                attributes["rotary_interleaved"] = 1
         if biased:
             inputs += [None] * (10 - len(inputs))
             inputs += [shared.bias(node.inputs[3], layer.qkv[0].dtype, node), None, None, None, None, None,

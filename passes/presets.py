@@ -84,8 +84,8 @@ def _with_gqa(preset: dict) -> dict:
     ``attention-io`` (before ``quantize``, which then packs the QKV MatMul the GQA node reads). The graph's
     inputs and outputs stay the concat graph's (its mask goes in as attention_bias); ``qgraph generate``
     binds each layer's past and present to one shared buffer. A layer lower-gqa refuses (heads not packed,
-    softcap, ...) keeps the standard Attention op, and is reported; a partial or interleaved rotary is
-    lowered with its RotaryEmbedding kept in front of the kernel."""
+    softcap, ...) keeps the standard Attention op, and is reported; a partial or interleaved rotary goes
+    into the kernel as well, or stays RotaryEmbedding in front of it where the kernel cannot turn it."""
     steps = list(preset["steps"])
     at = steps.index({"pass": "attention-io"}) + 1
     return {"steps": [*steps[:at], {"pass": "lower-gqa"}, *steps[at:]]}

@@ -18,7 +18,7 @@ mistral      sliding-window attention (window 4, smaller than the test sequences
 qwen3        RMSNorm on q and k per head
 gemma2       attention and final-logit soft-capping, alternating sliding window,
              four norms per layer (transformers traces it with eager attention)
-phi          partial rotary (half of head_dim), parallel attention and MLP
+phi          partial rotary (16 of 32 dims: 2 heads), parallel attention and MLP
 bloom        ALiBi position biases (no position embeddings, no rotary), fused
              query_key_value, LayerNorm on the embeddings
 gpt_bigcode  multi-query attention (4 query heads, 1 KV head, fused c_attn),
@@ -27,7 +27,7 @@ smollm3      NoPE: layer 0 rotates q/k, layer 1 has no positions at all
              (``no_rope_layers=[1, 0]``); GQA 4/2
 gpt_neo      global then local attention (window 4, smaller than the test
              sequences), learned positions, unscaled attention scores
-gptj         interleaved partial rotary (8 of 16 dims, rotated in pairs), its
+gptj         interleaved partial rotary (16 of 32 dims: 2 heads, rotated in pairs), its
              sin/cos gathered from a table by position, parallel attention
              and MLP (the dynamo export reshapes them with the traced batch of
              1, so kv-cache tabulates them)
@@ -159,7 +159,9 @@ def _gemma2():
 def _phi():
     from transformers import PhiConfig
 
-    return PhiConfig(**_DECODER, partial_rotary_factor=0.5)
+    # 2 heads of 32: a rotated half of 16 channels, which onnxruntime's GroupQueryAttention turns itself (a
+    # multiple of 16); GPT-NeoX's and StableLM's 4 of 16 stay the partial rotations it cannot take.
+    return PhiConfig(**{**_DECODER, "num_attention_heads": 2}, partial_rotary_factor=0.5)
 
 
 def _bloom():
@@ -196,8 +198,8 @@ def _gpt_neo():
 def _gptj():
     from transformers import GPTJConfig
 
-    # rotary_dim 8 of head_dim 16: partial rotary, rotated in interleaved pairs (rotate_every_two).
-    return GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, rotary_dim=8,
+    # rotary_dim 16 of head_dim 32 (2 heads): partial rotary, rotated in interleaved pairs (rotate_every_two).
+    return GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_inner=FFN, rotary_dim=16,
                       n_positions=POSITIONS, **_TOKENS)
 
 
@@ -271,7 +273,7 @@ TINY_ARCHS: dict[str, TinyArch] = {
         TinyArch("qwen3", "causal-lm", "RMSNorm on q and k per head", _qwen3),
         TinyArch("gemma2", "causal-lm", "attention and final-logit soft-capping, alternating sliding window, "
                                         "eager attention, four norms per layer", _gemma2),
-        TinyArch("phi", "causal-lm", "partial rotary (half of head_dim), parallel attention and MLP, "
+        TinyArch("phi", "causal-lm", "partial rotary (16 of 32 dims), parallel attention and MLP, "
                                      "dense with biases", _phi),
         TinyArch("bloom", "causal-lm", "ALiBi position biases (no position embeddings), fused qkv, "
                                        "LayerNorm on the embeddings", _bloom),
@@ -280,7 +282,7 @@ TINY_ARCHS: dict[str, TinyArch] = {
         TinyArch("smollm3", "causal-lm", "NoPE: layer 0 RoPE, layer 1 no positions at all; GQA 4/2", _smollm3),
         TinyArch("gpt_neo", "causal-lm", "global then local attention (window 4), learned positions, "
                                          "unscaled attention", _gpt_neo),
-        TinyArch("gptj", "causal-lm", "interleaved partial rotary (8 of 16 dims, pairs), sin/cos read from a "
+        TinyArch("gptj", "causal-lm", "interleaved partial rotary (16 of 32 dims, pairs), sin/cos read from a "
                                       "table by position, parallel attention and MLP", _gptj),
         TinyArch("gpt_neox", "causal-lm", "partial rotary (a quarter of head_dim), fused query_key_value laid out "
                                           "per head, parallel attention and MLP, LayerNorm", _gpt_neox),

@@ -49,13 +49,13 @@ PHI3 = [("phi3", "dynamo"), ("phi3", "torchscript")]
 MULTI_QUERY = [("falcon", "dynamo"), ("falcon", "torchscript")]
 APART = {"qwen2", "qwen3", "phi3", "falcon"}
 LOWERED = [*ZOO, *PHI3, *MULTI_QUERY]
-# partial rotary (Phi: 8 of 16 channels, StableLM and GPT-NeoX: 4 of 16): the kernel rotates whole heads, so
-# the RotaryEmbedding nodes stay in front of it and q, k, v go in apart. GPT-NeoX's fused projection holds
-# each head's q, k and v side by side; attention-io reorders its columns to [Q | K | V] in the weights.
-KEPT_ROTARY = [("phi", "dynamo"), ("stablelm", "torchscript"), ("gpt_neox", "dynamo"), ("gpt_neox", "torchscript")]
-# GPT-J: interleaved pairs of the first 8 of 16 channels, rotated as [B, S, H, D] before the heads move in
-# front; attention-io packs the rotations all the same, and they stay in front of the kernel
-KEPT_INTERLEAVED = [("gptj", "dynamo"), ("gptj", "torchscript")]
+# partial rotary the kernel turns itself: Phi's 16 of 32 channels, GPT-J's 16 of 32 in interleaved pairs
+# (rotated as [B, S, H, D] before the heads move in front; attention-io packs the rotations all the same)
+PARTIAL_IN_KERNEL = [("phi", "dynamo"), ("phi", "torchscript"), ("gptj", "dynamo"), ("gptj", "torchscript")]
+# partial rotary it cannot (StableLM and GPT-NeoX: 4 of 16 channels; onnxruntime's CPU kernel turns a multiple
+# of 16): the RotaryEmbedding nodes stay in front of it and q, k, v go in apart. GPT-NeoX's fused projection
+# holds each head's q, k and v side by side; attention-io reorders its columns to [Q | K | V] in the weights.
+KEPT_ROTARY = [("stablelm", "torchscript"), ("gpt_neox", "dynamo"), ("gpt_neox", "torchscript")]
 # learned positions, no rotation at all. GPT-2, OPT and GPT-Neo: plain multi-head attention (kv_num_heads ==
 # num_heads); GPT-2's Conv1D merges the heads straight into Gemm rows ([-1, H*D]); OPT and GPT-Neo project them
 # with a MatMul. TorchScript computes every head split's target at run time ([B, S, -1, D] of a Split's part;
@@ -78,7 +78,7 @@ def ort_graphs(tiny_zoo, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """The ort-attention preset's graph of each case (what lower-gqa takes), made once for the module."""
     out = tmp_path_factory.mktemp("ort-graphs")
     graphs = {}
-    for arch, exporter in [*LOWERED, *KEPT_ROTARY, *KEPT_INTERLEAVED, *NO_ROTARY, *ALIBI]:
+    for arch, exporter in [*LOWERED, *PARTIAL_IN_KERNEL, *KEPT_ROTARY, *NO_ROTARY, *ALIBI]:
         run = run_preset("ort-attention", tiny_zoo.export(arch, exporter).output_dir, out / f"{arch}-{exporter}",
                          default_registry())
         graphs[(arch, exporter)] = run.folder / "model.onnx"
@@ -266,10 +266,61 @@ def _qk_output_mode(model: ir.Model) -> None:
 
 
 def _interleaved(model: ir.Model) -> None:
-    """The rotations made GPT-J style (a form GroupQueryAttention's rotary_interleaved is not lowered to yet)."""
+    """The rotations made GPT-J style: pairs (x0, x1), (x2, x3), ... turn together."""
     for node in model.graph:
         if node.op_type == "RotaryEmbedding":
             node.attributes["interleaved"] = ir.AttrInt64("interleaved", 1)
+
+
+def _q_interleaved(model: ir.Model) -> None:
+    """Only q's rotations interleaved: k is turned otherwise, which one kernel attribute cannot say."""
+    for node in model.graph:
+        if node.op_type == "Attention":
+            rotary = node.inputs[0].producer()
+            rotary.attributes["interleaved"] = ir.AttrInt64("interleaved", 1)
+
+
+@pytest.mark.parametrize("mask", ["bias", "none"])
+@pytest.mark.parametrize(("arch", "exporter", "change"), [
+    *((arch, exporter, None) for arch, exporter in PARTIAL_IN_KERNEL),
+    ("llama", "dynamo", _interleaved),  # whole heads in pairs
+])
+def test_partial_and_interleaved_rotations_go_into_the_kernel(ort_graphs, tiny_zoo, tmp_path, arch, exporter, change,
+                                                               mask) -> None:
+    """A rotation of the first 16 channels of each head (Phi), in interleaved pairs (GPT-J), or of whole heads in
+    pairs (llama changed): the kernel turns them (do_rotary, rotary_interleaved as the rotations are, a cos
+    cache half as wide as the channels turned) and no RotaryEmbedding is left; the graph replays the concat
+    graph, and a model's own rotations the no-cache export too. The interleaved llama differs from the llama it
+    was made from, so a kernel that turned halves would fail its replay."""
+    source = ort_graphs[(arch, exporter)]
+    if change is not None:
+        changed = io.load(source)
+        change(changed)
+        assert not check_sequence_equivalence(changed, source, examples=3, seed=0, max_len=8).equivalent
+        source = tmp_path / "concat" / "model.onnx"
+        source.parent.mkdir()
+        io.save(changed, source)
+    rotated = {n.attributes["rotary_embedding_dim"].value if "rotary_embedding_dim" in n.attributes else 0
+               for n in io.load(source).graph if n.op_type == "RotaryEmbedding"}
+    model, report = _lower(source, mask=mask)
+    gqa = _gqa_nodes(model)
+    assert len(gqa) == 2 and not [n for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
+    head_dim = next(v for v in model.graph.inputs if v.name.startswith("past_key_values.")).shape[3]
+    turned = {2 * n.inputs[7].shape[1] for n in gqa}
+    assert rotated == ({16} if arch in ("phi", "gptj") else {0}) and turned == {16 if arch != "llama" else head_dim}
+    assert arch == "llama" or head_dim == 32  # partial: 16 of 32
+    interleaved = arch == "gptj" or change is _interleaved
+    assert all(n.attributes["do_rotary"].value == 1 for n in gqa)
+    assert all(("rotary_interleaved" in n.attributes and n.attributes["rotary_interleaved"].value == 1) == interleaved
+               for n in gqa)
+    record = next(r for r in report.passes if r.name == "lower-gqa")
+    assert not [n for n in record.notes if "kept as RotaryEmbedding" in n]
+    result = check_sequence_equivalence(model, source, examples=12, seed=2, max_len=10)
+    assert result.equivalent, str(result)
+    if change is None:
+        export = tiny_zoo.export(arch, exporter).model_path
+        result = check_sequence_equivalence(model, export, examples=6, seed=3, max_len=10)
+        assert result.equivalent, str(result)
 
 
 @pytest.mark.parametrize(("arch", "exporter", "change", "mask", "why"), [
@@ -316,13 +367,13 @@ def test_a_softcap_goes_into_the_kernel(ort_graphs, tmp_path, arch, exporter, ma
 
 @pytest.mark.parametrize("mask", ["bias", "none"])
 @pytest.mark.parametrize(("arch", "exporter", "change", "why"), [
-    *((arch, exporter, None, "partial rotary") for arch, exporter in KEPT_ROTARY),
-    ("llama", "dynamo", _interleaved, "is interleaved"),
-    *((arch, exporter, None, "is interleaved") for arch, exporter in KEPT_INTERLEAVED),
+    *((arch, exporter, None, "partial rotary (rotary_embedding_dim 4 of 16)") for arch, exporter in KEPT_ROTARY),
+    ("llama", "dynamo", _q_interleaved, "q and k are rotated differently"),
 ])
 def test_a_rotation_the_kernel_cannot_take_stays_in_front_of_it(ort_graphs, tiny_zoo, tmp_path, arch, exporter,
                                                                  change, why, mask) -> None:
-    """Partial or interleaved rotations: each layer is lowered with do_rotary off, its two RotaryEmbedding nodes
+    """Rotations the kernel cannot take (4 of 16 channels; q and k turned differently): each layer is lowered
+    with do_rotary off, its two RotaryEmbedding nodes
     kept and feeding the kernel q and k apart, the reason in the report; the graph replays the concat graph,
     and a model's own rotations the no-cache export too (the concat graph's rotations are attention-io's)."""
     source = ort_graphs[(arch, exporter)]
@@ -419,6 +470,7 @@ MUTATIONS = {  # (arch, the change, the lowering's mask option)
     # with mask=bias the window is in the bias too; without it, local_window_size alone keeps it
     "window dropped": ("mistral", 'node.attributes.pop("local_window_size")', "none"),
     "wrong kv_num_heads": ("llama", 'node.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", 1)', "bias"),
+    "interleaving dropped": ("gptj", 'node.attributes.pop("rotary_interleaved")', "bias"),
 }
 
 
@@ -447,15 +499,15 @@ def test_lowering_composes_with_quantize(tiny_zoo, tmp_path) -> None:
     assert result.equivalent, str(result)
 
 
-@pytest.mark.parametrize(("arch", "exporter"), [*ZOO, *KEPT_INTERLEAVED, *FUSED_QKV])
+@pytest.mark.parametrize(("arch", "exporter"), [*ZOO, *PARTIAL_IN_KERNEL, *FUSED_QKV])
 def test_optimize_verify_passes_on_the_zoo(ort_graphs, tmp_path, capsys, arch, exporter) -> None:
-    """``qgraph optimize --passes lower-gqa --verify``: every layer lowered and replayed, both exporters (GPT-J's
-    with its rotations kept in front of the kernel)."""
+    """``qgraph optimize --passes lower-gqa --verify``: every layer lowered and replayed, both exporters (Phi's
+    and GPT-J's with their partial rotations in the kernel)."""
     out = tmp_path / "gqa.onnx"
     assert main(["optimize", str(ort_graphs[(arch, exporter)]), "-o", str(out), "--passes", "lower-gqa", "--verify"]) == 0
     table = capsys.readouterr().out
     lowered = _gqa_nodes(io.load(out))
-    assert (arch, exporter) in [*LOWERED, *KEPT_ROTARY, *KEPT_INTERLEAVED, *NO_ROTARY]
+    assert (arch, exporter) in [*LOWERED, *PARTIAL_IN_KERNEL, *KEPT_ROTARY, *NO_ROTARY]
     assert len(lowered) == 2 and "cached replay gives the logits of the input's own cache" in table
     assert "near miss in lower-gqa" not in table
 

@@ -10,8 +10,8 @@ also what the same preset gives on qgraph's own export of the model: the
 plain export must lose nothing. ``qgraph optimize --preset ort --verify``
 exits 0, and the result replays the plain export's logits.
 
-Phi's partial rotary stays RotaryEmbedding in front of the kernel, the
-same on both exports. Falcon and GPT-BigCode (multi-query) and GPT-NeoX
+Phi's partial rotary and GPT-J's interleaved one go into the kernel
+(16 of 32 channels turned), the same on both exports. Falcon and GPT-BigCode (multi-query) and GPT-NeoX
 cut q, k and v out of one fused projection in their own ways; attention-io
 reads them as heads of its columns, on the plain export as on qgraph's own.
 Bloom's ALiBi biases go into the kernel inside its mask (``attention_bias``);
@@ -68,15 +68,20 @@ def test_every_layer_of_a_plain_export_is_lowered_and_replays(tiny_zoo, tmp_path
 
 
 @pytest.mark.slow
-def test_a_partial_rotary_is_lowered_with_its_rotations_kept_on_both_exports(tiny_zoo, tmp_path, capsys):
-    """Phi rotates half of each head, which GroupQueryAttention's kernel cannot: its layers are lowered with the
-    RotaryEmbedding nodes in front, on the plain export as on qgraph's own, and replay the plain export."""
-    plain = tiny_zoo.export("phi", "dynamo", wrapper="plain")
+@pytest.mark.parametrize(("arch", "exporter"), [("phi", "dynamo"), ("gptj", "dynamo"), ("gptj", "torchscript")])
+def test_a_partial_rotary_goes_into_the_kernel_on_both_exports(tiny_zoo, tmp_path, capsys, arch, exporter):
+    """Phi rotates 16 of each head's 32 channels, GPT-J the same in interleaved pairs: the kernel turns them itself
+    (do_rotary, a cos/sin cache 8 wide), on the plain export as on qgraph's own, and the result replays the plain
+    export (GPT-J's plain export reads its sin/cos from a table by positions it counts itself)."""
+    plain = tiny_zoo.export(arch, exporter, wrapper="plain")
     out = tmp_path / "model.onnx"
     assert main(["optimize", str(plain.model_path), "-o", str(out), "--preset", "ort", "--verify"]) == 0
     model = io.load(out)
-    assert _gqa_count(model) == LAYERS == _own_export_count(tiny_zoo, "phi", "dynamo")
-    assert sum(n.op_type == "RotaryEmbedding" for n in model.graph) == 2 * LAYERS
+    assert _gqa_count(model) == LAYERS == _own_export_count(tiny_zoo, arch, exporter)
+    assert not [n for n in model.graph if n.op_type == "RotaryEmbedding"]
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert all(n.attributes["do_rotary"].value == 1 and n.inputs[7].shape[1] == 8 for n in gqa)
+    assert all(("rotary_interleaved" in n.attributes) == (arch == "gptj") for n in gqa)
     replay = check_sequence_equivalence(out, plain.model_path, examples=8, seed=3, max_len=12)
     assert replay.equivalent, str(replay)
 

@@ -231,7 +231,8 @@ class BrokenMHA(LowerMHAPass):
 
 MUTATIONS = {  # the zoo case, the change, and the passes in front of lower-mha
     # GPT-J's layers go to lower-gqa when it runs: lower-mha alone
-    "wrong num_heads": (("gptj", "torchscript"), 'node.attributes["num_heads"] = ir.AttrInt64("num_heads", 2)', []),
+    # (the tiny GPT-J has 2 heads of 32)
+    "wrong num_heads": (("gptj", "torchscript"), 'node.attributes["num_heads"] = ir.AttrInt64("num_heads", 4)', []),
     # no causal mask, no padding mask, no ALiBi (lower-gqa would take Bloom's layers with its default mask=bias)
     "bias dropped": (("bloom", "torchscript"), "node.replace_input_with(5, None)", []),
     # gpt-neo's attention is unscaled (scale 1.0); the kernel's default would be 1/sqrt(head size). lower-gqa
