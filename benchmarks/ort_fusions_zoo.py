@@ -50,8 +50,6 @@ def run_one(arch: str, exporter: str, scratch: Path) -> dict:
     io.save(model, out)
     nodes = onnx.load(out, load_external_data=False).graph.node
     ops = collections.Counter(n.op_type for n in nodes)
-    interleaved = sum(1 for n in nodes if n.op_type == "RotaryEmbedding"
-                      and any(a.name == "interleaved" and a.i for a in n.attribute))
     matches = collections.Counter()
     for record in report.passes:
         matches.update(record.rule_matches)
@@ -63,7 +61,7 @@ def run_one(arch: str, exporter: str, scratch: Path) -> dict:
             # rotations the rotary pass fused, whether they stay RotaryEmbedding or go into GroupQueryAttention
             "rotary": f"{matches['rotary-half'] + matches['rotary-interleaved']} "
                       f"({matches['rotary-partial'] + matches['rotary-partial-heads-second']} partial, "
-                      f"{interleaved} interleaved; {ops['RotaryEmbedding']} left)",
+                      f"{matches['rotary-interleaved']} interleaved; {ops['RotaryEmbedding']} left)",
             "split": f"{matches['pack-three-matmuls']} x3, {matches['pack-two-matmuls']} x2",
             "skip": ops["SkipSimplifiedLayerNormalization"], "attention": ops["Attention"],
             "gqa": ops["GroupQueryAttention"],
