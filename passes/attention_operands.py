@@ -21,6 +21,7 @@ from qgraph_passes.attention_dims import (
     product,
     same_dims,
 )
+from qgraph_passes.shape_values import static_value
 
 __all__ = ["Peeled", "peel_key_transpose", "peel_repeat_kv", "peel_scale", "scalar_constant"]
 
@@ -34,13 +35,19 @@ class Peeled:
 
 
 def scalar_constant(value: ir.Value | None) -> float | None:
-    """The value of a one-element float constant, else None."""
+    """The value of a one-element constant, or of one computed from constants and static dims, else None.
+
+    SDPA exported without an explicit scale computes it from the query's head size at run time
+    (``Sqrt(1 / Sqrt(Cast(Shape(q)[-1:])))`` on q and on k: GPT-2 through optimum); when that size is a
+    number in the graph, the scale is one too (:func:`qgraph_passes.shape_values.static_value`).
+    """
     if value is None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None or tensor.size != 1:
+    array = np.asarray(tensor.numpy()) if tensor is not None else static_value(value)
+    if array is None or array.size != 1:
         return None
-    return float(np.asarray(tensor.numpy()).reshape(-1)[0])
+    return float(array.reshape(-1)[0])
 
 
 def peel_scale(value: ir.Value) -> tuple[ir.Value, float]:
@@ -153,4 +160,7 @@ def peel_key_transpose(kt: ir.Value) -> Peeled | str:
         if not same_dims(out, [kd[0], kd[1], kd[3], kd[2]]):
             return f"Reshape '{node.name}' does not split the key back into [B, H, D, T] ({target_out!r})"
         return Peeled(k)
+    if node.op_type in ("Mul", "Div"):  # peel_scale stopped here: the factor is not a number in the graph
+        return (f"the key is scaled by {node.op_type} '{node.name}', whose factor is neither a constant nor computed "
+                "from constants and static dims")
     return f"the key operand of the scores MatMul comes from {node.op_type} '{node.name}', not a transpose"

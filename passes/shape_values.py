@@ -59,6 +59,9 @@ def _memo():
 
 # Integer Div in ONNX truncates toward zero (numpy's // floors).
 _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": lambda a, b: np.fix(np.true_divide(a, b))}
+# Float ops of a scale computed from a head size (SDPA without a scale: 1 / sqrt(q.shape[-1]), applied as its
+# square root to q and to k), evaluated in the operand's dtype as onnxruntime does (both correctly rounded).
+_FLOAT_UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal}
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -98,6 +101,31 @@ def _gathered_dims(node: ir.Node, depth: int) -> np.ndarray | None:
     return np.array(values, np.int64).reshape(picked.shape)
 
 
+def _sliced_shape(node: ir.Node, depth: int) -> np.ndarray | None:
+    """Slice(Shape(x), starts, ends[, 0[, steps]]): known when the dims it keeps are, whatever x's others are."""
+    shape_node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if shape_node is None or shape_node.op_type != "Shape" or len(node.inputs) < 3:
+        return None
+    x = shape_node.inputs[0]
+    if x is None or x.shape is None:
+        return None
+    bounds = [ir.convenience.get_const_tensor(v) if v is not None else None for v in node.inputs[1:5]]
+    if bounds[0] is None or bounds[1] is None or bounds[0].size != 1 or bounds[1].size != 1:
+        return None
+    if len(bounds) > 2 and bounds[2] is not None and int(bounds[2].numpy().reshape(-1)[0]) not in (0, -1):
+        return None
+    step = int(bounds[3].numpy().reshape(-1)[0]) if len(bounds) > 3 and bounds[3] is not None else 1
+    if step == 0:
+        return None
+    axes = list(range(len(x.shape)))[slice(_attr(shape_node, "start", 0), _attr(shape_node, "end", len(x.shape)))]
+    # ONNX Slice on one axis clamps its bounds as Python's slicing does
+    kept = axes[slice(int(bounds[0].numpy().reshape(-1)[0]), int(bounds[1].numpy().reshape(-1)[0]), step)]
+    dims = [_dim(x, axis, depth + 1) for axis in kept]
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return np.array(dims, np.int64)
+
+
 def _value(value: ir.Value | None, depth: int) -> np.ndarray | None:
     if value is None or depth > _MAX_DEPTH:
         return None
@@ -113,14 +141,22 @@ def _value(value: ir.Value | None, depth: int) -> np.ndarray | None:
         picked = _gathered_dims(node, depth)
         if picked is not None:
             return picked
+    if node.op_type == "Slice":
+        picked = _sliced_shape(node, depth)
+        if picked is not None:
+            return picked
     args = [_value(v, depth + 1) for v in node.inputs]
     if any(a is None for a in args[:1]):
         return None
     op = node.op_type
     if op in _BINARY and len(args) == 2 and args[1] is not None:
+        if op == "Div" and np.issubdtype(args[0].dtype, np.floating):
+            return np.true_divide(args[0], args[1]).astype(args[0].dtype)
         if op == "Div" and not (np.issubdtype(args[0].dtype, np.integer) and np.issubdtype(args[1].dtype, np.integer)):
             return None
         return _BINARY[op](args[0], args[1]).astype(args[0].dtype)
+    if op in _FLOAT_UNARY and len(args) == 1 and np.issubdtype(args[0].dtype, np.floating):
+        return _FLOAT_UNARY[op](args[0]).astype(args[0].dtype)
     if op == "Gather" and len(args) == 2 and args[1] is not None and _attr(node, "axis", 0) == 0:
         return np.take(args[0], args[1], axis=0)
     if op in ("Unsqueeze", "Squeeze", "Reshape"):

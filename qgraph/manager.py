@@ -215,7 +215,7 @@ class PassManager:
             if not prereq.check(model):
                 raise PassFailure(
                     f"pass '{p.name}' requires {prereq.description}; '{prereq.satisfied_by}' ran but did not "
-                    "establish it",
+                    f"establish it{_why_not(report.passes[-1].notes if report.passes else [])}",
                     pass_name=p.name,
                 )
         return undo
@@ -348,6 +348,14 @@ def _graph_frozen():
         yield
     finally:
         gc.unfreeze()
+
+
+def _why_not(notes: list[str], shown: int = 3) -> str:
+    """The provider's own notes (what it refused, where, which check failed), so the error says why."""
+    if not notes:
+        return ""
+    more = f"; {len(notes) - shown} more in the report" if len(notes) > shown else ""
+    return ": " + "; ".join(notes[:shown]) + more
 
 
 class _Stop(Exception):
