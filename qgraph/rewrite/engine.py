@@ -236,6 +236,11 @@ def _replace(
     created = set(builder.nodes)
     register_initializers(graph, builder.initializers)
     graph.insert_before(anchor, builder.nodes)
+    # Nodes made in this sweep sit just before their anchor: a later match in the same sweep that reads one of
+    # them (a MatMul packed again with a sibling further down) must see it is earlier than its own anchor.
+    made_at = position.get(anchor, 0) - 0.5
+    for new_node in builder.nodes:
+        position[new_node] = made_at
 
     needs_sort = False
     removable = set(match.nodes)
@@ -250,6 +255,7 @@ def _replace(
             identity = ir.Node("", "Identity", [new], num_outputs=1, name=f"{rule.name}/output_identity")
             stamp([identity], rule.name, None)
             graph.insert_before(anchor, [identity])
+            position[identity] = made_at
             created.add(identity)
             new = identity.outputs[0]
         if new.producer() in created:
