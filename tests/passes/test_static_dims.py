@@ -140,3 +140,54 @@ def test_split_unsqueeze_concat_and_broadcast_dims_are_the_ones_onnxruntime_comp
     assert static_dim(values["cos"], 3) == 2 * half and static_dim(values["cos"], 1) == 1
     assert static_dim(values["rot"], 3) == min(2 * half, d)
     assert static_dim(values["twice"], 2) == 2 * half  # [B, S, 1] x [B, S, 2F]: the 1 broadcasts
+
+
+# SDPA traced without a scale (transformers 4.57's GPT-2 through optimum): 1 / sqrt(E), E read from the query's
+# shape at run time, applied as its square root to q and to k.
+SCALE_TEXT = """
+<ir_version: 10, opset_import: ["" : 23]>
+g (float[B, S, {hidden}] x) => (float[1] root, int64[n] dims) {{
+    target = Constant <value_ints = [0, 0, {heads}, {d}]> ()
+    heads = Reshape(x, target)
+    q = Transpose <perm = [0, 2, 1, 3]> (heads)
+    shape = Shape(q)
+    start = Constant <value_ints = [{start}]> ()
+    end = Constant <value_ints = [{end}]> ()
+    axis = Constant <value_ints = [0]> ()
+    dims = Slice(shape, start, end, axis)
+    minus_one = Constant <value_ints = [-1]> ()
+    big = Constant <value_ints = [9223372036854775807]> ()
+    last = Slice(shape, minus_one, big, axis)
+    size = Cast <to = 1> (last)
+    sqrt = Sqrt(size)
+    one = Constant <value_floats = [1.0]> ()
+    scale = Div(one, sqrt)
+    root = Sqrt(scale)
+}}
+"""
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(heads=st.integers(1, 4), d=st.sampled_from([8, 16, 64, 80, 96]), start=st.integers(-4, 4),
+       end=st.integers(-4, 5))
+def test_a_scale_computed_from_the_head_size_is_the_number_onnxruntime_computes(heads, d, start, end):
+    """The Slice of a Shape keeps the dims Python's slicing keeps (ONNX clamps alike); a dim that is a number
+    makes the slice a number, a symbolic one (batch, sequence) makes it unknown; the float chain on it gives
+    onnxruntime's float32 bits."""
+    import numpy as np
+    import onnxruntime as ort
+
+    kept = list(range(4))[start:end]
+    text = SCALE_TEXT.format(hidden=heads * d, heads=heads, d=d, start=start, end=end)
+    proto = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text))
+    model = ir.from_proto(proto)
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    values["q"].shape = ir.Shape(["b", "h", "s", "e"])  # what a TorchScript export stores: nothing static
+    root, dims = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.zeros((2, 3, heads * d), np.float32)})
+    assert static_value(values["root"]).tobytes() == root.tobytes()
+    read = static_value(values["dims"])
+    if all(axis in (1, 3) for axis in kept):  # heads and head size: numbers in the graph
+        assert read is not None and read.tolist() == dims.tolist()
+    else:  # batch or sequence kept: not a constant
+        assert read is None
