@@ -172,6 +172,10 @@ def _value(value: ir.Value | None, depth: int) -> np.ndarray | None:
         return np.concatenate([np.atleast_1d(a) for a in args], axis=_attr(node, "axis", 0))
     if op == "Identity":
         return args[0]
+    if op == "ConstantOfShape" and args[0].size <= 8 and int(np.prod(args[0])) <= 64:
+        fill = node.attributes.get("value")
+        array = np.asarray(fill.value.numpy()).reshape(-1) if fill is not None else np.zeros(1, np.float32)
+        return np.full([int(d) for d in args[0].reshape(-1)], array[0], dtype=array.dtype)
     return None
 
 
@@ -276,6 +280,13 @@ def _dim_from_producer(value: ir.Value, axis: int, rank: int, depth: int) -> int
         return _split_dim(node, value, axis, rank, depth)
     if op == "Unsqueeze":
         return _unsqueezed_dim(node, axis, rank, depth)
+    if op == "Expand" and len(node.inputs) == 2:
+        return _expanded_dim(node, axis, rank, depth)
+    if op == "GatherElements" and len(node.inputs) == 2:  # the output has the indices' shape
+        return _dim(node.inputs[1], axis, depth + 1)
+    if op == "Tile" and same_rank and len(node.inputs) == 2:  # GPT-J's position_ids.repeat(1, 1, width)
+        repeat, dim = _entry(node.inputs[1], axis, depth + 1), _dim(node.inputs[0], axis, depth + 1)
+        return None if repeat is None or dim is None else dim * repeat
     if op == "Concat" and all(x is not None and x.shape is not None and len(x.shape) == rank for x in node.inputs):
         if axis != _attr(node, "axis", 0) % rank:
             return next((d for x in node.inputs if (d := _dim(x, axis, depth + 1)) is not None), None)
@@ -296,6 +307,42 @@ def _broadcast_dim(node: ir.Node, axis: int, rank: int, depth: int) -> int | Non
     if wide:
         return wide[0]
     return 1 if all(d == 1 for d in dims) else None
+
+
+def _entry(value: ir.Value | None, index: int, depth: int) -> int | None:
+    """Entry ``index`` of a 1-D integer tensor, when it is known even if others are not (a Concat of pieces, one
+    of them the batch read from a shape)."""
+    node = value.producer() if value is not None else None
+    if node is not None and node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
+        for piece in node.inputs:
+            length = piece.shape.dims[0] if piece is not None and piece.shape is not None and len(piece.shape) == 1 \
+                else None
+            if not isinstance(length, int):
+                break
+            if index < length:
+                known = _value(piece, depth + 1)
+                return None if known is None else int(known.reshape(-1)[index])
+            index -= length
+        else:
+            return None
+    known = _value(value, depth + 1)
+    return None if known is None or index >= known.size else int(known.reshape(-1)[index])
+
+
+def _expanded_dim(node: ir.Node, axis: int, rank: int, depth: int) -> int | None:
+    """Expand broadcasts its input against the shape tensor, right-aligned: an entry other than 1 is the dim."""
+    target = _value(node.inputs[1], depth + 1)
+    x = node.inputs[0]
+    if target is None or x.shape is None or len(x.shape) > rank or len(target.reshape(-1)) > rank:
+        return None
+    target = target.reshape(-1)
+    at = axis - (rank - len(target))
+    entry = int(target[at]) if at >= 0 else 1
+    own = axis - (rank - len(x.shape))
+    dim = 1 if own < 0 else _dim(x, own, depth + 1)
+    if entry != 1:
+        return entry if dim in (None, 1, entry) else None
+    return dim
 
 
 def _split_dim(node: ir.Node, value: ir.Value, axis: int, rank: int, depth: int) -> int | None:

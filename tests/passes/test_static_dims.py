@@ -191,3 +191,60 @@ def test_a_scale_computed_from_the_head_size_is_the_number_onnxruntime_computes(
         assert read is not None and read.tolist() == dims.tolist()
     else:  # batch or sequence kept: not a constant
         assert read is None
+
+
+# GPT-J's sin/cos as transformers 4.57 traces them (TorchScript, through optimum): the position table expanded to
+# the batch and gathered by position_ids.repeat(1, 1, width); the width reaches the probes only through Expand,
+# Tile and GatherElements (the stored shapes are all symbolic).
+TABLE_TEXT = """
+<ir_version: 10, opset_import: ["" : 23]>
+g (int64[B, S] position_ids) => (float[b, s, w] gathered, float[b2, s2, h] sin) {{
+    table = Constant <value = float[1, {rows}, {width}] {{ {values} }}> ()
+    three = Constant <value_ints = [3]> ()
+    ones = ConstantOfShape <value = int64[1] {{1}}> (three)
+    wide = Expand(table, ones)
+    shape = Shape(position_ids)
+    zero = Constant <value_ints = [0]> ()
+    one = Constant <value_ints = [1]> ()
+    batch = Slice(shape, zero, one)
+    tiles = Concat <axis = 0> (batch, one, one)
+    tiled = Tile(wide, tiles)
+    minus = Constant <value_ints = [-1]> ()
+    column = Unsqueeze(position_ids, minus)
+    columns = Expand(column, ones)
+    table_shape = Shape(tiled)
+    two = Constant <value_ints = [2]> ()
+    three_end = Constant <value_ints = [3]> ()
+    width = Slice(table_shape, two, three_end)
+    repeats = Concat <axis = 0> (one, one, width)
+    index = Tile(columns, repeats)
+    gathered = GatherElements <axis = 1> (tiled, index)
+    halves = Constant <value_ints = [{half}, {half}]> ()
+    sin, cos = Split <axis = -1> (gathered, halves)
+}}
+"""
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(rows=st.integers(4, 12), half=st.sampled_from([2, 4, 8]), batch=st.integers(1, 3), seq=st.integers(1, 4))
+def test_a_table_gathered_by_repeated_positions_keeps_its_width(rows, half, batch, seq):
+    """Every dim static_dim reads is the one onnxruntime computes, and the table's width is read."""
+    import numpy as np
+    import onnxruntime as ort
+
+    width = 2 * half
+    values = ", ".join(str(float(v)) for v in range(rows * width))
+    proto = onnx.shape_inference.infer_shapes(
+        onnx.parser.parse_model(TABLE_TEXT.format(rows=rows, width=width, values=values, half=half)))
+    model = ir.from_proto(proto)
+    found = {v.name: v for n in model.graph for v in n.outputs}
+    for value in found.values():  # what the export stores: no dim of an intermediate known
+        if value.shape is not None and len(value.shape) > 1 and value.producer().op_type != "Constant":
+            value.shape = ir.Shape([f"{value.name}_{i}" for i in range(len(value.shape))])
+    positions = np.tile(np.arange(seq, dtype=np.int64)[None] % rows, (batch, 1))
+    outputs = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"position_ids": positions})
+    for name, array in zip(["gathered", "sin"], outputs):
+        for axis, size in enumerate(array.shape):
+            assert static_dim(found[name], axis) in (None, size), (name, axis)
+    assert static_dim(found["gathered"], 2) == width and static_dim(found["sin"], 2) == half

@@ -2,8 +2,8 @@
 
 Run in a venv with transformers 4.57, optimum 2.1 and optimum-onnx 0.1 (torch 2.13):
     python make_exports.py OUT ARCH [ARCH ...]
-Writes OUT/ARCH-hf (the model) and OUT/ARCH.onnx (optimum's graph: input_ids, attention_mask, position_ids and
-past_key_values.N.key/value in, logits and present.N.key/value out).
+Writes OUT/ARCH-hf (the model) and OUT/ARCH/model.onnx (optimum's graph: input_ids, attention_mask, position_ids
+and past_key_values.N.key/value in, logits and present.N.key/value out) with the config.json optimum writes beside it.
 """
 import shutil
 import subprocess
@@ -70,7 +70,9 @@ def main(out: Path, archs: list[str]) -> None:
         with tempfile.TemporaryDirectory() as scratch:
             subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "-m", str(folder),
                             "--task", "text-generation-with-past", scratch], check=True, capture_output=True)
-            shutil.copy(Path(scratch) / "model.onnx", out / f"{arch}.onnx")
+            (out / arch).mkdir(exist_ok=True)
+            for name in ("model.onnx", "config.json"):
+                shutil.copy(Path(scratch) / name, out / arch / name)
         print("exported", arch)
 
 
