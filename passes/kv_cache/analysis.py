@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 from qgraph_passes.kv_cache.positions import TOKENS, PositionAnalysis, analyze_positions, dependencies
 from qgraph_passes.kv_cache.probe import (
+    CONCAT_PAST,
     MaskMeaning,
     ProbeError,
     mask_meaning,
@@ -44,7 +45,6 @@ from qgraph.errors import BadInputError
 __all__ = ["AnalysisError", "DecoderAnalysis", "Layer", "analyze_decoder", "is_attention"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-CONCAT_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 RETAINED_PAST = re.compile(r"^past_(key|value)\.(\d+)$")
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qgraph_passes.kv_cache.analysis import AnalysisError, Layer, analyze_decoder, is_attention
@@ -207,6 +208,7 @@ class KVCachePass(Pass):
         for use in list(positions.uses()):  # a source's own position_ids: -1 now marks padding
             if use.node is not clamped.producer():
                 use.node.replace_input_with(use.idx, clamped)
+        self._empty_past_dims(b, past_inputs, ids)
         if analysis is not None:
             self._rewire_positions(model, b, analysis, clamped, retained)
 
@@ -394,6 +396,45 @@ class KVCachePass(Pass):
             for old in layer.present or ():
                 if old.is_graph_output():
                     graph.outputs.remove(old)
+
+    @staticmethod
+    def _empty_past_dims(b: GraphBuilder, past_inputs: set[ir.Value], ids: ir.Value) -> None:
+        """A concat source's reads of its cache's dims read those of an empty cache of the chunk's batch.
+
+        The analysis read the source as the no-cache graph it is when its
+        past is empty (every probe fed one), and an exporter reads the past
+        length from the cache's shape (``cache_position`` starts at it, the
+        masks' key count adds it). Those reads become reads of a [batch,
+        heads, 0, size] tensor, so the graph is that no-cache graph: its
+        positions and masks are then rewired and rebuilt -- and checked -- as
+        any no-cache graph's, and nothing reads the old inputs once the
+        layers write the new cache. A read of the cache's values outside the
+        layer's Concat is not changed; the old input is then still read, and
+        the pass stops naming the reader.
+        """
+        if not past_inputs:
+            return
+        batch = b.dim(ids, 0)
+        empty: dict[tuple, ir.Value] = {}
+        for past in sorted(past_inputs, key=lambda v: v.name):
+            readers = [u for u in past.uses()
+                       if u.node.op_type in ("Shape", "Size") and u.node.domain in ("", "ai.onnx")]
+            if not readers:
+                continue
+            shape = past.shape
+            if shape is None or shape.rank() != 4 or not all(isinstance(shape[a], int) for a in (1, 3)):
+                raise _fail(f"the cache input {past.name!r} has shape {shape}, not [batch, heads, past, size] with "
+                            f"static heads and size; its dims are read by {readers[0].node.name!r}")
+            key = (shape[1], shape[3], past.dtype)
+            if key not in empty:
+                dims = b.op("Concat", batch, b.const([shape[1], 0, shape[3]]), axis=0)
+                dtype = (past.dtype or ir.DataType.FLOAT).numpy()
+                empty[key] = b.op("ConstantOfShape", dims, value=ir.tensor(np.zeros(1, dtype)),
+                                  name=b.fresh("empty_past"))
+                empty[key].type = past.type
+                empty[key].shape = ir.Shape([ids.shape[0] if ids.shape is not None else None, shape[1], 0, shape[3]])
+            for use in readers:
+                use.node.replace_input_with(use.idx, empty[key])
 
     @staticmethod
     def _drop_past_inputs(graph: ir.Graph, past_inputs: set[ir.Value]) -> None:
