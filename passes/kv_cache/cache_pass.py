@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import gc
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qgraph_passes.kv_cache.analysis import AnalysisError, Layer, analyze_decoder, is_attention
@@ -399,42 +398,44 @@ class KVCachePass(Pass):
 
     @staticmethod
     def _empty_past_dims(b: GraphBuilder, past_inputs: set[ir.Value], ids: ir.Value) -> None:
-        """A concat source's reads of its cache's dims read those of an empty cache of the chunk's batch.
+        """A concat source's reads of its cache's dims give those of an empty cache of the chunk's batch.
 
         The analysis read the source as the no-cache graph it is when its
         past is empty (every probe fed one), and an exporter reads the past
         length from the cache's shape (``cache_position`` starts at it, the
-        masks' key count adds it). Those reads become reads of a [batch,
-        heads, 0, size] tensor, so the graph is that no-cache graph: its
-        positions and masks are then rewired and rebuilt -- and checked -- as
-        any no-cache graph's, and nothing reads the old inputs once the
-        layers write the new cache. A read of the cache's values outside the
-        layer's Concat is not changed; the old input is then still read, and
-        the pass stops naming the reader.
+        masks' key count adds it). Each ``Shape``/``Size`` of an old cache
+        input becomes the [batch, heads, 0, size] it gives for an empty past,
+        so the graph is that no-cache graph: its positions and masks are then
+        rewired and rebuilt -- and checked -- as any no-cache graph's, and
+        nothing reads the old inputs once the layers write the new cache. A
+        read of the cache's values outside the layer's Concat is not changed;
+        the old input is then still read, and the pass stops naming the reader.
         """
-        if not past_inputs:
-            return
-        batch = b.dim(ids, 0)
-        empty: dict[tuple, ir.Value] = {}
         for past in sorted(past_inputs, key=lambda v: v.name):
-            readers = [u for u in past.uses()
+            readers = [u.node for u in past.uses()
                        if u.node.op_type in ("Shape", "Size") and u.node.domain in ("", "ai.onnx")]
             if not readers:
                 continue
             shape = past.shape
             if shape is None or shape.rank() != 4 or not all(isinstance(shape[a], int) for a in (1, 3)):
                 raise _fail(f"the cache input {past.name!r} has shape {shape}, not [batch, heads, past, size] with "
-                            f"static heads and size; its dims are read by {readers[0].node.name!r}")
-            key = (shape[1], shape[3], past.dtype)
-            if key not in empty:
-                dims = b.op("Concat", batch, b.const([shape[1], 0, shape[3]]), axis=0)
-                dtype = (past.dtype or ir.DataType.FLOAT).numpy()
-                empty[key] = b.op("ConstantOfShape", dims, value=ir.tensor(np.zeros(1, dtype)),
-                                  name=b.fresh("empty_past"))
-                empty[key].type = past.type
-                empty[key].shape = ir.Shape([ids.shape[0] if ids.shape is not None else None, shape[1], 0, shape[3]])
-            for use in readers:
-                use.node.replace_input_with(use.idx, empty[key])
+                            f"static heads and size; its dims are read by {readers[0].name!r}")
+            for node in readers:
+                if node.op_type == "Size":
+                    value = b.const(0, hint="empty_past_size")
+                else:
+                    # Shape's start and end: negative counts from the rank, both clamped to [0, 4].
+                    bounds = [node.attributes.get_int("start", 0), node.attributes.get_int("end", 4)]
+                    first, last = (min(4, max(0, i + 4 if i < 0 else i)) for i in bounds)
+                    dims = [None, shape[1], 0, shape[3]][first:last]
+                    if first == 0 and last == 1:
+                        value = b.dim(ids, 0)
+                    elif first == 0 and last > 0:
+                        value = b.op("Concat", b.dim(ids, 0), b.const(dims[1:]), axis=0, name=b.fresh("empty_past"))
+                        value.shape = ir.Shape([last])
+                    else:
+                        value = b.const(dims, hint="empty_past_dims")
+                node.outputs[0].replace_all_uses_with(value, replace_graph_outputs=True)
 
     @staticmethod
     def _drop_past_inputs(graph: ir.Graph, past_inputs: set[ir.Value]) -> None:
