@@ -263,6 +263,18 @@ def _dim_from_producer(node: ir.Node, axis: int, depth: int) -> Dim | None:
         return traced_dim(ins[0], axis if axis < gather_axis else axis + 1, depth)
     if op in _SAME_SHAPE:
         return traced_dim(ins[0], axis, depth)
+    if op == "Concat" and ins:
+        # Off the concat axis every operand has the dim. It is read from the first operand a node
+        # computes: a cache's Concat(past, new) then names it as the chunk's own shape arithmetic does
+        # (the query's, the Reshape targets'), not as the past input declares it.
+        concat_axis = _int_attr(node, "axis", 0)
+        rank = len(ins[0].shape) if ins[0] is not None and ins[0].shape is not None else None
+        if rank is not None and concat_axis < 0:
+            concat_axis += rank
+        computed = [x for x in ins if x is not None and x.producer() is not None]
+        if concat_axis >= 0 and axis != concat_axis and computed:
+            return traced_dim(computed[0], axis, depth)
+        return None
     if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
         # A scalar operand broadcasts away: the dims are the other operand's.
         for x, other in ((ins[0], ins[1]), (ins[1], ins[0])):

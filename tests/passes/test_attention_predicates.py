@@ -56,6 +56,25 @@ def test_traced_dim_falls_back_to_the_inferred_shape():
     assert traced_dim(v["y"], 0) == "B" and traced_dim(v["x"], 1) == 4
 
 
+def test_traced_dim_names_a_cache_concat_off_its_axis_as_the_new_part_does():
+    """BLOOM through optimum: a later layer's K = Concat(past, new) is named as the new part is, not as the past
+    input declares it, so it compares with the query's dims read from the same hidden state's Shape."""
+    _, v = _model(
+        """
+        s = Shape <start = 0, end = 1> (h)
+        four = Constant <value = int64[3] {4, -1, 8}> ()
+        t = Concat <axis = 0> (s, four)
+        r = Reshape (h, t)
+        new = Transpose <perm = [0, 2, 1, 3]> (r)
+        k = Concat <axis = 2> (past, new)
+        """,
+        "float[batch, 4, P, 8] past, float[N, S, 32] h", "float[batch, 4, T, 8] k")
+    v["h"].shape = ir.Shape(["unk__80", "S", 32])  # a later layer's hidden state, as shape inference names it
+    k = v["k"]
+    assert [traced_dim(k, i) for i in (0, 1, 3)] == ["unk__80", 4, 8]
+    assert traced_dim(k, 2) == "T"  # along the concat axis: the declared length
+
+
 BHSD = "float[B, 4, S, 8] q"
 
 
