@@ -26,7 +26,9 @@ Because the attention core is one canonical ``Attention`` node (the
   left-padded, so that column is each row's latest token.
 
 A graph that already has a concat cache (optimum's names) is converted to
-the retained form. Whatever the pass cannot account for -- a mask that is
+the retained form: it is read as the no-cache graph it is when its past is
+empty, so its reads of the cache's dims (the past length that
+``cache_position`` and the masks start from) read an empty cache's. Whatever the pass cannot account for -- a mask that is
 not causal, positions it cannot find, a leftover use of the attention mask
 or a sequence Range -- stops it with a report of what was not found; it
 never emits a graph whose meaning it has not established.

@@ -169,13 +169,14 @@ def find_frontier(graph: ir.Graph, deps: dict[ir.Value, int], *, skip_nodes: set
     return out
 
 
-def probe_inputs(graph: ir.Graph, valid: np.ndarray, past: int = 0) -> dict[str, np.ndarray]:
-    """Feeds of the probe rows ``valid``: tokens, their mask, and a concat source's cache ``past`` tokens long.
+def probe_inputs(graph: ir.Graph, valid: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds of the probe rows ``valid``: tokens, their mask, and a concat source's cache, empty.
 
     A graph that already has a concat cache is its own no-cache graph when
     the past is empty, and the exporter may read the past length from the
     cache's shape (``cache_position`` starts at it), so its cache inputs are
-    fed too: ``past`` zero slots (none for the probe rows).
+    fed too, with no slots (the pass makes such reads read an empty cache,
+    ``KVCachePass._empty_past_dims``).
     """
     feeds = {}
     for value in graph.inputs:
@@ -185,7 +186,7 @@ def probe_inputs(graph: ir.Graph, valid: np.ndarray, past: int = 0) -> dict[str,
         elif value.name == "input_ids":
             feeds[value.name] = np.zeros(valid.shape, dtype)
         elif value.name is not None and CONCAT_PAST.match(value.name):
-            feeds[value.name] = empty_past(value, valid.shape[0], past)
+            feeds[value.name] = empty_past(value, valid.shape[0])
     return feeds
 
 
@@ -377,15 +378,12 @@ def verify_rewired(
     column = len(analysis.sites) > 0 and all(s.semantics == "column" for s in analysis.sites)
     positions = (np.broadcast_to(np.arange(valid.shape[1]), valid.shape) if column
                  else np.where(valid, np.cumsum(valid, axis=1) - 1, -1))
-    padded = {**probe_inputs(rewired.graph, valid), "input_ids": np.zeros(valid.shape, np.int64),
-              "position_ids": positions.astype(np.int64), "attention_mask": valid.astype(np.int64)}
-    # A chunk in the middle of a sequence: tokens at positions start .. start + 2 (after a concat
-    # source's past of start slots, should the rewired values still read its length).
+    padded = {"input_ids": np.zeros(valid.shape, np.int64), "position_ids": positions.astype(np.int64),
+              "attention_mask": valid.astype(np.int64)}
+    # A chunk in the middle of a sequence: tokens at positions start .. start + 2.
     start, size = 6, 3
-    chunk = {**probe_inputs(rewired.graph, np.ones((1, size), bool), past=start),
-             "input_ids": np.zeros((1, size), np.int64),
+    chunk = {"input_ids": np.zeros((1, size), np.int64),
              "position_ids": np.arange(start, start + size, dtype=np.int64)[None]}
-    chunk.pop("attention_mask", None)
     if chunk_mask == "total":
         chunk["attention_mask"] = np.ones((1, start + size), np.int64)
     try:

@@ -63,8 +63,8 @@ class ProbeError(ValueError):
 CONCAT_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
-def empty_past(value: ir.Value, rows: int, past: int = 0) -> np.ndarray:
-    """Zeros for the cache input ``value``: ``rows`` rows of ``past`` slots, heads and size as declared.
+def empty_past(value: ir.Value, rows: int) -> np.ndarray:
+    """The cache input ``value`` with no past: ``rows`` rows of 0 slots, heads and size as declared.
 
     The heads and size must be declared: a probe that guessed them would
     compute the wrong thing rather than fail.
@@ -74,7 +74,7 @@ def empty_past(value: ir.Value, rows: int, past: int = 0) -> np.ndarray:
         raise ProbeError(f"the cache input {value.name!r} has shape {shape}, not [batch, heads, past, size] with "
                          "static heads and size; it cannot be fed to a probe")
     dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-    return np.zeros((rows, shape[1], past, shape[3]), dtype)
+    return np.zeros((rows, shape[1], 0, shape[3]), dtype)
 
 
 def backward_slice(
