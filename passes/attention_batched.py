@@ -13,7 +13,7 @@ heads. Each predicate here proves one Reshape from the shape arithmetic
 from __future__ import annotations
 
 import onnx_ir as ir
-from qgraph_passes.attention_dims import Dim, effective_reshape, elements, product, same_dims, traced_dim
+from qgraph_passes.attention_dims import Dim, effective_reshape, elements, product, same_dims, traced_dim, traced_entry
 from qgraph_passes.attention_operands import peel_scale
 
 __all__ = ["dims4", "key_of_transposed", "merges_batch_and_heads", "pins_element_count", "splits_batch_and_heads", "unmerge_heads"]
@@ -27,7 +27,7 @@ def _target(reshape: ir.Node) -> tuple[list[Dim], int] | str:
     target = elements(reshape.inputs[1])
     if target is None:
         return f"cannot read the target shape of Reshape '{reshape.name}'"
-    return target, reshape.attributes.get_int("allowzero", 0)
+    return [traced_entry(d) for d in target], reshape.attributes.get_int("allowzero", 0)
 
 
 def unmerge_heads(value: ir.Value, what: str) -> ir.Value | str:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["Dim", "dim_of", "effective_reshape", "elements", "product", "same_dims", "traced_dim"]
+__all__ = ["Dim", "dim_of", "effective_reshape", "elements", "product", "same_dims", "traced_dim", "traced_entry"]
 
 # A dim is an int, a symbolic name (str), a (value, axis) pair for a dim known
 # only by where it comes from, or a product ("*", coefficient, factors).
@@ -238,6 +238,26 @@ def traced_dim(value: ir.Value, axis: int, _depth: int = 0) -> Dim:
     return dim_of(value, axis)
 
 
+def traced_entry(d: Dim, _depth: int = 0) -> Dim:
+    """A shape tensor's entry with each dim known only by where it is read (``Shape(x)[i]``) traced.
+
+    ``elements`` names ``Shape(x)[i]`` by x's inferred shape, or as the pair
+    (x, i) when that says nothing; tracing the pair names it as
+    :func:`traced_dim` names the dims of the tensors the target is compared
+    with (a Reshape target read from a later layer's hidden state, whose
+    inferred dims are unknown, against Q's dims traced through the
+    projection that made it).
+    """
+    if isinstance(d, tuple) and len(d) == 2 and isinstance(d[0], ir.Value):
+        return traced_dim(d[0], d[1], _depth)
+    if isinstance(d, tuple) and d and d[0] == "*":
+        named: Dim = d[1]
+        for factor in d[2]:
+            named = product(named, traced_entry(factor, _depth))
+        return named
+    return d
+
+
 def _dim_from_producer(node: ir.Node, axis: int, depth: int) -> Dim | None:
     op, ins = node.op_type, node.inputs
     if op == "Transpose":
@@ -252,7 +272,7 @@ def _dim_from_producer(node: ir.Node, axis: int, depth: int) -> Dim | None:
         d = target[axis]
         if d == 0 and not _int_attr(node, "allowzero", 0):
             return traced_dim(ins[0], axis, depth)
-        return None if d in (0, -1) else d
+        return None if d in (0, -1) else traced_entry(d, depth)
     if op == "Gather":
         index = ins[1]
         data_rank = len(ins[0].shape) if ins[0].shape is not None else None
@@ -263,11 +283,31 @@ def _dim_from_producer(node: ir.Node, axis: int, depth: int) -> Dim | None:
         return traced_dim(ins[0], axis if axis < gather_axis else axis + 1, depth)
     if op in _SAME_SHAPE:
         return traced_dim(ins[0], axis, depth)
+    if op == "Concat" and ins:
+        # Off the concat axis every operand has the dim. It is read from the first operand a node
+        # computes: a cache's Concat(past, new) then names it as the chunk's own shape arithmetic does
+        # (the query's, the Reshape targets'), not as the past input declares it.
+        concat_axis = _int_attr(node, "axis", 0)
+        rank = len(ins[0].shape) if ins[0] is not None and ins[0].shape is not None else None
+        if rank is not None and concat_axis < 0:
+            concat_axis += rank
+        computed = [x for x in ins if x is not None and x.producer() is not None]
+        if concat_axis >= 0 and axis != concat_axis and computed:
+            return traced_dim(computed[0], axis, depth)
+        return None
     if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
         # A scalar operand broadcasts away: the dims are the other operand's.
         for x, other in ((ins[0], ins[1]), (ins[1], ins[0])):
             if _is_scalar(other) and (_rank_of(other) == 0 or x.shape is not None and len(x.shape) >= _rank_of(other)):
                 return traced_dim(x, axis, depth)
+        # So does an operand of lower rank on the leading axes it does not reach (a projection's bias).
+        for x, other in ((ins[0], ins[1]), (ins[1], ins[0])):
+            if x.shape is not None and axis < len(x.shape) - _rank_of(other):
+                return traced_dim(x, axis, depth)
+    if op == "MatMul" and len(ins) == 2 and ins[0].shape is not None and axis < len(ins[0].shape) - 1:
+        # x [..., K] @ W [K, N] with a 2-D W: the leading dims are x's.
+        if _rank_of(ins[1]) == 2:
+            return traced_dim(ins[0], axis, depth)
     return None
 
 

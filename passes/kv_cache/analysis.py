@@ -28,8 +28,10 @@ import numpy as np
 import onnx_ir as ir
 from qgraph_passes.kv_cache.positions import TOKENS, PositionAnalysis, analyze_positions, dependencies
 from qgraph_passes.kv_cache.probe import (
+    CONCAT_PAST,
     MaskMeaning,
     ProbeError,
+    empty_past,
     mask_meaning,
     probe_length,
     longest_runnable,
@@ -44,7 +46,6 @@ from qgraph.errors import BadInputError
 __all__ = ["AnalysisError", "DecoderAnalysis", "Layer", "analyze_decoder", "is_attention"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-CONCAT_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 RETAINED_PAST = re.compile(r"^past_(key|value)\.(\d+)$")
 
 
@@ -244,11 +245,13 @@ def _kv_dims(model: ir.Model, layers: list[Layer], notes: list[str], probed: dic
         notes.append(f"K/V head counts measured with the mask probe for {len(probed)} value(s)")
     if unknown:
         feeds = {}
-        for value in model.graph.inputs:
-            dtype = value.dtype.numpy() if value.dtype is not None else np.int64
-            if value.name in ("input_ids", "attention_mask", "position_ids"):
-                feeds[value.name] = np.full((1, 1), 0 if value.name != "attention_mask" else 1, dtype)
         try:
+            for value in model.graph.inputs:
+                dtype = value.dtype.numpy() if value.dtype is not None else np.int64
+                if value.name in ("input_ids", "attention_mask", "position_ids"):
+                    feeds[value.name] = np.full((1, 1), 0 if value.name != "attention_mask" else 1, dtype)
+                elif value.name is not None and CONCAT_PAST.match(value.name):
+                    feeds[value.name] = empty_past(value, 1)  # a concat source: one token, no past
             arrays = run_slice(model, unknown, feeds)
         except ProbeError as exc:
             raise AnalysisError(f"the K/V head counts are not static in the graph and running it failed: {exc}") from None

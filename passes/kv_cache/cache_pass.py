@@ -26,7 +26,9 @@ Because the attention core is one canonical ``Attention`` node (the
   left-padded, so that column is each row's latest token.
 
 A graph that already has a concat cache (optimum's names) is converted to
-the retained form. Whatever the pass cannot account for -- a mask that is
+the retained form: it is read as the no-cache graph it is when its past is
+empty, so its reads of the cache's dims (the past length that
+``cache_position`` and the masks start from) read an empty cache's. Whatever the pass cannot account for -- a mask that is
 not causal, positions it cannot find, a leftover use of the attention mask
 or a sequence Range -- stops it with a report of what was not found; it
 never emits a graph whose meaning it has not established.
@@ -207,6 +209,7 @@ class KVCachePass(Pass):
         for use in list(positions.uses()):  # a source's own position_ids: -1 now marks padding
             if use.node is not clamped.producer():
                 use.node.replace_input_with(use.idx, clamped)
+        self._empty_past_dims(b, past_inputs, ids)
         if analysis is not None:
             self._rewire_positions(model, b, analysis, clamped, retained)
 
@@ -394,6 +397,47 @@ class KVCachePass(Pass):
             for old in layer.present or ():
                 if old.is_graph_output():
                     graph.outputs.remove(old)
+
+    @staticmethod
+    def _empty_past_dims(b: GraphBuilder, past_inputs: set[ir.Value], ids: ir.Value) -> None:
+        """A concat source's reads of its cache's dims give those of an empty cache of the chunk's batch.
+
+        The analysis read the source as the no-cache graph it is when its
+        past is empty (every probe fed one), and an exporter reads the past
+        length from the cache's shape (``cache_position`` starts at it, the
+        masks' key count adds it). Each ``Shape``/``Size`` of an old cache
+        input becomes the [batch, heads, 0, size] it gives for an empty past,
+        so the graph is that no-cache graph: its positions and masks are then
+        rewired and rebuilt -- and checked -- as any no-cache graph's, and
+        nothing reads the old inputs once the layers write the new cache. A
+        read of the cache's values outside the layer's Concat is not changed;
+        the old input is then still read, and the pass stops naming the reader.
+        """
+        for past in sorted(past_inputs, key=lambda v: v.name):
+            readers = [u.node for u in past.uses()
+                       if u.node.op_type in ("Shape", "Size") and u.node.domain in ("", "ai.onnx")]
+            if not readers:
+                continue
+            shape = past.shape
+            if shape is None or shape.rank() != 4 or not all(isinstance(shape[a], int) for a in (1, 3)):
+                raise _fail(f"the cache input {past.name!r} has shape {shape}, not [batch, heads, past, size] with "
+                            f"static heads and size; its dims are read by {readers[0].name!r}")
+            for node in readers:
+                if node.op_type == "Size":
+                    value = b.const(0, hint="empty_past_size")
+                else:
+                    # Shape's start and end: negative counts from the rank, both clamped to [0, 4].
+                    bounds = [node.attributes.get_int("start", 0), node.attributes.get_int("end", 4)]
+                    first, last = (min(4, max(0, i + 4 if i < 0 else i)) for i in bounds)
+                    dims = [None, shape[1], 0, shape[3]][first:last]
+                    if first == 0 and last == 1:
+                        value = b.dim(ids, 0)
+                    elif first == 0 and last > 0:
+                        value = b.op("Concat", b.dim(ids, 0), b.const(dims[1:]), axis=0, name=b.fresh("empty_past"))
+                        value.shape = ir.Shape([last])
+                    else:
+                        value = b.const(dims, hint="empty_past_dims")
+                node.outputs[0].replace_all_uses_with(value, replace_graph_outputs=True)
 
     @staticmethod
     def _drop_past_inputs(graph: ir.Graph, past_inputs: set[ir.Value]) -> None:

@@ -41,7 +41,15 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from qgraph_passes.kv_cache.probe import ProbeError, backward_slice, longest_runnable, run_slice, shape_cuts
+from qgraph_passes.kv_cache.probe import (
+    CONCAT_PAST,
+    ProbeError,
+    backward_slice,
+    empty_past,
+    longest_runnable,
+    run_slice,
+    shape_cuts,
+)
 
 __all__ = [
     "TOKENS",
@@ -162,6 +170,14 @@ def find_frontier(graph: ir.Graph, deps: dict[ir.Value, int], *, skip_nodes: set
 
 
 def probe_inputs(graph: ir.Graph, valid: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds of the probe rows ``valid``: tokens, their mask, and a concat source's cache, empty.
+
+    A graph that already has a concat cache is its own no-cache graph when
+    the past is empty, and the exporter may read the past length from the
+    cache's shape (``cache_position`` starts at it), so its cache inputs are
+    fed too, with no slots (the pass makes such reads read an empty cache,
+    ``KVCachePass._empty_past_dims``).
+    """
     feeds = {}
     for value in graph.inputs:
         dtype = value.dtype.numpy() if value.dtype is not None else np.int64
@@ -169,6 +185,8 @@ def probe_inputs(graph: ir.Graph, valid: np.ndarray) -> dict[str, np.ndarray]:
             feeds[value.name] = valid.astype(dtype)
         elif value.name == "input_ids":
             feeds[value.name] = np.zeros(valid.shape, dtype)
+        elif value.name is not None and CONCAT_PAST.match(value.name):
+            feeds[value.name] = empty_past(value, valid.shape[0])
     return feeds
 
 

@@ -23,6 +23,7 @@ by :mod:`kv_cache_positions`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 
 import numpy as np
@@ -30,7 +31,21 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["MaskMeaning", "ProbeError", "backward_slice", "key_position_slopes", "longest_runnable", "mask_meaning", "sees_later_key", "probe_length", "run_slice", "shape_cuts", "zeroable_weights"]
+__all__ = [
+    "CONCAT_PAST",
+    "backward_slice",
+    "empty_past",
+    "key_position_slopes",
+    "longest_runnable",
+    "mask_meaning",
+    "MaskMeaning",
+    "probe_length",
+    "ProbeError",
+    "run_slice",
+    "sees_later_key",
+    "shape_cuts",
+    "zeroable_weights",
+]
 
 #: Integer constants above this are sentinels (INT64_MAX ends of Slice), not window sizes.
 _LARGEST_WINDOW_CONSTANT = 1 << 20
@@ -42,6 +57,24 @@ _ZEROED_WEIGHT_BYTES = 1 << 20
 
 class ProbeError(ValueError):
     """A subgraph could not be probed or does not compute what the pass needs."""
+
+
+#: A concat cache input (optimum's names): [batch, kv heads, past length, head size].
+CONCAT_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+def empty_past(value: ir.Value, rows: int) -> np.ndarray:
+    """The cache input ``value`` with no past: ``rows`` rows of 0 slots, heads and size as declared.
+
+    The heads and size must be declared: a probe that guessed them would
+    compute the wrong thing rather than fail.
+    """
+    shape = value.shape
+    if shape is None or shape.rank() != 4 or not all(isinstance(shape[a], int) for a in (1, 3)):
+        raise ProbeError(f"the cache input {value.name!r} has shape {shape}, not [batch, heads, past, size] with "
+                         "static heads and size; it cannot be fed to a probe")
+    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    return np.zeros((rows, shape[1], 0, shape[3]), dtype)
 
 
 def backward_slice(

@@ -12,7 +12,7 @@ from qgraph_passes.attention_batched import (
     unmerge_heads,
 )
 from qgraph_passes.attention_bias import bias_broadcasts, data_sources, reads_only_mask_and_shapes
-from qgraph_passes.attention_dims import product, traced_dim
+from qgraph_passes.attention_dims import elements, product, traced_dim, traced_entry
 
 HEADER = '<ir_version: 11, opset_import: ["" : 23]>\n'
 
@@ -54,6 +54,50 @@ def test_traced_dim_falls_back_to_the_inferred_shape():
     _, v = _model("y = Relu (x)", "float[B, 4] x", "float[B, 4] y")
     v["y"].shape = ir.Shape(["N", 4])
     assert traced_dim(v["y"], 0) == "B" and traced_dim(v["x"], 1) == 4
+
+
+def test_traced_dim_names_a_cache_concat_off_its_axis_as_the_new_part_does():
+    """BLOOM through optimum: a later layer's K = Concat(past, new) is named as the new part is, not as the past
+    input declares it, so it compares with the query's dims read from the same hidden state's Shape."""
+    _, v = _model(
+        """
+        s = Shape <start = 0, end = 1> (h)
+        four = Constant <value = int64[3] {4, -1, 8}> ()
+        t = Concat <axis = 0> (s, four)
+        r = Reshape (h, t)
+        new = Transpose <perm = [0, 2, 1, 3]> (r)
+        k = Concat <axis = 2> (past, new)
+        """,
+        "float[batch, 4, P, 8] past, float[N, S, 32] h", "float[batch, 4, T, 8] k")
+    v["h"].shape = ir.Shape(["unk__80", "S", 32])  # a later layer's hidden state, as shape inference names it
+    k = v["k"]
+    assert [traced_dim(k, i) for i in (0, 1, 3)] == ["unk__80", 4, 8]
+    assert traced_dim(k, 2) == "T"  # along the concat axis: the declared length
+
+
+def test_traced_dim_names_a_reshape_target_read_off_a_projection_as_its_input():
+    """BLOOM's fused QKV view reads its batch off the projection's output, whose inferred dims say nothing after
+    cleanup; traced through the bias Add and the 2-D weight MatMul it is the hidden state's, as the query's
+    merge target reads it (``traced_entry``)."""
+    _, v = _model(
+        """
+        w = Constant <value = float[32, 48] {0.0}> ()
+        m = MatMul (h, w)
+        bias = Constant <value = float[48] {0.0}> ()
+        a = Add (bias, m)
+        s = Shape <start = 0, end = 1> (a)
+        rest = Constant <value = int64[3] {-1, 3, 16}> ()
+        t = Concat <axis = 0> (s, rest)
+        r = Reshape (a, t)
+        hs = Shape <start = 0, end = 1> (h)
+        four = Constant <value = int64[1] {4}> ()
+        bh = Mul (hs, four)
+        """,
+        "float[N, S, 32] h", "float[N, S, 3, 16] r, int64[1] bh")
+    for name, rest in (("h", [32]), ("m", [48]), ("a", [48]), ("r", [3, 16])):
+        v[name].shape = ir.Shape([None, None, *rest])  # no inferred dims, as after cleanup
+    assert traced_dim(v["r"], 0) == (v["h"], 0)
+    assert traced_entry(elements(v["bh"])[0]) == product((v["h"], 0), 4)
 
 
 BHSD = "float[B, 4, S, 8] q"
