@@ -31,7 +31,7 @@ EXAMPLES = 8
 @pytest.mark.parametrize("name", ["gemma", "gemma2", "bloom"])
 def test_optimum_exports_that_read_the_past_length_replay(tmp_path: Path, name: str, style: str) -> None:
     """The past length read from Shape(past_key_values.0.key) becomes position_ids and the rebuilt masks."""
-    reference = OPTIMUM / f"{name}.onnx"
+    reference = OPTIMUM / name / "model.onnx"
     model = qio.load(reference)
     options = {"style": style, **({"ctx_len": CTX_LEN, "logits": "all"} if style == "retained" else {})}
     PassManager(Pipeline([{"pass": "kv-cache", "options": options}])).run(model)
@@ -50,4 +50,4 @@ def test_optimum_exports_that_read_the_past_length_through_the_presets(tmp_path:
     """``qgraph optimize --preset ort|qaic --verify``: cleanup first (BLOOM's layer 1 then has no inferred dims,
     which the attention pass must trace through the projection to fuse it), every pass verified by replay."""
     out = tmp_path / "model.onnx"
-    assert main(["optimize", str(OPTIMUM / f"{name}.onnx"), "-o", str(out), "--preset", preset, "--verify"]) == 0
+    assert main(["optimize", str(OPTIMUM / name / "model.onnx"), "-o", str(out), "--preset", preset, "--verify"]) == 0
