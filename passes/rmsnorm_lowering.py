@@ -27,6 +27,7 @@ from qgraph_passes.rmsnorm_functions import (
     custom_rms_norm,
     simplified_layer_norm,
 )
+from qgraph_passes.shape_values import static_dim
 
 from qgraph import RewritePass, Rule, RuleSet
 from qgraph.pass_base import Option
@@ -57,8 +58,11 @@ def float32_last_axis(x, scale, axis, stash_type) -> str | None:
         return "the shapes of x and the scale are not both known"
     if axis not in (-1, len(x.shape) - 1):
         return f"it normalizes from axis {axis} on, not over the last axis only"
-    if len(scale.shape) != 1 or not _dims_equal(scale.shape[0], x.shape[-1]):
-        return f"the weight has shape {scale.shape}, not [{x.shape[-1]}] (x's last dim)"
+    last = x.shape[-1]
+    if not isinstance(last, int):  # TorchScript leaves a per-head norm's x symbolic (Qwen3's q/k norm): its head size
+        last = static_dim(x, -1) or last  # is written in the graph's heads reshape
+    if len(scale.shape) != 1 or not _dims_equal(scale.shape[0], last):
+        return f"the weight has shape {scale.shape}, not [{last}] (x's last dim)"
     return None
 
 
