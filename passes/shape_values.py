@@ -314,15 +314,16 @@ def _entry(value: ir.Value | None, index: int, depth: int) -> int | None:
     of them the batch read from a shape)."""
     node = value.producer() if value is not None else None
     if node is not None and node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
+        at = index  # the entry's index within the piece that holds it
         for piece in node.inputs:
             length = piece.shape.dims[0] if piece is not None and piece.shape is not None and len(piece.shape) == 1 \
                 else None
             if not isinstance(length, int):
-                break
-            if index < length:
+                break  # a piece of unknown length: only the whole value can say
+            if at < length:
                 known = _value(piece, depth + 1)
-                return None if known is None else int(known.reshape(-1)[index])
-            index -= length
+                return None if known is None else int(known.reshape(-1)[at])
+            at -= length
         else:
             return None
     known = _value(value, depth + 1)

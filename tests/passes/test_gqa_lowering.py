@@ -280,6 +280,25 @@ def _q_interleaved(model: ir.Model) -> None:
             rotary.attributes["interleaved"] = ir.AttrInt64("interleaved", 1)
 
 
+def _changed(source: Path, change, tmp_path: Path) -> Path:
+    """The concat graph with ``change`` made, saved: the reference of a lowering of the changed graph."""
+    changed = io.load(source)
+    change(changed)
+    path = tmp_path / "concat" / "model.onnx"
+    path.parent.mkdir()
+    io.save(changed, path)
+    return path
+
+
+def _assert_replays(model: ir.Model, source: Path, export: Path | None) -> None:
+    """The lowered graph replays the concat graph it came from and, when given, the model's no-cache export."""
+    result = check_sequence_equivalence(model, source, examples=12, seed=2, max_len=10)
+    assert result.equivalent, str(result)
+    if export is not None:
+        result = check_sequence_equivalence(model, export, examples=6, seed=3, max_len=10)
+        assert result.equivalent, str(result)
+
+
 @pytest.mark.parametrize("mask", ["bias", "none"])
 @pytest.mark.parametrize(("arch", "exporter", "change"), [
     *((arch, exporter, None) for arch, exporter in PARTIAL_IN_KERNEL),
@@ -294,12 +313,9 @@ def test_partial_and_interleaved_rotations_go_into_the_kernel(ort_graphs, tiny_z
     was made from, so a kernel that turned halves would fail its replay."""
     source = ort_graphs[(arch, exporter)]
     if change is not None:
-        changed = io.load(source)
-        change(changed)
+        changed = _changed(source, change, tmp_path)
         assert not check_sequence_equivalence(changed, source, examples=3, seed=0, max_len=8).equivalent
-        source = tmp_path / "concat" / "model.onnx"
-        source.parent.mkdir()
-        io.save(changed, source)
+        source = changed
     rotated = {n.attributes["rotary_embedding_dim"].value if "rotary_embedding_dim" in n.attributes else 0
                for n in io.load(source).graph if n.op_type == "RotaryEmbedding"}
     model, report = _lower(source, mask=mask)
@@ -315,12 +331,7 @@ def test_partial_and_interleaved_rotations_go_into_the_kernel(ort_graphs, tiny_z
                for n in gqa)
     record = next(r for r in report.passes if r.name == "lower-gqa")
     assert not [n for n in record.notes if "kept as RotaryEmbedding" in n]
-    result = check_sequence_equivalence(model, source, examples=12, seed=2, max_len=10)
-    assert result.equivalent, str(result)
-    if change is None:
-        export = tiny_zoo.export(arch, exporter).model_path
-        result = check_sequence_equivalence(model, export, examples=6, seed=3, max_len=10)
-        assert result.equivalent, str(result)
+    _assert_replays(model, source, tiny_zoo.export(arch, exporter).model_path if change is None else None)
 
 
 @pytest.mark.parametrize(("arch", "exporter", "change", "mask", "why"), [
@@ -378,11 +389,7 @@ def test_a_rotation_the_kernel_cannot_take_stays_in_front_of_it(ort_graphs, tiny
     and a model's own rotations the no-cache export too (the concat graph's rotations are attention-io's)."""
     source = ort_graphs[(arch, exporter)]
     if change is not None:  # the concat graph with the change is the reference
-        changed = io.load(source)
-        change(changed)
-        source = tmp_path / "concat" / "model.onnx"
-        source.parent.mkdir()
-        io.save(changed, source)
+        source = _changed(source, change, tmp_path)
     model, report = _lower(source, mask=mask)
     gqa = _gqa_nodes(model)
     assert len(gqa) == 2 and not [n for n in model.graph if n.op_type == "Attention"]
@@ -393,12 +400,7 @@ def test_a_rotation_the_kernel_cannot_take_stays_in_front_of_it(ort_graphs, tiny
     record = next(r for r in report.passes if r.name == "lower-gqa")
     kept = [n for n in record.notes if "kept as RotaryEmbedding" in n]
     assert len(kept) == 2 and all(why in n for n in kept)
-    result = check_sequence_equivalence(model, source, examples=12, seed=2, max_len=10)
-    assert result.equivalent, str(result)
-    if change is None:
-        export = tiny_zoo.export(arch, exporter).model_path
-        result = check_sequence_equivalence(model, export, examples=6, seed=3, max_len=10)
-        assert result.equivalent, str(result)
+    _assert_replays(model, source, tiny_zoo.export(arch, exporter).model_path if change is None else None)
 
 
 @pytest.mark.parametrize(("arch", "exporter"), ALIBI)
