@@ -44,7 +44,10 @@ def scalar_constant(value: ir.Value | None) -> float | None:
     if value is None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
-    array = np.asarray(tensor.numpy()) if tensor is not None else static_value(value)
+    # only a value declared to hold one number is evaluated: anything else (q, k: whole activations) would send
+    # static_value up the whole graph above it, once per Mul the scale walk meets
+    one = value.shape is not None and all(isinstance(d, int) for d in value.shape) and int(np.prod(value.shape)) == 1
+    array = np.asarray(tensor.numpy()) if tensor is not None else static_value(value) if one else None
     if array is None or array.size != 1:
         return None
     return float(array.reshape(-1)[0])
